@@ -1,0 +1,44 @@
+# esdbs_ray: `make demo` runs the whole method on Fashion-MNIST; `make test` runs the tests.
+# Both do all set-up first (idempotent): a virtual environment with the package and the data.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup data demo test bench clean-venv
+
+setup: $(STAMP) data
+
+# Reinstall when the dependencies change. pip takes torch/torchvision from the range in
+# pyproject.toml (on our machines: the 2.14.1 / 0.29.1 wheels on local disk).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST: Debian's package when we are root with apt, else torchvision's download when
+# online, else say how to get it. ESDBS_DATA or --data-dir point elsewhere.
+data: $(STAMP)
+	@if [ -n "$$ESDBS_DATA" ] || [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+		echo "data: Fashion-MNIST present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) && echo "data: installed dataset-fashion-mnist"; \
+	else \
+		$(PY) -c "import os, torchvision; torchvision.datasets.FashionMNIST(os.path.expanduser('~/.cache/torchvision'), download=True); torchvision.datasets.FashionMNIST(os.path.expanduser('~/.cache/torchvision'), train=False, download=True)" \
+		|| { echo "data: Fashion-MNIST not found. Install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or put the four idx .gz files in a directory and set ESDBS_DATA=DIR." >&2; exit 1; }; \
+	fi
+
+demo: setup
+	$(VENV)/bin/esdbs run --preset quick --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,280 @@
+"""The ``esdbs`` command line: one sub-command per stage of the method.
+
+    esdbs train-one   train one CNN (spatial or Winograd-ReLU, fixed batch or DBS, with a pruning ladder)
+    esdbs dbs-plan    preview the learning rate / momentum / batch size schedule a run would follow
+    esdbs run         the whole method on Ray Tune: base members -> stacking (-> DBS search)
+    esdbs stack       search stacking weights on an experiment's Parquet predictions
+    esdbs dbs-search  Tune experiment over the DBS constants
+    esdbs submit      submit ``esdbs run`` to a Ray cluster as a Ray Job
+
+Config is validated here, once, into frozen dataclasses; bad input ends with one ``esdbs: error:``
+line and exit status 2, never a bare traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist | cifar10 | cifar100 | imagefolder:<path> (default: fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset files (else $ESDBS_DATA, system paths)")
+    p.add_argument("--subset", type=int, default=None, help="stratified training subset size (smoke runs)")
+    p.add_argument("--test-subset", type=int, default=None, help="stratified test subset size (smoke runs)")
+    p.add_argument("--image-size", type=int, default=64, help="resize image-folder data to this size")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedule (fixed batch or DBS; spec section 4)")
+    g.add_argument("--schedule", default="fixed", help="fixed | dbs")
+    g.add_argument("--batch-size", type=int, default=None, help="fixed batch size, and B0 for DBS (default 128)")
+    g.add_argument("--lr", type=float, default=None, help="eta0, the learning rate after warm-up (default 0.02)")
+    g.add_argument("--lr-start", type=float, default=None, help="warm-up start learning rate (default 0.01)")
+    g.add_argument("--momentum", type=float, default=None, help="m0 (default 0.9)")
+    g.add_argument("--warmup-frac", type=float, default=None)
+    g.add_argument("--double-every", type=int, default=None, help="DBS: n, epochs between LR doublings")
+    g.add_argument("--k", type=float, default=None, help="DBS: momentum ODE constant k")
+    g.add_argument("--v0", type=float, default=None, help="DBS: initial momentum velocity v0")
+    g.add_argument("--m-max", type=float, default=None)
+    g.add_argument("--bmax-cap", type=int, default=None)
+    g.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
+
+
+_SCHEDULE_FLAGS = {"batch_size": "b0", "lr": "lr0", "lr_start": "lr_start", "momentum": "m0",
+                   "warmup_frac": "warmup_frac", "double_every": "double_every", "k": "k", "v0": "v0",
+                   "m_max": "m_max", "bmax_cap": "bmax_cap"}
+
+
+def _dbs_config(args):
+    from .dbs import DBSConfig
+
+    base = {}
+    if getattr(args, "dbs_constants", None):
+        base = load_dbs_constants(args.dbs_constants)
+    base.update({field: getattr(args, flag) for flag, field in _SCHEDULE_FLAGS.items() if getattr(args, flag) is not None})
+    return DBSConfig.from_dict(base)
+
+
+def load_dbs_constants(path: str) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: DBS constants file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    constants = d.get("constants", d) if isinstance(d, dict) else None
+    if not isinstance(constants, dict):
+        raise ValueError(f"{path}: expected a JSON object of DBS constants")
+    return constants
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esdbs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-one", help="train one CNN and write summary.json + TensorBoard logs")
+    _add_data_args(p)
+    p.add_argument("--model", default="alexnet")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = published widths)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--l2", type=float, default=0.0, help="L2 rate on conv weights (paper's convention)")
+    p.add_argument("--optimizer", default="sgd", help="sgd | adam")
+    p.add_argument("--conv", default="spatial", help="spatial | winograd_relu")
+    p.add_argument("--epochs", type=int, required=True, help="dense epochs before the sparsity ladder")
+    p.add_argument("--sparsity-ladder", type=_floats, default=(), help="e.g. 0.2,0.3,0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs per ladder rung")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_schedule_args(p)
+    p.set_defaults(func=cmd_train_one)
+
+    p = sub.add_parser("dbs-plan", help="show the schedule a run would follow")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--train-size", type=int, required=True)
+    p.add_argument("--val-accuracy", type=_floats, default=None, help="scripted validation accuracies a1,a2,...")
+    p.add_argument("--json", action="store_true", help="one JSON object per epoch")
+    _add_schedule_args(p)
+    p.set_defaults(func=cmd_dbs_plan)
+
+    p = sub.add_parser("run", help="the whole method on Ray Tune: base members -> stacking (-> DBS search)")
+    _add_pipeline_args(p)
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run in DIR")
+    p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
+    p.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("dbs-search", help="Tune experiment (ASHA) over the DBS constants; writes dbs_constants.json")
+    _add_pipeline_args(p)
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.set_defaults(func=cmd_dbs_search)
+
+    p = sub.add_parser("stack", help="search stacking weights on EXPERIMENT_DIR's validation predictions")
+    p.add_argument("experiment_dir")
+    p.add_argument("--sparsity", type=float, default=None, help="rung to stack (a fraction, e.g. 0.3); default: last")
+    p.add_argument("--variant", default=None)
+    p.add_argument("--tune-samples", type=int, default=0, help="also run the accuracy search as a Tune search")
+    p.add_argument("--choose", default="nll_optimal", help="nll_optimal | accuracy_search | best_val | ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="default: EXPERIMENT_DIR/stacking.json")
+    p.set_defaults(func=cmd_stack)
+    return parser
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (applied over the preset)")
+    p.add_argument("--preset", default=None, help="smoke | quick | paper (default: quick when no --config)")
+    p.add_argument("--out", default=None, help="experiment directory or URI (default: runs/<name>-<time>)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+
+
+def _pipeline_config(args, extra: dict | None = None):
+    from .pipeline import build_config
+
+    overrides = dict(extra or {})
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if getattr(args, "dbs_constants", None):
+        overrides.setdefault("train", {})["dbs"] = load_dbs_constants(args.dbs_constants)
+    if getattr(args, "dbs_search", False):
+        overrides["run_dbs_search"] = True
+    preset = args.preset or (None if args.config else "quick")
+    return build_config(preset, args.config, overrides)
+
+
+def _default_out(name: str) -> str:
+    import time
+
+    return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def cmd_run(args) -> int:
+    from .pipeline import load_resumed_config, run_pipeline
+
+    if args.resume:
+        if args.config or args.preset or args.out:
+            raise ValueError("--resume DIR continues DIR with its saved config.yaml; drop --config/--preset/--out")
+        cfg, out = load_resumed_config(args.resume), args.resume
+    else:
+        cfg = _pipeline_config(args)
+        out = args.out or _default_out(cfg.name)
+    run_pipeline(cfg, out, resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus,
+                 progress=not args.quiet)
+    return 0
+
+
+def cmd_dbs_search(args) -> int:
+    import dataclasses
+
+    from .data import load_dataset
+    from .pipeline import init_ray, prepare_out, run_dbs_search
+
+    cfg = _pipeline_config(args)
+    changes = {k: v for k, v in (("num_samples", args.num_samples), ("epochs", args.epochs)) if v is not None}
+    cfg = dataclasses.replace(cfg, dbs_search=dataclasses.replace(cfg.dbs_search, **changes))
+    out = prepare_out(args.out or _default_out(cfg.name + "-dbs-search"), cfg, resume=False)
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
+    init_ray(args.address, args.num_cpus)
+    record = run_dbs_search(cfg, out, data, progress=not args.quiet)
+    print(json.dumps(record["constants"], indent=2))
+    print(f"best val accuracy {record['best_val_accuracy']:.4f}; constants -> {out}/dbs_constants.json "
+          f"(reuse: esdbs run --dbs-constants {out}/dbs_constants.json)")
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from .stacking import format_stacking_table, stack_experiment
+
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity is a fraction in [0, 1) (e.g. 0.3 for 30 %), got {args.sparsity}")
+    result = stack_experiment(args.experiment_dir, sparsity=args.sparsity, variant=args.variant,
+                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=args.output)
+    print(format_stacking_table(result))
+    return 0
+
+
+def cmd_train_one(args) -> int:
+    from .data import load_dataset
+    from .provenance import device_info, provenance
+    from .train import PrintHooks, TrainConfig, train
+
+    cfg = TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, subset=args.subset, test_subset=args.test_subset,
+        image_size=args.image_size, model=args.model, width=args.width, dropout=args.dropout, conv=args.conv,
+        optimizer=args.optimizer, l2=args.l2, epochs=args.epochs, schedule=args.schedule, dbs=_dbs_config(args),
+        sparsity_ladder=args.sparsity_ladder, retrain_epochs=args.retrain_epochs, seed=args.seed,
+        threads=args.threads, device=args.device,
+    )
+    out = Path(args.out)
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and not checkpoint.exists():
+        raise ValueError(f"--resume: no checkpoint at {checkpoint}")
+    if not args.resume and checkpoint.exists():
+        raise ValueError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
+    print(data.describe(), flush=True)
+    summary = train(cfg, data, out, hooks=PrintHooks(), resume_from=checkpoint if args.resume else None,
+                    predictions_root=str(out), variant=_variant_name(cfg),
+                    provenance={**provenance(), "device": device_info()})
+    print(f"done: val {summary['val_accuracy']:.4f} test {summary['test_accuracy']:.4f} "
+          f"sparsity {summary['sparsity']:.3f} in {summary['train_seconds']:.1f}s training -> {out / 'summary.json'}")
+    return 0
+
+
+def _variant_name(cfg) -> str:
+    if cfg.conv == "winograd_relu":
+        return "SWR-CNN+DBS" if cfg.schedule == "dbs" else "SWR-CNN"
+    return "C-CNN+DBS" if cfg.schedule == "dbs" else "C-CNN"
+
+
+def cmd_dbs_plan(args) -> int:
+    from .dbs import format_plan, plan
+
+    kind = args.schedule
+    cfg = _dbs_config(args)
+    rows = plan(cfg, epochs=args.epochs, train_size=args.train_size, kind=kind, batch_size=cfg.b0,
+                val_accuracies=list(args.val_accuracy) if args.val_accuracy else None)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(format_plan(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"esdbs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esdbs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Datasets by name, held whole in memory, with a batch iterator whose batch size can change any time.
+
+Names: ``fashion-mnist`` (idx ``.gz`` files), ``cifar10`` / ``cifar100`` (torchvision's python pickle
+batches), ``imagefolder:<path>`` (one folder per class, JPEG/PNG, resized to ``image_size``; for
+fine-grained sets such as 10 Monkey Species).
+
+Why in memory: the paper's datasets are small (Fashion-MNIST is 47 MB as uint8), a dynamic batch size
+changes the batch between epochs and even within one, and Ray shares one copy of numpy arrays between
+trials through its object store.  So a :class:`DatasetBundle` holds uint8 numpy arrays (zero-copy in
+Ray's object store), and :class:`BatchIterator` moves them once to the training device and normalises
+each batch on the fly -- no DataLoader workers, nothing re-created when the batch size changes.
+
+The validation split is carved from the training set (seeded, stratified, default 10 %); the test set
+is only for final reporting.  Every failure to read a file raises :class:`DataError` with one line
+naming the file and the problem.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "Split",
+    "DatasetBundle",
+    "DATASETS",
+    "load_dataset",
+    "fashion_mnist_search_path",
+    "BatchIterator",
+]
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:<path>")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class DataError(Exception):
+    """A dataset file is missing or unreadable; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N]
+    indices: np.ndarray  # int64 [N]: position in the source file's split (train or test)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: np.ndarray) -> "Split":
+        return Split(self.images[idx], self.labels[idx], self.indices[idx])
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[2])
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: train {len(self.train)}, val {len(self.val)}, test {len(self.test)}, "
+            f"{self.num_classes} classes, {self.in_channels}x{self.image_size}x{self.image_size} (from {self.source})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    subset: int | None = None,
+    test_subset: int | None = None,
+    image_size: int = 64,
+) -> DatasetBundle:
+    """Load ``name`` and carve a stratified validation split from its training set.
+
+    ``subset`` keeps a stratified sample of that many training images (before the validation split),
+    ``test_subset`` likewise for the test set; both are for smoke runs.  ``image_size`` applies to
+    image folders only.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if name == "fashion-mnist":
+        (tr_x, tr_y), (te_x, te_y), source = _load_fashion_mnist(data_dir)
+        classes = FASHION_MNIST_CLASSES
+    elif name in ("cifar10", "cifar100"):
+        (tr_x, tr_y), (te_x, te_y), classes, source = _load_cifar(name, data_dir)
+    elif name.startswith("imagefolder:"):
+        (tr_x, tr_y), (te_x, te_y), classes, source = _load_image_folder(Path(name.split(":", 1)[1]), image_size, seed)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+    rng = np.random.default_rng(seed)
+    train_all = Split(tr_x, tr_y.astype(np.int64), np.arange(len(tr_y), dtype=np.int64))
+    test = Split(te_x, te_y.astype(np.int64), np.arange(len(te_y), dtype=np.int64))
+    if subset is not None:
+        train_all = train_all.take(_stratified_sample(train_all.labels, _check_subset(subset, len(train_all), "subset"), rng))
+    if test_subset is not None:
+        test = test.take(_stratified_sample(test.labels, _check_subset(test_subset, len(test), "test_subset"), rng))
+    val_idx = _stratified_sample(train_all.labels, max(1, int(round(val_fraction * len(train_all)))), rng)
+    train_mask = np.ones(len(train_all), dtype=bool)
+    train_mask[val_idx] = False
+    train, val = train_all.take(np.flatnonzero(train_mask)), train_all.take(val_idx)
+
+    # Per-channel statistics of the training split only (the test set never informs training).
+    as_float = train.images.reshape(len(train), train.images.shape[1], -1).astype(np.float32) / 255.0
+    mean = tuple(float(v) for v in as_float.mean(axis=(0, 2)))
+    std = tuple(float(v) for v in as_float.std(axis=(0, 2)) + 1e-6)
+    return DatasetBundle(
+        name=name, train=train, val=val, test=test, num_classes=len(classes), class_names=tuple(classes),
+        mean=mean, std=std, source=str(source),
+        info={"val_fraction": val_fraction, "seed": seed, "subset": subset, "test_subset": test_subset},
+    )
+
+
+def _check_subset(n: int, total: int, what: str) -> int:
+    if n < 20 or n > total:
+        raise ValueError(f"{what} must be between 20 and {total}, got {n}")
+    return n
+
+
+def _stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n indices, each class represented in proportion to its frequency (largest remainders)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n / len(labels))
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take), kind="stable")[: n - take.sum()]:
+        take[i] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST (idx format)
+# --------------------------------------------------------------------------------------------------
+def fashion_mnist_search_path(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where Fashion-MNIST is looked for, in order: --data-dir, $ESDBS_DATA, Debian's package, torchvision's cache."""
+    if data_dir is not None:  # an explicit directory is the only place looked at
+        roots = [Path(data_dir)]
+    else:
+        roots = [Path(p) for p in [os.environ.get("ESDBS_DATA")] if p]
+        roots += [Path("/usr/share/datasets/fashion-mnist"), _torchvision_cache()]
+    found: list[Path] = []
+    for root in roots:
+        found += [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
+    return found
+
+
+def _torchvision_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchvision"
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_fashion_mnist(data_dir):
+    searched = fashion_mnist_search_path(data_dir)
+    for directory in searched:
+        paths = {k: _find_idx(directory, stem) for k, stem in FASHION_MNIST_FILES.items()}
+        if any(paths.values()):
+            missing = [FASHION_MNIST_FILES[k] + ".gz" for k, p in paths.items() if p is None]
+            if missing:
+                raise DataError(f"{directory}: Fashion-MNIST incomplete, missing {', '.join(missing)}")
+            train = _read_idx_pair(paths["train_images"], paths["train_labels"])
+            test = _read_idx_pair(paths["test_images"], paths["test_labels"])
+            return train, test, directory
+    raise DataError(
+        "Fashion-MNIST not found (looked in: " + ", ".join(str(p) for p in searched) + "). "
+        "Install it with `apt-get install dataset-fashion-mnist` (Debian), run `make setup`, "
+        "or pass --data-dir DIR holding the four idx .gz files."
+    )
+
+
+def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = _read_idx(images_path, expected_magic=0x0803)
+    labels = _read_idx(labels_path, expected_magic=0x0801)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{images_path}: {images.shape[0]} images but {labels_path.name} has {labels.shape[0]} labels"
+        )
+    if labels.max(initial=0) > 9:
+        raise DataError(f"{labels_path}: label {int(labels.max())} out of range 0..9")
+    return images[:, None, :, :], labels
+
+
+def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({_reason(exc)}); the file is truncated or corrupt") from None
+    if len(raw) < 8:
+        raise DataError(f"{path}: too short to be an idx file ({len(raw)} bytes)")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != expected_magic:
+        raise DataError(f"{path}: wrong idx magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: header promises {expected} bytes of data, file holds {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision's python pickle batches)
+# --------------------------------------------------------------------------------------------------
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", b"labels", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches: dicts, lists, bytes and numpy arrays only -- never arbitrary code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            obj = _SafeUnpickler(fh, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except Exception as exc:  # truncated, not a pickle, or a forbidden class
+        raise DataError(f"{path}: not a readable CIFAR batch ({_reason(exc)})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def _load_cifar(name: str, data_dir):
+    folder, train_files, test_files, meta_file, label_key, names_key = _CIFAR[name]
+    roots = [Path(data_dir)] if data_dir is not None else [Path(p) for p in [os.environ.get("ESDBS_DATA")] if p] + [
+        Path(f"/usr/share/datasets/{name}"), _torchvision_cache(),
+    ]
+    for root in roots:
+        directory = root / folder
+        if directory.is_dir():
+            break
+    else:
+        raise DataError(
+            f"{name} not found (looked for {folder}/ in: " + ", ".join(str(r) for r in roots) + "). "
+            f"Pass --data-dir DIR containing {folder}/ (torchvision's format)."
+        )
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            batch = _unpickle(directory / f)
+            if b"data" not in batch or label_key not in batch:
+                raise DataError(f"{directory / f}: missing {b'data'!r} or {label_key!r}")
+            x = np.asarray(batch[b"data"], dtype=np.uint8)
+            y = np.asarray(batch[label_key], dtype=np.int64)
+            if x.ndim != 2 or x.shape[1] != 3072:
+                raise DataError(f"{directory / f}: data has shape {x.shape}, expected (N, 3072)")
+            if x.shape[0] != y.shape[0]:
+                raise DataError(f"{directory / f}: {x.shape[0]} images but {y.shape[0]} labels")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    meta = _unpickle(directory / meta_file)
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, []))
+    train, test = read(train_files), read(test_files)
+    for (path, (_, y)) in ((train_files[0], train), (test_files[0], test)):
+        if len(classes) and y.max(initial=0) >= len(classes):
+            raise DataError(f"{directory / path}: label {int(y.max())} out of range for {len(classes)} classes")
+    return train, test, classes, directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Image folders (one sub-folder per class)
+# --------------------------------------------------------------------------------------------------
+def _load_image_folder(root: Path, image_size: int, seed: int):
+    """``root/<class>/*.jpg``; or ``root/{train,training}/<class>`` with ``root/{test,validation}/<class>``
+    (10 Monkey Species' layout).  Without a test folder, 20 % of each class (seeded) becomes the test set."""
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    train_dir = next((root / d for d in ("train", "training") if (root / d).is_dir()), None)
+    test_dir = next((root / d for d in ("test", "validation", "val") if (root / d).is_dir()), None)
+    if train_dir is not None and test_dir is not None:
+        classes = _class_dirs(train_dir)
+        train = _read_images(train_dir, classes, image_size)
+        test = _read_images(test_dir, classes, image_size)
+    else:
+        classes = _class_dirs(root)
+        x, y = _read_images(root, classes, image_size)
+        test_idx = _stratified_sample(y, max(1, len(y) // 5), np.random.default_rng(seed + 10_007))
+        mask = np.ones(len(y), bool)
+        mask[test_idx] = False
+        train, test = (x[mask], y[mask]), (x[test_idx], y[test_idx])
+    return train, test, tuple(classes), root
+
+
+def _class_dirs(directory: Path) -> list[str]:
+    classes = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{directory}: expected one sub-folder per class (at least 2), found {len(classes)}")
+    return classes
+
+
+def _read_images(directory: Path, classes: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        folder = directory / cls
+        if not folder.is_dir():
+            raise DataError(f"{folder}: class folder missing (classes come from the training folder)")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{folder}: no JPEG/PNG images")
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                    xs.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                raise DataError(f"{path}: unreadable image ({_reason(exc)})") from None
+            ys.append(label)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch iterator
+# --------------------------------------------------------------------------------------------------
+class BatchIterator:
+    """Normalised batches from an in-memory split; ``batch_size`` may change between or within epochs.
+
+    The uint8 images move to ``device`` once; each batch is gathered by index and normalised there.
+    Shuffling draws from its own ``torch.Generator`` (CPU), whose state is part of
+    :meth:`state_dict`, so a resumed run sees the same batches as an uninterrupted one.  A trailing
+    batch of one sample is skipped in training (batch norm cannot train on it).
+    """
+
+    def __init__(self, split: Split, *, batch_size: int, mean, std, device="cpu", shuffle=False, seed=0):
+        import torch
+
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.device = torch.device(device)
+        self._images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
+        self._labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(self.device)
+        shape = (1, -1, 1, 1)
+        self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
+        self._shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(shape).to(self.device)
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return int(self._labels.shape[0])
+
+    def num_batches(self) -> int:
+        return -(-len(self) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+        import torch
+
+        n = len(self)
+        order = torch.randperm(n, generator=self._gen).to(self.device) if self.shuffle else None
+        pos = 0
+        while pos < n:
+            end = min(n, pos + self.batch_size)  # read batch_size anew for every batch
+            if self.shuffle and end - pos < 2:
+                break
+            if order is None:
+                x, y = self._images[pos:end], self._labels[pos:end]
+            else:
+                idx = order[pos:end]
+                x, y = self._images[idx], self._labels[idx]
+            pos = end
+            yield torch.addcmul(self._shift, x.float(), self._scale), y
+
+    def state_dict(self) -> dict:
+        return {"generator": self._gen.get_state(), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen.set_state(state["generator"])
+        self.batch_size = int(state["batch_size"])

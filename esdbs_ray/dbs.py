@@ -1,0 +1,766 @@
+"""Dynamic batch size (DBS): the per-epoch schedule of learning rate, momentum and batch size.
+
+Paper §3.4 / Algorithm 1 / §5.3, closed by ``spec/method.md`` §4.  Pure Python + numpy: no torch, no
+ray, so the trainer, the CLI (``esdbs dbs-plan``) and the tests share one deterministic state machine
+whose state is a small JSON-serialisable dict saved in every checkpoint.
+
+**Noise scale.**  Smith & Le treat SGD with momentum m, learning rate η and batch B on N examples as
+a stochastic differential equation whose gradient-noise scale is g = η/(1 − m) · (N/B − 1), about
+η N / (B (1 − m)) for B ≪ N (paper eq. 15-16).  DBS first warms η up to the reference η0, then raises η
+(doubling every n epochs) and afterwards m, and at every epoch picks the batch that keeps g at its
+value at the reference point (η0, m0, B0):
+B = Stepwise(RoundClip(η (1 − m0) / (η0 (1 − m)) · B0, Bmin, Bmax)).  A larger batch means fewer
+optimizer steps per epoch (faster epochs) at the same noise, i.e. the same implicit regularisation.
+
+**Momentum ODE.**  The momentum rises like an electron approaching a like-charged plate: with
+y = 1 − m the distance to m = 1, y''·y = k (paper eq. 17-18), i.e. y'' = k / y, a repulsion that brakes
+the approach harder the closer m gets to 1.  Time is the proportion of total epochs since the momentum
+phase began, y(0) = 1 − m0, y'(0) = −v0.  Multiplying by y' shows that E = ½ y'² − k ln y is conserved,
+so y turns round at y_min = y0 · exp(−v0² / (2k)): momentum tops out at 1 − (1 − m0) e^{−v0²/(2k)}
+(≈ 0.9075 for the paper's m0 = 0.9, v0 = 0.5, k = 1.6), and reaches m_max only for
+k ≤ v0² / (2 ln((1 − m0)/(1 − m_max))) (≈ 0.054 for m_max = 0.99).  We integrate numerically (RK4 at a
+fixed step of 1e-4 in proportion-of-epochs units), keep m non-decreasing (hold at the turning point,
+y' ≥ 0) and cap it at m_max; k = 0 gives the straight line m = m0 + v0 t.
+
+Phases (the closed set :data:`PHASES`):
+
+``warmup``    η rises linearly from ``lr_start`` to ``lr0`` over W = round(warmup_frac · epochs)
+              epochs (half up, possibly 0)
+              (epoch e of the warm-up uses lr_start + (lr0 − lr_start) · e / W, so the first epoch
+              after the warm-up is the first at η0); B = B0, m = m0.
+``lr``        η doubles every ``double_every`` epochs, m = m0, B by the formula.
+``momentum``  η fixed, m follows the ODE, B by the formula.
+``hold``      nothing rises any more (scaling ended); only the plateau rule changes η (B follows).
+``fixed``     the fixed-batch baselines after their warm-up: η0 (plateau-decayed), m0, constant B.
+
+Decisions where the spec leaves room (each also marked in the code):
+
+* **Stepwise** rounds to the *nearest* multiple of ``step`` (half up), in one rounding (a separate
+  Round to an integer first could double-round), so the noise scale is off by at most step / (2B).
+  Bmin and Bmax are themselves multiples of ``step`` (``b0`` and ``bmin`` are validated to be, Bmax is
+  rounded down), so the result stays inside [Bmin, Bmax].
+* **LR-phase fall**: "the last value that did not lower it" is the previous η *level*: a fall at any
+  epoch of level η (val accuracy below the best so far) sends η back to η/2 (or keeps η0 if no doubling
+  happened yet).  The momentum phase obeys the same rule (paper: "increase ... until validation
+  accuracy falls"): a fall sends m back to the previous epoch's m and ends the phase (→ ``hold``).
+* **Reaching Bmax**: a step whose formula batch would exceed Bmax is shortened to the η (or m) that
+  gives exactly Bmax, so the noise scale is still kept; that phase then ends.  In the LR phase the
+  last level still runs its n epochs under the fall rule (a fall sends η back and the momentum phase
+  follows); otherwise, with B at Bmax, the momentum phase is skipped (raising m would need B > Bmax).
+* **Momentum time**: the first momentum epoch is t = 0 (m = m0); epoch e uses
+  t = (e − start) / epochs.  The phase ends (→ ``hold``) when m stops rising (turning point or
+  m_max) or B reaches Bmax.
+* **Plateau** (no improvement of val accuracy for ``plateau_patience`` epochs; "improve" = strictly
+  above the best): η *= plateau_factor, the counter resets, and any phase still raising things
+  (warmup/lr/momentum) ends → ``hold`` (``fixed`` for the baselines): raising η again after a decay
+  would undo it.
+* **Divergence guard** (ours, spec §4.6): :meth:`step` returns True — restore the snapshot — when the
+  loss was non-finite (any epoch: the weights are unusable), when the val accuracy is NaN, or when the
+  epoch ran with raised values (``increase``) and its val accuracy is ≥ ``collapse_drop`` below the
+  best.
+  The schedule goes back to the values before the most recent increase (never above the current ones,
+  so a plateau decay is not undone), ends the phase in progress (warmup/momentum → ``hold``,
+  lr → ``momentum``; baselines → ``fixed``), and the guarded epoch is void for the best accuracy and
+  the plateau counter.  If there is nothing left to undo (a second guard before any new increase) η is cut
+  by ``plateau_factor`` so the trainer does not replay the same divergence.
+* Epoch 0 always has ``increase=True`` so the trainer always holds a snapshot to restore.
+* Bmax = min(bmax_cap, largest multiple of step ≤ N/10, bmax_memory) rounded down to a multiple of
+  ``step``; if it is below Bmin it is clamped to Bmin (recorded in ``schedule.notes``).  The value is
+  stored in the state dict, so a resumed run keeps the Bmax it started with even on another device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PHASES",
+    "DBSConfig",
+    "EpochPlan",
+    "DBSSchedule",
+    "FixedSchedule",
+    "build_schedule",
+    "momentum_curve",
+    "momentum_at",
+    "integrate_momentum_ode",
+    "ode_invariant",
+    "momentum_limit",
+    "critical_k",
+    "stepwise",
+    "formula_batch",
+    "plan",
+    "format_plan",
+    "plot_momentum_curves",
+]
+
+PHASES = ("warmup", "lr", "momentum", "hold", "fixed")
+SCHEDULE_KINDS = ("dbs", "fixed")
+_STATE_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _bad(field: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"DBSConfig.{field}={value!r}: {why}")
+
+
+def _as_int(field: str, value: Any) -> int:
+    # Tune / YAML may hand over 128.0; accept integral floats, refuse bools and fractions.
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _bad(field, value, "must be an integer")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise _bad(field, value, "must be an integer")
+    return int(value)
+
+
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _bad(field, value, "must be a number")
+    v = float(value)
+    if not math.isfinite(v):
+        raise _bad(field, value, "must be finite")
+    return v
+
+
+@dataclass(frozen=True)
+class DBSConfig:
+    """Constants of the DBS schedule (paper §3.4 defaults; k and v0 are searched, spec §6)."""
+
+    lr_start: float = 0.01  # warm-up start
+    lr0: float = 0.02  # reference η0 after warm-up
+    m0: float = 0.9  # reference momentum
+    b0: int = 128  # reference batch size B0
+    bmin: int | None = None  # None -> b0 (Algorithm 1 line 2)
+    bmax_cap: int = 1024  # user cap on Bmax
+    warmup_frac: float = 0.1
+    double_every: int = 2  # n: LR doubles every n epochs in the LR phase
+    k: float = 1.6
+    v0: float = 0.5
+    m_max: float = 0.99
+    plateau_patience: int = 5
+    plateau_factor: float = 0.1
+    step: int = 32  # Stepwise multiple
+    collapse_drop: float = 0.1  # absolute val-accuracy drop right after an increase = collapse
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)  # frozen: normalise types in place
+        for name in ("lr_start", "lr0", "m0", "warmup_frac", "k", "v0", "m_max", "plateau_factor",
+                     "collapse_drop"):
+            set_(name, _as_float(name, getattr(self, name)))
+        for name in ("b0", "bmax_cap", "double_every", "plateau_patience", "step"):
+            set_(name, _as_int(name, getattr(self, name)))
+        if self.bmin is not None:
+            set_("bmin", _as_int("bmin", self.bmin))
+
+        if self.lr0 <= 0:
+            raise _bad("lr0", self.lr0, "must be > 0")
+        if not 0 < self.lr_start <= self.lr0:
+            raise _bad("lr_start", self.lr_start, f"must be in (0, lr0={self.lr0}]")
+        if not 0 <= self.m0 < 1:
+            raise _bad("m0", self.m0, "must be in [0, 1)")
+        if not self.m0 < self.m_max < 1:
+            raise _bad("m_max", self.m_max, f"must be in (m0={self.m0}, 1)")
+        if self.step < 1:
+            raise _bad("step", self.step, "must be >= 1")
+        if self.b0 < 1 or self.b0 % self.step:
+            raise _bad("b0", self.b0, f"must be a positive multiple of step={self.step}")
+        if self.bmin is not None and (self.bmin < 1 or self.bmin % self.step or self.bmin > self.b0):
+            raise _bad("bmin", self.bmin,
+                       f"must be None or a positive multiple of step={self.step} that is <= b0={self.b0}")
+        if self.bmax_cap < 1:
+            raise _bad("bmax_cap", self.bmax_cap, "must be >= 1")
+        if not 0 <= self.warmup_frac < 1:
+            raise _bad("warmup_frac", self.warmup_frac, "must be in [0, 1)")
+        if self.double_every < 1:
+            raise _bad("double_every", self.double_every, "must be >= 1")
+        if self.k < 0:
+            raise _bad("k", self.k, "must be >= 0")
+        if self.v0 < 0:
+            raise _bad("v0", self.v0, "must be >= 0 (momentum never decreases)")
+        if self.plateau_patience < 1:
+            raise _bad("plateau_patience", self.plateau_patience, "must be >= 1")
+        if not 0 < self.plateau_factor <= 1:
+            raise _bad("plateau_factor", self.plateau_factor, "must be in (0, 1]")
+        if not 0 < self.collapse_drop <= 1:
+            raise _bad("collapse_drop", self.collapse_drop, "must be in (0, 1]")
+
+    @property
+    def bmin_eff(self) -> int:
+        return self.b0 if self.bmin is None else self.bmin
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DBSConfig":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown DBSConfig key(s) {unknown}; valid keys: {valid}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch formula
+# ----------------------------------------------------------------------------------------------
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding; a schedule should not depend on the parity of a value.
+    return int(math.floor(x + 0.5))
+
+
+def stepwise(b: float, step: int, bmin: int, bmax: int) -> int:
+    """Stepwise(RoundClip(b, bmin, bmax)): nearest multiple of ``step`` (half up), kept in [bmin, bmax].
+
+    Rounds once, straight to the multiple: Algorithm 1's Round to an integer first would double-round
+    (335.9 -> 336 -> 352 instead of 320) and break the |B − b| <= step/2 bound on the noise error.
+    ``bmin`` and ``bmax`` are multiples of ``step`` here, so the result cannot leave the interval."""
+    b = min(max(b, bmin), bmax)  # Clip
+    return min(max(step * _round_half_up(b / step), bmin), bmax)  # Round + Stepwise
+
+
+def _raw_batch(cfg: DBSConfig, lr: float, m: float) -> float:
+    """η (1 − m0) / (η0 (1 − m)) · B0: the batch that keeps the reference noise scale."""
+    return lr * (1.0 - cfg.m0) / (cfg.lr0 * (1.0 - m)) * cfg.b0
+
+
+def formula_batch(cfg: DBSConfig, lr: float, m: float, bmax: int) -> int:
+    """The DBS batch size for (η, m) (Algorithm 1 lines 2-4)."""
+    return stepwise(_raw_batch(cfg, lr, m), cfg.step, cfg.bmin_eff, bmax)
+
+
+def noise_scale(lr: float, momentum: float, batch_size: int, train_size: int) -> float:
+    """g = η N / (B (1 − m)) (paper eq. 16)."""
+    return lr * train_size / (batch_size * (1.0 - momentum))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch runs with.  ``increase``: lr, momentum or batch is higher than in the previous
+    epoch (always True at epoch 0) -- the trainer snapshots weights + optimizer before such an epoch."""
+
+    epoch: int
+    lr: float
+    momentum: float
+    batch_size: int
+    phase: str
+    increase: bool
+
+    def noise_scale(self, train_size: int) -> float:
+        return noise_scale(self.lr, self.momentum, self.batch_size, train_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# The momentum ODE  y'' y = k,  y = 1 - m
+# ----------------------------------------------------------------------------------------------
+
+_ODE_DT = 1e-4  # fixed RK4 step in proportion-of-epochs units: global error ~dt^4, far below rounding
+
+
+def ode_invariant(y: Any, dy: Any, k: float) -> Any:
+    """½ y'² − k ln y: conserved along solutions of y'' = k / y (a test helper)."""
+    return 0.5 * np.asarray(dy) ** 2 - k * np.log(np.asarray(y))
+
+
+def momentum_limit(k: float, v0: float, m0: float) -> float:
+    """The momentum at the ODE's turning point, 1 − (1 − m0) e^{−v0²/(2k)} (uncapped; 1.0 for k = 0)."""
+    if k == 0:
+        return 1.0 if v0 > 0 else m0
+    return 1.0 - (1.0 - m0) * math.exp(-v0 * v0 / (2.0 * k))
+
+
+def critical_k(v0: float, m0: float, m_max: float) -> float:
+    """The largest k for which momentum still reaches ``m_max``: v0² / (2 ln((1 − m0)/(1 − m_max)))."""
+    return v0 * v0 / (2.0 * math.log((1.0 - m0) / (1.0 - m_max)))
+
+
+def _rk4(y: float, dy: float, h: float, k: float) -> tuple[float, float] | None:
+    """One RK4 step of (y, y')' = (y', k/y); None if a stage would put y at or below 0."""
+    if y <= 0:
+        return None
+    a1y, a1v = dy, k / y
+    y2 = y + 0.5 * h * a1y
+    if y2 <= 0:
+        return None
+    a2y, a2v = dy + 0.5 * h * a1v, k / y2
+    y3 = y + 0.5 * h * a2y
+    if y3 <= 0:
+        return None
+    a3y, a3v = dy + 0.5 * h * a2v, k / y3
+    y4 = y + h * a3y
+    if y4 <= 0:
+        return None
+    a4y, a4v = dy + h * a3v, k / y4
+    yn = y + h / 6.0 * (a1y + 2 * a2y + 2 * a3y + a4y)
+    if yn <= 0:
+        return None
+    return yn, dy + h / 6.0 * (a1v + 2 * a2v + 2 * a3v + a4v)
+
+
+def integrate_momentum_ode(k: float, v0: float, m0: float, t_end: float,
+                           dt: float = _ODE_DT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw RK4 solution (t, y, y') of y'' y = k, y(0) = 1 − m0, y'(0) = −v0 on [0, t_end].
+
+    No hold and no cap (that is :func:`momentum_curve`'s job); stops early if y would reach 0."""
+    n = max(1, int(math.ceil(t_end / dt - 1e-9)))
+    h = t_end / n
+    ts, ys, dys = [0.0], [1.0 - m0], [-v0]
+    y, dy = ys[0], dys[0]
+    for i in range(1, n + 1):
+        nxt = _rk4(y, dy, h, k)
+        if nxt is None:
+            break
+        y, dy = nxt
+        ts.append(i * h)
+        ys.append(y)
+        dys.append(dy)
+    return np.array(ts), np.array(ys), np.array(dys)
+
+
+@dataclass(frozen=True)
+class _OdeTable:
+    ys: tuple[float, ...]  # y on the grid i * _ODE_DT, up to the hold point
+    dys: tuple[float, ...]
+    hold_t: float | None  # from here on m is constant (turning point or m_max); None: not within t_end
+    hold_m: float
+
+
+@functools.lru_cache(maxsize=64)
+def _ode_table(k: float, v0: float, m0: float, m_max: float, t_end: float) -> _OdeTable:
+    y_cap = 1.0 - m_max
+    y, dy = 1.0 - m0, -v0
+    if dy >= 0:  # v0 = 0: nothing pushes m up
+        return _OdeTable((y,), (dy,), 0.0, m0)
+    ys, dys = [y], [dy]
+    n = int(math.ceil(t_end / _ODE_DT)) + 1
+    for i in range(n):
+        nxt = _rk4(y, dy, _ODE_DT, k)
+        if nxt is None or nxt[0] <= y_cap:
+            # Reaches m_max inside this cell (or y would hit 0: clamp at m_max as well).
+            return _OdeTable(tuple(ys), tuple(dys), (i + 1) * _ODE_DT, m_max)
+        if nxt[1] >= 0:
+            # Turning point inside this cell: bisect the partial step for y' = 0 and hold there, so m
+            # is continuous and never decreases.
+            lo, hi = 0.0, _ODE_DT
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                part = _rk4(y, dy, mid, k)
+                if part is not None and part[1] < 0:
+                    lo = mid
+                else:
+                    hi = mid
+            part = _rk4(y, dy, hi, k)
+            y_turn = min(part[0] if part is not None else y, y)
+            return _OdeTable(tuple(ys), tuple(dys), i * _ODE_DT + hi, min(m_max, 1.0 - y_turn))
+        y, dy = nxt
+        ys.append(y)
+        dys.append(dy)
+    return _OdeTable(tuple(ys), tuple(dys), None, float("nan"))
+
+
+def momentum_at(t: float, k: float, v0: float, m0: float, m_max: float) -> float:
+    """Momentum at proportion-of-epochs time ``t`` >= 0 since the momentum phase began."""
+    if not (t >= 0 and math.isfinite(t)):
+        raise ValueError(f"proportion must be finite and >= 0, got {t!r}")
+    table = _ode_table(float(k), float(v0), float(m0), float(m_max), float(max(1.0, math.ceil(t))))
+    if table.hold_t is not None and t >= table.hold_t:
+        return table.hold_m
+    i = min(int(t / _ODE_DT), len(table.ys) - 1)
+    h = t - i * _ODE_DT
+    if h <= 0:
+        y = table.ys[i]
+    else:  # partial RK4 step from the grid point below: exact to the same order between grid points
+        part = _rk4(table.ys[i], table.dys[i], h, k)
+        if part is None:
+            return m_max
+        y = part[0]
+    return min(m_max, 1.0 - y)
+
+
+def momentum_curve(k: float, v0: float, m0: float, m_max: float, proportions: np.ndarray) -> np.ndarray:
+    """m(t) for each proportion t of total epochs since the momentum phase began.
+
+    RK4 of y'' y = k with y = 1 − m, y(0) = 1 − m0, y'(0) = −v0; m is held once y' >= 0 (never
+    decreases) and capped at m_max (also if y would reach 0)."""
+    p = np.asarray(proportions, dtype=float)
+    return np.array([momentum_at(float(t), k, v0, m0, m_max) for t in p.ravel()]).reshape(p.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+
+class _Schedule:
+    """Shared machinery: warm-up, plateau rule, divergence guard, state dict.
+
+    Mutable state lives in ``self._s`` (a flat dict of JSON types), so ``state_dict`` is a copy of it and
+    the plan for the current epoch is stored, not recomputed: :meth:`plan` is idempotent."""
+
+    kind = ""
+    _guard_end: dict[str, str] = {}  # phase -> phase that follows when the guard ends it
+    _plateau_end = "hold"  # phase that follows when a plateau decay ends a raising phase
+
+    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int) -> None:
+        if not isinstance(cfg, DBSConfig):
+            raise ValueError(f"cfg must be a DBSConfig, got {type(cfg).__name__}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs={epochs!r}: must be an integer >= 1")
+        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+            raise ValueError(f"train_size={train_size!r}: must be an integer >= 1")
+        self.cfg = cfg
+        self.epochs = epochs
+        self.train_size = train_size
+        # Warm-up length: round half up, possibly 0.
+        self.warmup_epochs = _round_half_up(cfg.warmup_frac * epochs)
+        self.notes: list[str] = []
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _batch(self, phase: str, lr: float, m: float) -> int:
+        raise NotImplementedError
+
+    def _enter_after_warmup(self, e: int) -> tuple[str, float, float]:
+        """(phase, lr, m) of the first epoch after the warm-up (epoch e)."""
+        raise NotImplementedError
+
+    def _phase_step(self, fell: bool) -> tuple[str, float, float]:
+        """(phase, lr, m) for the next epoch when the current one is in a post-warm-up phase."""
+        return self._s["phase"], self._s["lr"], self._s["m"]
+
+    # -- common --------------------------------------------------------------------------------
+    def _warmup_lr(self, e: int) -> float:
+        cfg = self.cfg
+        return cfg.lr_start + (cfg.lr0 - cfg.lr_start) * e / self.warmup_epochs
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Subclass state fields (JSON types)."""
+        return {}
+
+    def _init_state(self) -> None:
+        self._s = {"epoch": 0, "best": None, "bad_epochs": 0, **self._extra_state()}
+        if self.warmup_epochs > 0:
+            phase, lr, m = "warmup", self._warmup_lr(0), self.cfg.m0
+        else:
+            phase, lr, m = self._enter_after_warmup(0)
+        self._s.update(
+            phase=phase, lr=lr, m=m, batch=self._batch(phase, lr, m),
+            increase=True,  # epoch 0: so the trainer always has a snapshot to restore
+            pre_lr=lr, pre_m=m,  # values before the most recent increase (epoch 0: its own)
+        )
+
+    def plan(self) -> EpochPlan:
+        s = self._s
+        return EpochPlan(epoch=s["epoch"], lr=s["lr"], momentum=s["m"], batch_size=s["batch"],
+                         phase=s["phase"], increase=s["increase"])
+
+    def step(self, val_accuracy: float, loss_finite: bool = True) -> bool:
+        """End of the current epoch: feed its val accuracy; advance. True = restore the snapshot."""
+        s = self._s
+        val = float(val_accuracy)
+        best = s["best"]
+        collapse = (s["increase"] and best is not None
+                    and val <= best - self.cfg.collapse_drop + 1e-12)
+        guard = (not loss_finite) or math.isnan(val) or collapse
+        cur_lr, cur_m, cur_b = s["lr"], s["m"], s["batch"]
+        if guard:
+            # Back to the values before the most recent increase, never above the current ones (a
+            # plateau decay since then stays); the epoch is void for best and the plateau counter.
+            lr, m = min(cur_lr, s["pre_lr"]), min(cur_m, s["pre_m"])
+            if lr == cur_lr and m == cur_m:
+                lr *= self.cfg.plateau_factor  # nothing left to undo: do not replay the divergence
+            phase = self._guard_end.get(s["phase"], s["phase"])
+            self._on_guard(phase)
+        else:
+            fell = best is not None and val < best
+            if best is None or val > best:
+                s["best"], s["bad_epochs"] = val, 0
+            else:
+                s["bad_epochs"] += 1
+            if s["phase"] == "warmup":
+                if s["epoch"] + 1 < self.warmup_epochs:
+                    phase, lr, m = "warmup", self._warmup_lr(s["epoch"] + 1), cur_m
+                else:
+                    phase, lr, m = self._enter_after_warmup(s["epoch"] + 1)
+            else:
+                phase, lr, m = self._phase_step(fell)
+            if s["bad_epochs"] >= self.cfg.plateau_patience:
+                # Plateau: decay η (B follows the formula, >= Bmin); stop raising anything.
+                lr *= self.cfg.plateau_factor
+                s["bad_epochs"] = 0
+                if phase in ("warmup", "lr", "momentum"):
+                    phase = self._plateau_end
+        batch = self._batch(phase, lr, m)
+        increase = lr > cur_lr * (1 + 1e-12) or m > cur_m + 1e-15 or batch > cur_b
+        if increase:
+            s["pre_lr"], s["pre_m"] = cur_lr, cur_m
+        s.update(epoch=s["epoch"] + 1, phase=phase, lr=lr, m=m, batch=batch, increase=increase)
+        return guard
+
+    def _on_guard(self, new_phase: str) -> None:
+        pass
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config": self.cfg.to_dict(), "epochs": self.epochs,
+                "train_size": self.train_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        d = self._identity()
+        d.update(version=_STATE_VERSION, state=dict(self._s), notes=list(self.notes))
+        return d
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("version") != _STATE_VERSION:
+            raise ValueError(f"schedule state version {d.get('version')!r}, expected {_STATE_VERSION}")
+        mine = self._identity()
+        for key, value in mine.items():
+            theirs = d.get(key)
+            if key == "config":
+                theirs = DBSConfig.from_dict(theirs).to_dict()  # normalised like ours
+            if theirs != value:
+                raise ValueError(f"schedule state has {key}={theirs!r}, this schedule has {value!r}: "
+                                 "build the schedule with the checkpoint's settings")
+        state = dict(d["state"])
+        missing = sorted(set(self._s) - set(state))
+        if missing:
+            raise ValueError(f"schedule state lacks key(s) {missing}")
+        if state["phase"] not in PHASES:
+            raise ValueError(f"schedule state has unknown phase {state['phase']!r}; phases: {PHASES}")
+        self._s = state
+        self.notes = list(d.get("notes", []))
+        self._after_load()
+
+    def _after_load(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.plan()})"
+
+
+class DBSSchedule(_Schedule):
+    """The dynamic-batch-size schedule (spec §4): warm-up → lr → momentum → hold, plateau throughout.
+
+    ``bmax_memory``: the largest batch that fits in accelerator memory, when known."""
+
+    kind = "dbs"
+    _guard_end = {"warmup": "hold", "lr": "momentum", "momentum": "hold"}
+
+    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int,
+                 bmax_memory: int | None = None) -> None:
+        super().__init__(cfg, epochs=epochs, train_size=train_size)
+        if bmax_memory is not None and (isinstance(bmax_memory, bool) or not isinstance(bmax_memory, int)
+                                        or bmax_memory < 1):
+            raise ValueError(f"bmax_memory={bmax_memory!r}: must be None or an integer >= 1")
+        self.bmin = cfg.bmin_eff
+        n10 = (train_size // (10 * cfg.step)) * cfg.step  # largest multiple of step <= N/10
+        limits = {"bmax_cap": cfg.bmax_cap, "N/10": n10}
+        if bmax_memory is not None:
+            limits["memory"] = bmax_memory
+        bmax = (min(limits.values()) // cfg.step) * cfg.step
+        if bmax < self.bmin:
+            self.notes.append(f"Bmax={bmax} from {limits} is below Bmin={self.bmin}; clamped to Bmin")
+            bmax = self.bmin
+        self.bmax = bmax
+        self._init_state()
+
+    def _after_load(self) -> None:
+        self.bmax = int(self._s["bmax"])  # the run keeps the Bmax it started with
+
+    def _batch(self, phase: str, lr: float, m: float) -> int:
+        if phase == "warmup":
+            return self.cfg.b0
+        return formula_batch(self.cfg, lr, m, self.bmax)
+
+    def _lr_at_bmax(self, m: float) -> float:
+        cfg = self.cfg
+        return cfg.lr0 * (self.bmax / cfg.b0) * (1.0 - m) / (1.0 - cfg.m0)
+
+    def _m_at_bmax(self, lr: float) -> float:
+        cfg = self.cfg
+        return 1.0 - (1.0 - cfg.m0) * lr * cfg.b0 / (cfg.lr0 * self.bmax)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"bmax": self.bmax,
+                "level_epochs": 0,  # LR phase: epochs finished at the current η level
+                "prev_level_lr": None,  # LR phase: the level before the last doubling
+                "mom_start": None,  # momentum phase: its first epoch (t = 0)
+                "mom_prev_m": None}  # momentum phase: m of the epoch before the current one
+
+    def _enter_after_warmup(self, e: int) -> tuple[str, float, float]:
+        self._s.update(level_epochs=0, prev_level_lr=None)
+        return "lr", self.cfg.lr0, self.cfg.m0
+
+    def _start_momentum(self, e: int) -> None:
+        self._s.update(mom_start=e, mom_prev_m=None)
+
+    def _on_guard(self, new_phase: str) -> None:
+        if new_phase == "momentum" and self._s["phase"] != "momentum":
+            self._start_momentum(self._s["epoch"] + 1)
+
+    def _phase_step(self, fell: bool) -> tuple[str, float, float]:
+        s, cfg = self._s, self.cfg
+        e, phase, lr, m = s["epoch"], s["phase"], s["lr"], s["m"]
+        if phase == "lr":
+            s["level_epochs"] += 1
+            if fell:
+                # Back to the last level that did not lower val accuracy; the momentum phase follows.
+                if s["prev_level_lr"] is not None:
+                    lr = s["prev_level_lr"]
+                self._start_momentum(e + 1)
+                return "momentum", lr, m
+            if s["level_epochs"] < cfg.double_every:
+                return "lr", lr, m
+            if s["batch"] >= self.bmax:
+                return "hold", lr, m  # this level reached Bmax: no room for the momentum phase
+            new_lr = 2.0 * lr
+            if _raw_batch(cfg, new_lr, m) > self.bmax:
+                new_lr = self._lr_at_bmax(m)  # shorten the step to land exactly on Bmax
+            s.update(prev_level_lr=lr, level_epochs=0)
+            return "lr", new_lr, m
+        if phase == "momentum":
+            if fell:
+                if s["mom_prev_m"] is not None:
+                    m = s["mom_prev_m"]
+                return "hold", lr, m
+            if s["batch"] >= self.bmax:
+                return "hold", lr, m  # B reached Bmax
+            t = (e + 1 - s["mom_start"]) / self.epochs
+            new_m = momentum_at(t, cfg.k, cfg.v0, cfg.m0, cfg.m_max)
+            if new_m <= m:
+                return "hold", lr, m  # the curve has stopped rising (turning point or m_max)
+            if _raw_batch(cfg, lr, new_m) > self.bmax:
+                new_m = max(m, self._m_at_bmax(lr))  # shorten the step to land exactly on Bmax
+            s["mom_prev_m"] = m
+            return "momentum", lr, new_m
+        return phase, lr, m  # hold
+
+
+class FixedSchedule(_Schedule):
+    """The fixed-batch baselines (B in {64, ..., 1024}): same warm-up, then η0 at m0, plateau rule,
+    constant B; the guard still fires on a non-finite loss."""
+
+    kind = "fixed"
+    _guard_end = {"warmup": "fixed"}
+    _plateau_end = "fixed"
+
+    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int, batch_size: int) -> None:
+        super().__init__(cfg, epochs=epochs, train_size=train_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+        self.batch_size = batch_size
+        self._init_state()
+
+    def _identity(self) -> dict[str, Any]:
+        d = super()._identity()
+        d["batch_size"] = self.batch_size
+        return d
+
+    def _batch(self, phase: str, lr: float, m: float) -> int:
+        return self.batch_size
+
+    def _enter_after_warmup(self, e: int) -> tuple[str, float, float]:
+        return "fixed", self.cfg.lr0, self.cfg.m0
+
+
+def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int,
+                   batch_size: int | None = None, bmax_memory: int | None = None) -> _Schedule:
+    """``kind`` "dbs" -> :class:`DBSSchedule`; "fixed" -> :class:`FixedSchedule` (needs batch_size)."""
+    if kind == "dbs":
+        return DBSSchedule(cfg, epochs=epochs, train_size=train_size, bmax_memory=bmax_memory)
+    if kind == "fixed":
+        if batch_size is None:
+            raise ValueError("schedule kind 'fixed' needs batch_size")
+        return FixedSchedule(cfg, epochs=epochs, train_size=train_size, batch_size=batch_size)
+    raise ValueError(f"unknown schedule kind {kind!r}; choices: {list(SCHEDULE_KINDS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulation, table, figure
+# ----------------------------------------------------------------------------------------------
+
+
+def plan(cfg: DBSConfig, *, epochs: int, train_size: int, kind: str = "dbs",
+         batch_size: int | None = None, val_accuracies: Sequence[float] | None = None,
+         bmax_memory: int | None = None) -> list[dict[str, Any]]:
+    """Simulate the schedule a run would follow, one dict per epoch.
+
+    Validation accuracy is assumed to improve every epoch unless ``val_accuracies`` is given; after the
+    end of a shorter sequence it keeps improving (closing 5 % of the gap to 1 per epoch).  With steadily
+    improving accuracy the LR phase never falls, so the momentum phase only shows with a sequence that
+    dips.  Keys: epoch, phase, lr, momentum, batch_size, noise_scale, increase, val_accuracy."""
+    sched = build_schedule(kind, cfg, epochs=epochs, train_size=train_size, batch_size=batch_size,
+                           bmax_memory=bmax_memory)
+    given = list(val_accuracies or [])
+    rows, best = [], None
+    for e in range(epochs):
+        p = sched.plan()
+        if e < len(given):
+            val = float(given[e])
+        elif best is None:
+            val = 0.1
+        else:
+            val = best + (1.0 - best) * 0.05 if best < 1.0 else best + 1e-3
+        best = val if best is None else max(best, val)
+        rows.append({"epoch": p.epoch, "phase": p.phase, "lr": p.lr, "momentum": p.momentum,
+                     "batch_size": p.batch_size, "noise_scale": p.noise_scale(train_size),
+                     "increase": p.increase, "val_accuracy": val})
+        sched.step(val)
+    return rows
+
+
+def format_plan(rows: Sequence[dict[str, Any]]) -> str:
+    """A readable table of :func:`plan` rows."""
+    head = f"{'epoch':>5}  {'phase':<8}  {'lr':>9}  {'momentum':>8}  {'batch':>5}  {'noise':>9}  {'inc':>3}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['epoch']:>5}  {r['phase']:<8}  {r['lr']:>9.5f}  {r['momentum']:>8.5f}  "
+                     f"{r['batch_size']:>5}  {r['noise_scale']:>9.3f}  "
+                     f"{'*' if r.get('increase') else '':>3}")
+    return "\n".join(lines)
+
+
+def plot_momentum_curves(path: str, ks: Sequence[float] = (0, 1.3, 1.45, 1.6, 1.75), v0: float = 0.5,
+                         m0: float = 0.9, m_max: float = 0.99,
+                         extra_scale_ks: Sequence[float] = (0.01, 0.03, 0.05, 0.1, 0.2, 0.4),
+                         t_end: float = 0.4) -> str:
+    """Paper Fig. 5b (momentum vs proportion of epochs for the paper's k) plus a panel at a scale of k
+    where momentum does approach m_max (k <= critical_k ~ 0.054 for the defaults reaches it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.linspace(0.0, t_end, 401)
+    kc = critical_k(v0, m0, m_max)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, group, title in (
+        (axes[0], ks, f"paper's k (Fig. 5b): k>0 tops out at 1-(1-m0)e^(-v0^2/2k), e.g. "
+                      f"{momentum_limit(1.6, v0, m0):.4f} for k=1.6"),
+        (axes[1], extra_scale_ks, f"k on the scale where m approaches m_max={m_max}: "
+                                  f"k <= {kc:.4f} reaches it"),
+    ):
+        for k in group:
+            ax.plot(t, momentum_curve(k, v0, m0, m_max, t), label=f"k={k:g}")
+        ax.axhline(m_max, color="grey", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("proportion of total epochs since the momentum phase began")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("momentum coefficient m")
+    fig.suptitle(f"y'' y = k, y = 1 - m, y(0) = {1 - m0:g}, y'(0) = -{v0:g}; m held at the turning "
+                 f"point, capped at {m_max}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,522 @@
+"""Winograd-ReLU convolution F(2x2, 3x3) with its weights living in the Winograd domain.
+
+What this gives the project: a drop-in replacement for every 3x3 / stride-1 / padding-1 convolution
+whose input is an activation (a :class:`esdbs_ray.models.ReLUConv2d`), computing the paper's eq. 2
+
+    Y = A^T [ Prune(U) ⊙ ReLU(B^T d B) ] A,        summed over input channels,
+
+so that pruning acts on the 16 Winograd-domain weights that are actually multiplied, and the
+sparsity survives into the arithmetic (spec section 2).
+
+The maths.  Lavin & Gray's minimal filtering F(2x2, 3x3) computes a 2x2 output tile of a 3x3
+cross-correlation from a 4x4 input tile d as  Y = A^T [(G g G^T) ⊙ (B^T d B)] A  (paper eq. 1), with
+16 multiplications instead of 36.  The transforms B^T, G, A^T below are rational and tiny; B^T and A^T
+hold only 0 and ±1, so the data and output transforms are additions.  Input tiles overlap by 2 pixels
+(stride 2).  Summed over input channels the 16 element-wise products become 16 independent matrix
+products, one per tile position: M[p] = U[p] (C_out x C_in) @ V[p] (C_in x tiles).  In the plain
+Winograd layer a sparse spatial kernel g gives a dense G g G^T, and ReLU'd (sparse) activations d give
+a dense B^T d B, so neither kind of sparsity reaches the GEMM.  Liu, Pool, Han & Dally, "Efficient
+Sparse-Winograd Convolutional Neural Networks" (ICLR 2018) fix both: the weight U is learned and
+pruned directly in the Winograd domain, and the ReLU is applied *after* the input transform
+(paper eq. 2).  The layer is then no longer equivalent to any spatial conv; with ``relu=False`` and an
+unpruned U = G g G^T it is exactly ``F.conv2d(x, g, padding=1)`` up to rounding, which the tests check.
+
+Layout.  The weight is stored as ``(16, C_out, C_in)`` and the transformed input as
+``(16, C_in, N * tiles_h * tiles_w)`` so the forward GEMM is ``bmm(U, V)`` and both backward GEMMs
+use the same buffers through transposed views (no copies); the spatial tile coordinates stay
+innermost in every transform so the additions run over contiguous memory.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import ReLUConv2d
+
+__all__ = [
+    "BT", "G", "AT",
+    "WinogradReLUConv2d",
+    "winograd_relu_conv",
+    "SparseWinogradInference",
+    "to_winograd_relu",
+    "winograd_layers",
+    "is_winograd_eligible",
+    "spatial_to_winograd",
+    "plot_winograd_kernels",
+    "tune_cpu_allocator",
+]
+
+# Lavin & Gray F(2x2, 3x3) transforms (kept for reference, G for weight conversion; the data and
+# output transforms are hand-expanded into additions below).
+BT = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
+G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+AT = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]])
+
+
+def spatial_to_winograd(g: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) spatial kernels -> (16, C_in, C_out) Winograd-domain weights G g G^T."""
+    if g.dim() != 4 or tuple(g.shape[-2:]) != (3, 3):
+        raise ValueError(f"g must have shape (C_out, C_in, 3, 3), got {tuple(g.shape)}")
+    Gm = G.to(device=g.device, dtype=g.dtype)
+    u = torch.einsum("ia,kcab,jb->ijck", Gm, g, Gm)
+    return u.reshape(16, g.shape[1], g.shape[0]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# transforms: additions on strided views of channels-last buffers
+# --------------------------------------------------------------------------------------------------
+# Every buffer keeps the channel axis innermost (NHWC), so each strided tile view still has a
+# contiguous inner run of C (or K) values and the additions vectorise; with NCHW the inner run would
+# be a stride-2 walk over a handful of tile columns, which measured 3-5x slower.
+def _pad_nhwc(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """x (N, C, H, W), any memory format -> zero-padded (N, 2th+2, 2tw+2, C) contiguous."""
+    n, c, h, w = x.shape
+    xp = x.new_empty((n, 2 * th + 2, 2 * tw + 2, c))
+    # zero only the border: top row, bottom rows (padding 1 + round-up), left column, right columns
+    xp[:, 0].zero_()
+    xp[:, h + 1 :].zero_()
+    xp[:, 1 : h + 1, 0].zero_()
+    xp[:, 1 : h + 1, w + 1 :].zero_()
+    xp[:, 1 : h + 1, 1 : w + 1].copy_(x.permute(0, 2, 3, 1))
+    return xp
+
+
+def _input_transform(xp: torch.Tensor, th: int, tw: int, relu: bool, transposed: bool = False) -> torch.Tensor:
+    """Padded input (N, 2th+2, 2tw+2, C) -> V = [ReLU](B^T d B) as (16, N*th*tw, C).
+
+    ``transposed=True`` writes (16, C, N*th*tw) instead (the sparse inference path's GEMM layout).
+    """
+    n, _, wp, c = xp.shape
+    # Row pass: tile row i, offset k reads padded row 2i+k, i.e. a stride-2 view starting at k.
+    r = [xp[:, k : k + 2 * th : 2] for k in range(4)]
+    R = xp.new_empty((4, n, th, wp, c))
+    torch.sub(r[0], r[2], out=R[0])
+    torch.add(r[1], r[2], out=R[1])
+    torch.sub(r[2], r[1], out=R[2])
+    torch.sub(r[1], r[3], out=R[3])
+    # Column pass, vectorised over the 4 row results, written straight into the GEMM layout.
+    q = [R[:, :, :, k : k + 2 * tw : 2] for k in range(4)]
+    if transposed:
+        V = xp.new_empty((16, c, n * th * tw))
+        Vn = V.view(4, 4, c, n, th, tw).permute(0, 1, 3, 4, 5, 2)
+    else:
+        V = xp.new_empty((16, n * th * tw, c))
+        Vn = V.view(4, 4, n, th, tw, c)
+    torch.sub(q[0], q[2], out=Vn[:, 0])
+    torch.add(q[1], q[2], out=Vn[:, 1])
+    torch.sub(q[2], q[1], out=Vn[:, 2])
+    torch.sub(q[1], q[3], out=Vn[:, 3])
+    if relu:
+        torch.relu_(V)
+    return V
+
+
+def _output_transform(M: torch.Tensor, n: int, th: int, tw: int, transposed: bool = False) -> torch.Tensor:
+    """M (16, N*th*tw, K) [or (16, K, N*th*tw) if transposed] -> Y = A^T M A, (N, 2th, 2tw, K)."""
+    if transposed:
+        k = M.shape[1]
+        Mv = M.view(4, 4, k, n, th, tw).permute(0, 1, 3, 4, 5, 2)
+    else:
+        k = M.shape[2]
+        Mv = M.view(4, 4, n, th, tw, k)
+    # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on rows (vectorised over the 4 columns), then on columns.
+    T = M.new_empty((2, 4, n, th, tw, k))
+    torch.add(Mv[0], Mv[1], out=T[0]).add_(Mv[2])
+    torch.sub(Mv[1], Mv[2], out=T[1]).sub_(Mv[3])
+    out = M.new_empty((n, th, 2, tw, 2, k))
+    ov = out.permute(2, 4, 0, 1, 3, 5)  # (a, b, N, th, tw, K)
+    torch.add(T[:, 0], T[:, 1], out=ov[:, 0]).add_(T[:, 2])
+    torch.sub(T[:, 1], T[:, 2], out=ov[:, 1]).sub_(T[:, 3])
+    return out.view(n, 2 * th, 2 * tw, k)
+
+
+def _output_transform_adjoint(gh: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """Gradient of _output_transform: dY (N, 2th, 2tw, K) -> dM = A dY A^T as (16, N*th*tw, K)."""
+    n, k = gh.shape[0], gh.shape[3]
+    gv = gh.view(n, th, 2, tw, 2, k).permute(2, 4, 0, 1, 3, 5)  # (a, b, N, th, tw, K)
+    # Columns of A^T are (1,0), (1,1), (1,-1), (0,-1): the adjoint sends output b to positions j.
+    S = gh.new_empty((2, 4, n, th, tw, k))
+    S[:, 0].copy_(gv[:, 0])
+    torch.add(gv[:, 0], gv[:, 1], out=S[:, 1])
+    torch.sub(gv[:, 0], gv[:, 1], out=S[:, 2])
+    torch.neg(gv[:, 1], out=S[:, 3])
+    dM = gh.new_empty((4, 4, n, th, tw, k))
+    dM[0].copy_(S[0])
+    torch.add(S[0], S[1], out=dM[1])
+    torch.sub(S[0], S[1], out=dM[2])
+    torch.neg(S[1], out=dM[3])
+    return dM.view(16, n * th * tw, k)
+
+
+def _input_transform_adjoint(dV: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor:
+    """Gradient of _input_transform (without the ReLU): dV (16, N*th*tw, C) -> d(padded input).
+
+    B^T's rows give the 1-D adjoint d0 = g0, d1 = g1 - g2 + g3, d2 = g1 + g2 - g0, d3 = -g3; tiles
+    overlap by two, so padded index 2m collects d0 of tile m and d2 of tile m-1, and index 2m+1
+    collects d1 of tile m and d3 of tile m-1 (overlap-add).  Returns (N, 2th+2, 2tw+2, C).
+    """
+    c = dV.shape[2]
+    hp, wp = 2 * th + 2, 2 * tw + 2
+    gv = dV.view(4, 4, n, th, tw, c)  # (i, j, N, th, tw, C)
+    # Column adjoint + overlap-add along W; E[i] is an (N, th, Wp, C) image per row offset i.
+    E = dV.new_empty((4, n, th, tw + 1, 2, c))
+    E[:, :, :, tw].zero_()
+    e0, e1 = E[:, :, :, :, 0], E[:, :, :, :, 1]
+    torch.sub(gv[:, 1], gv[:, 2], out=e1[:, :, :, :tw]).add_(gv[:, 3])
+    e0[:, :, :, :tw].copy_(gv[:, 0])
+    e0[:, :, :, 1:].add_(gv[:, 1]).add_(gv[:, 2]).sub_(gv[:, 0])
+    e1[:, :, :, 1:].sub_(gv[:, 3])
+    Ev = E.view(4, n, th, wp, c)
+    # Row adjoint + overlap-add along H.
+    D = dV.new_empty((n, th + 1, 2, wp, c))
+    D[:, th].zero_()
+    d0, d1 = D[:, :, 0], D[:, :, 1]
+    torch.sub(Ev[1], Ev[2], out=d1[:, :th]).add_(Ev[3])
+    d0[:, :th].copy_(Ev[0])
+    d0[:, 1:].add_(Ev[1]).add_(Ev[2]).sub_(Ev[0])
+    d1[:, 1:].sub_(Ev[3])
+    return D.view(n, hp, wp, c)
+
+
+def _tiles(h: int, w: int) -> tuple[int, int]:
+    return (h + 1) // 2, (w + 1) // 2
+
+
+def _forward_nhwc(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, C, H, W), u (16, C, K) -> (y as an (N, K, H, W) channels-last view, V)."""
+    n, _, h, w = x.shape
+    th, tw = _tiles(h, w)
+    V = _input_transform(_pad_nhwc(x, th, tw), th, tw, relu)
+    y = _output_transform(torch.bmm(V, u), n, th, tw)
+    return y[:, :h, :w].permute(0, 3, 1, 2), V
+
+
+class _WinogradReLUFn(torch.autograd.Function):
+    """The layer without bias.  Hand-written backward so every intermediate keeps the GEMM-friendly
+    layout; only the (post-ReLU) transformed input is saved, 4x the input's size."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
+        y, V = _forward_nhwc(x, u, relu)
+        ctx.save_for_backward(V, u)
+        ctx.dims = (x.shape, relu)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        V, u = ctx.saved_tensors
+        (n, c, h, w), relu = ctx.dims
+        th, tw = _tiles(h, w)
+        k = u.shape[2]
+        g = grad_out.permute(0, 2, 3, 1)  # free when the incoming gradient is channels-last
+        if (2 * th, 2 * tw) == (h, w) and g.is_contiguous():
+            gh = g
+        else:
+            gh = grad_out.new_empty((n, 2 * th, 2 * tw, k))
+            gh[:, h:].zero_()
+            gh[:, :h, w:].zero_()
+            gh[:, :h, :w].copy_(g)
+        dM = _output_transform_adjoint(gh, th, tw)
+        du = torch.bmm(V.transpose(1, 2), dM) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dV = torch.bmm(dM, u.transpose(1, 2))
+            if relu:
+                # V holds ReLU(B^T d B): V > 0 exactly where the pre-activation was positive.
+                dV = torch.ops.aten.threshold_backward(dV, V, 0)
+            dxp = _input_transform_adjoint(dV, n, th, tw)
+            dx = dxp[:, 1 : h + 1, 1 : w + 1].permute(0, 3, 1, 2)
+        return dx, du, None
+
+
+def winograd_relu_conv(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = True
+) -> torch.Tensor:
+    """Functional form: x (N, C_in, H, W), u (16, C_in, C_out) -> (N, C_out, H, W).
+
+    The result is channels-last in memory (an NCHW-shaped view of an NHWC buffer): converting back
+    would cost a full copy per layer, and batch norm, pooling and the next Winograd layer all take
+    channels-last input directly.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if u.dim() != 3 or u.shape[0] != 16 or u.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape (16, {x.shape[1]}, C_out), got {tuple(u.shape)}")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # The custom Function runs outside autocast; apply autocast's policy for GEMM-bound ops
+        # (compute in the autocast dtype, e.g. bf16 on CUDA) so that all buffers share one dtype.
+        dt = torch.get_autocast_dtype(dev)
+        x, u = x.to(dt), u.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return winograd_relu_conv(x, u, bias, relu)
+    if x.dtype != u.dtype:
+        raise ValueError(f"x dtype {x.dtype} differs from weight dtype {u.dtype}")
+    y = _WinogradReLUFn.apply(x, u, relu)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y
+
+
+class WinogradReLUConv2d(nn.Module):
+    """3x3 / stride 1 / padding 1 convolution computed as Y = A^T [U ⊙ ReLU(B^T d B)] A (eq. 2).
+
+    ``weight`` is the Winograd-domain tensor U of shape (16, C_in, C_out) (tile position first);
+    ``kernels_4x4()`` gives the (C_out, C_in, 4, 4) view used in figures.  With ``relu=False`` this is
+    an exact re-parametrisation of a spatial 3x3 conv (when U = G g G^T).
+    """
+
+    kernel_size = (3, 3)
+    stride = (1, 1)
+    padding = (1, 1)
+
+    def __init__(self, in_channels: int, out_channels: int, relu: bool = True, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"in_channels and out_channels must be > 0, got {in_channels}, {out_channels}")
+        self.in_channels, self.out_channels, self.relu = in_channels, out_channels, relu
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(16, in_channels, out_channels, **fk))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same init as the spatial models (kaiming fan_out on the 3x3 kernel), then mapped through G.
+        g = torch.empty(self.out_channels, self.in_channels, 3, 3, device=self.weight.device,
+                        dtype=self.weight.dtype)
+        nn.init.kaiming_normal_(g, mode="fan_out", nonlinearity="relu")
+        with torch.no_grad():
+            self.weight.copy_(spatial_to_winograd(g))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, relu: bool = True) -> "WinogradReLUConv2d":
+        """Initialise U = G g G^T from a 3x3 / stride-1 / padding-1 ``nn.Conv2d`` (bias copied)."""
+        why = _ineligible_reason(conv)
+        if why:
+            raise ValueError(f"conv: {why}")
+        w = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, relu=relu, bias=conv.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(spatial_to_winograd(w.detach()))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        layer.train(conv.training)
+        return layer
+
+    def kernels_4x4(self) -> torch.Tensor:
+        """(C_out, C_in, 4, 4) copy of the Winograd-domain kernels (detached)."""
+        return self.weight.detach().permute(2, 1, 0).reshape(self.out_channels, self.in_channels, 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return winograd_relu_conv(x, self.weight, self.bias, self.relu)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), padding=(1, 1), "
+                f"relu={self.relu}, bias={self.bias is not None}, domain=winograd F(2x2,3x3)")
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse inference
+# --------------------------------------------------------------------------------------------------
+class SparseWinogradInference:
+    """Inference-only evaluation of a pruned Winograd-ReLU layer that skips the pruned weights.
+
+    ``mode="csr"``: per tile position p, the nonzero entries of U[p]^T (C_out x C_in) are kept in a
+    CSR matrix and multiplied by the transformed input V[p] (C_in x tiles), so the multiplications
+    per 2x2 output tile are 16 C_in C_out density; positions whose weights are all pruned are
+    skipped outright.  The transforms write and read the (16, C, tiles) layout directly.
+    ``mode="dense"``: the packed dense bmm of the training path (reference).
+    """
+
+    def __init__(self, layer: WinogradReLUConv2d, mode: str = "csr"):
+        if mode not in ("csr", "dense"):
+            raise ValueError(f"mode must be 'csr' or 'dense', got {mode!r}")
+        self.mode, self.relu = mode, layer.relu
+        u = layer.weight.detach()
+        if hasattr(layer, "weight_mask"):
+            u = u * layer.weight_mask.to(u.dtype)
+        self.u = u.contiguous()
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        self.c, self.k = u.shape[1:]
+        self.nnz = int((u != 0).sum())
+        self.density = self.nnz / u.numel()
+        if mode == "csr":
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": known, not actionable
+                warnings.simplefilter("ignore", UserWarning)
+                self.w = [u[p].t().contiguous().to_sparse_csr() if bool((u[p] != 0).any()) else None
+                          for p in range(16)]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        th, tw = _tiles(h, w)
+        xp = _pad_nhwc(x, th, tw)
+        if self.mode == "dense":
+            y = _output_transform(torch.bmm(_input_transform(xp, th, tw, self.relu), self.u), n, th, tw)
+        else:
+            Vt = _input_transform(xp, th, tw, self.relu, transposed=True)  # (16, C, T)
+            Mt = Vt.new_empty((16, self.k, Vt.shape[2]))
+            for p, wp in enumerate(self.w):
+                if wp is None:
+                    Mt[p].zero_()
+                else:
+                    torch.mm(wp, Vt[p], out=Mt[p])
+            y = _output_transform(Mt, n, th, tw, transposed=True)
+        y = y[:, :h, :w].permute(0, 3, 1, 2)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed CPU memory in glibc's heap instead of returning it to the OS (process-wide, opt-in).
+
+    The layer allocates a few buffers of 4x the activation size per call.  glibc serves blocks over
+    32 MiB with fresh ``mmap`` pages and unmaps them on free, so every step pays a page fault (and a
+    kernel zeroing) per 4 KiB touched -- measured at 1.5-3x the cost of the arithmetic in the
+    memory-bound transforms on CPU.  ``mallopt(M_MMAP_MAX, 0)`` + a high ``M_TRIM_THRESHOLD`` makes
+    the steady state reuse the same pages.  Memory is then not returned to the OS until exit.
+    Returns False where glibc is not available (e.g. macOS, musl); a no-op for CUDA tensors.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# model conversion
+# --------------------------------------------------------------------------------------------------
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _ineligible_reason(conv: nn.Module) -> str | None:
+    if not isinstance(conv, nn.Conv2d):
+        return f"expected an nn.Conv2d, got {type(conv).__name__}"
+    if _pair(conv.kernel_size) != (3, 3):
+        return f"kernel_size must be 3x3, got {conv.kernel_size}"
+    if _pair(conv.stride) != (1, 1):
+        return f"stride must be 1, got {conv.stride}"
+    if conv.padding not in ("same",) and _pair(conv.padding) != (1, 1):
+        return f"padding must be 1, got {conv.padding}"
+    if _pair(conv.dilation) != (1, 1):
+        return f"dilation must be 1, got {conv.dilation}"
+    if conv.groups != 1:
+        return f"groups must be 1, got {conv.groups}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode must be 'zeros', got {conv.padding_mode!r}"
+    return None
+
+
+def is_winograd_eligible(module: nn.Module) -> bool:
+    """True for a ReLUConv2d that is 3x3, stride 1, padding 1, dilation 1, groups 1, zero padding."""
+    return isinstance(module, ReLUConv2d) and _ineligible_reason(module) is None
+
+
+def to_winograd_relu(model: nn.Module) -> nn.Module:
+    """Replace, in place, every eligible ReLUConv2d by a WinogradReLUConv2d(relu=True); returns model.
+
+    The ReLUConv2d's own input ReLU is exactly the spatial ReLU that moves into the Winograd domain
+    (see models.py).  Strided / 1x1 ReLUConv2d and plain nn.Conv2d (the image stem) stay spatial.
+    """
+    targets = [(name, m) for name, m in model.named_modules() if is_winograd_eligible(m)]
+    for name, conv in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, WinogradReLUConv2d.from_conv2d(conv, relu=True))
+    return model
+
+
+def winograd_layers(model: nn.Module) -> list[tuple[str, WinogradReLUConv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WinogradReLUConv2d)]
+
+
+# --------------------------------------------------------------------------------------------------
+# figure (paper Fig. 5a)
+# --------------------------------------------------------------------------------------------------
+def plot_winograd_kernels(
+    layer_or_kernels_by_sparsity: WinogradReLUConv2d | torch.Tensor | Mapping[float, torch.Tensor],
+    path: str | None = None,
+    *,
+    in_channels: int = 6,
+    out_channels: int = 6,
+    title: str | None = None,
+    cmap: str = "RdBu_r",
+    zero_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    dpi: int = 100,
+) -> np.ndarray:
+    """Grid of 4x4 Winograd-domain kernels (first ``out_channels`` rows x ``in_channels`` columns),
+    one panel per sparsity side by side; exact zeros (pruned) drawn in ``zero_color`` (black).
+
+    Accepts a layer, a (C_out, C_in, 4, 4) tensor, or a dict {sparsity: tensor}.  Saves a PNG to
+    ``path`` when given and returns the figure as an HWC uint8 RGB array (for TensorBoard).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    src = layer_or_kernels_by_sparsity
+    if isinstance(src, WinogradReLUConv2d):
+        k = src.kernels_4x4()
+        if hasattr(src, "weight_mask"):
+            k = k * src.weight_mask.detach().permute(2, 1, 0).reshape(k.shape).to(k.dtype)
+        src = {float((k == 0).float().mean()): k}
+    elif isinstance(src, torch.Tensor):
+        src = {float((src == 0).float().mean()): src}
+    if not isinstance(src, Mapping) or not src:
+        raise ValueError("layer_or_kernels_by_sparsity must be a layer, a tensor or a non-empty dict")
+    panels = []
+    for s, k in sorted(src.items()):
+        k = torch.as_tensor(k).detach().float().cpu()
+        if k.dim() != 4 or tuple(k.shape[-2:]) != (4, 4):
+            raise ValueError(f"kernels for sparsity {s} must be (C_out, C_in, 4, 4), got {tuple(k.shape)}")
+        panels.append((s, k[:out_channels, :in_channels].numpy()))
+    vmax = max(float(np.abs(p).max()) for _, p in panels) or 1.0
+    colormap = plt.get_cmap(cmap)
+
+    gap = 1
+    fig = Figure(figsize=(3.2 * len(panels), 3.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, (s, k) in enumerate(panels):
+        ko, ki = k.shape[:2]
+        img = np.ones((ko * (4 + gap) - gap, ki * (4 + gap) - gap, 3))  # white gaps
+        for o in range(ko):
+            for c in range(ki):
+                tile = k[o, c]
+                rgb = colormap(0.5 + 0.5 * tile / vmax)[..., :3]
+                rgb[tile == 0] = zero_color
+                img[o * (4 + gap): o * (4 + gap) + 4, c * (4 + gap): c * (4 + gap) + 4] = rgb
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(f"sparsity {100 * s:.0f}%")
+        ax.set_xlabel("input channel")
+        ax.set_ylabel("output channel")
+        ax.set_xticks([c * (4 + gap) + 1.5 for c in range(ki)], [str(c) for c in range(ki)])
+        ax.set_yticks([o * (4 + gap) + 1.5 for o in range(ko)], [str(o) for o in range(ko)])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        fig.savefig(path)
+    return arr

@@ -1,0 +1,46 @@
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest
+
+# Tests run on CPU with a small, fixed thread count so timings and results do not depend on the host.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def fmnist_small():
+    """A small stratified Fashion-MNIST bundle (the real data, read once per session)."""
+    from esdbs_ray.data import load_dataset
+
+    return load_dataset("fashion-mnist", subset=3000, test_subset=1000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """A real single-node Ray head (2 CPUs) on 127.0.0.1 for the whole session; its address."""
+    import ray_local
+
+    for k, v in ray_local.LOOPBACK_ENV.items():
+        os.environ[k] = v
+    node, address, _ = ray_local.start_head(tmp_path_factory.mktemp("ray"), num_cpus=2)
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    node.stop()
+
+
+@pytest.fixture
+def ray_connected(ray_address):
+    """This test process connected to the session's Ray (and disconnected afterwards)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=False)
+    yield ray_address

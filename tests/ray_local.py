@@ -1,0 +1,85 @@
+"""Real Ray processes for tests, on loopback only, stopped by process group (never `ray stop`).
+
+`ray start --node-ip-address 127.0.0.1` alone still advertises the machine's own address on Linux
+(Ray "resolves" loopback to a reachable IP); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray
+component -- GCS, raylet, agents, dashboard -- on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayNode:
+    """One `ray start --block` process group (a head or a worker node)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log = log
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", *args],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **LOOPBACK_ENV, **(env or {})},
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def start_head(tmp: Path, num_cpus: int = 2, dashboard: bool = False) -> tuple[RayNode, str, int | None]:
+    port = free_port()
+    args = ["--head", "--port", str(port), "--num-cpus", str(num_cpus)]
+    dash_port = None
+    if dashboard:
+        dash_port = free_port()
+        args += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+    else:
+        args += ["--include-dashboard", "false"]
+    node = RayNode(args, tmp / "ray-head.log")
+    address = f"127.0.0.1:{port}"
+    wait_for_nodes(address, 1)
+    return node, address, dash_port
+
+
+def start_worker(tmp: Path, address: str, num_cpus: int = 1, name: str = "worker") -> RayNode:
+    return RayNode(["--address", address, "--num-cpus", str(num_cpus)], tmp / f"ray-{name}.log")
+
+
+def wait_for_nodes(address: str, n: int, timeout: float = 90.0) -> None:
+    """Wait until the cluster at `address` has `n` alive nodes (asked from a separate process)."""
+    code = (
+        "import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False);"
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                           env={**os.environ, **LOOPBACK_ENV}, timeout=60)
+        if r.returncode == 0 and r.stdout.strip().splitlines() and int(r.stdout.strip().splitlines()[-1]) >= n:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"Ray at {address} did not reach {n} node(s) in {timeout}s")

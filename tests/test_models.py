@@ -1,0 +1,52 @@
+import pytest
+import torch
+from torch import nn
+
+from esdbs_ray.models import ReLUConv2d, create_model, list_models, register_model
+
+GEOMETRIES = [(1, 28), (3, 32)]
+
+
+def _width(name):
+    return 1.0 if name == "resnet50" else 0.25
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("channels,size", GEOMETRIES)
+def test_output_shape_and_backward(name, channels, size):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, in_channels=channels, image_size=size, dropout=0.1, width=_width(name))
+    x = torch.randn(2, channels, size, size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_stem_is_spatial_and_inner_convs_own_their_relu(name):
+    model = create_model(name, num_classes=10, in_channels=1, image_size=28, width=_width(name))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert type(convs[0]) is nn.Conv2d  # the image stem has no preceding activation
+    assert sum(isinstance(m, ReLUConv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) for m in convs) >= 1
+
+
+def test_relu_conv_equals_relu_then_conv():
+    conv = ReLUConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(conv(x), nn.functional.conv2d(x.relu(), conv.weight, conv.bias, padding=1))
+
+
+def test_duplicate_and_unknown_names():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("alexnet")(lambda **kw: None)
+    with pytest.raises(ValueError, match="unknown model 'lenet'.*alexnet"):
+        create_model("lenet", num_classes=10, in_channels=1, image_size=28)
+
+
+def test_width_scales_parameters():
+    small = create_model("alexnet", num_classes=10, in_channels=1, image_size=28, width=0.25)
+    big = create_model("alexnet", num_classes=10, in_channels=1, image_size=28, width=0.5)
+    assert sum(p.numel() for p in big.parameters()) > 3 * sum(p.numel() for p in small.parameters())

@@ -1,0 +1,150 @@
+"""End-to-end: the smoke preset through real Ray Tune on 127.0.0.1 (2 CPUs)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from esdbs_ray.pipeline import ConfigError, PipelineConfig, build_config, run_pipeline
+
+pytestmark = pytest.mark.slow
+MEMBERS = ("alexnet", "convpool_cnn_c", "all_cnn_c")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_address, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "smoke"
+    summary = run_pipeline(build_config("smoke"), str(out), address=ray_address, progress=False)
+    return out, summary
+
+
+def test_three_trials_finish_and_summary_is_complete(smoke_run):
+    out, summary = smoke_run
+    assert sorted(m["member"] for m in summary["members"]) == sorted(MEMBERS)
+    for m in summary["members"]:
+        assert m["variant"] == "SWR-CNN+DBS" and [r["target_sparsity"] for r in m["rungs"]] == [0.0, 0.5]
+        assert abs(m["rungs"][-1]["sparsity"] - 0.5) < 0.01
+    written = json.loads((out / "summary.json").read_text())
+    assert written["provenance"]["git_revision"] and written["provenance"]["versions"]["torch"]
+    assert (out / "config.yaml").is_file() and len(list((out / "members").glob("*.json"))) == 3
+
+
+def test_parquet_predictions_read_back(smoke_run):
+    out, summary = smoke_run
+    files = sorted((out / "predictions").glob("*.parquet"))
+    assert len(files) == 3 * 2  # three members x (dense rung + one pruning rung)
+    for f in files:
+        t = pq.read_table(f)
+        splits = t.column("split").to_pylist()
+        assert splits.count("val") == 60 and splits.count("test") == 300
+        probs = np.stack(t.column("probs").to_numpy(zero_copy_only=False))
+        assert probs.dtype == np.float32 and probs.shape[1] == 10
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+        meta = t.schema.metadata
+        assert b"config" in meta and b"git_revision" in meta
+
+
+def test_stacking_weights_on_simplex_and_nll_not_worse_than_members(smoke_run):
+    out, _ = smoke_run
+    result = json.loads((out / "stacking.json").read_text())
+    for name, method in result["methods"].items():
+        w = np.array(list(method["weights"].values()))
+        assert (w >= -1e-12).all() and abs(w.sum() - 1) < 1e-9, name
+    best_member_nll = min(m["val_nll"] for m in result["members"].values())
+    assert result["methods"]["nll_optimal"]["val_nll"] <= best_member_nll + 1e-9
+
+
+def test_tensorboard_event_files_hold_the_tags(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = smoke_run
+    tb_dirs = sorted(p.parent for p in (out / "tune" / "base").glob("*/tb/events.out.tfevents.*"))
+    assert len({d.parent.name.split("_")[0] for d in tb_dirs}) == 3
+    acc = EventAccumulator(str(tb_dirs[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "val/accuracy", "schedule/lr", "schedule/momentum", "schedule/batch_size",
+                "schedule/noise_scale", "schedule/phase", "pruning/sparsity", "rung/test_accuracy"):
+        assert tag in tags, tag
+    assert len(acc.Scalars("val/accuracy")) == 3  # 2 dense epochs + 1 retraining epoch
+
+
+def test_unknown_yaml_key_is_refused_and_out_untouched(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("members: [alexnet, all_cnn_c]\ntrain:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.*unknown key.*'epochz'"):
+        build_config(None, str(cfg))
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "run", "--config", str(cfg), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "epochz" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "run", "--preset", "smoke", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"variants": ["SWR-CNN", "XYZ"]}, "unsupported variant 'XYZ'"),
+    ({"members": ["alexnet"]}, "at least two members"),
+    ({"members": ["alexnet", "lenet"]}, "unsupported model 'lenet'.*alexnet"),
+    ({"train": {"model": "vgg16"}}, "set by the pipeline"),
+    ({"resources": {"cpus_per_trial": 0}}, "cpus_per_trial must be > 0"),
+    ({"train": {"dbs": {"k": "fast"}}}, "k"),
+])
+def test_bad_config_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config("smoke", None, bad)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    import yaml
+
+    cfg = build_config("quick")
+    again = PipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_interrupted_run_resumes_without_redoing_finished_trials(ray_address, tmp_path):
+    out = tmp_path / "exp"
+    cfg = tmp_path / "cfg.yaml"
+    # Two CPUs, one per trial: two trials run while the third waits, so killing the driver after the
+    # first trial ends leaves finished, running and pending trials.
+    cfg.write_text("resources: {cpus_per_trial: 1}\n")
+    cmd = [sys.executable, "-m", "esdbs_ray.cli", "run", "--preset", "smoke", "--config", str(cfg), "--quiet"]
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    driver = subprocess.Popen(cmd + ["--out", str(out)], env=env, start_new_session=True,
+                              stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and not finished:
+        time.sleep(1)
+        finished = list((out / "predictions").glob("*-ts0500.parquet"))
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    assert finished, "no trial finished in time"
+    time.sleep(6)  # the trial's end reaches Tune's experiment state (saved every 2 s)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = {f.name: f.stat().st_mtime_ns for f in (out / "predictions").glob("*-ts0500.parquet")}
+
+    r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "run", "--resume", str(out), "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["members"]) == 3
+    for name, mtime in first.items():  # a trial that had finished was not run again
+        assert (out / "predictions" / name).stat().st_mtime_ns == mtime
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(out / "tune" / "base"))
+    for trial_df in analysis.trial_dataframes.values():
+        epochs = trial_df["epoch"].tolist()
+        assert epochs == sorted(set(epochs)), f"an epoch was trained twice: {epochs}"
