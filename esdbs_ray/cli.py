@@ -137,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (applied over the preset)")
-    p.add_argument("--preset", default=None, help="smoke | quick | paper (default: quick when no --config)")
+    p.add_argument("--preset", default=None, help="smoke | quick | paper | paper-fashion-mnist | paper-cifar10 | "
+                   "paper-cifar100 (default: quick when no --config)")
     p.add_argument("--out", default=None, help="experiment directory or URI (default: runs/<name>-<time>)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--scale", type=float, default=None, help="shrink epochs and training set by this factor (0, 1]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.width=0.25 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
 
 
@@ -156,7 +160,7 @@ def _pipeline_config(args, extra: dict | None = None):
     if getattr(args, "dbs_search", False):
         overrides["run_dbs_search"] = True
     preset = args.preset or (None if args.config else "quick")
-    return build_config(preset, args.config, overrides)
+    return build_config(preset, args.config, overrides, scale=args.scale, sets=args.set)
 
 
 def _default_out(name: str) -> str:
@@ -169,8 +173,8 @@ def cmd_run(args) -> int:
     from .pipeline import load_resumed_config, run_pipeline
 
     if args.resume:
-        if args.config or args.preset or args.out:
-            raise ValueError("--resume DIR continues DIR with its saved config.yaml; drop --config/--preset/--out")
+        if args.config or args.preset or args.out or args.scale or args.set:
+            raise ValueError("--resume DIR continues DIR with its saved config.yaml; drop --config/--preset/--out/--scale/--set")
         cfg, out = load_resumed_config(args.resume), args.resume
     else:
         cfg = _pipeline_config(args)

@@ -39,13 +39,26 @@ from . import storage
 from .dbs import DBSConfig
 from .train import TrainConfig
 
-# variant -> (conv, schedule, stacked?)   (paper section 4; spec section 1)
-VARIANTS: dict[str, tuple[str, str, bool]] = {
-    "C-CNN": ("spatial", "fixed", False),
-    "SC-CNN": ("spatial", "fixed", True),
-    "SWR-CNN": ("winograd_relu", "fixed", True),
-    "SWR-CNN+DBS": ("winograd_relu", "dbs", True),
+# The paper's variants (section 4; spec section 1): base variant -> (conv, stacked?).  Any of them
+# takes a "+DBS" suffix for the dynamic batch size schedule ("SWR-CNN+DBS" is the paper's method;
+# "C-CNN+DBS" and "SC-CNN+DBS" are the DBS rows of its Tables 2/4/6).
+BASE_VARIANTS: dict[str, tuple[str, bool]] = {
+    "C-CNN": ("spatial", False),
+    "SC-CNN": ("spatial", True),
+    "SWR-CNN": ("winograd_relu", True),
 }
+VARIANTS = tuple(v + s for v in BASE_VARIANTS for s in ("", "+DBS"))
+
+
+def parse_variant(name: str) -> tuple[str, str, bool]:
+    """variant name -> (conv, schedule, stacked?)"""
+    base, dbs = (name[: -len("+DBS")], True) if name.endswith("+DBS") else (name, False)
+    if base not in BASE_VARIANTS:
+        raise ConfigError(f"unsupported variant {name!r}; choose from {', '.join(VARIANTS)}")
+    conv, stacked = BASE_VARIANTS[base]
+    return conv, "dbs" if dbs else "fixed", stacked
+
+
 # Keys of TrainConfig that the pipeline sets per trial; a config must not set them in `train:`.
 _PER_TRIAL = ("model", "conv", "schedule", "dataset", "data_dir", "subset", "test_subset", "val_fraction",
               "image_size", "seed")
@@ -127,6 +140,25 @@ class DBSSearchConfig:
 
 
 @dataclass(frozen=True)
+class BatchSweepConfig:
+    """The paper's batch-size tables (2/4/6): fixed batch sizes, and DBS, at one chosen sparsity.
+
+    Each (variant, B) trains like the main trials but stops its ladder at ``sparsity``; a trial that a
+    main trial already covers (same variant at the reference batch size B0) is not run twice."""
+
+    batch_sizes: tuple[int, ...] = ()
+    variants: tuple[str, ...] = ("C-CNN", "SC-CNN", "SWR-CNN")
+    with_dbs: bool = True  # also each variant with the DBS schedule (the tables' "DBS (ours)" row)
+    sparsity: float = 0.3
+
+    def __post_init__(self):
+        for v in self.variants:
+            parse_variant(v)
+        if any(b < 2 for b in self.batch_sizes):
+            raise ConfigError(f"batch_sweep.batch_sizes must be >= 2, got {list(self.batch_sizes)}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "esdbs"
     dataset: str = "fashion-mnist"
@@ -139,6 +171,10 @@ class PipelineConfig:
     members: tuple[MemberSpec, ...] = (MemberSpec("alexnet"), MemberSpec("convpool_cnn_c"), MemberSpec("all_cnn_c"))
     variants: tuple[str, ...] = ("SWR-CNN+DBS",)
     train: TrainConfig = field(default_factory=TrainConfig)  # template; per-trial keys are set by the pipeline
+    # Per-variant TrainConfig overrides, e.g. the paper's regularisation: {"C-CNN": {"dropout": 0.2, "l2": 0.01}}.
+    # A base name ("C-CNN") also applies to its "+DBS" form.
+    variant_overrides: dict = field(default_factory=dict)
+    batch_sweep: BatchSweepConfig = field(default_factory=BatchSweepConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     dbs_search: DBSSearchConfig = field(default_factory=DBSSearchConfig)
@@ -148,32 +184,61 @@ class PipelineConfig:
 
     def __post_init__(self):
         for v in self.variants:
-            if v not in VARIANTS:
-                raise ConfigError(f"variants: unsupported variant {v!r}; choose from {', '.join(VARIANTS)}")
+            parse_variant(v)
+        for v, over in self.variant_overrides.items():
+            parse_variant(v)
+            _strict(TrainConfig, over, f"variant_overrides.{v}")
+            bad = sorted(set(over) & set(_PER_TRIAL))
+            if bad:
+                raise ConfigError(f"variant_overrides.{v}: {bad} are set by the pipeline")
         if not self.members:
             raise ConfigError("members: at least one member is required")
         names = [m.model for m in self.members]
         if len(set(names)) != len(names):
             raise ConfigError(f"members: duplicate model names {names}; give each member a distinct model")
-        if any(VARIANTS[v][2] for v in self.variants) and len(self.members) < 2:
+        if any(parse_variant(v)[2] for v in self.variants) and len(self.members) < 2:
             raise ConfigError("members: a stacked variant needs at least two members")
+        if self.batch_sweep.batch_sizes and self.batch_sweep.sparsity not in (0.0, *self.train.sparsity_ladder):
+            raise ConfigError(f"batch_sweep.sparsity {self.batch_sweep.sparsity} is not on train.sparsity_ladder "
+                              f"{list(self.train.sparsity_ladder)}")
         for spec in self.trials():  # validates every trial's TrainConfig now, at the edge
             TrainConfig.from_dict(spec["train"])
 
     # -- per-trial configs -------------------------------------------------------------------------
+    def groups(self) -> list[dict]:
+        """Each group is a set of trials stacked together: a variant, at B0 or at a swept batch size."""
+        groups = [{"group": v, "variant": v, "batch_size": None, "ladder": self.train.sparsity_ladder}
+                  for v in self.variants]
+        sweep = self.batch_sweep
+        if sweep.batch_sizes:
+            short = tuple(s for s in self.train.sparsity_ladder if s <= sweep.sparsity)
+            for v in sweep.variants:
+                for b in sweep.batch_sizes:
+                    if not (b == self.train.dbs.b0 and v in self.variants):
+                        groups.append({"group": f"{v}@b{b}", "variant": v, "batch_size": b, "ladder": short})
+                if sweep.with_dbs and v + "+DBS" not in self.variants:
+                    groups.append({"group": v + "+DBS", "variant": v + "+DBS", "batch_size": None, "ladder": short})
+        return groups
+
     def trials(self) -> list[dict]:
         specs = []
-        for variant in self.variants:
-            conv, schedule, stacked = VARIANTS[variant]
-            members = self.members if stacked else self.members[:1]
-            for m in members:
+        groups = self.groups()
+        for g in groups:
+            conv, schedule, stacked = parse_variant(g["variant"])
+            base = g["variant"].removesuffix("+DBS")
+            for m in (self.members if stacked else self.members[:1]):
                 train = self.train.to_dict()
+                for key in (base, g["variant"]):
+                    train.update(self.variant_overrides.get(key, {}))
                 train.update(m.overrides)
                 train.update(model=m.model, conv=conv, schedule=schedule, dataset=self.dataset, data_dir=self.data_dir,
                              subset=self.subset, test_subset=self.test_subset, val_fraction=self.val_fraction,
-                             image_size=self.image_size, seed=self.seed)
-                specs.append({"member": member_id(variant, m.model, len(self.variants)), "variant": variant,
-                              "train": train})
+                             image_size=self.image_size, seed=self.seed, sparsity_ladder=list(g["ladder"]))
+                if g["batch_size"] is not None:
+                    train["dbs"] = {**train["dbs"], "b0": g["batch_size"]}
+                member = m.model if len(groups) == 1 else f"{_slug(g['group'])}-{m.model}"
+                specs.append({"member": member, "variant": g["variant"], "group": g["group"],
+                              "batch_size": g["batch_size"], "stacked": stacked, "train": train})
         return specs
 
     # -- (de)serialisation -------------------------------------------------------------------------
@@ -183,6 +248,8 @@ class PipelineConfig:
         d["variants"] = list(self.variants)
         d["train"] = {k: v for k, v in self.train.to_dict().items() if k not in _PER_TRIAL}
         d["stack"]["methods"] = list(self.stack.methods)
+        d["batch_sweep"] = {**d["batch_sweep"], "batch_sizes": list(self.batch_sweep.batch_sizes),
+                            "variants": list(self.batch_sweep.variants)}
         return d
 
     @classmethod
@@ -212,6 +279,14 @@ class PipelineConfig:
                 d["stack"] = StackConfig(**s)
             if "resources" in d:
                 d["resources"] = ResourcesConfig(**_strict(ResourcesConfig, d["resources"], "resources"))
+            if "batch_sweep" in d:
+                b = _strict(BatchSweepConfig, d["batch_sweep"], "batch_sweep")
+                for key in ("batch_sizes", "variants"):
+                    if key in b:
+                        b[key] = tuple(b[key])
+                d["batch_sweep"] = BatchSweepConfig(**b)
+            if "variant_overrides" in d and not isinstance(d["variant_overrides"], dict):
+                raise ConfigError("variant_overrides: expected a mapping of variant -> train options")
             if "dbs_search" in d:
                 d["dbs_search"] = DBSSearchConfig(**_strict(DBSSearchConfig, d["dbs_search"], "dbs_search"))
             return cls(**d)
@@ -221,10 +296,8 @@ class PipelineConfig:
             raise ConfigError(f"config: {exc}") from None
 
 
-def member_id(variant: str, model: str, n_variants: int) -> str:
-    if n_variants == 1:
-        return model
-    return f"{variant.lower().replace('+', '-').replace('_', '-')}-{model}"
+def _slug(name: str) -> str:
+    return name.lower().replace("+", "-").replace("@", "-")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +318,41 @@ PRESETS: dict[str, dict] = {
                   "dbs": {"b0": 128, "warmup_frac": 0.0, "double_every": 1}},
         "stack": {"sparsity": 0.3},
         "resources": {"cpus_per_trial": 0.66},
+    },
+    # The paper's experiment matrix (spec section 1) per dataset at the paper's scale; `--scale`
+    # shrinks epochs and the training set for a CPU run.
+    "paper-fashion-mnist": {
+        "name": "paper-fashion-mnist", "dataset": "fashion-mnist",
+        "members": ["alexnet", "convpool_cnn_c", "all_cnn_c"],
+        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
+        "variant_overrides": {"C-CNN": {"dropout": 0.2, "l2": 0.01}},
+        "train": {"width": 1.0, "epochs": 30, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                  "retrain_epochs": 3, "l2": 0.001, "dropout": 0.0},
+        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": 0.3},
+        "stack": {"sparsity": 0.3},
+        "resources": {"cpus_per_trial": 2},
+    },
+    "paper-cifar10": {
+        "name": "paper-cifar10", "dataset": "cifar10",
+        "members": ["vgg16", "convpool_cnn_c", "all_cnn_c"],
+        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
+        "variant_overrides": {"C-CNN": {"dropout": 0.2, "l2": 0.01}},
+        "train": {"width": 1.0, "epochs": 40, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                  "retrain_epochs": 3, "l2": 0.001, "dropout": 0.0},
+        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": 0.4},
+        "stack": {"sparsity": 0.4},
+        "resources": {"cpus_per_trial": 2},
+    },
+    "paper-cifar100": {
+        "name": "paper-cifar100", "dataset": "cifar100",
+        "members": ["resnet32", "convpool_cnn_c", "all_cnn_c"],
+        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
+        "variant_overrides": {"C-CNN": {"dropout": 0.1, "l2": 0.001}},
+        "train": {"width": 1.0, "epochs": 40, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                  "retrain_epochs": 3, "l2": 0.01, "dropout": 0.1},
+        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": 0.4},
+        "stack": {"sparsity": 0.4},
+        "resources": {"cpus_per_trial": 2},
     },
     "paper": {
         "name": "paper",
@@ -281,7 +389,43 @@ def load_yaml(path: str) -> dict:
     return d
 
 
-def build_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> PipelineConfig:
+_TRAIN_SIZES = {"fashion-mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+def apply_scale(d: dict, scale: float) -> dict:
+    """Shrink a config dict for a smaller machine: epochs and retraining epochs by ``scale`` (at least
+    one each) and, below 1, the training set to ``scale`` of its size (a stratified subset)."""
+    if not 0.0 < scale <= 1.0:
+        raise ConfigError(f"--scale must be in (0, 1], got {scale}")
+    d = copy.deepcopy(d)
+    train = d.setdefault("train", {})
+    base = TrainConfig()
+    for key in ("epochs", "retrain_epochs"):
+        train[key] = max(1, int(round(train.get(key, getattr(base, key)) * scale)))
+    n = _TRAIN_SIZES.get(d.get("dataset", "fashion-mnist"))
+    if scale < 1.0 and n and not d.get("subset"):
+        d["subset"] = int(n * scale)
+    return d
+
+
+def set_dotted(d: dict, assignment: str) -> dict:
+    """Apply ``key.sub=value`` (value parsed as YAML) to a nested config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    node = d
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a mapping")
+    node[parts[-1]] = value
+    return d
+
+
+def build_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None,
+                 *, scale: float | None = None, sets: list[str] | None = None) -> PipelineConfig:
     d: dict = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -293,6 +437,10 @@ def build_config(preset: str | None = None, yaml_path: str | None = None, overri
         except ConfigError as exc:
             raise ConfigError(str(exc)) from None
     d = _merge(d, overrides or {})
+    if scale is not None:
+        d = apply_scale(d, scale)
+    for assignment in sets or ():
+        d = set_dotted(d, assignment)
     try:
         return PipelineConfig.from_dict(d)
     except ConfigError as exc:
@@ -398,17 +546,21 @@ def _trial_name(trial) -> str:
 # Stage: stack
 # --------------------------------------------------------------------------------------------------
 def run_stack(cfg: PipelineConfig, out: str) -> dict[str, dict]:
+    """One stacking search per group of two or more members: ``stacking.json`` when there is a single
+    group, else ``stacking-<group>.json``."""
     from .stacking import stack_experiment
 
+    trials = cfg.trials()
+    groups = [g["group"] for g in cfg.groups()]
     results = {}
-    for variant in cfg.variants:
-        conv, schedule, stacked = VARIANTS[variant]
-        if not stacked:
+    for group in groups:
+        names = [t["member"] for t in trials if t["group"] == group]
+        if len(names) < 2:
             continue
-        names = [s["member"] for s in cfg.trials() if s["variant"] == variant]
-        filename = "stacking.json" if len(cfg.variants) == 1 else f"stacking-{variant.lower().replace('+', '-')}.json"
-        results[variant] = stack_experiment(
-            out, sparsity=cfg.stack.sparsity, variant=variant, members=names, methods=cfg.stack.methods,
+        sparsity = cfg.stack.sparsity if group in cfg.variants else cfg.batch_sweep.sparsity
+        filename = "stacking.json" if len(groups) == 1 else f"stacking-{_slug(group)}.json"
+        results[group] = stack_experiment(
+            out, sparsity=sparsity, variant=group, members=names, methods=cfg.stack.methods,
             tune_samples=cfg.stack.tune_samples, seed=cfg.seed, choose=cfg.stack.choose,
             storage_path=storage.join(out, "tune"), output=storage.join(out, filename),
         )
@@ -470,6 +622,7 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, address
 
     summary = {
         "name": cfg.name, "experiment_dir": out, "dataset": data.describe(), "variants": list(cfg.variants),
+        "groups": [g["group"] for g in cfg.groups()],
         "members": members,
         "ensembles": {v: _ensemble_row(r) for v, r in stacking.items()},
         "base_wall_seconds": base_seconds, "wall_seconds": time.perf_counter() - t0,
@@ -494,7 +647,8 @@ def _collect_members(results) -> list[dict]:
             for _, x in rung_rows.iterrows()
         ]
         rows.append({
-            "member": spec["member"], "variant": spec["variant"], "model": spec["train"]["model"],
+            "member": spec["member"], "variant": spec["variant"], "group": spec["group"],
+            "batch_size": spec["batch_size"], "model": spec["train"]["model"],
             "val_accuracy": rungs[-1]["val_accuracy"] if rungs else last.get("val_accuracy"),
             "test_accuracy": rungs[-1]["test_accuracy"] if rungs else None,
             "sparsity": last.get("sparsity"), "epochs": int(last.get("epoch", -1)) + 1,

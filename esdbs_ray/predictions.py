@@ -63,8 +63,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
@@ -73,6 +71,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from esdbs_ray import storage
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -132,23 +132,12 @@ _COLUMNS = tuple(prediction_schema(1).names)
 # ----------------------------------------------------------------------------------------------------
 # paths and filesystems
 # ----------------------------------------------------------------------------------------------------
-def is_uri(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
-
-
-def join_path(base: str | os.PathLike, *parts: str) -> str:
-    """``os.path.join`` for local paths, ``/``-join for URIs."""
-    base = str(base)
-    if is_uri(base):
-        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
-    return os.path.join(base, *parts)
-
-
-def _resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    path = str(path)
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+# One implementation of paths and atomic writes for the whole package lives in storage.py.
+is_uri = storage.is_uri
+join_path = storage.join
+atomic_write_bytes = storage.write_bytes
+read_bytes = storage.read_bytes
+_resolve = storage.filesystem
 
 
 def predictions_dir(experiment_dir: str | os.PathLike) -> str:
@@ -170,60 +159,6 @@ def prediction_path(experiment_dir: str | os.PathLike, member: str, target_spars
     if not 0.0 <= ts <= 1.0:
         raise PredictionsError(f"target_sparsity must be a fraction in [0, 1], got {target_sparsity}")
     return join_path(predictions_dir(experiment_dir), f"{_safe_name(member)}-ts{round(ts * 1000):04d}.parquet")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically; returns the path written (absolute for local paths).
-
-    Local: temp file in the same directory, fsync, ``os.replace``.  URI: ``pyarrow.fs``: temp key +
-    ``move`` when the filesystem supports it, else a direct write.
-    """
-    spath = str(path)
-    if not is_uri(spath):
-        spath = os.path.abspath(spath)
-        d, base = os.path.split(spath)
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, spath)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return spath
-
-    fs, p = pafs.FileSystem.from_uri(spath)
-    parent = p.rsplit("/", 1)[0] if "/" in p else ""
-    if parent:
-        try:
-            fs.create_dir(parent, recursive=True)
-        except (OSError, NotImplementedError):
-            pass  # object stores have no directories
-    tmp = f"{parent + '/' if parent else ''}.{p.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-    try:
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, p)
-    except (OSError, NotImplementedError, pa.ArrowNotImplementedError):
-        try:
-            fs.delete_file(tmp)
-        except Exception:
-            pass
-        with fs.open_output_stream(p) as out:
-            out.write(data)
-    return spath
-
-
-def read_bytes(path: str | os.PathLike) -> bytes:
-    fs, p = _resolve(path)
-    with fs.open_input_stream(p) as f:
-        return f.read()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -492,9 +492,9 @@ def tune_accuracy_search(
         storage_path = os.path.abspath(os.fspath(storage_path))
     try:
         if not ray.is_initialized():
-            kw = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "log_to_driver": False}
-            kw.update(ray_init_kwargs or {})
-            ray.init(**kw)
+            from esdbs_ray.pipeline import init_ray  # $RAY_ADDRESS, else a local Ray on loopback
+
+            init_ray(num_cpus=(ray_init_kwargs or {}).get("num_cpus"))
             started = True
         trainable = tune.with_resources(
             tune.with_parameters(_tune_trainable, P=np.ascontiguousarray(P), y=y), {"cpu": cpus_per_trial}

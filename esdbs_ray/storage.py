@@ -30,13 +30,7 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     if is_uri(path):
-        import pyarrow.fs as pafs
-
-        fs, key = pafs.FileSystem.from_uri(str(path))
-        fs.create_dir(key.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(key) as out:
-            out.write(data)
-        return str(path)
+        return _write_uri(str(path), data)
     target = _local(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -49,7 +43,46 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return str(target)
+    return str(path) if str(path).startswith("file://") else str(target)
+
+
+def _write_uri(uri: str, data: bytes) -> str:
+    """Temp key + move where the filesystem can move (HDFS, NFS through pyarrow); object stores
+    cannot, and publish an object only once its upload completes, so a direct write is atomic there."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    parent, name = key.rsplit("/", 1) if "/" in key else ("", key)
+    if parent:
+        try:
+            fs.create_dir(parent, recursive=True)
+        except (OSError, NotImplementedError):
+            pass  # object stores have no directories
+    tmp = f"{parent + '/' if parent else ''}.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, key)
+    except (OSError, NotImplementedError, pa.ArrowNotImplementedError):
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        with fs.open_output_stream(key) as out:
+            out.write(data)
+    return uri
+
+
+def filesystem(path: str | os.PathLike):
+    """``(pyarrow filesystem, path on it)`` for a local path, ``file://`` path or URI."""
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), str(_local(path).resolve())
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:

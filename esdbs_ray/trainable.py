@@ -64,7 +64,7 @@ def train_member(config: dict, *, data, experiment_dir: str | None, provenance: 
             shutil.copy2(Path(d) / CHECKPOINT, resume_from)
     train(
         cfg, data, workdir, hooks=TuneHooks(member), resume_from=resume_from,
-        predictions_root=experiment_dir, member=member, variant=config.get("variant"), provenance=provenance,
+        predictions_root=experiment_dir, member=member, variant=config.get("group", config.get("variant")), provenance=provenance,
     )
 
 

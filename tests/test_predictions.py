@@ -90,7 +90,7 @@ def test_uri_round_trip(tmp_path):
     assert _write(uri, rng) == uri
     t = P.read_predictions("file://" + str(tmp_path / "exp" / "predictions"))
     assert t.num_rows == 200
-    assert P.prediction_sources(t)[0]["path"].startswith("file://")
+    assert P.prediction_sources(t)[0]["path"].endswith("exp/predictions/x.parquet")
     assert [f for f in os.listdir(tmp_path / "exp" / "predictions")] == ["x.parquet"]
 
 

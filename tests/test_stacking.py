@@ -256,19 +256,15 @@ def test_stack_experiment_errors(tmp_path):
 # Ray Tune
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tune_accuracy_search_with_real_ray(tmp_path, data):
-    ray = pytest.importorskip("ray")
+def test_tune_accuracy_search_with_real_ray(tmp_path, data, ray_connected):
+    import ray
+
     Pv, yv, Pt, yt = data
-    assert not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
-        w, info = S.tune_accuracy_search(Pv, yv, num_samples=16, seed=0, storage_path=tmp_path / "tune",
-                                         return_info=True)
-        assert ray.is_initialized()  # the caller's Ray is left running
-        r = S.stack(Pv, yv, Pt, yt, ["a", "b", "c"], methods=("nll_optimal",), tune_samples=8,
-                    storage_path=str(tmp_path / "tune2"))
-    finally:
-        ray.shutdown()
+    w, info = S.tune_accuracy_search(Pv, yv, num_samples=16, seed=0, storage_path=tmp_path / "tune",
+                                     return_info=True)
+    assert ray.is_initialized()  # the caller's Ray is left running
+    r = S.stack(Pv, yv, Pt, yt, ["a", "b", "c"], methods=("nll_optimal",), tune_samples=8,
+                storage_path=str(tmp_path / "tune2"))
     _on_simplex(w, 3)
     assert info["trials"] == 16
     ev = S.evaluate(w, Pv, yv)

@@ -1,0 +1,122 @@
+"""The single-model trainer: resumption, divergence guard, pruning rungs, logs, CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from esdbs_ray.dbs import DBSConfig
+from esdbs_ray.train import TB_SCALARS, TrainConfig, build_model, train
+
+
+class Silent:
+    def on_epoch(self, record, checkpoint_path):
+        pass
+
+    def on_rung(self, rung):
+        pass
+
+
+def _cfg(**kw):
+    base = dict(model="convpool_cnn_c", width=0.125, epochs=2, subset=600, test_subset=200, eval_batch_size=500,
+                dbs=DBSConfig(b0=64), seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    from esdbs_ray.data import load_dataset
+
+    return load_dataset("fashion-mnist", subset=600, test_subset=200, seed=3)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(schedule="dbs", conv="winograd_relu", sparsity_ladder=(0.4,), retrain_epochs=1, dropout=0.2),
+    dict(schedule="fixed", conv="spatial"),
+])
+def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw):
+    cfg = _cfg(**kw)
+    full = train(cfg, tiny_data, tmp_path / "full", hooks=Silent())
+    partial = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=0)
+    assert partial == {"interrupted_after_epoch": 0}
+    resumed = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), resume_from=tmp_path / "cut")
+    keys = ("train_loss", "val_loss", "val_accuracy", "lr", "momentum", "batch_size", "sparsity")
+    for a, b in zip(full["history"], resumed["history"]):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert len(resumed["history"]) == cfg.total_epochs
+    wa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_another_config(tmp_path, tiny_data):
+    train(_cfg(epochs=1), tiny_data, tmp_path, hooks=Silent())
+    with pytest.raises(ValueError, match="different config"):
+        train(_cfg(epochs=1, l2=0.5), tiny_data, tmp_path, hooks=Silent(), resume_from=tmp_path)
+
+
+def test_guard_restores_the_snapshot_on_nan_loss(tmp_path, tiny_data):
+    # A learning rate this large makes the first epoch's loss non-finite; the guard must put back
+    # the weights from before that epoch (epoch 0 always snapshots).
+    cfg = _cfg(epochs=1, dbs=DBSConfig(b0=64, lr0=1e12, lr_start=1e12, warmup_frac=0.0))
+    torch.manual_seed(cfg.seed)
+    initial, _ = build_model(cfg, tiny_data)
+    summary = train(cfg, tiny_data, tmp_path, hooks=Silent())
+    record = summary["history"][0]
+    assert not np.isfinite(record["train_loss"]) and record["restored"]
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    for k, v in initial.state_dict().items():
+        assert torch.equal(after[k], v), k
+
+
+def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from esdbs_ray.predictions import read_predictions
+
+    cfg = _cfg(epochs=1, conv="winograd_relu", sparsity_ladder=(0.3, 0.6), retrain_epochs=1, schedule="dbs")
+    s = train(cfg, tiny_data, tmp_path, hooks=Silent(), predictions_root=str(tmp_path), variant="SWR-CNN+DBS")
+    assert [r["target_sparsity"] for r in s["rungs"]] == [0.0, 0.3, 0.6]
+    for r in s["rungs"]:
+        assert abs(r["sparsity"] - r["target_sparsity"]) <= 0.005
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["layer_sparsity"] if r["target_sparsity"] else True
+    table = read_predictions(tmp_path / "predictions")
+    assert table.num_rows == 3 * (len(tiny_data.val) + len(tiny_data.test))
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("val_accuracy", "test_accuracy", "epochs", "train_seconds", "config", "rungs", "history"):
+        assert key in written
+    assert written["config"]["sparsity_ladder"] == [0.3, 0.6]
+    assert (tmp_path / "kernels.png").stat().st_size > 1000
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert set(TB_SCALARS) <= set(acc.Tags()["scalars"])
+    assert "winograd_kernels" in acc.Tags()["images"]
+    assert [e.value for e in acc.Scalars("schedule/batch_size")] == [h["batch_size"] for h in s["history"]]
+
+
+def test_config_validation_names_the_problem():
+    with pytest.raises(ValueError, match="unsupported conv 'fft'; choose one of: spatial, winograd_relu"):
+        TrainConfig(conv="fft")
+    with pytest.raises(ValueError, match="sparsity_ladder"):
+        TrainConfig(sparsity_ladder=(0.5, 0.3))
+    with pytest.raises(ValueError, match=r"unknown train option\(s\) \['epoch'\]"):
+        TrainConfig.from_dict({"epoch": 3})
+
+
+@pytest.mark.slow
+def test_train_one_cli_done_when(tmp_path):
+    """The acceptance command of the foundation issue: one epoch on 5,000 images, val accuracy >= 0.75."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "train-one", "--dataset", "fashion-mnist", "--model",
+                        "alexnet", "--epochs", "1", "--subset", "5000", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_accuracy"] >= 0.75
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    again = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "train-one", "--epochs", "1", "--out", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
