@@ -294,6 +294,10 @@ def train(
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
+    if device.type == "cpu" and cfg.conv == "winograd_relu":
+        from .winograd import tune_cpu_allocator
+
+        tune_cpu_allocator()  # reuse the transforms' large buffers instead of page-faulting each step
     model, pruner = build_model(cfg, data)
     model.to(device)
     optimizer = build_optimizer(cfg, model)

@@ -21,10 +21,14 @@ pruned directly in the Winograd domain, and the ReLU is applied *after* the inpu
 (paper eq. 2).  The layer is then no longer equivalent to any spatial conv; with ``relu=False`` and an
 unpruned U = G g G^T it is exactly ``F.conv2d(x, g, padding=1)`` up to rounding, which the tests check.
 
-Layout.  The weight is stored as ``(16, C_out, C_in)`` and the transformed input as
-``(16, C_in, N * tiles_h * tiles_w)`` so the forward GEMM is ``bmm(U, V)`` and both backward GEMMs
-use the same buffers through transposed views (no copies); the spatial tile coordinates stay
-innermost in every transform so the additions run over contiguous memory.
+Layout.  The weight is stored as ``(16, C_in, C_out)`` and the transformed input as
+``(16, N * tiles_h * tiles_w, C_in)``, so the forward GEMM is ``bmm(V, U)`` and both backward GEMMs
+read the same buffers through transposed views (no copies).  Every intermediate keeps the channel
+axis innermost (NHWC): the strided tile views then still have contiguous runs of C values and the
+additions vectorise.  The layer's output is a channels-last tensor (NCHW shape, NHWC memory), which
+batch norm, pooling and the next Winograd layer consume without a layout copy.  A custom
+``autograd.Function`` with a hand-written backward keeps those layouts in the backward pass too and
+saves only the post-ReLU transformed input (4x the input's size).
 """
 from __future__ import annotations
 
@@ -86,11 +90,8 @@ def _pad_nhwc(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
     return xp
 
 
-def _input_transform(xp: torch.Tensor, th: int, tw: int, relu: bool, transposed: bool = False) -> torch.Tensor:
-    """Padded input (N, 2th+2, 2tw+2, C) -> V = [ReLU](B^T d B) as (16, N*th*tw, C).
-
-    ``transposed=True`` writes (16, C, N*th*tw) instead (the sparse inference path's GEMM layout).
-    """
+def _input_transform(xp: torch.Tensor, th: int, tw: int, relu: bool) -> torch.Tensor:
+    """Padded input (N, 2th+2, 2tw+2, C) -> V = [ReLU](B^T d B) as (16, N*th*tw, C)."""
     n, _, wp, c = xp.shape
     # Row pass: tile row i, offset k reads padded row 2i+k, i.e. a stride-2 view starting at k.
     r = [xp[:, k : k + 2 * th : 2] for k in range(4)]
@@ -101,12 +102,8 @@ def _input_transform(xp: torch.Tensor, th: int, tw: int, relu: bool, transposed:
     torch.sub(r[1], r[3], out=R[3])
     # Column pass, vectorised over the 4 row results, written straight into the GEMM layout.
     q = [R[:, :, :, k : k + 2 * tw : 2] for k in range(4)]
-    if transposed:
-        V = xp.new_empty((16, c, n * th * tw))
-        Vn = V.view(4, 4, c, n, th, tw).permute(0, 1, 3, 4, 5, 2)
-    else:
-        V = xp.new_empty((16, n * th * tw, c))
-        Vn = V.view(4, 4, n, th, tw, c)
+    V = xp.new_empty((16, n * th * tw, c))
+    Vn = V.view(4, 4, n, th, tw, c)
     torch.sub(q[0], q[2], out=Vn[:, 0])
     torch.add(q[1], q[2], out=Vn[:, 1])
     torch.sub(q[2], q[1], out=Vn[:, 2])
@@ -116,8 +113,13 @@ def _input_transform(xp: torch.Tensor, th: int, tw: int, relu: bool, transposed:
     return V
 
 
-def _output_transform(M: torch.Tensor, n: int, th: int, tw: int, transposed: bool = False) -> torch.Tensor:
-    """M (16, N*th*tw, K) [or (16, K, N*th*tw) if transposed] -> Y = A^T M A, (N, 2th, 2tw, K)."""
+def _output_transform(
+    M: torch.Tensor, n: int, th: int, tw: int, transposed: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """M (16, N*th*tw, K) [or (16, K, N*th*tw) if transposed] -> Y = A^T M A, (N, 2th, 2tw, K).
+
+    ``out``: an (N, 2th, 2tw, K) contiguous tensor (or view) to write into.
+    """
     if transposed:
         k = M.shape[1]
         Mv = M.view(4, 4, k, n, th, tw).permute(0, 1, 3, 4, 5, 2)
@@ -128,7 +130,7 @@ def _output_transform(M: torch.Tensor, n: int, th: int, tw: int, transposed: boo
     T = M.new_empty((2, 4, n, th, tw, k))
     torch.add(Mv[0], Mv[1], out=T[0]).add_(Mv[2])
     torch.sub(Mv[1], Mv[2], out=T[1]).sub_(Mv[3])
-    out = M.new_empty((n, th, 2, tw, 2, k))
+    out = M.new_empty((n, th, 2, tw, 2, k)) if out is None else out.view(n, th, 2, tw, 2, k)
     ov = out.permute(2, 4, 0, 1, 3, 5)  # (a, b, N, th, tw, K)
     torch.add(T[:, 0], T[:, 1], out=ov[:, 0]).add_(T[:, 2])
     torch.sub(T[:, 1], T[:, 2], out=ov[:, 1]).sub_(T[:, 3])
@@ -192,8 +194,15 @@ def _forward_nhwc(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.T
     n, _, h, w = x.shape
     th, tw = _tiles(h, w)
     V = _input_transform(_pad_nhwc(x, th, tw), th, tw, relu)
-    y = _output_transform(torch.bmm(V, u), n, th, tw)
-    return y[:, :h, :w].permute(0, 3, 1, 2), V
+    M = torch.bmm(V, u)
+    # The result must be a base tensor, not a view of a scratch buffer: autograd forbids in-place
+    # ops (e.g. a following ReLU(inplace=True)) on views created inside a custom Function.
+    y = torch.empty((n, u.shape[2], h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if (2 * th, 2 * tw) == (h, w):
+        _output_transform(M, n, th, tw, out=y.permute(0, 2, 3, 1))
+    else:  # odd sizes: whole tiles first, then crop (one copy of the output)
+        y.permute(0, 2, 3, 1).copy_(_output_transform(M, n, th, tw)[:, :h, :w])
+    return y, V
 
 
 class _WinogradReLUFn(torch.autograd.Function):
@@ -239,9 +248,9 @@ def winograd_relu_conv(
 ) -> torch.Tensor:
     """Functional form: x (N, C_in, H, W), u (16, C_in, C_out) -> (N, C_out, H, W).
 
-    The result is channels-last in memory (an NCHW-shaped view of an NHWC buffer): converting back
-    would cost a full copy per layer, and batch norm, pooling and the next Winograd layer all take
-    channels-last input directly.
+    The result is channels-last in memory (NCHW shape, NHWC strides): converting back would cost a
+    full copy per layer, and batch norm, pooling and the next Winograd layer all take channels-last
+    input directly.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
@@ -268,7 +277,7 @@ class WinogradReLUConv2d(nn.Module):
     """3x3 / stride 1 / padding 1 convolution computed as Y = A^T [U ⊙ ReLU(B^T d B)] A (eq. 2).
 
     ``weight`` is the Winograd-domain tensor U of shape (16, C_in, C_out) (tile position first);
-    ``kernels_4x4()`` gives the (C_out, C_in, 4, 4) view used in figures.  With ``relu=False`` this is
+    ``kernels_4x4()`` gives the (C_out, C_in, 4, 4) copy used in figures.  With ``relu=False`` this is
     an exact re-parametrisation of a spatial 3x3 conv (when U = G g G^T).
     """
 
@@ -334,7 +343,8 @@ class SparseWinogradInference:
     ``mode="csr"``: per tile position p, the nonzero entries of U[p]^T (C_out x C_in) are kept in a
     CSR matrix and multiplied by the transformed input V[p] (C_in x tiles), so the multiplications
     per 2x2 output tile are 16 C_in C_out density; positions whose weights are all pruned are
-    skipped outright.  The transforms write and read the (16, C, tiles) layout directly.
+    skipped outright.  On CPU torch's CSR product (MKL sparse BLAS) runs far below dense GEMM
+    throughput, so this path only pays off at very high sparsity; see bench/winograd.py.
     ``mode="dense"``: the packed dense bmm of the training path (reference).
     """
 
@@ -364,7 +374,9 @@ class SparseWinogradInference:
         if self.mode == "dense":
             y = _output_transform(torch.bmm(_input_transform(xp, th, tw, self.relu), self.u), n, th, tw)
         else:
-            Vt = _input_transform(xp, th, tw, self.relu, transposed=True)  # (16, C, T)
+            # torch's CSR x dense product wants a row-major dense operand: one transposing copy
+            # (measured cheaper than writing the transform's strided output transposed).
+            Vt = _input_transform(xp, th, tw, self.relu).transpose(1, 2).contiguous()  # (16, C, T)
             Mt = Vt.new_empty((16, self.k, Vt.shape[2]))
             for p, wp in enumerate(self.w):
                 if wp is None:

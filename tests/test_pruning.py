@@ -14,6 +14,16 @@ from esdbs_ray.pruning import DEFAULT_LADDER, Pruner, sparsity_ladder
 from esdbs_ray.winograd import WinogradReLUConv2d, to_winograd_relu
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The width-0.25 models here are far too small to gain from a second OpenMP thread, and on a
+    # shared 2-core host two spinning threads were measured up to 10x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _small(name="all_cnn_c", winograd=True, seed=0):
     torch.manual_seed(seed)
     model = create_model(name, num_classes=10, in_channels=1, image_size=28, width=0.25)
@@ -189,19 +199,9 @@ def test_sparsity_ladder_parsing():
 FAMILIES = ["alexnet", "vgg16", "resnet32", "convpool_cnn_c", "all_cnn_c"]
 
 
-@pytest.fixture
-def one_thread():
-    # Width-0.25 models at batch 64 are far too small to gain from a second OpenMP thread, and on a
-    # shared 2-core host two spinning threads were measured up to 10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
-def test_swr_family_learns_fashion_mnist(name, fmnist_small, one_thread):
+def test_swr_family_learns_fashion_mnist(name, fmnist_small):
     data = fmnist_small
     mean, std = float(data.mean[0]), float(data.std[0])
 
@@ -214,9 +214,11 @@ def test_swr_family_learns_fashion_mnist(name, fmnist_small, one_thread):
     model = to_winograd_relu(create_model(name, num_classes=data.num_classes, in_channels=1,
                                           image_size=28, width=0.25))
     pruner = Pruner(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4, nesterov=True)
     g = torch.Generator().manual_seed(0)
-    steps, prune_at, batch = 160, 100, 64
+    # 100 steps of 32 (about one pass over the 2.7k training images), pruned to 50 % at step 70;
+    # measured 0.70-0.76 test accuracy for all five families, 8-25 s each on one loaded core.
+    steps, prune_at, batch = 100, 70, 32
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):

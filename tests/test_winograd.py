@@ -94,6 +94,17 @@ def test_gradcheck_channels_last_input():
     assert torch.autograd.gradcheck(lambda x, u: winograd_relu_conv(x, u, None, True), (x, u))
 
 
+@pytest.mark.parametrize("hw", [(4, 6), (5, 7)])
+def test_output_allows_inplace_ops(hw):
+    # e.g. nn.ReLU(inplace=True) right after the layer: the output must not be a Function-made view
+    torch.manual_seed(10)
+    layer = WinogradReLUConv2d(3, 4)
+    x = torch.randn(2, 3, *hw, requires_grad=True)
+    y = layer(x)
+    y.relu_().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
 def test_fresh_init_matches_spatial_kaiming_scale():
     torch.manual_seed(5)
     layer = WinogradReLUConv2d(64, 64)
