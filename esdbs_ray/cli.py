@@ -5,6 +5,7 @@
     esdbs run         the whole method on Ray Tune: base members -> stacking (-> DBS search)
     esdbs stack       search stacking weights on an experiment's Parquet predictions
     esdbs dbs-search  Tune experiment over the DBS constants
+    esdbs report      report.md / report.html: our numbers beside the paper's
     esdbs submit      submit ``esdbs run`` to a Ray cluster as a Ray Job
 
 Config is validated here, once, into frozen dataclasses; bad input ends with one ``esdbs: error:``
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="default: EXPERIMENT_DIR/stacking.json")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
+    p.add_argument("experiment_dir")
+    p.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -262,6 +268,21 @@ def cmd_dbs_plan(args) -> int:
             print(json.dumps(r))
     else:
         print(format_plan(rows))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from analysis.report import build_report
+
+    if not Path(args.experiment_dir).is_dir():
+        raise ValueError(f"{args.experiment_dir}: no such experiment directory")
+    result = build_report(args.experiment_dir, out_dir=args.out)
+    counts: dict[str, int] = {}
+    for claim in result["claims"]:
+        counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
+    print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {result['html']}")
+    for problem in result["problems"]:
+        print(f"note: {problem}")
     return 0
 
 

@@ -468,8 +468,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         import ray._private.ray_constants as rc
 
         rc.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env,
-                 log_to_driver=False)
+        # address="local": start a fresh Ray, never attach to another one found on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=env, log_to_driver=False)
 
 
 def _git_revision() -> str:
@@ -625,7 +626,8 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, address
         "groups": [g["group"] for g in cfg.groups()],
         "members": members,
         "ensembles": {v: _ensemble_row(r) for v, r in stacking.items()},
-        "base_wall_seconds": base_seconds, "wall_seconds": time.perf_counter() - t0,
+        # After --resume these time the resumed part only (flagged by "resumed").
+        "base_wall_seconds": base_seconds, "wall_seconds": time.perf_counter() - t0, "resumed": resume,
         "dbs_search": dbs_best, "config": cfg.to_dict(), "provenance": {**provenance(), "device": device_info()},
     }
     storage.write_json(storage.join(out, "summary.json"), summary)

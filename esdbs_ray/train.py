@@ -445,8 +445,8 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
         "epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "train_seconds": state["train_seconds"], "steps": state["steps"],
-        "mean_epoch_seconds": record["epoch_seconds"] if cfg.retrain_epochs <= 1 or target == 0.0
-        else sum(h["epoch_seconds"] for h in state["history"][-cfg.retrain_epochs:]) / cfg.retrain_epochs,
+        "mean_epoch_seconds": _rung_epoch_seconds(state["history"], cfg.epochs if target == 0.0 else cfg.retrain_epochs,
+                                                  skip_first=target == 0.0),
     }
     state["rungs"].append(rung)
     writer.add_scalar("rung/val_accuracy", val["accuracy"], int(round(target * 100)))
@@ -472,6 +472,15 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
             _, layer = layers[min(cfg.kernel_layer, len(layers) - 1)]
             state["kernels"][float(target)] = layer.kernels_4x4()[:6, :6].detach().float().cpu().clone()
     return rung
+
+
+def _rung_epoch_seconds(history: list[dict], n: int, skip_first: bool) -> float:
+    """Mean training seconds per epoch over a rung's epochs; the run's first epoch (start-up, lazy
+    initialisation) is left out when the rung has others."""
+    epochs = history[-n:]
+    if skip_first and len(epochs) > 1 and epochs[0]["epoch"] == 0:
+        epochs = epochs[1:]
+    return sum(h["epoch_seconds"] for h in epochs) / len(epochs)
 
 
 def _kernel_figure(out_dir: Path, kernels: dict, writer, step: int) -> None:

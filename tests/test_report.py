@@ -1,0 +1,340 @@
+"""``analysis.report.build_report`` on a synthetic experiment directory (tests/report_fixture.py):
+every section and figure, the numbers in its tables, the verdicts, "not run" for missing artifacts,
+and the HTML opened in a real headless Chromium (every figure decoded; a screenshot kept)."""
+from __future__ import annotations
+
+import html as htmllib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `analysis` sits beside `esdbs_ray` at the repository root
+
+import report_fixture as F  # noqa: E402
+from analysis import paper_numbers as PN  # noqa: E402
+from analysis.report import build_report  # noqa: E402
+FIGURES = ("accuracy_vs_sparsity", "accuracy_vs_batch", "kernels", "momentum", "dbs_schedule", "speed_vs_sparsity")
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report") / "exp"
+    info = F.write_experiment(root)
+    result = build_report(root)
+    return root, info, result
+
+
+def _md(result) -> str:
+    return Path(result["markdown"]).read_text()
+
+
+def _table_rows(md: str, caption_start: str) -> list[list[str]]:
+    """Rows (cells) of the Markdown table right after the caption line starting with ``*caption_start``."""
+    lines = md.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith("*" + caption_start))
+    rows = []
+    for l in lines[i + 2:]:
+        if not l.startswith("|"):
+            break
+        rows.append([c.strip() for c in l.strip("|").split("|")])
+    return rows[2:] if rows and set(rows[1][0]) <= {"-"} else rows[1:]
+
+
+# --------------------------------------------------------------------------------------------------
+def test_import_does_not_pull_training_code_or_ray():
+    code = ("import sys, analysis, analysis.report, analysis.figures, analysis.paper_numbers; "
+            "bad = [m for m in ('ray', 'torch', 'esdbs_ray.train', 'esdbs_ray.pipeline', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_paper_numbers_are_self_consistent():
+    """The transcription: every speed is baseline / time up to the paper's rounding, overall rows are the means."""
+    for key, P in PN.PAPER.items():
+        base = P["baseline_seconds"]
+        for v, rows in P["sparsity_table"].items():
+            for s, (t, sp) in rows.items():
+                assert abs(base / t - sp) < 0.02, (key, v, s, t, sp)
+            mean = np.mean([rows[s][0] for s in PN.SPARSITIES])
+            assert abs(mean - rows["overall"][0]) < 0.02, (key, v, mean)
+        for v, rows in P["batch_table"].items():
+            for b, (t, sp) in rows.items():
+                assert abs(base / t - sp) < 0.02, (key, v, b, t, sp)
+        s = P["chosen_sparsity"]
+        assert set(P["accuracy"][s]) == set(PN.VARIANTS)
+    # headline accuracy gains as printed in the abstract
+    fm, c10 = PN.PAPER["fashion-mnist"], PN.PAPER["cifar10"]
+    assert round(fm["accuracy"][0.3]["SWR-CNN+DBS"] - fm["accuracy"][0.3]["C-CNN"], 2) == fm["headline"]["accuracy_gain"]
+    assert round(c10["accuracy"][0.4]["SWR-CNN+DBS"] - c10["accuracy"][0.4]["C-CNN"], 2) == c10["headline"]["accuracy_gain"]
+    assert PN.dataset_key("fashion-mnist: train 1080, val 120") == "fashion-mnist"
+    assert PN.dataset_key("cifar100") == "cifar100" and PN.dataset_key("cifar10") == "cifar10"
+
+
+def test_report_has_every_section_and_figure(experiment):
+    root, _, result = experiment
+    out = root / "report"
+    assert Path(result["out_dir"]) == out
+    assert all(v == "ok" for v in result["sections"].values()), result["sections"]
+    for name in FIGURES:
+        p = result["figures"][name]
+        assert p and Path(p).parent == out, name
+        data = Path(p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    md = _md(result)
+    for heading in ("## The paper's claims and our verdicts", "## Table 1: training time and speed vs sparsity",
+                    "## Table 2: training time and speed vs batch size", "## Figure 2: test accuracy",
+                    "### (2a) accuracy vs sparsity", "### (2b) accuracy vs batch size", "## Figure 5a",
+                    "## Figure 5b", "## Stacking", "## Provenance", "## Errata in the paper"):
+        assert heading in md, heading
+    # the paper's tables beside ours, labelled with its hardware
+    assert "The paper's Table 1 (1x Nvidia RTX 2080 Ti, TensorFlow" in md
+    assert "| overall | 11.42 | 1.49x | 36.71 | 0.46x | 16.43 | 1.03x | 10.57 | 1.61x |" in md
+    assert "| 1024 | 3 | 5.67x | 21 | 0.81x | 8 | 2.13x |" in md
+    assert "93.49%" in md and "90.83%" in md
+    # ours, with provenance
+    assert "fixture0" in md and "Fixture CPU" in md and "width=0.125" in md
+    for fig in ("fig2a_accuracy_vs_sparsity.png", "fig2b_accuracy_vs_batch.png", "fig5a_kernels.png",
+                "fig5b_momentum.png"):
+        assert f"]({fig})" in md
+    html = Path(result["html"]).read_text()
+    assert html.count('src="data:image/png;base64,') == len(FIGURES)
+    assert not re.search(r'(src|href)="(https?:)?//', html), "the HTML must not reference anything remote"
+    assert "Accuracy order at 30% sparsity" in md and "the same order" in md
+
+
+def test_time_and_speed_tables(experiment):
+    root, info, result = experiment
+    md = _md(result)
+    members = {m["member"]: m for m in info["summary"]["members"]}
+
+    def t(member, s):
+        return next(r["mean_epoch_seconds"] for r in members[member]["rungs"] if r["target_sparsity"] == s)
+
+    base = t("c-cnn-alexnet", 0.0)
+    sc = [t(f"sc-cnn-{m}", 0.3) for m in ("alexnet", "convpool_cnn_c", "all_cnn_c")]
+    rows = {r[0]: r for r in _table_rows(md, "Ours (paper-fashion-mnist): seconds per epoch and speed vs sparsity")}
+    assert set(rows) == {"dense (0%)", "30%", "60%", "overall (pruned rungs)"}
+    r = rows["30%"]
+    assert r[1] == f"{t('c-cnn-alexnet', 0.3):.3f}" and r[2] == f"{base / t('c-cnn-alexnet', 0.3):.2f}x"
+    assert r[3] == f"{sum(sc):.3f}" and r[4] == f"{base / sum(sc):.2f}x" and r[5] == f"{base / max(sc):.2f}x"
+    assert rows["dense (0%)"][2] == "1.00x"
+    # the batch table: B=128 is the main group's rung (not re-run); B=512 the sweep group; DBS its group
+    brows = {r[0]: r for r in _table_rows(md, "Ours: seconds per epoch and speed vs batch size")}
+    assert set(brows) == {"128", "512", "DBS (ours)"}
+    assert brows["128"][1] == f"{t('c-cnn-alexnet', 0.3):.3f}"
+    assert brows["512"][1] == f"{t('c-cnn-b512-alexnet', 0.3):.3f}"
+    assert brows["DBS (ours)"][1] == f"{t('c-cnn-dbs-alexnet', 0.3):.3f}"
+
+
+def test_ensemble_accuracies_come_from_predictions_and_stacking_weights(experiment):
+    from esdbs_ray.predictions import prediction_matrix, read_predictions
+    from esdbs_ray.stacking import evaluate, nll_optimal
+
+    root, info, result = experiment
+    md = _md(result)
+    rows = {r[0]: r for r in _table_rows(md, "Ours: test accuracy")}
+    cols = ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"]
+    st = json.loads((root / "stacking-swr-cnn-dbs.json").read_text())
+    # at the stacked rung: the stacking file's chosen weights
+    assert rows["30%"][1 + cols.index("SWR-CNN+DBS")] == f"{100 * st['methods'][st['chosen']]['test_accuracy']:.2f}%"
+    # at another rung: NLL-optimal weights re-fitted on that rung's validation predictions
+    table = read_predictions(root / "predictions")
+    names = st["member_names"]
+    Pv, yv, _ = prediction_matrix(table, "val", names, 0.6, variant="SWR-CNN+DBS")
+    Pt, yt, _ = prediction_matrix(table, "test", names, 0.6, variant="SWR-CNN+DBS")
+    acc = evaluate(nll_optimal(Pv, yv), Pt, yt)["accuracy"]
+    assert rows["60%"][1 + cols.index("SWR-CNN+DBS")] == f"{100 * acc:.2f}%"
+    # a single model: its rung's record
+    c = next(m for m in info["summary"]["members"] if m["member"] == "c-cnn-alexnet")
+    assert rows["60%"][1] == f"{100 * c['rungs'][2]['test_accuracy']:.2f}%"
+    assert "NLL-optimal weights re-fitted" in md
+    # the batch panel: B=512 from the sweep group's stacking file
+    st512 = json.loads((root / "stacking-sc-cnn-b512.json").read_text())
+    brows = {r[0]: r for r in _table_rows(md, "Ours: test accuracy at 30% sparsity")}
+    assert brows["512"][2] == f"{100 * st512['methods'][st512['chosen']]['test_accuracy']:.2f}%"
+
+
+def test_verdicts_follow_the_data(experiment, tmp_path):
+    _, _, result = experiment
+    claims = {c["id"]: c for c in result["claims"]}
+    assert len(claims) == len(result["claims"])  # unique ids
+    assert claims["A1"]["claim"].startswith("SWR-CNN+DBS is the most accurate") and claims["A1"]["verdict"] == "reproduced"
+    assert claims["A2"]["verdict"] == "reproduced"
+    assert "80%" in claims["A7"]["claim"] and claims["A7"]["verdict"] == "not run"  # the ladder stops at 60 %
+    speed = {c["claim"].split(" (")[0]: c for c in result["claims"] if c["id"].startswith("S")}
+    # fixture: the SC-CNN stack (summed) is ~2.1x slower than the dense C-CNN -> slower, as in the paper
+    assert speed["Pruned SC-CNN"]["verdict"] == "reproduced"
+    assert all(c["verdict"] in ("reproduced", "not reproduced", "not run") for c in result["claims"])
+    # the same matrix where SWR-CNN+DBS is the weakest: A1 and A2 are not reproduced
+    root2 = tmp_path / "exp-weak"
+    F.write_experiment(root2, tensorboard=False, quality={"SWR-CNN+DBS": 0.3})
+    r2 = build_report(root2)
+    c2 = {c["id"]: c for c in r2["claims"]}
+    assert c2["A1"]["verdict"] == "not reproduced" and c2["A2"]["verdict"] == "not reproduced"
+    assert "a different order" in _md(r2)
+    assert r2["sections"]["figure:kernels"] == "not run" and r2["sections"]["figure:dbs_schedule"] == "not run"
+
+
+def test_missing_artifacts_give_not_run(experiment, tmp_path):
+    src, _, _ = experiment
+    # 1. no predictions: stacked accuracy at the stacked rung from stacking*.json, elsewhere n/a, no SE
+    d1 = tmp_path / "no-predictions"
+    shutil.copytree(src, d1, ignore=shutil.ignore_patterns("report"))
+    shutil.rmtree(d1 / "predictions")
+    r1 = build_report(d1)
+    md1 = _md(r1)
+    rows = {r[0]: r for r in _table_rows(md1, "Ours: test accuracy")}
+    assert rows["30%"][4] != "n/a" and rows["60%"][4] == "n/a"
+    assert "sign only" in md1 and "no predictions/*.parquet" in md1
+    # 2. no stacking, no Tune directory, no batch sweep members
+    d2 = tmp_path / "no-stacking-no-tune-no-sweep"
+    shutil.copytree(src, d2, ignore=shutil.ignore_patterns("report"))
+    for p in d2.glob("stacking*.json"):
+        p.unlink()
+    shutil.rmtree(d2 / "tune")
+    summary = json.loads((d2 / "summary.json").read_text())
+    summary["members"] = [m for m in summary["members"] if m["group"] in summary["variants"]]
+    (d2 / "summary.json").write_text(json.dumps(summary))
+    r2 = build_report(d2)
+    md2 = _md(r2)
+    s = r2["sections"]
+    assert s["stacking"] == s["figure:kernels"] == s["figure:dbs_schedule"] == "not run"
+    assert s["sparsity_table"] == "ok"
+    # the batch table keeps what the main groups give (B0 row; SWR-CNN's DBS row), the swept rows are n/a
+    brows = {r[0]: r for r in _table_rows(md2, "Ours: seconds per epoch and speed vs batch size")}
+    assert brows["512"][1:] == ["n/a"] * 8 and brows["128"][1] != "n/a"
+    assert brows["DBS (ours)"][1] == "n/a" and brows["DBS (ours)"][6] != "n/a"
+    assert "**not run**: no stacking*.json" in md2 and "Fig. 5a (no Winograd trial with a kernel image in this run): not run" in md2
+    c = {x["id"]: x for x in r2["claims"]}
+    assert c["S5"]["claim"].startswith("DBS speeds C-CNN") and c["S5"]["verdict"] == "not run"
+    assert c["B1"]["claim"].startswith("Raising the batch size") and c["B1"]["verdict"] == "not run"
+    assert c["A1"]["verdict"] != "not run"  # re-fitted NLL weights on the predictions still give the ensemble
+    # 3. a directory with nothing in it
+    d3 = tmp_path / "empty"
+    d3.mkdir()
+    r3 = build_report(d3)
+    assert Path(r3["html"]).is_file() and "not run" in _md(r3)
+    assert all(v == "not run" for k, v in r3["sections"].items() if k != "figure:momentum")
+    # 4. a corrupt artifact is reported, not raised
+    d4 = tmp_path / "corrupt"
+    shutil.copytree(src, d4, ignore=shutil.ignore_patterns("report"))
+    next((d4 / "predictions").glob("swr-cnn-dbs-alexnet-ts0600.parquet")).write_bytes(b"not parquet")
+    (d4 / "stacking-sc-cnn.json").write_text("{")
+    r4 = build_report(d4)
+    assert any("predictions unreadable" in p for p in r4["problems"]) and any("stacking-sc-cnn.json" in p for p in r4["problems"])
+    with pytest.raises(FileNotFoundError):
+        build_report(tmp_path / "does-not-exist")
+
+
+# --------------------------------------------------------------------------------------------------
+# The HTML in a real browser
+# --------------------------------------------------------------------------------------------------
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "-q", "chromium"]
+        if subprocess.run(cmd, env=env, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            subprocess.run(cmd, env=env, capture_output=True, timeout=900)
+        path = shutil.which("chromium")
+        if path:
+            return path
+        pytest.skip("chromium is not installed and `apt-get install -y chromium` did not install it")
+    pytest.skip("chromium is not installed (install Debian's `chromium`; the test installs it itself only as root "
+                "with apt-get)")
+
+
+def _headless(chromium: str, profile: Path) -> list[str]:
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
+            f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+            "--host-resolver-rules=MAP * ~NOTFOUND"]
+
+
+_PROBE = """<script>
+// After load: each image's decoded size, and the alpha of its last pixel row drawn on a canvas (matplotlib
+// PNGs are opaque, so a truncated or undecodable image shows up as a transparent bottom row).
+window.addEventListener('load', function () {
+  var r = [];
+  for (const i of document.images) {
+    var e = {file: i.dataset.file || i.alt, w: i.naturalWidth, h: i.naturalHeight, complete: i.complete,
+             bottom_alpha: -1};
+    if (i.naturalWidth > 0) {
+      var c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+      var ctx = c.getContext('2d'); ctx.drawImage(i, 0, 0);
+      var row = ctx.getImageData(0, i.naturalHeight - 1, i.naturalWidth, 1).data, a = 255;
+      for (var k = 3; k < row.length; k += 4) a = Math.min(a, row[k]);
+      e.bottom_alpha = a;
+    }
+    r.push(e);
+  }
+  var p = document.createElement('pre'); p.id = 'esdbs-probe'; p.textContent = JSON.stringify(r);
+  document.body.appendChild(p);
+});
+</script>"""
+
+
+def test_html_renders_every_figure_in_headless_chromium(experiment, tmp_path):
+    chromium = _chromium()
+    root, _, result = experiment
+    page = Path(result["html"])
+    # the report itself, plus a probe that writes each image's decoded size into the DOM after load
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    try:
+        run = subprocess.run(_headless(chromium, tmp_path / "profile1") + ["--virtual-time-budget=10000", "--dump-dom",
+                                                                           probe.as_uri()],
+                             capture_output=True, text=True, timeout=180)
+    finally:
+        probe.unlink()
+    m = re.search(r'<pre id="esdbs-probe">(.*?)</pre>', run.stdout, re.S)
+    assert m, f"no probe output from chromium (rc {run.returncode}): {run.stderr[-2000:]}"
+    images = json.loads(htmllib.unescape(m.group(1)))
+    expected = {Path(p).name for p in result["figures"].values() if p}
+    assert {i["file"] for i in images} == expected
+    for i in images:
+        assert i["complete"] and i["w"] > 100 and i["h"] > 100, i
+        assert i["bottom_alpha"] == 255, f"{i['file']} is not fully decoded: {i}"
+    # a screenshot of the page, kept as a test artifact
+    shot = tmp_path / "report-screenshot.png"
+    subprocess.run(_headless(chromium, tmp_path / "profile2") + ["--hide-scrollbars", "--window-size=1280,4000",
+                                                                 f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=180)
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+    print(f"\nreport screenshot: {shot}")
+
+
+def test_dbs_claims_are_not_run_when_the_schedule_never_acted(experiment, tmp_path):
+    """A +DBS group whose schedule never moved lr, momentum or B trained like its fixed twin: nothing to test."""
+    src, _, result = experiment
+    by_id = {c["id"]: c for c in result["claims"]}
+    assert "the schedule acted" in _md(result)
+    dbs_ids = [i for i, c in by_id.items() if c["claim"].startswith(("DBS raises", "DBS speeds"))]
+    dbs_ids.append(next(i for i, c in by_id.items() if c["claim"].startswith("SWR-CNN+DBS beats SWR-CNN")))
+    assert len(dbs_ids) == 7 and all(by_id[i]["verdict"] != "not run" for i in dbs_ids)
+    d = tmp_path / "dbs-idle"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("report"))
+    for csv in (d / "tune" / "base").glob("*dbs*/progress.csv"):
+        lines = csv.read_text().splitlines()
+        rows = [l.split(",") for l in lines[1:]]
+        for r in rows:
+            r[1:5] = ["hold", "0.02", "0.9", "128"]
+        csv.write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+    r = build_report(d, out_dir=tmp_path / "out")
+    assert Path(r["out_dir"]) == tmp_path / "out" and (tmp_path / "out" / "report.html").is_file()
+    c2 = {c["id"]: c for c in r["claims"]}
+    for i in dbs_ids:
+        assert c2[i]["verdict"] == "not run" and "DBS never acted" in c2[i]["detail"], c2[i]
+    assert c2["A1"]["verdict"] == by_id["A1"]["verdict"] and "DBS never acted" in c2["A1"]["detail"]
+    assert "**the schedule never acted**" in _md(r)
