@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="default: EXPERIMENT_DIR/stacking.json")
     p.set_defaults(func=cmd_stack)
 
+    p = sub.add_parser("submit", help="submit `esdbs run` to a Ray cluster as a Ray Job (token auth)")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds (exit 124)")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then the arguments of `esdbs run`")
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
     p.add_argument("experiment_dir")
     p.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report")
@@ -215,8 +222,11 @@ def cmd_stack(args) -> int:
 
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity is a fraction in [0, 1) (e.g. 0.3 for 30 %), got {args.sparsity}")
+    from . import storage
+
     result = stack_experiment(args.experiment_dir, sparsity=args.sparsity, variant=args.variant,
-                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=args.output)
+                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=args.output,
+                              storage_path=storage.join(args.experiment_dir, "tune"))
     print(format_stacking_table(result))
     return 0
 
@@ -269,6 +279,13 @@ def cmd_dbs_plan(args) -> int:
     else:
         print(format_plan(rows))
     return 0
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    return submit(args.address, run_args, follow=not args.no_follow, timeout=args.timeout)
 
 
 def cmd_report(args) -> int:

@@ -461,7 +461,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"ESDBS_GIT_REVISION": _git_revision()}}
+    # Workers run from a copy without .git: hand them the driver's revision -- unless the job that
+    # runs this driver already set it (Ray refuses a job whose runtime_env is overridden).
+    inherited = "ESDBS_GIT_REVISION" in os.environ or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env = None if inherited else {"env_vars": {"ESDBS_GIT_REVISION": _git_revision()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:

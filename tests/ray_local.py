@@ -65,10 +65,6 @@ def start_head(tmp: Path, num_cpus: int = 2, dashboard: bool = False) -> tuple[R
     return node, address, dash_port
 
 
-def start_worker(tmp: Path, address: str, num_cpus: int = 1, name: str = "worker") -> RayNode:
-    return RayNode(["--address", address, "--num-cpus", str(num_cpus)], tmp / f"ray-{name}.log")
-
-
 def wait_for_nodes(address: str, n: int, timeout: float = 90.0) -> None:
     """Wait until the cluster at `address` has `n` alive nodes (asked from a separate process)."""
     code = (

@@ -1,0 +1,89 @@
+"""Ray Job: the DBS-constant search (ASHA over k, v0, n, warm-up, B0, Bmax, eta0; spec section 6).
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json "$(python jobs/dbs_search.py --print-runtime-env)" -- \\
+        python jobs/dbs_search.py --dataset cifar10 --out s3://BUCKET/esdbs/dbs-search-cifar10
+
+    ... --smoke --out /shared/esdbs/dbs-smoke     # two samples, two epochs, the smoke subset
+
+The best constants land in ``OUT/dbs_constants.json``; reuse them with
+``python jobs/run_paper.py --dbs-constants OUT/dbs_constants.json`` (a path the head node reads).
+``--out`` must be storage every node sees: s3://..., gs://..., or an absolute path on NFS.
+
+Runtime environment (``RUNTIME_ENV``): the project checkout as ``working_dir`` (``--working-dir .``),
+without .venv / runs / .git / build outputs; the cluster's Python already has the dependencies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
+
+from esdbs_ray.submit import EXCLUDES, SubmitError, require_shared_path, runtime_env as _runtime_env  # noqa: E402
+
+RUNTIME_ENV = {"working_dir": ".", "excludes": EXCLUDES, "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}
+
+
+def runtime_env() -> dict:
+    """RUNTIME_ENV plus ESDBS_GIT_REVISION of the checkout it is printed from (the job's copy has no .git)."""
+    env = dict(RUNTIME_ENV)
+    env["env_vars"] = {**RUNTIME_ENV["env_vars"], **_runtime_env(Path(__file__).resolve().parent.parent)["env_vars"]}
+    env["env_vars"].pop("PYTHONUNBUFFERED", None)
+    return env
+DATASETS = ("fashion-mnist", "cifar10", "cifar100")
+
+
+def esdbs_argv(a: argparse.Namespace, config_path: str) -> list[str]:
+    argv = ["dbs-search", "--preset", "smoke" if a.smoke else a.preset, "--config", config_path,
+            "--out", require_shared_path("--out", a.out), "--quiet"]
+    num_samples, epochs = a.num_samples, a.epochs
+    if a.smoke:
+        num_samples, epochs = num_samples or 2, epochs or 2
+    if num_samples:
+        argv += ["--num-samples", str(num_samples)]
+    if epochs:
+        argv += ["--epochs", str(epochs)]
+    if a.data_dir:
+        argv += ["--data-dir", a.data_dir]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
+    p.add_argument("--preset", default="paper", choices=("quick", "paper"), help="model width / data (default: paper)")
+    p.add_argument("--out", required=False, help="s3://..., gs://..., or an absolute path on NFS")
+    p.add_argument("--num-samples", type=int, default=None, help="sampled constant sets (default: the config's 8)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per sample (default: the config's 6)")
+    p.add_argument("--data-dir", default=None, help="dataset directory on the head node")
+    p.add_argument("--smoke", action="store_true", help="smoke preset, 2 samples x 2 epochs")
+    p.add_argument("--dry-run", action="store_true", help="print the esdbs command line and stop")
+    p.add_argument("--print-runtime-env", action="store_true", help="print RUNTIME_ENV as JSON and stop")
+    a = p.parse_args(argv)
+    if a.print_runtime_env:  # run where you submit from: it stamps your checkout's git revision
+        print(json.dumps(runtime_env()))
+        return 0
+    if not a.out:
+        p.error("--out is required")
+    with tempfile.TemporaryDirectory(prefix="esdbs-job-") as tmp:
+        config = Path(tmp) / "dataset.yaml"
+        name = f"{'smoke' if a.smoke else a.preset}-{a.dataset}-dbs-search"
+        config.write_text(json.dumps({"name": name, "dataset": a.dataset}) + "\n")  # JSON is YAML
+        try:
+            args = esdbs_argv(a, str(config))
+        except SubmitError as exc:
+            p.error(str(exc))
+        print("esdbs " + " ".join(args), flush=True)
+        if a.dry_run:
+            return 0
+        from esdbs_ray.cli import main as esdbs
+
+        return esdbs(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

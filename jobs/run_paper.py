@@ -1,0 +1,91 @@
+"""Ray Job: the whole method at the paper's scale (preset ``paper``) on one dataset.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json "$(python jobs/run_paper.py --print-runtime-env)" -- \\
+        python jobs/run_paper.py --dataset cifar10 --out s3://BUCKET/esdbs/paper-cifar10
+
+    ... --smoke --out /shared/esdbs/smoke     # the smoke preset: about a minute on 2 CPUs
+
+Continue an interrupted run with ``--resume OUT`` (same --out).  ``--out`` must be storage every node
+sees: s3://..., gs://..., or an absolute path on NFS.  The dataset is read by the job's driver on the
+head node (--data-dir, $ESDBS_DATA, or the default places; see esdbs_ray/data.py).
+
+Runtime environment (``RUNTIME_ENV``): the project checkout as ``working_dir`` (``--working-dir .``),
+without .venv / runs / .git / build outputs.  The cluster's Python must already have the project's
+dependencies (cluster.yaml's setup_commands install them), so no ``pip`` / ``conda`` field is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
+
+from esdbs_ray.submit import EXCLUDES, SubmitError, require_shared_path, runtime_env as _runtime_env  # noqa: E402
+
+# RAY_OVERRIDE_JOB_RUNTIME_ENV: esdbs's driver adds ESDBS_GIT_REVISION to its own runtime_env; with the
+# revision in the job's env_vars too (--print-runtime-env) Ray would otherwise refuse the overlap.
+RUNTIME_ENV = {"working_dir": ".", "excludes": EXCLUDES, "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}
+
+
+def runtime_env() -> dict:
+    """RUNTIME_ENV plus ESDBS_GIT_REVISION of the checkout it is printed from (the job's copy has no .git)."""
+    env = dict(RUNTIME_ENV)
+    env["env_vars"] = {**RUNTIME_ENV["env_vars"], **_runtime_env(Path(__file__).resolve().parent.parent)["env_vars"]}
+    env["env_vars"].pop("PYTHONUNBUFFERED", None)
+    return env
+DATASETS = ("fashion-mnist", "cifar10", "cifar100")
+
+
+def esdbs_argv(a: argparse.Namespace, config_path: str) -> list[str]:
+    if a.resume:
+        return ["run", "--resume", require_shared_path("--resume", a.resume), "--quiet"]
+    argv = ["run", "--preset", "smoke" if a.smoke else "paper", "--config", config_path,
+            "--out", require_shared_path("--out", a.out), "--quiet"]
+    if a.data_dir:
+        argv += ["--data-dir", a.data_dir]
+    if a.dbs_constants:
+        argv += ["--dbs-constants", a.dbs_constants]
+    if a.dbs_search:
+        argv.append("--dbs-search")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
+    p.add_argument("--out", help="experiment directory: s3://..., gs://..., or an absolute path on NFS")
+    p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT")
+    p.add_argument("--data-dir", default=None, help="dataset directory on the head node")
+    p.add_argument("--dbs-constants", default=None, help="JSON from jobs/dbs_search.py (a path the head node reads)")
+    p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
+    p.add_argument("--smoke", action="store_true", help="the smoke preset (tiny subset, two epochs)")
+    p.add_argument("--dry-run", action="store_true", help="print the esdbs command line and stop")
+    p.add_argument("--print-runtime-env", action="store_true", help="print RUNTIME_ENV as JSON and stop")
+    a = p.parse_args(argv)
+    if a.print_runtime_env:  # run where you submit from: it stamps your checkout's git revision
+        print(json.dumps(runtime_env()))
+        return 0
+    if not (a.out or a.resume):
+        p.error("--out (or --resume) is required")
+    name = f"{'smoke' if a.smoke else 'paper'}-{a.dataset}"
+    with tempfile.TemporaryDirectory(prefix="esdbs-job-") as tmp:
+        config = Path(tmp) / "dataset.yaml"
+        config.write_text(json.dumps({"name": name, "dataset": a.dataset}) + "\n")  # JSON is YAML
+        try:
+            args = esdbs_argv(a, str(config))
+        except SubmitError as exc:
+            p.error(str(exc))
+        print("esdbs " + " ".join(args), flush=True)
+        if a.dry_run:
+            return 0
+        from esdbs_ray.cli import main as esdbs
+
+        return esdbs(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
