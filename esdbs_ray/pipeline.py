@@ -493,8 +493,7 @@ def _gpus_per_trial(cfg: PipelineConfig, n_trials: int) -> float:
     return min(1.0, total / n_trials) if total < n_trials else 1.0
 
 
-def _abs(path: str) -> str:
-    return path if storage.is_uri(path) else str(Path(path.removeprefix("file://")).resolve())
+_abs = storage.normalize
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from esdbs_ray import predictions as _pred
+from esdbs_ray import storage
 
 __all__ = [
     "EPS",
@@ -488,8 +489,8 @@ def tune_accuracy_search(
     if storage_path is None:
         tmp_storage = tempfile.mkdtemp(prefix="esdbs-tune-stacking-")
         storage_path = tmp_storage
-    elif not _pred.is_uri(storage_path):
-        storage_path = os.path.abspath(os.fspath(storage_path))
+    else:
+        storage_path = storage.normalize(storage_path)
     try:
         if not ray.is_initialized():
             from esdbs_ray.pipeline import init_ray  # $RAY_ADDRESS, else a local Ray on loopback
@@ -750,9 +751,7 @@ def stack_experiment(
     path); the dict is returned.  Raises ``FileNotFoundError`` naming the directory when there are no
     predictions, ``ValueError`` for mismatched members or NaN probabilities.
     """
-    exp = str(experiment_dir_or_uri)
-    if not _pred.is_uri(exp):
-        exp = os.path.abspath(exp)
+    exp = storage.normalize(experiment_dir_or_uri)
     pdir = _pred.predictions_dir(exp)
     table = _pred.read_predictions(pdir)
     Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True)

@@ -22,6 +22,11 @@ def _local(path: str | os.PathLike) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s)
 
 
+def normalize(path: str | os.PathLike) -> str:
+    """URIs as given; local and ``file://`` paths as absolute local paths."""
+    return str(path) if is_uri(path) else str(_local(path).resolve())
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     if is_uri(base):
         return "/".join([str(base).rstrip("/"), *parts])
