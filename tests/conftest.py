@@ -44,3 +44,15 @@ def ray_connected(ray_address):
     if not ray.is_initialized():
         ray.init(address=ray_address, log_to_driver=False)
     yield ray_address
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _disconnect_ray_after_module():
+    """A module that connected this process to Ray (run_pipeline does) leaves it disconnected; the
+    clusters themselves belong to their fixtures."""
+    yield
+    import sys as _sys
+
+    ray = _sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
