@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, required=True)
     p.add_argument("--val-accuracy", type=_floats, default=None, help="scripted validation accuracies a1,a2,...")
     p.add_argument("--json", action="store_true", help="one JSON object per epoch")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="also draw the momentum curves for this config's v0, m0, m_max (paper Fig. 5b)")
     _add_schedule_args(p)
     p.set_defaults(func=cmd_dbs_plan)
 
@@ -278,6 +280,11 @@ def cmd_dbs_plan(args) -> int:
             print(json.dumps(r))
     else:
         print(format_plan(rows))
+    if args.figure:
+        from .dbs import plot_momentum_curves
+
+        print(f"momentum curves -> {plot_momentum_curves(args.figure, v0=cfg.v0, m0=cfg.m0, m_max=cfg.m_max)}",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

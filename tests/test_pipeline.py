@@ -162,3 +162,37 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(ray_address, tm
     for trial_df in analysis.trial_dataframes.values():
         epochs = trial_df["epoch"].tolist()
         assert epochs == sorted(set(epochs)), f"an epoch was trained twice: {epochs}"
+
+
+def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
+    import yaml
+
+    from esdbs_ray.cli import load_dbs_constants
+    from esdbs_ray.data import load_dataset
+    from esdbs_ray.pipeline import init_ray, run_dbs_search
+
+    cfg = build_config("smoke", None, {"dbs_search": {"model": "alexnet", "num_samples": 3, "epochs": 2,
+                                                      "grace_period": 1}})
+    data = load_dataset(cfg.dataset, subset=cfg.subset, test_subset=cfg.test_subset, seed=cfg.seed)
+    init_ray(ray_address)
+    record = run_dbs_search(cfg, str(tmp_path), data, progress=False)
+    assert len(record["trials"]) == 3 and all(t["val_accuracy"] is not None for t in record["trials"])
+    assert record["best_val_accuracy"] == max(t["val_accuracy"] for t in record["trials"])
+    constants = load_dbs_constants(str(tmp_path / "dbs_constants.json"))
+    for key in cfg.dbs_search.space:  # the searched constants come from the best trial
+        assert key in constants
+    reused = build_config("smoke", None, {"train": {"dbs": constants}})
+    assert reused.train.dbs.k == constants["k"] and reused.train.dbs.b0 == constants["b0"]
+    yaml.safe_dump(reused.to_dict())  # and it serialises into config.yaml
+
+
+def test_dbs_plan_cli_json_and_figure(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "dbs-plan", "--epochs", "8", "--train-size", "54000",
+                        "--schedule", "dbs", "--double-every", "1", "--json", "--figure", str(tmp_path / "m.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["epoch"] for row in rows] == list(range(8))
+    assert {"epoch", "phase", "lr", "momentum", "batch_size", "noise_scale"} <= set(rows[0])
+    assert all(row["batch_size"] % 32 == 0 for row in rows)
+    assert (tmp_path / "m.png").stat().st_size > 10_000
