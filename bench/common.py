@@ -29,16 +29,6 @@ SHARED_MACHINE_NOTE = (
 )
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -50,7 +40,7 @@ def hardware() -> dict[str, Any]:
     """CPU model, cores, torch threads, CPU capability, GPU if any, current load average."""
     import torch
 
-    from esdbs_ray.provenance import device_info
+    from esdbs_ray.provenance import cpu_model, device_info
 
     info = dict(device_info())
     info.update(cpu_model=cpu_model(), machine=platform.machine(),

@@ -47,14 +47,14 @@ def versions() -> dict[str, str]:
 def device_info() -> dict[str, str | int]:
     import torch
 
-    info: dict[str, str | int] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count() or 0,
+    info: dict[str, str | int] = {"cpu": cpu_model(), "cpu_count": os.cpu_count() or 0,
                                   "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -54,6 +54,17 @@ def runtime_env(working_dir: str | os.PathLike = ".", env_vars: dict | None = No
     return {"working_dir": str(wd), "excludes": list(EXCLUDES), "env_vars": env}
 
 
+# What every jobs/ entry point declares for `ray job submit --working-dir .`: the checkout minus EXCLUDES.
+JOB_RUNTIME_ENV = {"working_dir": ".", "excludes": EXCLUDES, "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}
+
+
+def job_runtime_env() -> dict:
+    """JOB_RUNTIME_ENV plus the revision of the checkout it is printed from (the job's copy has no .git)."""
+    from .provenance import git_revision
+
+    return {**JOB_RUNTIME_ENV, "env_vars": {**JOB_RUNTIME_ENV["env_vars"], "ESDBS_GIT_REVISION": git_revision()}}
+
+
 def entrypoint(run_args: Sequence[str]) -> str:
     return "python -m esdbs_ray.cli run " + shlex.join(list(run_args))
 

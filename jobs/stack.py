@@ -22,17 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
 
-from esdbs_ray.submit import EXCLUDES, SubmitError, require_shared_path, runtime_env as _runtime_env  # noqa: E402
-
-RUNTIME_ENV = {"working_dir": ".", "excludes": EXCLUDES, "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}
-
-
-def runtime_env() -> dict:
-    """RUNTIME_ENV plus ESDBS_GIT_REVISION of the checkout it is printed from (the job's copy has no .git)."""
-    env = dict(RUNTIME_ENV)
-    env["env_vars"] = {**RUNTIME_ENV["env_vars"], **_runtime_env(Path(__file__).resolve().parent.parent)["env_vars"]}
-    env["env_vars"].pop("PYTHONUNBUFFERED", None)
-    return env
+from esdbs_ray.submit import EXCLUDES, SubmitError, require_shared_path, JOB_RUNTIME_ENV as RUNTIME_ENV, job_runtime_env as runtime_env  # noqa: E402
 
 
 def _has_summary(experiment: str) -> bool:
