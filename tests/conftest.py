@@ -9,6 +9,12 @@ import pytest
 # Tests run on CPU with a small, fixed thread count so timings and results do not depend on the host.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Ray reads its auth mode and node-address policy once per process: set them before any test touches
+# Ray, so every Ray the tests start or join is on loopback with token authentication.
+import ray_local  # noqa: E402
+
+os.environ.update(ray_local.LOOPBACK_ENV)
+
 
 @pytest.fixture(scope="session")
 def fmnist_small():

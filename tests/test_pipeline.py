@@ -65,7 +65,7 @@ def test_tensorboard_event_files_hold_the_tags(smoke_run):
 
     out, _ = smoke_run
     tb_dirs = sorted(p.parent for p in (out / "tune" / "base").glob("*/tb/events.out.tfevents.*"))
-    assert len({d.parent.name.split("_")[0] for d in tb_dirs}) == 3
+    assert {d.parent.name.rsplit("_", 2)[0] for d in tb_dirs} == set(MEMBERS)
     acc = EventAccumulator(str(tb_dirs[0]))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -159,9 +159,15 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(ray_address, tm
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(out / "tune" / "base"))
-    for trial_df in analysis.trial_dataframes.values():
+    total = 3  # smoke: 2 dense epochs + 1 retraining epoch
+    for path, trial_df in analysis.trial_dataframes.items():
         epochs = trial_df["epoch"].tolist()
-        assert epochs == sorted(set(epochs)), f"an epoch was trained twice: {epochs}"
+        assert sorted(set(epochs)) == list(range(total)), epochs
+        if Path(path).name.rsplit("_", 2)[0] in finished:  # finished before the kill: trained once, not again
+            assert epochs == list(range(total)), f"a finished trial was trained again: {epochs}"
+        # A trial running at the kill resumes from the last checkpoint Tune had saved in its state
+        # (saved every 2 s), so it may repeat the epoch in flight -- never more than that.
+        assert len(epochs) <= total + 1, epochs
 
 
 def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
