@@ -303,6 +303,22 @@ def _slug(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------------
+def _paper_matrix(dataset: str, base_model: str, *, epochs: int, sparsity: float, c_cnn: dict, stacked: dict) -> dict:
+    """One row of spec section 1: the four variants, the 20-80 % ladder, the batch-size sweep at the
+    paper's chosen sparsity, and the paper's regularisation (C-CNN's, the stacked models')."""
+    return {
+        "name": f"paper-{dataset}", "dataset": dataset,
+        "members": [base_model, "convpool_cnn_c", "all_cnn_c"],
+        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
+        "variant_overrides": {"C-CNN": c_cnn},
+        "train": {"width": 1.0, "epochs": epochs, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                  "retrain_epochs": 3, **stacked},
+        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": sparsity},
+        "stack": {"sparsity": sparsity},
+        "resources": {"cpus_per_trial": 2},
+    }
+
+
 # smoke: seconds per trial, for tests and CI.  quick: the demo, <= 10 minutes on a 2-core CPU
 # machine.  paper: the paper's scale (published widths, the full ladder), for GPU clusters.
 PRESETS: dict[str, dict] = {
@@ -325,39 +341,12 @@ PRESETS: dict[str, dict] = {
     },
     # The paper's experiment matrix (spec section 1) per dataset at the paper's scale; `--scale`
     # shrinks epochs and the training set for a CPU run.
-    "paper-fashion-mnist": {
-        "name": "paper-fashion-mnist", "dataset": "fashion-mnist",
-        "members": ["alexnet", "convpool_cnn_c", "all_cnn_c"],
-        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
-        "variant_overrides": {"C-CNN": {"dropout": 0.2, "l2": 0.01}},
-        "train": {"width": 1.0, "epochs": 30, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-                  "retrain_epochs": 3, "l2": 0.001, "dropout": 0.0},
-        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": 0.3},
-        "stack": {"sparsity": 0.3},
-        "resources": {"cpus_per_trial": 2},
-    },
-    "paper-cifar10": {
-        "name": "paper-cifar10", "dataset": "cifar10",
-        "members": ["vgg16", "convpool_cnn_c", "all_cnn_c"],
-        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
-        "variant_overrides": {"C-CNN": {"dropout": 0.2, "l2": 0.01}},
-        "train": {"width": 1.0, "epochs": 40, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-                  "retrain_epochs": 3, "l2": 0.001, "dropout": 0.0},
-        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": 0.4},
-        "stack": {"sparsity": 0.4},
-        "resources": {"cpus_per_trial": 2},
-    },
-    "paper-cifar100": {
-        "name": "paper-cifar100", "dataset": "cifar100",
-        "members": ["resnet32", "convpool_cnn_c", "all_cnn_c"],
-        "variants": ["C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"],
-        "variant_overrides": {"C-CNN": {"dropout": 0.1, "l2": 0.001}},
-        "train": {"width": 1.0, "epochs": 40, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-                  "retrain_epochs": 3, "l2": 0.01, "dropout": 0.1},
-        "batch_sweep": {"batch_sizes": [64, 128, 256, 512, 1024], "sparsity": 0.4},
-        "stack": {"sparsity": 0.4},
-        "resources": {"cpus_per_trial": 2},
-    },
+    "paper-fashion-mnist": _paper_matrix("fashion-mnist", "alexnet", epochs=30, sparsity=0.3,
+                                         c_cnn={"dropout": 0.2, "l2": 0.01}, stacked={"dropout": 0.0, "l2": 0.001}),
+    "paper-cifar10": _paper_matrix("cifar10", "vgg16", epochs=40, sparsity=0.4,
+                                   c_cnn={"dropout": 0.2, "l2": 0.01}, stacked={"dropout": 0.0, "l2": 0.001}),
+    "paper-cifar100": _paper_matrix("cifar100", "resnet32", epochs=40, sparsity=0.4,
+                                    c_cnn={"dropout": 0.1, "l2": 0.001}, stacked={"dropout": 0.1, "l2": 0.01}),
     "paper": {
         "name": "paper",
         "train": {"width": 1.0, "epochs": 30, "sparsity_ladder": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
