@@ -17,14 +17,14 @@ dependencies (cluster.yaml's setup_commands install them), so no ``pip`` / ``con
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
 
-from esdbs_ray.submit import EXCLUDES, SubmitError, require_shared_path, JOB_RUNTIME_ENV as RUNTIME_ENV, job_runtime_env as runtime_env  # noqa: E402
+from esdbs_ray.submit import (  # noqa: E402
+    EXCLUDES, JOB_RUNTIME_ENV as RUNTIME_ENV, SubmitError, job_runtime_env as runtime_env, require_shared_path, run_job,
+)
 DATASETS = ("fashion-mnist", "cifar10", "cifar100")
 
 
@@ -54,25 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the esdbs command line and stop")
     p.add_argument("--print-runtime-env", action="store_true", help="print RUNTIME_ENV as JSON and stop")
     a = p.parse_args(argv)
-    if a.print_runtime_env:  # run where you submit from: it stamps your checkout's git revision
-        print(json.dumps(runtime_env()))
-        return 0
-    if not (a.out or a.resume):
-        p.error("--out (or --resume) is required")
     name = f"{'smoke' if a.smoke else 'paper'}-{a.dataset}"
-    with tempfile.TemporaryDirectory(prefix="esdbs-job-") as tmp:
-        config = Path(tmp) / "dataset.yaml"
-        config.write_text(json.dumps({"name": name, "dataset": a.dataset}) + "\n")  # JSON is YAML
-        try:
-            args = esdbs_argv(a, str(config))
-        except SubmitError as exc:
-            p.error(str(exc))
-        print("esdbs " + " ".join(args), flush=True)
-        if a.dry_run:
-            return 0
-        from esdbs_ray.cli import main as esdbs
-
-        return esdbs(args)
+    return run_job(p, a, lambda config: [esdbs_argv(a, config)],
+                   missing=None if (a.out or a.resume) else "--out (or --resume) is required",
+                   name=name, dataset=a.dataset)
 
 
 if __name__ == "__main__":

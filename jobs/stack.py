@@ -16,13 +16,14 @@ without .venv / runs / .git / build outputs; the cluster's Python already has th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
 
-from esdbs_ray.submit import EXCLUDES, SubmitError, require_shared_path, JOB_RUNTIME_ENV as RUNTIME_ENV, job_runtime_env as runtime_env  # noqa: E402
+from esdbs_ray.submit import (  # noqa: E402
+    EXCLUDES, JOB_RUNTIME_ENV as RUNTIME_ENV, SubmitError, job_runtime_env as runtime_env, require_shared_path, run_job,
+)
 
 
 def _has_summary(experiment: str) -> bool:
@@ -66,25 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the esdbs command lines and stop")
     p.add_argument("--print-runtime-env", action="store_true", help="print RUNTIME_ENV as JSON and stop")
     a = p.parse_args(argv)
-    if a.print_runtime_env:  # run where you submit from: it stamps your checkout's git revision
-        print(json.dumps(runtime_env()))
-        return 0
-    if not a.experiment:
-        p.error("--experiment is required")
-    try:
-        runs = esdbs_argvs(a)
-    except SubmitError as exc:
-        p.error(str(exc))
-    from esdbs_ray.cli import main as esdbs
-
-    for args in runs:
-        print("esdbs " + " ".join(args), flush=True)
-        if a.dry_run:
-            continue
-        rc = esdbs(args)
-        if rc:
-            return rc
-    return 0
+    return run_job(p, a, lambda _config: esdbs_argvs(a),
+                   missing=None if a.experiment else "--experiment is required")
 
 
 if __name__ == "__main__":
