@@ -883,7 +883,15 @@ def _hardware(exp: Experiment) -> str:
     dev = prov.get("device") or {}
     if not dev:
         return "unknown (no provenance in summary.json)"
-    parts = [str(dev.get("cpu") or "cpu ?"), f"{dev.get('cpu_count')} CPUs", f"torch threads {dev.get('torch_threads')}"]
+    parts = [str(dev.get("cpu") or "cpu ?"), f"{dev.get('cpu_count')} CPUs"]
+    cpus = (exp.config.get("resources") or {}).get("cpus_per_trial")
+    if cpus and not dev.get("cuda_device"):
+        # The driver's own thread count says nothing about the trials: each runs
+        # max(1, int(cpus_per_trial)) torch threads (esdbs_ray.trainable).
+        n = max(1, int(cpus))
+        parts.append(f"Tune trials at cpus_per_trial={cpus:g} ({n} torch thread{'s' * (n > 1)} each)")
+    else:
+        parts.append(f"torch threads {dev.get('torch_threads')}")
     if dev.get("cuda_device"):
         parts.insert(0, str(dev["cuda_device"]))
     return ", ".join(parts) + ", PyTorch " + str((prov.get("versions") or {}).get("torch", "?"))
