@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from esdbs_ray.pipeline import ConfigError, PipelineConfig, build_config, run_pipeline
+from esdbs_ray.pipeline import PRESETS, ConfigError, PipelineConfig, build_config, run_pipeline
+from esdbs_ray.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 MEMBERS = ("alexnet", "convpool_cnn_c", "all_cnn_c")
@@ -111,6 +112,25 @@ def test_config_round_trips_through_yaml(tmp_path):
     cfg = build_config("quick")
     again = PipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_valid_trials(preset):
+    """A new preset is checked for free: it builds, survives YAML, and every trial's TrainConfig is valid."""
+    import yaml
+
+    cfg = build_config(preset)
+    assert PipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    trials = cfg.trials()
+    assert trials and len({t["member"] for t in trials}) == len(trials)
+    for t in trials:
+        TrainConfig.from_dict(t["train"])  # raises on an invalid value
+    if preset.startswith("paper-"):  # spec section 1: all four variants, the sweep beside DBS
+        assert set(cfg.variants) == {"C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"}
+        groups = {g["group"] for g in cfg.groups()}
+        assert {"C-CNN+DBS", "SC-CNN+DBS"} <= groups
+        assert any(g.startswith("SWR-CNN@b") for g in groups)
+        assert cfg.stack.sparsity in cfg.train.sparsity_ladder
 
 
 def _terminated_trials(exp: Path) -> list[str]:
