@@ -356,19 +356,20 @@ PRESETS: dict[str, dict] = {
                                     c_cnn={"dropout": 0.1, "l2": 0.001}, stacked={"dropout": 0.1, "l2": 0.01}),
     # The reference run of analysis/results/fashion-mnist-cpu/: the paper-fashion-mnist matrix (all
     # four variants, the three members, the batch sweep beside DBS) shrunk to finish within 60 minutes
-    # on a 2-core CPU machine.  Every reduction is here, none in code: 9,000 training images (10 % of
-    # them for validation; at 12,000 the projected wall time was 59-64 minutes: a Winograd-ReLU
-    # ConvPool-CNN-C epoch takes ~2 minutes on a third of the machine, and each of the 28 trials also
-    # evaluates the full 10,000-image test set at every rung), width 0.25, 3 dense epochs, the ladder
-    # 30/60/80 % (the paper's stacking
-    # point and the sparsities its claims name) with 1 retraining epoch per rung, the sweep at the
-    # ends of the paper's range (64 and 1024; B0 = 128 comes from the main groups), DBS doubling the
-    # learning rate every epoch (with n = 2 the 6-epoch schedule could double it at most twice), and
-    # no warm-up: 10 % of 6 epochs rounds to one whole epoch at half the learning rate, and when that
-    # epoch's val accuracy beats the first epoch at η0 (by 2 of 1,200 images in a first attempt)
-    # the fall rule (spec §4.2) ends the LR phase before DBS ever raises the batch.
-    # Three single-thread trials share the two cores: on this VM one thread per process is the
-    # fastest use of a core (bench/throughput.py).
+    # on a 2-core CPU machine.  Every reduction is here, none in code:
+    # - 9,000 training images (10 % for validation).  At 12,000 the projected wall time was 59-64
+    #   minutes: a Winograd-ReLU ConvPool-CNN-C epoch takes ~2 minutes on a third of the machine, and
+    #   each of the 28 trials evaluates the full 10,000-image test set at every rung.
+    # - width 0.25, 3 dense epochs, the ladder 30/60/80 % (the paper's stacking point and the
+    #   sparsities its claims name) with 1 retraining epoch per rung.
+    # - the batch sweep at the ends of the paper's range, 64 and 1024 (B0 = 128 comes from the main
+    #   groups).
+    # - DBS doubling the learning rate every epoch (with n = 2 a 6-epoch schedule doubles it at most
+    #   twice) and no warm-up: 10 % of 6 epochs rounds to one whole epoch at half the learning rate,
+    #   and when that epoch's val accuracy beats the first epoch at η0 (by 2 of 1,200 images in a
+    #   first attempt) the fall rule (spec §4.2) ends the LR phase before DBS ever raises the batch.
+    # - three single-thread trials sharing the two cores: on this VM one thread per process is the
+    #   fastest use of a core (bench/throughput.py).
     "paper-fashion-mnist-cpu": _merge(
         _paper_matrix("fashion-mnist", "alexnet", epochs=3, sparsity=0.3,
                       c_cnn={"dropout": 0.2, "l2": 0.01}, stacked={"dropout": 0.0, "l2": 0.001}),
