@@ -1178,6 +1178,10 @@ def _section_claims(doc: Doc, exp: Experiment, P: dict | None, claims: list[dict
     doc.p(f"{counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not reproduced, {counts[NOT_RUN]} not run. "
           "Our numbers come from this run's scale and hardware (see Provenance), the paper's from full-scale "
           f"training on {PN.HARDWARE}; a small run can only test directions, not magnitudes.")
+    doc.p(f"Every trial trained once (seed {exp.config.get('seed', '?')}). The standard errors of the accuracy "
+          "claims are those of the test sample (paired over the same images); they leave out the run-to-run "
+          "variance of training itself, which one seed cannot measure, so an accuracy verdict decided by a point "
+          "or two is provisional until more seeds agree.")
     doc.p(order_line(exp, P))
     cv, n = exp.timing_noise()
     doc.p(f"Timing noise of this run: " + (f"median within-trial coefficient of variation of epoch times {100 * cv:.1f}% "

@@ -101,6 +101,11 @@ def test_report_has_every_section_and_figure(experiment):
     assert "93.49%" in md and "90.83%" in md
     # ours, with provenance
     assert "fixture0" in md and "Fixture CPU" in md and "width=0.125" in md
+    # the trials' CPU share, not the driver's thread count; the single-seed caveat
+    cpus = F.build_config().resources.cpus_per_trial
+    assert f"Tune trials at cpus_per_trial={cpus:g} ({max(1, int(cpus))} torch thread" in md
+    assert "torch threads 1," not in md  # the driver's own count (1 in the fixture) would mislead
+    assert "Every trial trained once (seed 0)" in md
     for fig in ("fig2a_accuracy_vs_sparsity.png", "fig2b_accuracy_vs_batch.png", "fig5a_kernels.png",
                 "fig5b_momentum.png"):
         assert f"]({fig})" in md
