@@ -3,10 +3,18 @@
 `ray start --node-ip-address 127.0.0.1` alone still advertises the machine's own address on Linux
 (Ray "resolves" loopback to a reachable IP); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray
 component -- GCS, raylet, agents, dashboard -- on 127.0.0.1.
+
+Token authentication is Ray's default (2.52+).  `ray start` refuses to start without a token, and the
+token it looks for is ~/.ray/auth_token -- which exists only once something (a local `ray.init()`)
+has generated it.  So a fresh machine failed every test that starts a head before any test had
+called `ray.init()`, and the tests depended on the user's own token.  Every Ray of this test session
+uses one random token of its own instead, passed through $RAY_AUTH_TOKEN (which Ray reads before
+the file); nothing is written to ~/.ray.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,7 +23,8 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def free_port() -> int:
