@@ -404,6 +404,12 @@ class Experiment:
         return False, (f"no DBS trial ({len(details)}) ever raised its learning rate above lr0, its momentum above m0 "
                        "or its batch size away from B0 (too few epochs for the schedule to act)")
 
+    def history(self, member: dict) -> list[dict]:
+        """The member's per-epoch history from members/<member>.json ([] when absent)."""
+        d = _read_json(self.root / "members" / f"{member.get('member')}.json")
+        h = (d or {}).get("history") if isinstance(d, dict) else None
+        return h if isinstance(h, list) else []
+
     def tb_events(self, member: dict) -> list[str]:
         d = self.trial_dir(member)
         if d is None:
@@ -1221,6 +1227,55 @@ def _section_provenance(doc: Doc, exp: Experiment) -> None:
     doc.pre(yaml.safe_dump(exp.config, sort_keys=False) if exp.config else NOT_RUN)
 
 
+def _section_sparsity_accounting(doc: Doc, exp: Experiment) -> bool:
+    """Nominal (pruned-layer) sparsity beside whole-model sparsity and nonzero counts, per main variant."""
+    doc.h(2, "Sparsity: pruned layers vs the whole model", "sparsity-accounting")
+    rows = []
+    for v in exp.main_variants:
+        g = exp.main_group(v)
+        if not g:
+            continue
+        for s in exp.rungs_of(v):
+            rs = [exp.rung(m, s) for m in g["members"]]
+            if not rs or any(r is None or _f(r.get("model_sparsity")) is None for r in rs):
+                continue
+            nz = sum(int(r.get("nonzero_weights") or 0) for r in rs)
+            tot = sum(int(r.get("total_weights") or 0) for r in rs)
+            rows.append([v, _sp(s), _sp(sum(_f(r["sparsity"]) for r in rs) / len(rs)),
+                         _sp(1 - nz / tot) if tot else "n/a", f"{nz:,}", f"{tot:,}"])
+    if not rows:
+        doc.p(f"**{NOT_RUN}** (members' rungs carry no whole-model counts: written by an older esdbs)")
+        return False
+    doc.table(["variant", "nominal", "pruned layers", "whole model", "nonzero weights", "weights"], rows,
+              "Stacks: summed over members (pruned-layer sparsity averaged). The paper states the nominal figure only.")
+    return True
+
+
+def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
+    """What the DBS schedule did in each DBS trial: the batch-size range and every logged decision."""
+    doc.h(2, "DBS decisions per trial", "dbs-decisions")
+    rows = []
+    for m in exp.members:
+        cfg = m.get("config") or {}
+        if cfg.get("schedule") != "dbs":
+            continue
+        hist = exp.history(m)
+        if not hist:
+            continue
+        bs = [int(h["batch_size"]) for h in hist]
+        top = max(bs)
+        first_top = next(h["epoch"] for h in hist if int(h["batch_size"]) == top)
+        decisions = "; ".join(f"e{h['epoch']}: {h['decision']}" for h in hist
+                              if h.get("decision") and not h["decision"].startswith(("warm-up", "lr phase: level")))
+        rows.append([m["member"], f"{bs[0]} -> {top} (epoch {first_top})", f"{max(h['lr'] for h in hist):.4g}",
+                     f"{max(h['momentum'] for h in hist):.4g}", decisions or "none"])
+    if not rows:
+        doc.p(f"**{NOT_RUN}** (no DBS trial with a per-epoch history in members/)")
+        return False
+    doc.table(["member", "B (first -> largest)", "max lr", "max m", "decisions (epoch: why)"], rows)
+    return True
+
+
 def _section_members(doc: Doc, exp: Experiment) -> None:
     doc.h(2, "Members", "members")
     if not exp.members:
@@ -1231,12 +1286,19 @@ def _section_members(doc: Doc, exp: Experiment) -> None:
         rungs = "; ".join(f"{_sp(float(r['target_sparsity']))}: {_fmt_pct(_f(r.get('test_accuracy')))}, "
                           f"{_n(_f(r.get('mean_epoch_seconds')), '{:.2f}')} s"
                           for r in m.get("rungs") or [] if _f(r.get("target_sparsity")) is not None)
+        last = (m.get("rungs") or [{}])[-1]
         rows.append([m.get("member"), m.get("group"), m.get("model"), ((m.get("config") or {}).get("conv")),
                      m.get("batch_size") or f"B0={((m.get('config') or {}).get('dbs') or {}).get('b0')}"
                      + (" DBS" if (m.get("config") or {}).get("schedule") == "dbs" else ""),
-                     m.get("epochs"), _n(_f(m.get("train_seconds")), "{:.1f}"), m.get("steps"), rungs])
-    doc.table(["member", "group", "model", "conv", "batch", "epochs", "train s", "steps", "rungs (test acc, s/epoch)"],
-              rows)
+                     m.get("epochs"), _n(_f(m.get("train_seconds")), "{:.1f}"), m.get("steps"),
+                     _sp(_f(last.get("sparsity"))) if _f(last.get("sparsity")) is not None else "n/a",
+                     _sp(_f(last.get("model_sparsity"))) if _f(last.get("model_sparsity")) is not None else "n/a",
+                     f"{last['nonzero_weights']:,}" if isinstance(last.get("nonzero_weights"), int) else "n/a", rungs])
+    doc.table(["member", "group", "model", "conv", "batch", "epochs", "train s", "steps", "pruned layers",
+               "whole model", "nonzero weights", "rungs (test acc, s/epoch)"], rows,
+              "Sparsity at the last rung: of the pruned 3x3 layers (the nominal figure) and of every learnable "
+              "parameter (stem, 1x1 convs, classifier and batch norms stay dense); a Winograd layer keeps 16/9 as many "
+              "nonzeros as the spatial layer it replaces at the same nominal sparsity (spec §3).")
 
 
 # ==================================================================================================
@@ -1286,6 +1348,8 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     figs["kernels"] = _section_kernels(doc, exp, out)
     figs["momentum"] = _section_momentum(doc, exp, out)
     figs["dbs_schedule"] = _section_dbs_trace(doc, exp, out)
+    decisions_ok = _section_dbs_decisions(doc, exp)
+    accounting_ok = _section_sparsity_accounting(doc, exp)
     _section_stacking(doc, exp)
     _section_members(doc, exp)
     if P:
@@ -1301,6 +1365,8 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "sparsity_table": "ok" if curves else NOT_RUN,
         "batch_table": "ok" if any(exp.sweep_cell(v, b) for v in SWEEP_VARIANTS for b in [*exp.sweep_batch_sizes(), "DBS"]) else NOT_RUN,
         "stacking": "ok" if exp.stackings else NOT_RUN,
+        "dbs_decisions": "ok" if decisions_ok else NOT_RUN,
+        "sparsity_accounting": "ok" if accounting_ok else NOT_RUN,
         **{f"figure:{k}": ("ok" if v else NOT_RUN) for k, v in figs.items()},
     }
     return {"out_dir": str(out), "markdown": str(md_path), "html": str(html_path), "figures": figs,

@@ -27,6 +27,15 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _k_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist",
                    help="fashion-mnist | cifar10 | cifar100 | imagefolder:<path> (default: fashion-mnist)")
@@ -37,25 +46,28 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+def _add_schedule_args(p: argparse.ArgumentParser, default_schedule: str = "fixed") -> None:
     g = p.add_argument_group("schedule (fixed batch or DBS; spec section 4)")
-    g.add_argument("--schedule", default="fixed", help="fixed | dbs")
+    g.add_argument("--schedule", default=default_schedule, help=f"fixed | dbs (default {default_schedule})")
     g.add_argument("--batch-size", type=int, default=None, help="fixed batch size, and B0 for DBS (default 128)")
     g.add_argument("--lr", type=float, default=None, help="eta0, the learning rate after warm-up (default 0.02)")
     g.add_argument("--lr-start", type=float, default=None, help="warm-up start learning rate (default 0.01)")
     g.add_argument("--momentum", type=float, default=None, help="m0 (default 0.9)")
     g.add_argument("--warmup-frac", type=float, default=None)
     g.add_argument("--double-every", type=int, default=None, help="DBS: n, epochs between LR doublings")
-    g.add_argument("--k", type=float, default=None, help="DBS: momentum ODE constant k")
+    g.add_argument("--k", type=_k_arg, default=None,
+                   help="DBS: momentum ODE constant k, or 'auto' (default: the critical k, m comes to rest at m_max)")
     g.add_argument("--v0", type=float, default=None, help="DBS: initial momentum velocity v0")
     g.add_argument("--m-max", type=float, default=None)
     g.add_argument("--bmax-cap", type=int, default=None)
+    g.add_argument("--fall-z", type=float, default=None,
+                   help="DBS: a fall must exceed this many standard errors of val accuracy (default 2)")
     g.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
 
 
 _SCHEDULE_FLAGS = {"batch_size": "b0", "lr": "lr0", "lr_start": "lr_start", "momentum": "m0",
                    "warmup_frac": "warmup_frac", "double_every": "double_every", "k": "k", "v0": "v0",
-                   "m_max": "m_max", "bmax_cap": "bmax_cap"}
+                   "m_max": "m_max", "bmax_cap": "bmax_cap", "fall_z": "fall_z"}
 
 
 def _dbs_config(args):
@@ -103,14 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_args(p)
     p.set_defaults(func=cmd_train_one)
 
-    p = sub.add_parser("dbs-plan", help="show the schedule a run would follow")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--train-size", type=int, required=True)
+    p = sub.add_parser("dbs-plan", help="show the schedule a run would follow (DBS unless --schedule fixed)")
+    p.add_argument("--epochs", type=int, required=True, help="dense epochs before the sparsity ladder")
+    p.add_argument("--train-size", type=int, required=True, help="images in the training split (N)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="images in the validation split, for the fall rule's standard error "
+                        "(default: the 10 %% split that goes with --train-size, i.e. N/9)")
+    p.add_argument("--sparsity-ladder", type=_floats, default=(), help="rungs, e.g. 0.2,0.3 (each restarts the plateau)")
+    p.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs per ladder rung")
     p.add_argument("--val-accuracy", type=_floats, default=None, help="scripted validation accuracies a1,a2,...")
     p.add_argument("--json", action="store_true", help="one JSON object per epoch")
     p.add_argument("--figure", default=None, metavar="PNG",
-                   help="also draw the momentum curves for this config's v0, m0, m_max (paper Fig. 5b)")
-    _add_schedule_args(p)
+                   help="also draw η, m and B over epochs and the momentum ODE curve (a new file)")
+    _add_schedule_args(p, default_schedule="dbs")
     p.set_defaults(func=cmd_dbs_plan)
 
     p = sub.add_parser("run", help="the whole method on Ray Tune: base members -> stacking (-> DBS search)")
@@ -213,8 +230,14 @@ def cmd_dbs_search(args) -> int:
                         subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
     init_ray(args.address, args.num_cpus)
     record = run_dbs_search(cfg, out, data, progress=not args.quiet)
+    print(f"{'last-epoch val':>14} {'epochs':>6} {'train s':>8} {'steps':>7}  front  constants")
+    for t in sorted(record["trials"], key=lambda t: t["train_seconds"] or 0.0):
+        mark = "*" if t.get("pareto") else ("stopped" if not t["completed"] else "")
+        print(f"{t['val_accuracy']:14.4f} {t['epochs']:6d} {t['train_seconds'] or 0:8.1f} {t['total_steps'] or 0:7d}  "
+              f"{mark:>5}  {json.dumps(t['config'])}")
     print(json.dumps(record["constants"], indent=2))
-    print(f"best val accuracy {record['best_val_accuracy']:.4f}; constants -> {out}/dbs_constants.json "
+    print(f"best last-epoch val accuracy {record['best_val_accuracy']:.4f} ({record['best_train_seconds']:.1f} s); "
+          f"trade-off figure -> {out}/dbs_search.png; constants -> {out}/dbs_constants.json "
           f"(reuse: esdbs run --dbs-constants {out}/dbs_constants.json)")
     return 0
 
@@ -273,18 +296,36 @@ def cmd_dbs_plan(args) -> int:
 
     kind = args.schedule
     cfg = _dbs_config(args)
-    rows = plan(cfg, epochs=args.epochs, train_size=args.train_size, kind=kind, batch_size=cfg.b0,
-                val_accuracies=list(args.val_accuracy) if args.val_accuracy else None)
+    for flag in ("epochs", "train_size", "val_size", "retrain_epochs"):
+        v = getattr(args, flag)
+        if v is not None and v < (0 if flag in ("epochs", "retrain_epochs") else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {0 if flag in ('epochs', 'retrain_epochs') else 1}, got {v}")
+    ladder = tuple(args.sparsity_ladder)
+    if ladder and args.retrain_epochs < 1:
+        raise ValueError("--retrain-epochs must be >= 1 with a --sparsity-ladder")
+    total = args.epochs + len(ladder) * args.retrain_epochs
+    if total < 1:
+        raise ValueError("nothing to plan: --epochs and the ladder give 0 epochs")
+    val_size = args.val_size if args.val_size is not None else max(1, round(args.train_size / 9))
+    if args.figure and Path(args.figure).exists():
+        raise ValueError(f"--figure {args.figure}: the file exists; choose a new path (nothing is overwritten)")
+    rows = plan(cfg, epochs=total, train_size=args.train_size, kind=kind, batch_size=cfg.b0,
+                val_accuracies=list(args.val_accuracy) if args.val_accuracy else None, val_size=val_size,
+                rung_starts=[args.epochs + i * args.retrain_epochs for i in range(len(ladder))])
     if args.json:
         for r in rows:
             print(json.dumps(r))
     else:
+        print(f"{kind} schedule: {total} epochs, N = {args.train_size}, {val_size} validation images "
+              f"(a fall must exceed {cfg.fall_z:g} SE), k = {cfg.k_value:.4g}")
         print(format_plan(rows))
     if args.figure:
-        from .dbs import plot_momentum_curves
+        from .dbs import plot_plan
 
-        print(f"momentum curves -> {plot_momentum_curves(args.figure, v0=cfg.v0, m0=cfg.m0, m_max=cfg.m_max)}",
-              file=sys.stderr if args.json else sys.stdout)
+        title = f"{kind}: N={args.train_size}, n_val={val_size}, B0={cfg.b0}, k={cfg.k_value:.4g}"
+        path = plot_plan(rows, args.figure, title=title, k=cfg.k_value if kind == "dbs" else None,
+                         v0=cfg.v0, m0=cfg.m0, m_max=cfg.m_max)
+        print(f"figure -> {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

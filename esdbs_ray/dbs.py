@@ -22,6 +22,11 @@ k ≤ v0² / (2 ln((1 − m0)/(1 − m_max))) (≈ 0.054 for m_max = 0.99).  We 
 fixed step of 1e-4 in proportion-of-epochs units), keep m non-decreasing (hold at the turning point,
 y' ≥ 0) and cap it at m_max; k = 0 gives the straight line m = m0 + v0 t.
 
+**Default k.**  The paper's k = 1.6 (in "proportion of epochs" time) moves B by less than one step
+of 32, so the momentum phase does nothing.  ``k = "auto"`` takes the critical k for (v0, m0, m_max), at
+which the ODE's turning point is exactly m_max: m comes to rest at m_max, at proportion ≈ 0.26 of the
+epochs for the defaults (k = 0 reaches it at 0.18).
+
 Phases (the closed set :data:`PHASES`):
 
 ``warmup``    η rises linearly from ``lr_start`` to ``lr0`` over W = round(warmup_frac · epochs)
@@ -30,8 +35,11 @@ Phases (the closed set :data:`PHASES`):
               after the warm-up is the first at η0); B = B0, m = m0.
 ``lr``        η doubles every ``double_every`` epochs, m = m0, B by the formula.
 ``momentum``  η fixed, m follows the ODE, B by the formula.
-``hold``      nothing rises any more (scaling ended); only the plateau rule changes η (B follows).
+``hold``      nothing rises any more (scaling ended); only the plateau rule changes η, and B stays.
 ``fixed``     the fixed-batch baselines after their warm-up: η0 (plateau-decayed), m0, constant B.
+
+Every epoch's plan carries a ``decision``: why its values are what they are (a doubling, a dip being
+confirmed, a fall, Bmax, a plateau, a rung start, the guard); the trainer logs it per epoch.
 
 Decisions where the spec leaves room (each also marked in the code):
 
@@ -39,10 +47,16 @@ Decisions where the spec leaves room (each also marked in the code):
   Round to an integer first could double-round), so the noise scale is off by at most step / (2B).
   Bmin and Bmax are themselves multiples of ``step`` (``b0`` and ``bmin`` are validated to be, Bmax is
   rounded down), so the result stays inside [Bmin, Bmax].
-* **LR-phase fall**: "the last value that did not lower it" is the previous η *level*: a fall at any
-  epoch of level η (val accuracy below the best so far) sends η back to η/2 (or keeps η0 if no doubling
-  happened yet).  The momentum phase obeys the same rule (paper: "increase ... until validation
-  accuracy falls"): a fall sends m back to the previous epoch's m and ends the phase (→ ``hold``).
+* **LR-phase fall** (spec §4.2): judged once per level, on the level's last epoch: a fall is that
+  epoch's val accuracy below the previous level's best by more than ``fall_z`` standard errors,
+  SE = sqrt(a (1 − a) / n_val) at a = that best.  A level of one epoch (n = 1) whose epoch dips is
+  not judged on it alone: it gets one more epoch at the same η, and only a second dip is a fall.  A
+  fall sends η back to the previous level and the momentum phase follows.  The first level (η0) has
+  no previous level and is never judged.  The validation size comes from the trainer (``val_size``);
+  without it SE = 0 (any dip counts), as in ``plan()`` when no size is given.
+* **Momentum-phase fall**: every momentum epoch is an increase, so one epoch below best − z·SE does
+  not count alone; two in a row are a fall: m goes back to its value before the first of them and
+  scaling ends (→ ``hold``).
 * **Reaching Bmax**: a step whose formula batch would exceed Bmax is shortened to the η (or m) that
   gives exactly Bmax, so the noise scale is still kept; that phase then ends.  In the LR phase the
   last level still runs its n epochs under the fall rule (a fall sends η back and the momentum phase
@@ -50,10 +64,14 @@ Decisions where the spec leaves room (each also marked in the code):
 * **Momentum time**: the first momentum epoch is t = 0 (m = m0); epoch e uses
   t = (e − start) / epochs.  The phase ends (→ ``hold``) when m stops rising (turning point or
   m_max) or B reaches Bmax.
-* **Plateau** (no improvement of val accuracy for ``plateau_patience`` epochs; "improve" = strictly
-  above the best): η *= plateau_factor, the counter resets, and any phase still raising things
-  (warmup/lr/momentum) ends → ``hold`` (``fixed`` for the baselines): raising η again after a decay
-  would undo it.
+* **Plateau** (spec §4.5; no improvement of val accuracy for ``plateau_patience`` epochs; "improve" =
+  strictly above the best): η *= plateau_factor, **B stays**, the counter resets, and any phase still
+  raising things (warmup/lr/momentum) ends → ``hold`` (``fixed`` for the baselines): raising η again
+  after a decay would undo it.
+* **Pruning rungs** (``rung_starts``, spec §4.5): scaling happens in the dense phase only -- at the
+  first rung anything still rising stops where it is (a pruning step's dip would read as a fall) --
+  and every rung starts at the same η, the one the dense phase ended with, with the plateau's best
+  and patience restarted: a pruned model is compared with itself, not with the dense best.
 * **Divergence guard** (ours, spec §4.6): :meth:`step` returns True — restore the snapshot — when the
   loss was non-finite (any epoch: the weights are unusable), when the val accuracy is NaN, or when the
   epoch ran with raised values (``increase``) and its val accuracy is ≥ ``collapse_drop`` below the
@@ -95,12 +113,15 @@ __all__ = [
     "formula_batch",
     "plan",
     "format_plan",
+    "plot_plan",
+    "plot_search",
+    "val_standard_error",
     "plot_momentum_curves",
 ]
 
 PHASES = ("warmup", "lr", "momentum", "hold", "fixed")
 SCHEDULE_KINDS = ("dbs", "fixed")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: fall tolerance, rung restarts, B stays on a plateau
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -141,19 +162,24 @@ class DBSConfig:
     bmax_cap: int = 1024  # user cap on Bmax
     warmup_frac: float = 0.1
     double_every: int = 2  # n: LR doubles every n epochs in the LR phase
-    k: float = 1.6
+    # "auto": the critical k for (v0, m0, m_max), at which m comes to rest exactly at m_max (spec §4.3):
+    # the paper's k = 1.6 tops m out at 0.9075, less than one 32-step of B.  A number overrides it.
+    k: float | str = "auto"
     v0: float = 0.5
     m_max: float = 0.99
     plateau_patience: int = 5
     plateau_factor: float = 0.1
     step: int = 32  # Stepwise multiple
     collapse_drop: float = 0.1  # absolute val-accuracy drop right after an increase = collapse
+    fall_z: float = 2.0  # a fall must exceed this many standard errors of the val estimate (spec §4.2)
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # frozen: normalise types in place
-        for name in ("lr_start", "lr0", "m0", "warmup_frac", "k", "v0", "m_max", "plateau_factor",
-                     "collapse_drop"):
+        for name in ("lr_start", "lr0", "m0", "warmup_frac", "v0", "m_max", "plateau_factor",
+                     "collapse_drop", "fall_z"):
             set_(name, _as_float(name, getattr(self, name)))
+        if self.k != "auto":
+            set_("k", _as_float("k", self.k))
         for name in ("b0", "bmax_cap", "double_every", "plateau_patience", "step"):
             set_(name, _as_int(name, getattr(self, name)))
         if self.bmin is not None:
@@ -180,8 +206,10 @@ class DBSConfig:
             raise _bad("warmup_frac", self.warmup_frac, "must be in [0, 1)")
         if self.double_every < 1:
             raise _bad("double_every", self.double_every, "must be >= 1")
-        if self.k < 0:
-            raise _bad("k", self.k, "must be >= 0")
+        if self.k != "auto" and self.k < 0:
+            raise _bad("k", self.k, "must be 'auto' or a number >= 0")
+        if self.fall_z < 0:
+            raise _bad("fall_z", self.fall_z, "must be >= 0 (0: any dip below the previous best is a fall)")
         if self.v0 < 0:
             raise _bad("v0", self.v0, "must be >= 0 (momentum never decreases)")
         if self.plateau_patience < 1:
@@ -194,6 +222,11 @@ class DBSConfig:
     @property
     def bmin_eff(self) -> int:
         return self.b0 if self.bmin is None else self.bmin
+
+    @property
+    def k_value(self) -> float:
+        """k as a number: "auto" is :func:`critical_k` (v0, m0, m_max)."""
+        return critical_k(self.v0, self.m0, self.m_max) if self.k == "auto" else float(self.k)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DBSConfig":
@@ -253,6 +286,7 @@ class EpochPlan:
     batch_size: int
     phase: str
     increase: bool
+    decision: str = ""  # why this epoch's values are what they are ("" when nothing changed)
 
     def noise_scale(self, train_size: int) -> float:
         return noise_scale(self.lr, self.momentum, self.batch_size, train_size)
@@ -401,119 +435,172 @@ def momentum_curve(k: float, v0: float, m0: float, m_max: float, proportions: np
 # Schedules
 # ----------------------------------------------------------------------------------------------
 
+_RAISING = ("warmup", "lr", "momentum")  # phases in which something may still rise
+
+
+def val_standard_error(accuracy: float, val_size: int | None) -> float:
+    """SE of a validation accuracy ``a`` measured on ``n`` images, sqrt(a (1 − a) / n) (0 if n unknown).
+
+    The fall rule (spec §4.2) tolerates dips within ``fall_z`` of these: at 900 images and a = 0.85 one
+    SE is 1.2 points, at 6,000 images 0.46 -- a zero-tolerance rule ends the LR phase on noise."""
+    if not val_size:
+        return 0.0
+    a = min(max(float(accuracy), 0.0), 1.0)
+    return math.sqrt(a * (1.0 - a) / val_size)
+
 
 class _Schedule:
-    """Shared machinery: warm-up, plateau rule, divergence guard, state dict.
+    """Shared machinery: warm-up, rung restarts, plateau rule, divergence guard, state dict.
 
     Mutable state lives in ``self._s`` (a flat dict of JSON types), so ``state_dict`` is a copy of it and
-    the plan for the current epoch is stored, not recomputed: :meth:`plan` is idempotent."""
+    the plan for the current epoch is stored, not recomputed: :meth:`plan` is idempotent.  ``decision``
+    says why the current epoch's values are what they are (empty when nothing changed)."""
 
     kind = ""
     _guard_end: dict[str, str] = {}  # phase -> phase that follows when the guard ends it
-    _plateau_end = "hold"  # phase that follows when a plateau decay ends a raising phase
+    _settled = "hold"  # the phase once nothing rises any more (plateau, rung start, ...)
 
-    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int) -> None:
+    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None = None,
+                 rung_starts: Sequence[int] = ()) -> None:
         if not isinstance(cfg, DBSConfig):
             raise ValueError(f"cfg must be a DBSConfig, got {type(cfg).__name__}")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs={epochs!r}: must be an integer >= 1")
-        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
-            raise ValueError(f"train_size={train_size!r}: must be an integer >= 1")
+        for name, v in (("epochs", epochs), ("train_size", train_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an integer >= 1")
+        if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
+            raise ValueError(f"val_size={val_size!r}: must be None or an integer >= 1")
+        starts = [int(e) for e in rung_starts]
+        if starts != sorted(set(starts)) or any(not 0 <= e < epochs for e in starts):
+            raise ValueError(f"rung_starts={list(rung_starts)!r}: must be increasing epochs in [0, {epochs})")
         self.cfg = cfg
         self.epochs = epochs
         self.train_size = train_size
+        self.val_size = val_size
+        self.rung_starts = tuple(starts)
         # Warm-up length: round half up, possibly 0.
         self.warmup_epochs = _round_half_up(cfg.warmup_frac * epochs)
         self.notes: list[str] = []
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _batch(self, phase: str, lr: float, m: float) -> int:
+    def _formula(self, lr: float, m: float) -> int:
         raise NotImplementedError
 
-    def _enter_after_warmup(self, e: int) -> tuple[str, float, float]:
-        """(phase, lr, m) of the first epoch after the warm-up (epoch e)."""
+    def _after_warmup(self) -> tuple[str, float, float, int, str]:
+        """(phase, lr, m, batch, decision) of the first epoch after the warm-up."""
         raise NotImplementedError
 
-    def _phase_step(self, fell: bool) -> tuple[str, float, float]:
-        """(phase, lr, m) for the next epoch when the current one is in a post-warm-up phase."""
-        return self._s["phase"], self._s["lr"], self._s["m"]
+    def _phase_step(self, val: float, last_scaling_epoch: bool) -> tuple[str, float, float, int, str]:
+        """(phase, lr, m, batch, decision) for the next epoch after one in a post-warm-up phase."""
+        s = self._s
+        return s["phase"], s["lr"], s["m"], s["batch"], ""
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Subclass state fields (JSON types)."""
+        return {}
 
     # -- common --------------------------------------------------------------------------------
     def _warmup_lr(self, e: int) -> float:
         cfg = self.cfg
         return cfg.lr_start + (cfg.lr0 - cfg.lr_start) * e / self.warmup_epochs
 
-    def _extra_state(self) -> dict[str, Any]:
-        """Subclass state fields (JSON types)."""
-        return {}
+    def _se(self, accuracy: float) -> float:
+        return val_standard_error(accuracy, self.val_size)
 
     def _init_state(self) -> None:
-        self._s = {"epoch": 0, "best": None, "bad_epochs": 0, **self._extra_state()}
-        if self.warmup_epochs > 0:
-            phase, lr, m = "warmup", self._warmup_lr(0), self.cfg.m0
+        self._s = {"epoch": 0, "best": None, "bad_epochs": 0, "rung": -1, "rung_lr": None, **self._extra_state()}
+        if self.rung_starts[:1] == (0,):  # no dense epochs: nothing to scale, the ladder starts at once
+            phase, lr, m, batch = self._settled, self.cfg.lr0, self.cfg.m0, self._formula(self.cfg.lr0, self.cfg.m0)
+            self._s.update(rung=0, rung_lr=lr)
+            decision = "no dense epochs: the ladder starts at lr0"
+        elif self.warmup_epochs > 0:
+            phase, lr, m, batch = "warmup", self._warmup_lr(0), self.cfg.m0, self._formula(self.cfg.lr0, self.cfg.m0)
+            decision = f"warm-up 1/{self.warmup_epochs}"
         else:
-            phase, lr, m = self._enter_after_warmup(0)
-        self._s.update(
-            phase=phase, lr=lr, m=m, batch=self._batch(phase, lr, m),
-            increase=True,  # epoch 0: so the trainer always has a snapshot to restore
-            pre_lr=lr, pre_m=m,  # values before the most recent increase (epoch 0: its own)
-        )
+            phase, lr, m, batch, decision = self._after_warmup()
+        self._s.update(phase=phase, lr=lr, m=m, batch=batch, decision=decision,
+                       increase=True,  # epoch 0: so the trainer always has a snapshot to restore
+                       pre_lr=lr, pre_m=m, pre_batch=batch)  # values before the most recent increase
 
     def plan(self) -> EpochPlan:
         s = self._s
         return EpochPlan(epoch=s["epoch"], lr=s["lr"], momentum=s["m"], batch_size=s["batch"],
-                         phase=s["phase"], increase=s["increase"])
+                         phase=s["phase"], increase=s["increase"], decision=s["decision"])
 
     def step(self, val_accuracy: float, loss_finite: bool = True) -> bool:
         """End of the current epoch: feed its val accuracy; advance. True = restore the snapshot."""
-        s = self._s
+        s, cfg = self._s, self.cfg
         val = float(val_accuracy)
         best = s["best"]
-        collapse = (s["increase"] and best is not None
-                    and val <= best - self.cfg.collapse_drop + 1e-12)
+        cur = (s["lr"], s["m"], s["batch"])
+        nxt = s["epoch"] + 1
+        collapse = s["increase"] and best is not None and val <= best - cfg.collapse_drop + 1e-12
         guard = (not loss_finite) or math.isnan(val) or collapse
-        cur_lr, cur_m, cur_b = s["lr"], s["m"], s["batch"]
         if guard:
             # Back to the values before the most recent increase, never above the current ones (a
             # plateau decay since then stays); the epoch is void for best and the plateau counter.
-            lr, m = min(cur_lr, s["pre_lr"]), min(cur_m, s["pre_m"])
-            if lr == cur_lr and m == cur_m:
-                lr *= self.cfg.plateau_factor  # nothing left to undo: do not replay the divergence
+            lr, m, batch = min(cur[0], s["pre_lr"]), min(cur[1], s["pre_m"]), min(cur[2], s["pre_batch"])
+            if (lr, m) == cur[:2]:
+                lr *= cfg.plateau_factor  # nothing left to undo: do not replay the divergence
             phase = self._guard_end.get(s["phase"], s["phase"])
-            self._on_guard(phase)
+            if phase == "momentum" and s["phase"] != "momentum":
+                self._start_momentum(nxt)
+            why = ("non-finite loss" if not loss_finite else "NaN val accuracy" if math.isnan(val)
+                   else f"val {val:.4f} collapsed from best {best:.4f} after an increase")
+            decision = f"guard: {why} -> weights restored; lr {lr:.4g}, m {m:.4g}, B {batch}"
         else:
-            fell = best is not None and val < best
             if best is None or val > best:
                 s["best"], s["bad_epochs"] = val, 0
             else:
                 s["bad_epochs"] += 1
-            if s["phase"] == "warmup":
-                if s["epoch"] + 1 < self.warmup_epochs:
-                    phase, lr, m = "warmup", self._warmup_lr(s["epoch"] + 1), cur_m
-                else:
-                    phase, lr, m = self._enter_after_warmup(s["epoch"] + 1)
+            last_scaling = bool(self.rung_starts) and nxt == self.rung_starts[0]
+            if s["phase"] == "warmup" and nxt < self.warmup_epochs:
+                phase, lr, m, batch = "warmup", self._warmup_lr(nxt), cur[1], cur[2]
+                decision = f"warm-up {nxt + 1}/{self.warmup_epochs}"
+            elif s["phase"] == "warmup":
+                phase, lr, m, batch, decision = self._after_warmup()
             else:
-                phase, lr, m = self._phase_step(fell)
-            if s["bad_epochs"] >= self.cfg.plateau_patience:
-                # Plateau: decay η (B follows the formula, >= Bmin); stop raising anything.
-                lr *= self.cfg.plateau_factor
+                phase, lr, m, batch, decision = self._phase_step(val, last_scaling)
+            if s["bad_epochs"] >= cfg.plateau_patience:
+                # Plateau (spec §4.5): nothing rises, η decays, B stays -- the noise scale falls as it
+                # does for a fixed batch, so DBS and fixed-batch runs anneal alike.
+                lr, m, batch = min(lr, cur[0]) * cfg.plateau_factor, min(m, cur[1]), min(batch, cur[2])
                 s["bad_epochs"] = 0
-                if phase in ("warmup", "lr", "momentum"):
-                    phase = self._plateau_end
-        batch = self._batch(phase, lr, m)
-        increase = lr > cur_lr * (1 + 1e-12) or m > cur_m + 1e-15 or batch > cur_b
+                if phase in _RAISING:
+                    phase = self._settled
+                decision = (f"plateau: no improvement on {s['best']:.4f} for {cfg.plateau_patience} epochs "
+                            f"-> lr x{cfg.plateau_factor:g} = {lr:.4g}, B stays {batch}")
+        if nxt in self.rung_starts:
+            phase, lr, m, batch, decision = self._start_rung(nxt, phase, lr, m, batch, cur, decision)
+        increase = lr > cur[0] * (1 + 1e-12) or m > cur[1] + 1e-15 or batch > cur[2]
         if increase:
-            s["pre_lr"], s["pre_m"] = cur_lr, cur_m
-        s.update(epoch=s["epoch"] + 1, phase=phase, lr=lr, m=m, batch=batch, increase=increase)
+            s["pre_lr"], s["pre_m"], s["pre_batch"] = cur
+        s.update(epoch=nxt, phase=phase, lr=lr, m=m, batch=batch, increase=increase, decision=decision)
         return guard
 
-    def _on_guard(self, new_phase: str) -> None:
+    def _start_rung(self, e: int, phase: str, lr: float, m: float, batch: int, cur: tuple, decision: str):
+        """A pruning rung starts at epoch ``e`` (spec §4.5): scaling is over (nothing rises across a
+        pruning step: the pruned model's dip would read as a fall), every rung starts at the same η --
+        the one the dense phase ended with -- and the plateau's best and patience restart, so a pruned
+        model is compared with itself and the ladder measures pruning, not learning-rate decay."""
+        s = self._s
+        i = self.rung_starts.index(e)
+        was_raising = phase in _RAISING
+        if was_raising:
+            lr, m, batch, phase = min(lr, cur[0]), min(m, cur[1]), min(batch, cur[2]), self._settled
+        if s["rung_lr"] is None:
+            s["rung_lr"] = lr
+        s.update(rung=i, best=None, bad_epochs=0)
+        note = (f"rung {i + 1}: {'scaling over, ' if was_raising else ''}plateau restarted, "
+                f"lr {s['rung_lr']:.4g}, m {m:.4g}, B {batch}")
+        return phase, s["rung_lr"], m, batch, (decision + "; " if decision else "") + note
+
+    def _start_momentum(self, e: int) -> None:
         pass
 
     # -- persistence ---------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.cfg.to_dict(), "epochs": self.epochs,
-                "train_size": self.train_size}
+                "train_size": self.train_size, "val_size": self.val_size, "rung_starts": list(self.rung_starts)}
 
     def state_dict(self) -> dict[str, Any]:
         d = self._identity()
@@ -522,7 +609,8 @@ class _Schedule:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("version") != _STATE_VERSION:
-            raise ValueError(f"schedule state version {d.get('version')!r}, expected {_STATE_VERSION}")
+            raise ValueError(f"schedule state version {d.get('version')!r}, expected {_STATE_VERSION} "
+                             "(written by an older esdbs: start the run again)")
         mine = self._identity()
         for key, value in mine.items():
             theirs = d.get(key)
@@ -551,14 +639,16 @@ class _Schedule:
 class DBSSchedule(_Schedule):
     """The dynamic-batch-size schedule (spec §4): warm-up → lr → momentum → hold, plateau throughout.
 
-    ``bmax_memory``: the largest batch that fits in accelerator memory, when known."""
+    ``val_size``: images in the validation split (the fall rule's standard error); ``rung_starts``:
+    first epochs of the pruning rungs; ``bmax_memory``: the largest batch that fits in accelerator
+    memory, when known."""
 
     kind = "dbs"
     _guard_end = {"warmup": "hold", "lr": "momentum", "momentum": "hold"}
 
-    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int,
-                 bmax_memory: int | None = None) -> None:
-        super().__init__(cfg, epochs=epochs, train_size=train_size)
+    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None = None,
+                 rung_starts: Sequence[int] = (), bmax_memory: int | None = None) -> None:
+        super().__init__(cfg, epochs=epochs, train_size=train_size, val_size=val_size, rung_starts=rung_starts)
         if bmax_memory is not None and (isinstance(bmax_memory, bool) or not isinstance(bmax_memory, int)
                                         or bmax_memory < 1):
             raise ValueError(f"bmax_memory={bmax_memory!r}: must be None or an integer >= 1")
@@ -572,14 +662,13 @@ class DBSSchedule(_Schedule):
             self.notes.append(f"Bmax={bmax} from {limits} is below Bmin={self.bmin}; clamped to Bmin")
             bmax = self.bmin
         self.bmax = bmax
+        self.k = cfg.k_value
         self._init_state()
 
     def _after_load(self) -> None:
         self.bmax = int(self._s["bmax"])  # the run keeps the Bmax it started with
 
-    def _batch(self, phase: str, lr: float, m: float) -> int:
-        if phase == "warmup":
-            return self.cfg.b0
+    def _formula(self, lr: float, m: float) -> int:
         return formula_batch(self.cfg, lr, m, self.bmax)
 
     def _lr_at_bmax(self, m: float) -> float:
@@ -594,68 +683,100 @@ class DBSSchedule(_Schedule):
         return {"bmax": self.bmax,
                 "level_epochs": 0,  # LR phase: epochs finished at the current η level
                 "prev_level_lr": None,  # LR phase: the level before the last doubling
+                "prev_level_best": None,  # LR phase: best val accuracy of that level
+                "level_best": None,  # LR phase: best val accuracy of the current level
                 "mom_start": None,  # momentum phase: its first epoch (t = 0)
-                "mom_prev_m": None}  # momentum phase: m of the epoch before the current one
+                "mom_prev_m": None,  # momentum phase: m of the epoch before the current one
+                "mom_dips": 0,  # momentum phase: consecutive epochs below best - z SE
+                "mom_safe_m": None}  # momentum phase: m before the first of those epochs
 
-    def _enter_after_warmup(self, e: int) -> tuple[str, float, float]:
-        self._s.update(level_epochs=0, prev_level_lr=None)
-        return "lr", self.cfg.lr0, self.cfg.m0
+    def _after_warmup(self) -> tuple[str, float, float, int, str]:
+        cfg = self.cfg
+        self._s.update(level_epochs=0, prev_level_lr=None, prev_level_best=None, level_best=None)
+        return "lr", cfg.lr0, cfg.m0, self._formula(cfg.lr0, cfg.m0), f"lr phase: level lr0 {cfg.lr0:g}"
 
     def _start_momentum(self, e: int) -> None:
-        self._s.update(mom_start=e, mom_prev_m=None)
+        self._s.update(mom_start=e, mom_prev_m=None, mom_dips=0, mom_safe_m=None)
 
-    def _on_guard(self, new_phase: str) -> None:
-        if new_phase == "momentum" and self._s["phase"] != "momentum":
-            self._start_momentum(self._s["epoch"] + 1)
-
-    def _phase_step(self, fell: bool) -> tuple[str, float, float]:
+    def _phase_step(self, val: float, last_scaling_epoch: bool) -> tuple[str, float, float, int, str]:
         s, cfg = self._s, self.cfg
-        e, phase, lr, m = s["epoch"], s["phase"], s["lr"], s["m"]
+        e, phase, lr, m, batch = s["epoch"], s["phase"], s["lr"], s["m"], s["batch"]
+        z = cfg.fall_z
         if phase == "lr":
+            # A fall is judged once per level, on the level's last epoch, against the previous level's
+            # best minus z standard errors; the first epoch after an increase does not count alone
+            # (a doubling of η causes a transient dip of its own), so a level of one epoch that dips is
+            # given one more epoch to confirm it.
             s["level_epochs"] += 1
-            if fell:
+            s["level_best"] = val if s["level_best"] is None else max(s["level_best"], val)
+            ref = s["prev_level_best"]
+            bar = None if ref is None else ref - z * self._se(ref)
+            dipped = bar is not None and val < bar
+            if s["level_epochs"] < cfg.double_every and not last_scaling_epoch:
+                return "lr", lr, m, batch, ""
+            if dipped and s["level_epochs"] == 1:
+                if last_scaling_epoch:
+                    return "lr", lr, m, batch, ""  # one dip is not a fall; the rung start ends scaling
+                return "lr", lr, m, batch, (f"lr phase: val {val:.4f} < {bar:.4f} (best of lr {s['prev_level_lr']:.4g}"
+                                            f" {ref:.4f} - {z:g} SE) on the first epoch after the increase: "
+                                            "one more epoch at this level to confirm")
+            if dipped:
                 # Back to the last level that did not lower val accuracy; the momentum phase follows.
-                if s["prev_level_lr"] is not None:
-                    lr = s["prev_level_lr"]
+                back = s["prev_level_lr"]
                 self._start_momentum(e + 1)
-                return "momentum", lr, m
-            if s["level_epochs"] < cfg.double_every:
-                return "lr", lr, m
-            if s["batch"] >= self.bmax:
-                return "hold", lr, m  # this level reached Bmax: no room for the momentum phase
+                return "momentum", back, m, self._formula(back, m), (
+                    f"fall: val {val:.4f} < {bar:.4f} (best of lr {back:.4g} {ref:.4f} - {z:g} SE) at lr "
+                    f"{lr:.4g} -> back to lr {back:.4g}; momentum phase")
+            if last_scaling_epoch:
+                return "lr", lr, m, batch, ""
+            if batch >= self.bmax:
+                return "hold", lr, m, batch, f"Bmax {self.bmax} reached at lr {lr:.4g}: scaling ends"
             new_lr = 2.0 * lr
             if _raw_batch(cfg, new_lr, m) > self.bmax:
                 new_lr = self._lr_at_bmax(m)  # shorten the step to land exactly on Bmax
-            s.update(prev_level_lr=lr, level_epochs=0)
-            return "lr", new_lr, m
+            s.update(prev_level_lr=lr, prev_level_best=s["level_best"], level_best=None, level_epochs=0)
+            new_b = self._formula(new_lr, m)
+            return "lr", new_lr, m, new_b, (f"lr x{new_lr / lr:.3g} -> {new_lr:.4g}, B {new_b} (level {lr:.4g} "
+                                            f"held: best {s['prev_level_best']:.4f})")
         if phase == "momentum":
-            if fell:
-                if s["mom_prev_m"] is not None:
-                    m = s["mom_prev_m"]
-                return "hold", lr, m
-            if s["batch"] >= self.bmax:
-                return "hold", lr, m  # B reached Bmax
+            best = s["best"]
+            bar = best - z * self._se(best)
+            if val < bar:
+                s["mom_dips"] += 1
+                if s["mom_dips"] == 1:
+                    s["mom_safe_m"] = s["mom_prev_m"] if s["mom_prev_m"] is not None else m
+            else:
+                s["mom_dips"], s["mom_safe_m"] = 0, None
+            if s["mom_dips"] >= 2:  # two epochs in a row: a fall, not one epoch's transient
+                back = s["mom_safe_m"]
+                return "hold", lr, back, self._formula(lr, back), (
+                    f"fall: val {val:.4f} < {bar:.4f} (best {best:.4f} - {z:g} SE) twice -> m back to "
+                    f"{back:.4g}; scaling ends")
+            if batch >= self.bmax:
+                return "hold", lr, m, batch, f"Bmax {self.bmax} reached at m {m:.4g}: scaling ends"
             t = (e + 1 - s["mom_start"]) / self.epochs
-            new_m = momentum_at(t, cfg.k, cfg.v0, cfg.m0, cfg.m_max)
+            new_m = momentum_at(t, self.k, cfg.v0, cfg.m0, cfg.m_max)
             if new_m <= m:
-                return "hold", lr, m  # the curve has stopped rising (turning point or m_max)
+                return "hold", lr, m, batch, f"momentum stopped rising at m {m:.4g}: scaling ends"
             if _raw_batch(cfg, lr, new_m) > self.bmax:
                 new_m = max(m, self._m_at_bmax(lr))  # shorten the step to land exactly on Bmax
             s["mom_prev_m"] = m
-            return "momentum", lr, new_m
-        return phase, lr, m  # hold
+            new_b = self._formula(lr, new_m)
+            return "momentum", lr, new_m, new_b, f"m {m:.4g} -> {new_m:.4g}, B {new_b}"
+        return phase, lr, m, batch, ""  # hold: nothing rises; B stays
 
 
 class FixedSchedule(_Schedule):
-    """The fixed-batch baselines (B in {64, ..., 1024}): same warm-up, then η0 at m0, plateau rule,
-    constant B; the guard still fires on a non-finite loss."""
+    """The fixed-batch baselines (B in {64, ..., 1024}): same warm-up, then η0 at m0, plateau rule and
+    rung restarts, constant B; the guard still fires on a non-finite loss."""
 
     kind = "fixed"
     _guard_end = {"warmup": "fixed"}
-    _plateau_end = "fixed"
+    _settled = "fixed"
 
-    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int, batch_size: int) -> None:
-        super().__init__(cfg, epochs=epochs, train_size=train_size)
+    def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int, batch_size: int,
+                 val_size: int | None = None, rung_starts: Sequence[int] = ()) -> None:
+        super().__init__(cfg, epochs=epochs, train_size=train_size, val_size=val_size, rung_starts=rung_starts)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.batch_size = batch_size
@@ -666,22 +787,25 @@ class FixedSchedule(_Schedule):
         d["batch_size"] = self.batch_size
         return d
 
-    def _batch(self, phase: str, lr: float, m: float) -> int:
+    def _formula(self, lr: float, m: float) -> int:
         return self.batch_size
 
-    def _enter_after_warmup(self, e: int) -> tuple[str, float, float]:
-        return "fixed", self.cfg.lr0, self.cfg.m0
+    def _after_warmup(self) -> tuple[str, float, float, int, str]:
+        return "fixed", self.cfg.lr0, self.cfg.m0, self.batch_size, f"lr0 {self.cfg.lr0:g}, fixed B {self.batch_size}"
 
 
-def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int,
-                   batch_size: int | None = None, bmax_memory: int | None = None) -> _Schedule:
+def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None = None,
+                   rung_starts: Sequence[int] = (), batch_size: int | None = None,
+                   bmax_memory: int | None = None) -> _Schedule:
     """``kind`` "dbs" -> :class:`DBSSchedule`; "fixed" -> :class:`FixedSchedule` (needs batch_size)."""
     if kind == "dbs":
-        return DBSSchedule(cfg, epochs=epochs, train_size=train_size, bmax_memory=bmax_memory)
+        return DBSSchedule(cfg, epochs=epochs, train_size=train_size, val_size=val_size, rung_starts=rung_starts,
+                           bmax_memory=bmax_memory)
     if kind == "fixed":
         if batch_size is None:
             raise ValueError("schedule kind 'fixed' needs batch_size")
-        return FixedSchedule(cfg, epochs=epochs, train_size=train_size, batch_size=batch_size)
+        return FixedSchedule(cfg, epochs=epochs, train_size=train_size, batch_size=batch_size, val_size=val_size,
+                             rung_starts=rung_starts)
     raise ValueError(f"unknown schedule kind {kind!r}; choices: {list(SCHEDULE_KINDS)}")
 
 
@@ -692,15 +816,17 @@ def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int,
 
 def plan(cfg: DBSConfig, *, epochs: int, train_size: int, kind: str = "dbs",
          batch_size: int | None = None, val_accuracies: Sequence[float] | None = None,
-         bmax_memory: int | None = None) -> list[dict[str, Any]]:
+         bmax_memory: int | None = None, val_size: int | None = None,
+         rung_starts: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Simulate the schedule a run would follow, one dict per epoch.
 
     Validation accuracy is assumed to improve every epoch unless ``val_accuracies`` is given; after the
     end of a shorter sequence it keeps improving (closing 5 % of the gap to 1 per epoch).  With steadily
     improving accuracy the LR phase never falls, so the momentum phase only shows with a sequence that
-    dips.  Keys: epoch, phase, lr, momentum, batch_size, noise_scale, increase, val_accuracy."""
+    dips.  ``val_size`` sets the fall rule's standard error (None: any dip counts).  Keys: epoch, phase,
+    lr, momentum, batch_size, noise_scale, increase, decision, val_accuracy."""
     sched = build_schedule(kind, cfg, epochs=epochs, train_size=train_size, batch_size=batch_size,
-                           bmax_memory=bmax_memory)
+                           bmax_memory=bmax_memory, val_size=val_size, rung_starts=rung_starts)
     given = list(val_accuracies or [])
     rows, best = [], None
     for e in range(epochs):
@@ -714,20 +840,68 @@ def plan(cfg: DBSConfig, *, epochs: int, train_size: int, kind: str = "dbs",
         best = val if best is None else max(best, val)
         rows.append({"epoch": p.epoch, "phase": p.phase, "lr": p.lr, "momentum": p.momentum,
                      "batch_size": p.batch_size, "noise_scale": p.noise_scale(train_size),
-                     "increase": p.increase, "val_accuracy": val})
+                     "increase": p.increase, "decision": p.decision, "val_accuracy": val})
         sched.step(val)
     return rows
 
 
 def format_plan(rows: Sequence[dict[str, Any]]) -> str:
-    """A readable table of :func:`plan` rows."""
-    head = f"{'epoch':>5}  {'phase':<8}  {'lr':>9}  {'momentum':>8}  {'batch':>5}  {'noise':>9}  {'inc':>3}"
+    """A readable table of :func:`plan` rows (or a trainer's history), with each epoch's decision."""
+    head = (f"{'epoch':>5}  {'phase':<8}  {'lr':>9}  {'momentum':>8}  {'batch':>5}  {'noise':>9}  {'val':>6}  "
+            "decision")
     lines = [head, "-" * len(head)]
     for r in rows:
+        val = r.get("val_accuracy")
         lines.append(f"{r['epoch']:>5}  {r['phase']:<8}  {r['lr']:>9.5f}  {r['momentum']:>8.5f}  "
                      f"{r['batch_size']:>5}  {r['noise_scale']:>9.3f}  "
-                     f"{'*' if r.get('increase') else '':>3}")
+                     f"{'' if val is None else format(val, '.4f'):>6}  {r.get('decision', '')}")
     return "\n".join(lines)
+
+
+def plot_plan(rows: Sequence[dict[str, Any]], path: str, *, title: str = "", k: float | None = None,
+              v0: float = 0.5, m0: float = 0.9, m_max: float = 0.99) -> str:
+    """η, m and B over epochs (from :func:`plan` rows or a trainer's history), phases shaded; with ``k``
+    a fourth panel shows the momentum ODE curve for that k (paper Fig. 5b)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    panels = [("lr", "learning rate η", True), ("momentum", "momentum m", False), ("batch_size", "batch size B", False)]
+    n = len(panels) + (k is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
+    colours = {"warmup": "#fde2b3", "lr": "#cfe3f7", "momentum": "#d8f0d2", "hold": "#eeeeee", "fixed": "#eeeeee"}
+    for ax, (key, label, log) in zip(axes, panels):
+        ys = [r[key] for r in rows]
+        ax.step(ep + [ep[-1] + 1], ys + ys[-1:], where="post", color="black", lw=1.4)
+        for r in rows:
+            ax.axvspan(r["epoch"], r["epoch"] + 1, color=colours.get(r["phase"], "white"), lw=0)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for p, c in colours.items() if p != "fixed"]
+    axes[0].legend(handles, [p for p in colours if p != "fixed"], fontsize=7, loc="lower right")
+    if k is not None:
+        t = np.linspace(0.0, 0.4, 201)
+        axes[-1].plot(t, momentum_curve(k, v0, m0, m_max, t), color="C2")
+        axes[-1].axhline(m_max, color="grey", lw=0.8, ls="--")
+        axes[-1].set_title(f"momentum ODE y''y = k, k = {k:.4g}", fontsize=10)
+        axes[-1].set_xlabel("proportion of epochs since the momentum phase began")
+        axes[-1].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    import io
+
+    from . import storage
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
+    return storage.write_bytes(path, buf.getvalue())  # temporary file + rename: never half a PNG
 
 
 def plot_momentum_curves(path: str, ks: Sequence[float] = (0, 1.3, 1.45, 1.6, 1.75), v0: float = 0.5,
@@ -764,3 +938,40 @@ def plot_momentum_curves(path: str, ks: Sequence[float] = (0, 1.3, 1.45, 1.6, 1.
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_search(trials: Sequence[dict[str, Any]], best: dict[str, Any], path: str) -> str:
+    """The DBS search's time-to-accuracy trade-off: last-epoch validation accuracy against training
+    seconds per trial (trials ASHA stopped early hollow; the front of the finished ones joined; the
+    chosen constants circled)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import storage
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    done = [t for t in trials if t.get("completed")]
+    stopped = [t for t in trials if not t.get("completed")]
+    ax.scatter([t["train_seconds"] for t in done], [t["val_accuracy"] for t in done], color="C0",
+               label="ran the whole budget")
+    if stopped:
+        ax.scatter([t["train_seconds"] for t in stopped], [t["val_accuracy"] for t in stopped], facecolors="none",
+                   edgecolors="grey", label="stopped early by ASHA (not eligible)")
+    front = sorted((t for t in done if t.get("pareto")), key=lambda t: t["train_seconds"])
+    if front:
+        ax.plot([t["train_seconds"] for t in front], [t["val_accuracy"] for t in front], color="C0", lw=0.8)
+    ax.scatter([best["train_seconds"]], [best["val_accuracy"]], s=160, facecolors="none", edgecolors="C3",
+               label="chosen (best last-epoch val accuracy)")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("validation accuracy at the trial's last epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
+    return storage.write_bytes(path, buf.getvalue())

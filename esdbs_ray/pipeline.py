@@ -633,9 +633,7 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, address
 
     results = run_base(cfg, out, data, resume=resume, progress=progress)
     base_seconds = time.perf_counter() - t0
-    members = _collect_members(results)
-    for m in members:
-        storage.write_json(storage.join(out, "members", f"{m['member']}.json"), m)
+    members = _collect_members(results, out)
 
     stacking = run_stack(cfg, out)
     dbs_best = run_dbs_search(cfg, out, data) if cfg.run_dbs_search else None
@@ -654,29 +652,16 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, address
     return summary
 
 
-def _collect_members(results) -> list[dict]:
+def _collect_members(results, out: str) -> list[dict]:
+    """Each trial's own summary (written by the trainable to OUT/members/), with Tune's wall time;
+    ``summary.json`` keeps these rows without the per-epoch history."""
     rows = []
     for r in results:
         spec = r.config["trial"]
-        history = r.metrics_dataframe
-        last = r.metrics
-        rung_rows = history[history["rung_test_accuracy"].notna()] if "rung_test_accuracy" in history else history.iloc[0:0]
-        rungs = [
-            {"target_sparsity": float(x["rung_target_sparsity"]), "sparsity": float(x["rung_sparsity"]),
-             "val_accuracy": float(x["rung_val_accuracy"]), "test_accuracy": float(x["rung_test_accuracy"]),
-             "mean_epoch_seconds": float(x["rung_mean_epoch_seconds"])}
-            for _, x in rung_rows.iterrows()
-        ]
-        rows.append({
-            "member": spec["member"], "variant": spec["variant"], "group": spec["group"],
-            "batch_size": spec["batch_size"], "model": spec["train"]["model"],
-            "val_accuracy": rungs[-1]["val_accuracy"] if rungs else last.get("val_accuracy"),
-            "test_accuracy": rungs[-1]["test_accuracy"] if rungs else None,
-            "sparsity": last.get("sparsity"), "epochs": int(last.get("epoch", -1)) + 1,
-            "train_seconds": last.get("train_seconds"), "steps": last.get("total_steps"),
-            "mean_epoch_seconds": float(history["epoch_seconds"].mean()),
-            "rungs": rungs, "trial_path": r.path, "config": spec["train"],
-        })
+        m = json.loads(storage.read_bytes(storage.join(out, "members", f"{spec['member']}.json")))
+        m.pop("history", None)
+        m.update(trial_path=r.path, wall_seconds=(r.metrics or {}).get("time_total_s"), config=spec["train"])
+        rows.append(m)
     return sorted(rows, key=lambda m: m["member"])
 
 
@@ -707,6 +692,19 @@ def format_summary(summary: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # Stage: DBS-constant search (spec section 6)
 # --------------------------------------------------------------------------------------------------
+def _pareto(trials: list[dict]) -> list[int]:
+    """Indices (into ``trials``) of the time-to-accuracy front: no other trial is both faster and
+    more accurate at the end of the budget."""
+    front = []
+    for i, t in enumerate(trials):
+        dominated = any(o["val_accuracy"] >= t["val_accuracy"] and (o["train_seconds"] or 0) <= (t["train_seconds"] or 0)
+                        and (o["val_accuracy"], o["train_seconds"]) != (t["val_accuracy"], t["train_seconds"])
+                        for o in trials)
+        if not dominated:
+            front.append(i)
+    return front
+
+
 def _search_space(space: dict) -> dict:
     from ray import tune
 
@@ -754,15 +752,29 @@ def run_dbs_search(cfg: PipelineConfig, out: str, data, *, progress: bool = True
     results = tuner.fit()
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} DBS-search trial(s) failed")
-    best = results.get_best_result(metric="val_accuracy", mode="max", scope="all")
-    constants = dataclasses.replace(cfg.train.dbs, **{k: best.config[k] for k in s.space}).to_dict()
+    # Objective (spec §6): validation accuracy at the *last* epoch of the budget.  A trial's best epoch
+    # would reward a schedule that peaked early and then fell apart, and a trial ASHA stopped never
+    # faced the end of the budget: only trials that ran every epoch compete.
     trials = [
         {"config": {k: r.config[k] for k in s.space}, "val_accuracy": r.metrics.get("val_accuracy"),
-         "epochs": r.metrics.get("training_iteration"), "train_seconds": r.metrics.get("train_seconds"),
-         "total_steps": r.metrics.get("total_steps")}
+         "epochs": r.metrics.get("training_iteration"), "completed": r.metrics.get("training_iteration") == s.epochs,
+         "train_seconds": r.metrics.get("train_seconds"), "wall_seconds": r.metrics.get("time_total_s"),
+         "total_steps": r.metrics.get("total_steps"), "batch_size": r.metrics.get("batch_size")}
         for r in results if r.metrics
     ]
-    record = {"constants": constants, "best_val_accuracy": best.metrics["val_accuracy"],
+    finished = [t for t in trials if t["completed"] and t["val_accuracy"] is not None]
+    if not finished:
+        raise RuntimeError("no DBS-search trial ran the whole epoch budget (ASHA stopped them all)")
+    best = max(finished, key=lambda t: (t["val_accuracy"], -(t["train_seconds"] or 0.0)))
+    constants = dataclasses.replace(cfg.train.dbs, **best["config"]).to_dict()
+    record = {"constants": constants, "best_val_accuracy": best["val_accuracy"], "objective":
+              "validation accuracy at the last epoch of the budget (trials ASHA stopped early excluded)",
+              "best_train_seconds": best["train_seconds"], "best_total_steps": best["total_steps"],
               "model": s.model, "epochs": s.epochs, "trials": trials, "provenance": provenance()}
+    for i in _pareto(finished):
+        finished[i]["pareto"] = True
+    from .dbs import plot_search
+
+    plot_search(trials, best, storage.join(out, "dbs_search.png"))
     storage.write_json(storage.join(out, "dbs_constants.json"), record)
     return record

@@ -28,7 +28,7 @@ from torch import nn
 from .models import ReLUConv2d
 from .winograd import WinogradReLUConv2d
 
-__all__ = ["Pruner", "sparsity_ladder", "DEFAULT_LADDER", "prunable_layers"]
+__all__ = ["Pruner", "sparsity_ladder", "DEFAULT_LADDER", "prunable_layers", "sparsity_accounting"]
 
 DEFAULT_LADDER: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -129,6 +129,30 @@ class Pruner:
             total += n
             zeros += z
         return {"overall": zeros / total, "layers": layers, "prunable_params": total, "zero_params": zeros}
+
+
+@torch.no_grad()
+def sparsity_accounting(model: nn.Module) -> dict:
+    """Sparsity of the pruned layers *and* of the whole model, with nonzero counts (spec §3).
+
+    The nominal sparsity counts only the prunable 3x3 layers: at "80 %" an AlexNet keeps its stem,
+    1x1 convs, classifier and batch norms dense, about 35 % of its parameters zero.  And at one
+    nominal sparsity a Winograd layer keeps 16/9 as many nonzeros as the spatial layer it replaces
+    (16 values per channel pair instead of 9), so comparisons of SC-CNN with SWR-CNN need the counts.
+    Whole-model figures count every learnable parameter (weights, biases, batch-norm scales and
+    shifts), zero wherever it is exactly 0.0; buffers (masks, running statistics) are not weights.
+
+    Keys: ``sparsity`` (pruned layers, mask-based as in :meth:`Pruner.report`; 0 when nothing is
+    prunable), ``pruned_layer_weights``, ``model_sparsity``, ``nonzero_weights``, ``total_weights``."""
+    layers = prunable_layers(model)
+    pruned_total = sum(m.weight.numel() for _, m in layers)
+    pruned_zero = sum(int((m.weight_mask == 0).sum()) for _, m in layers if hasattr(m, "weight_mask"))
+    total = zero = 0
+    for p in model.parameters():
+        total += p.numel()
+        zero += int((p == 0).sum())
+    return {"sparsity": pruned_zero / pruned_total if pruned_total else 0.0, "pruned_layer_weights": pruned_total,
+            "model_sparsity": zero / total if total else 0.0, "nonzero_weights": total - zero, "total_weights": total}
 
 
 def sparsity_ladder(spec: str | Sequence[float] | None = None) -> tuple[float, ...]:

@@ -36,6 +36,7 @@ from . import storage
 from .data import BatchIterator, DatasetBundle
 from .dbs import DBSConfig, build_schedule
 from .models import create_model, list_models
+from .pruning import sparsity_accounting
 
 CONVS = ("spatial", "winograd_relu")
 OPTIMIZERS = ("sgd", "adam")
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError("nothing to train: epochs + len(sparsity_ladder) * retrain_epochs must be >= 1")
         if self.l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        if self.sparsity_ladder and self.retrain_epochs < 1:
+            raise ValueError("retrain_epochs must be >= 1 when sparsity_ladder is set (each rung retrains)")
         ladder = tuple(float(s) for s in self.sparsity_ladder)
         if any(not 0.0 < s < 1.0 for s in ladder) or list(ladder) != sorted(set(ladder)):
             raise ValueError(f"sparsity_ladder must be strictly increasing values in (0, 1), got {list(ladder)}")
@@ -96,6 +99,10 @@ class TrainConfig:
     @property
     def total_epochs(self) -> int:
         return self.epochs + len(self.sparsity_ladder) * self.retrain_epochs
+
+    def rung_starts(self) -> list[int]:
+        """First epoch of each ladder rung (where the trainer prunes and the schedule restarts)."""
+        return [self.epochs + i * self.retrain_epochs for i in range(len(self.sparsity_ladder))]
 
     def rung_ends(self) -> dict[int, float]:
         """Last epoch of each rung -> its target sparsity (0.0 for the dense phase, if it has epochs)."""
@@ -149,13 +156,15 @@ class PrintHooks:
             f"lr {r['lr']:.4f} m {r['momentum']:.3f} B {r['batch_size']:4d} | "
             f"train {r['train_loss']:.4f}/{r['train_accuracy']:.4f} val {r['val_loss']:.4f}/{r['val_accuracy']:.4f} | "
             f"sparsity {r['sparsity']:.2f} | {r['epoch_seconds']:.1f}s {r['samples_per_second']:.0f} img/s"
-            + (" | guard: restored" if r.get("restored") else ""),
+            + (f" | {r['decision']}" if r.get("decision") else "")
+            + (" | guard: weights restored" if r.get("restored") else ""),
             flush=True,
         )
 
     def on_rung(self, rung: dict) -> None:
         print(
-            f"{self.prefix}rung sparsity {rung['target_sparsity']:.2f} (achieved {rung['sparsity']:.3f}): "
+            f"{self.prefix}rung sparsity {rung['target_sparsity']:.2f} (pruned layers {rung['sparsity']:.3f}, "
+            f"whole model {rung['model_sparsity']:.3f}, {rung['nonzero_weights']:,} nonzero weights): "
             f"val {rung['val_accuracy']:.4f} test {rung['test_accuracy']:.4f}",
             flush=True,
         )
@@ -309,7 +318,8 @@ def train(
     if device.type == "cuda" and cfg.schedule == "dbs":
         bmax_memory = probe_max_batch(model, next(iter(val_batches))[0], data.num_classes, cfg.dbs.bmax_cap, cfg.dbs.step)
     schedule = build_schedule(cfg.schedule, cfg.dbs, epochs=cfg.total_epochs, train_size=len(data.train),
-                              batch_size=cfg.dbs.b0, bmax_memory=bmax_memory)
+                              val_size=len(data.val), rung_starts=cfg.rung_starts(), batch_size=cfg.dbs.b0,
+                              bmax_memory=bmax_memory)
     # Everything below travels in the checkpoint; "snapshot" is the divergence guard's pre-increase copy.
     state = {"epoch": 0, "history": [], "rungs": [], "steps": 0, "train_seconds": 0.0, "kernels": {}, "snapshot": None}
 
@@ -379,7 +389,7 @@ def train(
             val = evaluate(model, val_batches, amp=amp)
 
         # --- record and log
-        sparsity = pruner.report()["overall"] if pruner is not None else 0.0
+        sparsity = sparsity_accounting(model)
         state["steps"] += steps
         state["train_seconds"] += epoch_seconds
         record = {
@@ -389,13 +399,17 @@ def train(
             "train_accuracy": correct.item() / max(seen, 1), "val_loss": val["loss"], "val_accuracy": val["accuracy"],
             "epoch_seconds": epoch_seconds, "samples_per_second": seen / max(epoch_seconds, 1e-9),
             "steps": steps, "total_steps": state["steps"], "train_seconds": state["train_seconds"],
-            "sparsity": sparsity, "target_sparsity": cfg.sparsity_ladder[rung_index] if rung_index >= 0 else 0.0,
-            "restored": bool(restored),
+            "sparsity": sparsity["sparsity"], "model_sparsity": sparsity["model_sparsity"],
+            "nonzero_weights": sparsity["nonzero_weights"],
+            "target_sparsity": cfg.sparsity_ladder[rung_index] if rung_index >= 0 else 0.0,
+            "restored": bool(restored), "decision": plan.decision,
         }
         state["history"].append(record)
         for tag, key in TB_SCALARS.items():
             writer.add_scalar(tag, record[key], epoch)
         writer.add_scalar("schedule/phase", _PHASE_CODES.get(plan.phase, -1), epoch)
+        if plan.decision:
+            writer.add_text("schedule/decision", plan.decision, epoch)
 
         # --- end of a rung: test evaluation, predictions, kernels
         if epoch in rung_ends:
@@ -431,6 +445,7 @@ TB_SCALARS = {  # TensorBoard tag -> epoch record key
     "val/accuracy": "val_accuracy", "schedule/lr": "lr", "schedule/momentum": "momentum",
     "schedule/batch_size": "batch_size", "schedule/noise_scale": "noise_scale", "perf/epoch_seconds": "epoch_seconds",
     "perf/samples_per_second": "samples_per_second", "pruning/sparsity": "sparsity",
+    "pruning/model_sparsity": "model_sparsity", "pruning/nonzero_weights": "nonzero_weights",
 }
 _PHASE_CODES = {"warmup": 0, "lr": 1, "momentum": 2, "hold": 3, "fixed": 4}  # schedule/phase scalar
 
@@ -439,9 +454,12 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
                  predictions_root, member, variant, provenance) -> dict:
     val = evaluate(model, val_batches, keep_probs=predictions_root is not None, amp=amp)
     test = evaluate(model, test_batches, keep_probs=predictions_root is not None, amp=amp)
-    report = pruner.report() if pruner is not None else {"overall": 0.0, "layers": {}}
+    layers = pruner.report()["layers"] if pruner is not None else {}
+    counts = sparsity_accounting(model)
     rung = {
-        "target_sparsity": target, "sparsity": report["overall"], "layer_sparsity": report["layers"],
+        "target_sparsity": target, "sparsity": counts["sparsity"], "model_sparsity": counts["model_sparsity"],
+        "nonzero_weights": counts["nonzero_weights"], "total_weights": counts["total_weights"],
+        "pruned_layer_weights": counts["pruned_layer_weights"], "layer_sparsity": layers,
         "epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "train_seconds": state["train_seconds"], "steps": state["steps"],
@@ -451,7 +469,8 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
     state["rungs"].append(rung)
     writer.add_scalar("rung/val_accuracy", val["accuracy"], int(round(target * 100)))
     writer.add_scalar("rung/test_accuracy", test["accuracy"], int(round(target * 100)))
-    writer.add_scalar("rung/sparsity", report["overall"], int(round(target * 100)))
+    writer.add_scalar("rung/sparsity", counts["sparsity"], int(round(target * 100)))
+    writer.add_scalar("rung/model_sparsity", counts["model_sparsity"], int(round(target * 100)))
     if predictions_root is not None:
         from .predictions import prediction_path, write_predictions
 
@@ -461,8 +480,8 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
         ]
         write_predictions(
             prediction_path(predictions_root, member, target), parts=parts, model=cfg.model, member=member,
-            variant=variant or "", sparsity=report["overall"], target_sparsity=target, epoch=epoch,
-            metadata={"config": cfg.to_dict(), "seed": cfg.seed, **provenance},
+            variant=variant or "", sparsity=counts["sparsity"], target_sparsity=target, epoch=epoch,
+            metadata={"config": cfg.to_dict(), "seed": cfg.seed, "sparsity_accounting": counts, **provenance},
         )
     if cfg.conv == "winograd_relu":
         from .winograd import winograd_layers
@@ -498,6 +517,9 @@ def _summary(cfg, data, state, pruner, provenance, member, variant, device) -> d
         "epochs": cfg.total_epochs, "dense_epochs": cfg.epochs,
         "val_accuracy": history[-1]["val_accuracy"], "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"), "sparsity": final.get("sparsity", 0.0),
+        "model_sparsity": final.get("model_sparsity", 0.0), "nonzero_weights": final.get("nonzero_weights"),
+        "total_weights": final.get("total_weights"),
+        "batch_size_range": [min(h["batch_size"] for h in history), max(h["batch_size"] for h in history)],
         "train_seconds": state["train_seconds"], "steps": state["steps"],
         "mean_epoch_seconds": state["train_seconds"] / max(len(history), 1),
         "rungs": rungs, "history": history, "config": cfg.to_dict(), "device": str(device),

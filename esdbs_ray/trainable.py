@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ray import tune
 
+from . import storage
 from .train import CHECKPOINT, TrainConfig, train
 
 
@@ -62,10 +63,17 @@ def train_member(config: dict, *, data, experiment_dir: str | None, provenance: 
         with checkpoint.as_directory() as d:
             resume_from = workdir / "resume-checkpoint.pt"
             shutil.copy2(Path(d) / CHECKPOINT, resume_from)
-    train(
+    summary = train(
         cfg, data, workdir, hooks=TuneHooks(member), resume_from=resume_from,
         predictions_root=experiment_dir, member=member, variant=config.get("group", config.get("variant")), provenance=provenance,
     )
+    if experiment_dir is not None:
+        # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
+        # shared experiment directory, like the predictions: the driver reads it back, not Tune's
+        # flattened metrics.
+        summary.update(variant=config["variant"], group=config.get("group", config["variant"]),
+                       batch_size=config.get("batch_size"))
+        storage.write_json(storage.join(experiment_dir, "members", f"{member}.json"), summary)
 
 
 def train_dbs_trial(config: dict, *, data, base: dict, provenance: dict) -> None:

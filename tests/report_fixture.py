@@ -113,7 +113,11 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
                 model=tr["model"], member=t["member"], variant=t["group"], sparsity=s * 0.98, target_sparsity=s,
                 epoch=epoch, metadata={"config": tr, "seed": 0, "git_revision": "fixture", "versions": {}},
             )
-            rungs.append({"target_sparsity": s, "sparsity": s * 0.98,
+            total = 16 * 9000 if tr["conv"] == "winograd_relu" else 9 * 9000  # Winograd: 16/9 the weights
+            total += 50_000  # stem, 1x1 convs, classifier, batch norms: never pruned
+            nonzero = total - int(s * 0.98 * (total - 50_000))
+            rungs.append({"target_sparsity": s, "sparsity": s * 0.98, "model_sparsity": 1 - nonzero / total,
+                          "nonzero_weights": nonzero, "total_weights": total,
                           "val_accuracy": float((pv.argmax(1) == y_val).mean()),
                           "test_accuracy": float((pt.argmax(1) == y_test).mean()), "mean_epoch_seconds": sec})
             epoch += 1
@@ -130,7 +134,8 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
                        "momentum": 0.9 + (0.02 * e if dbs else 0.0),
                        "batch_size": (128 * 2 ** e if dbs else (t["batch_size"] or 128)), "noise_scale": 1.0,
                        "epoch_seconds": r["mean_epoch_seconds"], "samples_per_second": 1000.0,
-                       "sparsity": r["sparsity"]}
+                       "sparsity": r["sparsity"], "model_sparsity": r["model_sparsity"],
+                       "nonzero_weights": r["nonzero_weights"]}
                 for tag, key in TB_SCALARS.items():
                     w.add_scalar(tag, rec[key], e)
                 w.add_scalar("schedule/phase", 1 if dbs else 4, e)
@@ -156,7 +161,11 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
              "mean_epoch_seconds": sum(r["mean_epoch_seconds"] for r in rungs) / len(rungs),
              "rungs": rungs, "trial_path": str(trial_dir), "config": tr}
         (root / "members").mkdir(exist_ok=True)
-        (root / "members" / f"{t['member']}.json").write_text(json.dumps(m, indent=2))
+        history = [{"epoch": e, "lr": 0.02 * (2 ** e if dbs else 1), "momentum": 0.9,
+                    "batch_size": 128 * 2 ** e if dbs else (t["batch_size"] or 128),
+                    "decision": (f"lr x2 -> {0.02 * 2 ** e:g}, B {128 * 2 ** e}" if dbs and e else "")}
+                   for e in range(len(rungs))]
+        (root / "members" / f"{t['member']}.json").write_text(json.dumps({**m, "history": history}, indent=2))
         members.append(m)
 
     groups = cfg.groups()

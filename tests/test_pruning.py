@@ -2,6 +2,7 @@
 and a short real-data check that each pruned Winograd-ReLU family still learns."""
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -236,3 +237,23 @@ def test_swr_family_learns_fashion_mnist(name, fmnist_small):
     elapsed = time.perf_counter() - t0
     assert abs(pruner.report()["overall"] - 0.5) <= 0.005
     assert acc >= 0.60, f"{name}: accuracy {acc:.3f} after {steps} steps ({elapsed:.1f}s)"
+
+
+def test_sparsity_accounting_counts_the_whole_model_and_winograd_nonzeros():
+    """Spec §3: at one nominal sparsity a Winograd layer keeps 16/9 as many nonzeros as the spatial
+    layer it replaces, and the whole model is less sparse than its pruned layers."""
+    from esdbs_ray.pruning import sparsity_accounting
+
+    torch.manual_seed(0)
+    spatial = create_model("alexnet", num_classes=10, in_channels=1, image_size=28, width=0.25)
+    winograd = to_winograd_relu(copy.deepcopy(spatial))
+    for m in (spatial, winograd):
+        Pruner(m).prune_to(0.6)
+    a, b = sparsity_accounting(spatial), sparsity_accounting(winograd)
+    for acc in (a, b):
+        assert abs(acc["sparsity"] - 0.6) < 0.005 and 0 < acc["model_sparsity"] < acc["sparsity"]
+        assert acc["total_weights"] == acc["nonzero_weights"] + round(acc["model_sparsity"] * acc["total_weights"])
+    kept_spatial = a["pruned_layer_weights"] * (1 - a["sparsity"])
+    kept_winograd = b["pruned_layer_weights"] * (1 - b["sparsity"])
+    assert kept_winograd / kept_spatial == pytest.approx(16 / 9, rel=1e-3)
+    assert b["nonzero_weights"] - a["nonzero_weights"] == pytest.approx(kept_winograd - kept_spatial, abs=2)

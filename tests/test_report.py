@@ -36,10 +36,15 @@ def _md(result) -> str:
     return Path(result["markdown"]).read_text()
 
 
-def _table_rows(md: str, caption_start: str) -> list[list[str]]:
-    """Rows (cells) of the Markdown table right after the caption line starting with ``*caption_start``."""
+def _table_rows(md: str, caption_start: str | None, after: str | None = None) -> list[list[str]]:
+    """Rows (cells) of the Markdown table right after the caption line starting with ``*caption_start``
+    (or, with ``after``, of the first table after the line ``after``)."""
     lines = md.splitlines()
-    i = next(i for i, l in enumerate(lines) if l.startswith("*" + caption_start))
+    if after is not None:
+        i = lines.index(after)
+        i = next(j for j in range(i, len(lines)) if lines[j].startswith("|")) - 2
+    else:
+        i = next(i for i, l in enumerate(lines) if l.startswith("*" + caption_start))
     rows = []
     for l in lines[i + 2:]:
         if not l.startswith("|"):
@@ -92,8 +97,16 @@ def test_report_has_every_section_and_figure(experiment):
     for heading in ("## The paper's claims and our verdicts", "## Table 1: training time and speed vs sparsity",
                     "## Table 2: training time and speed vs batch size", "## Figure 2: test accuracy",
                     "### (2a) accuracy vs sparsity", "### (2b) accuracy vs batch size", "## Figure 5a",
-                    "## Figure 5b", "## Stacking", "## Provenance", "## Errata in the paper"):
+                    "## Figure 5b", "## Stacking", "## Provenance", "## Errata in the paper",
+                    "## Sparsity: pruned layers vs the whole model", "## DBS decisions per trial"):
         assert heading in md, heading
+    # whole-model sparsity beside the nominal one; Winograd stacks keep more nonzeros at one nominal sparsity
+    acc = {(r[0], r[1]): r for r in _table_rows(md, "Stacks: summed over members")}
+    sc, swr = acc[("SC-CNN", "30%")], acc[("SWR-CNN", "30%")]
+    assert float(sc[3].rstrip("%")) < float(sc[2].rstrip("%"))  # whole model sparser than nothing, less than nominal
+    assert int(swr[4].replace(",", "")) > int(sc[4].replace(",", ""))
+    dec = _table_rows(md, None, after="## DBS decisions per trial")
+    assert dec and all("lr x2" in r[-1] for r in dec) and all(r[1].startswith("128 -> ") for r in dec)
     # the paper's tables beside ours, labelled with its hardware
     assert "The paper's Table 1 (1x Nvidia RTX 2080 Ti, TensorFlow" in md
     assert "| overall | 11.42 | 1.49x | 36.71 | 0.46x | 16.43 | 1.03x | 10.57 | 1.61x |" in md

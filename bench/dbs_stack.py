@@ -1,0 +1,145 @@
+"""Benchmark: a whole stack with DBS vs the same stack at the fixed batch B0, same setup, one run.
+
+What it answers (issue: "DBS that delivers the paper's speed-up at equal accuracy"): does the
+SWR-CNN+DBS base stage finish faster than SWR-CNN at B0 = 128 on this machine's accelerator, at what
+ensemble accuracy, and did every DBS member actually raise B?  The paper reports 1.55x on
+Fashion-MNIST (Table 2: 11 s vs 17 s per epoch on an RTX 2080 Ti).
+
+How: ``esdbs_ray.pipeline.run_pipeline`` runs the same preset twice in one process -- once with
+``variants=[SWR-CNN+DBS]`` and once with ``variants=[SWR-CNN]`` (or the pair given by ``--variants``)
+-- with the same members, data, epochs, ladder, resources and concurrency (all members of a stack as
+parallel Tune trials, e.g. three 1/3-GPU trials), on a fresh local Ray each time.  The order
+alternates over ``--repeats`` so neither variant always runs on a warmer machine.  Per run it records
+the base stage's wall time (Tune start to last trial end), each member's training seconds, wall
+seconds, optimizer steps and batch size per epoch (the B trajectory), the decision the schedule logged
+for each change, member and ensemble accuracies; then the speed-up (fixed stage / DBS stage) and the
+accuracy gap (DBS ensemble - fixed ensemble, test).
+
+    python bench/dbs_stack.py --quick                           # CPU smoke: tiny subset (~3 min)
+    python bench/dbs_stack.py --preset paper-fashion-mnist \\
+        --set 'train.sparsity_ladder=[0.2,0.3]'                  # paper scale (a GPU job: ~10 min on an H100)
+
+Targets (reported, not asserted): stage speed-up >= 1.55x, ensemble test accuracy no more than 0.2
+points below the fixed-B0 stack, B reaches Bmax in every DBS member.  Results:
+``bench/results/dbs_stack.json`` (or ``--result PATH``), with provenance and hardware.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import format_table, hardware_line, provenance_block, write_result  # noqa: E402
+
+
+def _member_row(member: dict) -> dict:
+    """One member's figures from the trainer's own summary (members/<member>.json holds the same)."""
+    hist = member["history"]
+    batches = [h["batch_size"] for h in hist]
+    return {
+        "member": member["member"], "variant": member["variant"], "test_accuracy": member["test_accuracy"],
+        "val_accuracy": member["val_accuracy"], "train_seconds": member["train_seconds"],
+        "steps": member["steps"], "epochs": len(hist), "batch_sizes": batches, "b_max_reached": max(batches),
+        "bmax": member.get("bmax"), "lr": [h["lr"] for h in hist], "momentum": [h["momentum"] for h in hist],
+        "decisions": [(h["epoch"], h["decision"]) for h in hist if h.get("decision")],
+        "wall_seconds": member.get("wall_seconds"),
+    }
+
+
+def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, workdir: Path,
+              num_cpus: int | None) -> dict:
+    import ray
+
+    from esdbs_ray.pipeline import build_config, run_pipeline
+
+    cfg = build_config(preset, None, None, scale=scale,
+                       sets=[*sets, f"variants=[{variant}]", "batch_sweep.batch_sizes=[]"])
+    out = workdir / variant.lower().replace("+", "-")
+    if ray.is_initialized():
+        ray.shutdown()
+    t0 = time.perf_counter()
+    summary = run_pipeline(cfg, str(out), num_cpus=num_cpus, progress=False)
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    members = []
+    for m in summary["members"]:
+        full = json.loads((out / "members" / f"{m['member']}.json").read_text())
+        members.append(_member_row(full))
+    ens = next(iter(summary["ensembles"].values()), {})
+    return {"variant": variant, "base_stage_seconds": summary["base_wall_seconds"], "run_seconds": wall,
+            "ensemble_test_accuracy": ens.get("test_accuracy"), "ensemble_val_accuracy": ens.get("val_accuracy"),
+            "members": members, "summed_member_train_seconds": sum(m["train_seconds"] for m in members),
+            "experiment_dir": str(out)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="paper-fashion-mnist")
+    ap.add_argument("--set", action="append", default=[], help="config override, as for esdbs run (repeatable)")
+    ap.add_argument("--scale", type=float, default=None)
+    ap.add_argument("--variants", default="SWR-CNN+DBS,SWR-CNN", help="the DBS stack, then its fixed-B0 twin")
+    ap.add_argument("--repeats", type=int, default=1, help="run each variant this many times, order alternating")
+    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: 3,000 images, width 0.125, 3+1 epochs")
+    ap.add_argument("--keep", default=None, help="keep the experiment directories here (default: deleted)")
+    ap.add_argument("--result", default=None, help="JSON path (default bench/results/dbs_stack.json)")
+    a = ap.parse_args(argv)
+    sets = list(a.set)
+    if a.quick:
+        sets = ["subset=3000", "train.width=0.125", "train.epochs=3", "train.sparsity_ladder=[0.3]",
+                "train.retrain_epochs=1", "train.dbs.double_every=1", "train.dbs.warmup_frac=0.0",
+                "resources.cpus_per_trial=0.66", *sets]
+    dbs_variant, fixed_variant = a.variants.split(",")
+    workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dbs-stack-"))
+    runs = []
+    try:
+        for r in range(a.repeats):
+            order = (dbs_variant, fixed_variant) if r % 2 == 0 else (fixed_variant, dbs_variant)
+            for v in order:
+                print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {v}", flush=True)
+                runs.append({"repeat": r, **run_stack(a.preset, sets, v, a.scale, workdir / f"r{r}", a.num_cpus)})
+    finally:
+        if not a.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def mean(variant, key):
+        vals = [x[key] for x in runs if x["variant"] == variant and x[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    dbs_s, fixed_s = mean(dbs_variant, "base_stage_seconds"), mean(fixed_variant, "base_stage_seconds")
+    dbs_acc, fixed_acc = mean(dbs_variant, "ensemble_test_accuracy"), mean(fixed_variant, "ensemble_test_accuracy")
+    dbs_members = [m for x in runs if x["variant"] == dbs_variant for m in x["members"]]
+    verdict = {
+        "stage_speedup": fixed_s / dbs_s if dbs_s else None,
+        "summed_member_speedup": (mean(fixed_variant, "summed_member_train_seconds")
+                                  / mean(dbs_variant, "summed_member_train_seconds")),
+        "ensemble_test_gap_points": None if dbs_acc is None or fixed_acc is None else 100 * (dbs_acc - fixed_acc),
+        "every_dbs_member_reached_bmax": all(m["b_max_reached"] >= (m["bmax"] or 10**9) for m in dbs_members),
+        "every_dbs_member_raised_b": all(m["b_max_reached"] > m["batch_sizes"][0] for m in dbs_members),
+        "targets": {"stage_speedup": ">= 1.55", "ensemble_test_gap_points": ">= -0.2", "bmax": "every DBS member"},
+    }
+    doc = {"provenance": provenance_block({"preset": a.preset, "sets": sets, "scale": a.scale,
+                                           "variants": [dbs_variant, fixed_variant], "repeats": a.repeats}),
+           "runs": runs, "verdict": verdict}
+    path = write_result("dbs_stack", doc, a.result)
+    rows = [{"variant": x["variant"], "repeat": x["repeat"], "stage s": x["base_stage_seconds"],
+             "sum member s": x["summed_member_train_seconds"], "ensemble test": x["ensemble_test_accuracy"],
+             "members B": "; ".join(f"{m['batch_sizes'][0]}->{m['b_max_reached']}" for m in x["members"]),
+             "steps": sum(m["steps"] for m in x["members"])} for x in runs]
+    print(hardware_line())
+    print(format_table(rows, [("variant", "variant", ""), ("rep", "repeat", "d"), ("stage s", "stage s", ".1f"),
+                              ("sum member s", "sum member s", ".1f"), ("ensemble test", "ensemble test", ".4f"),
+                              ("B per member", "members B", ""), ("steps", "steps", "d")]))
+    print(json.dumps(verdict, indent=2))
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
