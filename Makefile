@@ -12,11 +12,14 @@ setup: $(STAMP) data
 
 # Reinstall when the dependencies change. pip takes torch/torchvision from the range in
 # pyproject.toml (on our machines: the 2.14.1 / 0.29.1 wheels on local disk).
+# pip runs with -qq: errors still show, but not the machine's index warnings or setuptools' notes.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "setup: $(VENV) with esdbs-ray and its dependencies (the first time takes ~2-3 min: torch is large)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -qq --upgrade pip
+	@$(PY) -m pip install -qq -e '.[test]'
+	@touch $(STAMP)
+	@echo "setup: done"
 
 # Fashion-MNIST: Debian's package when we are root with apt, else torchvision's download when
 # online, else say how to get it. ESDBS_DATA or --data-dir point elsewhere.

@@ -56,7 +56,8 @@ def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, w
               num_cpus: int | None) -> dict:
     import ray
 
-    from esdbs_ray.pipeline import build_config, run_pipeline
+    from esdbs_ray.config import build_config
+    from esdbs_ray.pipeline import run_pipeline
 
     cfg = build_config(preset, None, None, scale=scale,
                        sets=[*sets, f"variants=[{variant}]", "batch_sweep.batch_sizes=[]"])
@@ -67,9 +68,12 @@ def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, w
     summary = run_pipeline(cfg, str(out), num_cpus=num_cpus, progress=False)
     wall = time.perf_counter() - t0
     ray.shutdown()
+    from esdbs_ray.layout import ExperimentLayout
+
+    layout = ExperimentLayout.at(out)
     members = []
     for m in summary["members"]:
-        full = json.loads((out / "members" / f"{m['member']}.json").read_text())
+        full = json.loads(Path(layout.member(m["member"])).read_text())
         members.append(_member_row(full))
     ens = next(iter(summary["ensembles"].values()), {})
     return {"variant": variant, "base_stage_seconds": summary["base_wall_seconds"], "run_seconds": wall,

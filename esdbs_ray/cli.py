@@ -1,23 +1,32 @@
 """The ``esdbs`` command line: one sub-command per stage of the method.
 
+    esdbs run         the whole method on Ray Tune: base members -> stacking (-> DBS search)
     esdbs train-one   train one CNN (spatial or Winograd-ReLU, fixed batch or DBS, with a pruning ladder)
     esdbs dbs-plan    preview the learning rate / momentum / batch size schedule a run would follow
-    esdbs run         the whole method on Ray Tune: base members -> stacking (-> DBS search)
     esdbs stack       search stacking weights on an experiment's Parquet predictions
     esdbs dbs-search  Tune experiment over the DBS constants
     esdbs report      report.md / report.html: our numbers beside the paper's
+    esdbs config      print the resolved config, or its JSON Schema
     esdbs submit      submit ``esdbs run`` to a Ray cluster as a Ray Job
 
-Config is validated here, once, into frozen dataclasses; bad input ends with one ``esdbs: error:``
-line and exit status 2, never a bare traceback.
+Config is validated here, once, into frozen pydantic models (``config.py``) before anything is written
+or Ray starts.  Every error a user can cause ends as one ``esdbs: error: ...`` line and exit status 2;
+an internal error prints one line with the path of its saved traceback (``ESDBS_DEBUG=1`` prints it
+whole) and exits 1.  Outputs go only to new directories or to ones esdbs made for the same purpose;
+``--force`` is the only way to replace (``layout.py``).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
+
+from .config import ConfigError
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -34,6 +43,23 @@ def _k_arg(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _presets_help() -> str:
+    from .presets import PRESETS
+
+    return " | ".join(PRESETS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``esdbs: error:`` line (exit 2) like every other error."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -70,32 +96,40 @@ _SCHEDULE_FLAGS = {"batch_size": "b0", "lr": "lr0", "lr_start": "lr_start", "mom
                    "m_max": "m_max", "bmax_cap": "bmax_cap", "fall_z": "fall_z"}
 
 
-def _dbs_config(args):
-    from .dbs import DBSConfig
-
-    base = {}
-    if getattr(args, "dbs_constants", None):
-        base = load_dbs_constants(args.dbs_constants)
+def _dbs_dict(args) -> dict:
+    base = load_dbs_constants(args.dbs_constants) if getattr(args, "dbs_constants", None) else {}
     base.update({field: getattr(args, flag) for flag, field in _SCHEDULE_FLAGS.items() if getattr(args, flag) is not None})
-    return DBSConfig.from_dict(base)
+    return base
 
 
 def load_dbs_constants(path: str) -> dict:
     try:
         d = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: DBS constants file not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ConfigError(f"--dbs-constants {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--dbs-constants {path}: is a directory, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--dbs-constants {path}: not valid JSON ({getattr(exc, 'msg', exc.__class__.__name__)})") from None
     constants = d.get("constants", d) if isinstance(d, dict) else None
     if not isinstance(constants, dict):
-        raise ValueError(f"{path}: expected a JSON object of DBS constants")
+        raise ConfigError(f"--dbs-constants {path}: expected a JSON object of DBS constants")
     return constants
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esdbs", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="esdbs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("run", help="the whole method on Ray Tune: base members -> stacking (-> DBS search)")
+    _add_pipeline_args(p)
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run in DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing esdbs experiment in --out "
+                   "(it is moved aside to OUT.replaced-TIME, not deleted)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the trial table; run nothing")
+    p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
+    p.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train-one", help="train one CNN and write summary.json + TensorBoard logs")
     _add_data_args(p)
@@ -111,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier train-one run in --out (moved aside)")
+    p.add_argument("--out", required=True, help="output directory (new, or an earlier train-one run with --resume)")
     _add_schedule_args(p)
     p.set_defaults(func=cmd_train_one)
 
@@ -127,20 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per epoch")
     p.add_argument("--figure", default=None, metavar="PNG",
                    help="also draw η, m and B over epochs and the momentum ODE curve (a new file)")
+    p.add_argument("--force", action="store_true", help="replace an existing --figure file")
     _add_schedule_args(p, default_schedule="dbs")
     p.set_defaults(func=cmd_dbs_plan)
-
-    p = sub.add_parser("run", help="the whole method on Ray Tune: base members -> stacking (-> DBS search)")
-    _add_pipeline_args(p)
-    p.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run in DIR")
-    p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
-    p.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
-    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dbs-search", help="Tune experiment (ASHA) over the DBS constants; writes dbs_constants.json")
     _add_pipeline_args(p)
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an earlier search in --out (moved aside)")
     p.set_defaults(func=cmd_dbs_search)
 
     p = sub.add_parser("stack", help="search stacking weights on EXPERIMENT_DIR's validation predictions")
@@ -150,8 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-samples", type=int, default=0, help="also run the accuracy search as a Tune search")
     p.add_argument("--choose", default="nll_optimal", help="nll_optimal | accuracy_search | best_val | ...")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="default: EXPERIMENT_DIR/stacking.json")
+    p.add_argument("--output", default=None,
+                   help="a new JSON file (default: EXPERIMENT_DIR/stack-<time>-<variant>.json, a new file per call)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file (atomically)")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
+    p.add_argument("experiment_dir")
+    p.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report (a new directory, or --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier report there (swapped in atomically; "
+                   "files esdbs did not write are kept)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("config", help="print the resolved config (validated), or --schema its JSON Schema")
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of a config file")
+    p.add_argument("--config", default=None, help="YAML config (applied over the preset)")
+    p.add_argument("--preset", default=None, help=f"{_presets_help()} (default: quick when no --config)")
+    p.add_argument("--scale", type=float, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("submit", help="submit `esdbs run` to a Ray cluster as a Ray Job (token auth)")
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
@@ -159,18 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds (exit 124)")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then the arguments of `esdbs run`")
     p.set_defaults(func=cmd_submit)
-
-    p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
-    p.add_argument("experiment_dir")
-    p.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report")
-    p.set_defaults(func=cmd_report)
     return parser
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (applied over the preset)")
-    p.add_argument("--preset", default=None, help="smoke | quick | paper | paper-fashion-mnist | paper-cifar10 | "
-                   "paper-cifar100 (default: quick when no --config)")
+    p.add_argument("--preset", default=None, help=f"{_presets_help()} (default: quick when no --config)")
     p.add_argument("--out", default=None, help="experiment directory or URI (default: runs/<name>-<time>)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
@@ -182,10 +223,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline_config(args, extra: dict | None = None):
-    from .pipeline import build_config
+    from .config import build_config
 
     overrides = dict(extra or {})
-    if args.data_dir:
+    if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     if getattr(args, "dbs_constants", None):
         overrides.setdefault("train", {})["dbs"] = load_dbs_constants(args.dbs_constants)
@@ -196,40 +237,80 @@ def _pipeline_config(args, extra: dict | None = None):
 
 
 def _default_out(name: str) -> str:
-    import time
-
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _check_num_cpus(args) -> None:
+    if getattr(args, "num_cpus", None) is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus={args.num_cpus}: must be >= 1")
+
+
+def format_trials(cfg) -> str:
+    rows = [f"{'member':<30} {'variant':<12} {'group':<16} {'model':<15} {'conv':<13} {'schedule':<8} "
+            f"{'B0':>5} {'epochs':>6}  ladder"]
+    for t in cfg.trials():
+        tr = t.train
+        rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule:<8} "
+                    f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {list(tr.sparsity_ladder)}")
+    return "\n".join(rows)
+
+
 def cmd_run(args) -> int:
+    import yaml
+
     from .pipeline import load_resumed_config, run_pipeline
 
+    _check_num_cpus(args)
     if args.resume:
-        if args.config or args.preset or args.out or args.scale or args.set:
-            raise ValueError("--resume DIR continues DIR with its saved config.yaml; drop --config/--preset/--out/--scale/--set")
+        given = [f for f, v in (("--config", args.config), ("--preset", args.preset), ("--out", args.out),
+                                ("--scale", args.scale), ("--set", args.set), ("--force", args.force)) if v]
+        if given:
+            raise ConfigError(f"--resume DIR continues DIR with its saved config.yaml; drop {', '.join(given)}")
         cfg, out = load_resumed_config(args.resume), args.resume
     else:
         cfg = _pipeline_config(args)
         out = args.out or _default_out(cfg.name)
-    run_pipeline(cfg, out, resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus,
-                 progress=not args.quiet)
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(f"# {len(cfg.trials())} trial(s) -> {out}")
+        print(format_trials(cfg))
+        return 0
+    run_pipeline(cfg, out, resume=bool(args.resume), force=args.force, address=args.address,
+                 num_cpus=args.num_cpus, progress=not args.quiet)
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    if args.schema:
+        from .config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    cfg = _pipeline_config(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
 
 def cmd_dbs_search(args) -> int:
-    import dataclasses
+    from .layout import ExperimentLayout, claim_dir
+    from .pipeline import load_data, run_dbs_search
+    from .ray_env import init_ray
 
-    from .data import load_dataset
-    from .pipeline import init_ray, prepare_out, run_dbs_search
-
+    _check_num_cpus(args)
     cfg = _pipeline_config(args)
     changes = {k: v for k, v in (("num_samples", args.num_samples), ("epochs", args.epochs)) if v is not None}
-    cfg = dataclasses.replace(cfg, dbs_search=dataclasses.replace(cfg.dbs_search, **changes))
-    out = prepare_out(args.out or _default_out(cfg.name + "-dbs-search"), cfg, resume=False)
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
+    if changes:
+        from .config import validate
+
+        cfg = validate(type(cfg), {**cfg.model_dump(), "dbs_search": {**cfg.dbs_search.model_dump(), **changes}})
+    out = args.out or _default_out(cfg.name + "-dbs-search")
+    claim_dir(out, "dbs-search", force=args.force, check_only=True)
+    data = load_data(cfg)
+    layout = ExperimentLayout(claim_dir(out, "dbs-search", force=args.force))
     init_ray(args.address, args.num_cpus)
-    record = run_dbs_search(cfg, out, data, progress=not args.quiet)
+    record = run_dbs_search(cfg, layout, data, progress=not args.quiet)
     print(f"{'last-epoch val':>14} {'epochs':>6} {'train s':>8} {'steps':>7}  front  constants")
     for t in sorted(record["trials"], key=lambda t: t["train_seconds"] or 0.0):
         mark = "*" if t.get("pareto") else ("stopped" if not t["completed"] else "")
@@ -237,51 +318,61 @@ def cmd_dbs_search(args) -> int:
               f"{mark:>5}  {json.dumps(t['config'])}")
     print(json.dumps(record["constants"], indent=2))
     print(f"best last-epoch val accuracy {record['best_val_accuracy']:.4f} ({record['best_train_seconds']:.1f} s); "
-          f"trade-off figure -> {out}/dbs_search.png; constants -> {out}/dbs_constants.json "
-          f"(reuse: esdbs run --dbs-constants {out}/dbs_constants.json)")
+          f"trade-off figure -> {layout.dbs_search_figure}; constants -> {layout.dbs_constants} "
+          f"(reuse: esdbs run --dbs-constants {layout.dbs_constants})")
     return 0
 
 
 def cmd_stack(args) -> int:
+    from .config import STACK_METHODS
+    from .layout import ExperimentLayout, claim_file
     from .stacking import format_stacking_table, stack_experiment
 
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity is a fraction in [0, 1) (e.g. 0.3 for 30 %), got {args.sparsity}")
-    from . import storage
-
-    result = stack_experiment(args.experiment_dir, sparsity=args.sparsity, variant=args.variant,
-                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=args.output,
-                              storage_path=storage.join(args.experiment_dir, "tune"))
+        raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
+    if args.choose not in (*STACK_METHODS, "best_val"):
+        raise ConfigError(f"--choose={args.choose!r}: choose one of {', '.join((*STACK_METHODS, 'best_val'))}")
+    if args.tune_samples < 0:
+        raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
+    layout = ExperimentLayout.at(args.experiment_dir)
+    output = (claim_file(args.output, force=args.force) if args.output
+              else layout.stacking_rerun(f"{args.variant or 'all'}-s{args.sparsity if args.sparsity is not None else 'last'}"))
+    result = stack_experiment(layout.root, sparsity=args.sparsity, variant=args.variant,
+                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=output,
+                              storage_path=layout.tune)
     print(format_stacking_table(result))
+    print(f"-> {output}")
     return 0
 
 
 def cmd_train_one(args) -> int:
+    from .config import TrainConfig, validate
     from .data import load_dataset
+    from .layout import RunLayout, claim_dir
     from .provenance import device_info, provenance
-    from .train import PrintHooks, TrainConfig, train
+    from .train import PrintHooks, train
 
-    cfg = TrainConfig(
+    cfg = validate(TrainConfig, dict(
         dataset=args.dataset, data_dir=args.data_dir, subset=args.subset, test_subset=args.test_subset,
         image_size=args.image_size, model=args.model, width=args.width, dropout=args.dropout, conv=args.conv,
-        optimizer=args.optimizer, l2=args.l2, epochs=args.epochs, schedule=args.schedule, dbs=_dbs_config(args),
+        optimizer=args.optimizer, l2=args.l2, epochs=args.epochs, schedule=args.schedule, dbs=_dbs_dict(args),
         sparsity_ladder=args.sparsity_ladder, retrain_epochs=args.retrain_epochs, seed=args.seed,
         threads=args.threads, device=args.device,
-    )
-    out = Path(args.out)
-    checkpoint = out / "checkpoint.pt"
-    if args.resume and not checkpoint.exists():
-        raise ValueError(f"--resume: no checkpoint at {checkpoint}")
-    if not args.resume and checkpoint.exists():
-        raise ValueError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+    ))
+    if args.resume and args.force:
+        raise ConfigError("--resume continues a run, --force replaces it: pass one of them")
+    checked = Path(claim_dir(args.out, "run", resume=args.resume, force=args.force, check_only=True))
+    if args.resume and not RunLayout(checked).checkpoint.exists():
+        raise ConfigError(f"--resume: no checkpoint at {RunLayout(checked).checkpoint}")
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                         subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
+    run = RunLayout(Path(claim_dir(args.out, "run", resume=args.resume, force=args.force)))
     print(data.describe(), flush=True)
-    summary = train(cfg, data, out, hooks=PrintHooks(), resume_from=checkpoint if args.resume else None,
-                    predictions_root=str(out), variant=_variant_name(cfg),
+    summary = train(cfg, data, run.root, hooks=PrintHooks(), resume_from=run.checkpoint if args.resume else None,
+                    predictions_root=str(run.root), variant=_variant_name(cfg),
                     provenance={**provenance(), "device": device_info()})
     print(f"done: val {summary['val_accuracy']:.4f} test {summary['test_accuracy']:.4f} "
-          f"sparsity {summary['sparsity']:.3f} in {summary['train_seconds']:.1f}s training -> {out / 'summary.json'}")
+          f"sparsity {summary['sparsity']:.3f} in {summary['train_seconds']:.1f}s training -> {run.summary}")
     return 0
 
 
@@ -292,23 +383,31 @@ def _variant_name(cfg) -> str:
 
 
 def cmd_dbs_plan(args) -> int:
-    from .dbs import format_plan, plan
+    from .config import DBSConfig, validate
+    from .dbs import SCHEDULE_KINDS, format_plan, plan
 
+    if args.schedule not in SCHEDULE_KINDS:
+        raise ConfigError(f"--schedule={args.schedule!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
     kind = args.schedule
-    cfg = _dbs_config(args)
-    for flag in ("epochs", "train_size", "val_size", "retrain_epochs"):
+    cfg = validate(DBSConfig, _dbs_dict(args), "schedule")
+    for flag, low in (("epochs", 0), ("train_size", 1), ("val_size", 1), ("retrain_epochs", 0)):
         v = getattr(args, flag)
-        if v is not None and v < (0 if flag in ("epochs", "retrain_epochs") else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= {0 if flag in ('epochs', 'retrain_epochs') else 1}, got {v}")
+        if v is not None and v < low:
+            raise ConfigError(f"--{flag.replace('_', '-')}={v}: must be >= {low}")
     ladder = tuple(args.sparsity_ladder)
+    if any(not 0 < s < 1 for s in ladder) or list(ladder) != sorted(set(ladder)):
+        raise ConfigError(f"--sparsity-ladder={list(ladder)}: strictly increasing fractions in (0, 1)")
     if ladder and args.retrain_epochs < 1:
-        raise ValueError("--retrain-epochs must be >= 1 with a --sparsity-ladder")
+        raise ConfigError("--retrain-epochs must be >= 1 with a --sparsity-ladder")
     total = args.epochs + len(ladder) * args.retrain_epochs
     if total < 1:
-        raise ValueError("nothing to plan: --epochs and the ladder give 0 epochs")
+        raise ConfigError("nothing to plan: --epochs and the ladder give 0 epochs")
     val_size = args.val_size if args.val_size is not None else max(1, round(args.train_size / 9))
-    if args.figure and Path(args.figure).exists():
-        raise ValueError(f"--figure {args.figure}: the file exists; choose a new path (nothing is overwritten)")
+    figure = None
+    if args.figure:
+        from .layout import claim_file
+
+        figure = claim_file(args.figure, force=args.force, flag="--figure")
     rows = plan(cfg, epochs=total, train_size=args.train_size, kind=kind, batch_size=cfg.b0,
                 val_accuracies=list(args.val_accuracy) if args.val_accuracy else None, val_size=val_size,
                 rung_starts=[args.epochs + i * args.retrain_epochs for i in range(len(ladder))])
@@ -319,11 +418,11 @@ def cmd_dbs_plan(args) -> int:
         print(f"{kind} schedule: {total} epochs, N = {args.train_size}, {val_size} validation images "
               f"(a fall must exceed {cfg.fall_z:g} SE), k = {cfg.k_value:.4g}")
         print(format_plan(rows))
-    if args.figure:
+    if figure:
         from .dbs import plot_plan
 
         title = f"{kind}: N={args.train_size}, n_val={val_size}, B0={cfg.b0}, k={cfg.k_value:.4g}"
-        path = plot_plan(rows, args.figure, title=title, k=cfg.k_value if kind == "dbs" else None,
+        path = plot_plan(rows, figure, title=title, k=cfg.k_value if kind == "dbs" else None,
                          v0=cfg.v0, m0=cfg.m0, m_max=cfg.m_max)
         print(f"figure -> {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -339,31 +438,72 @@ def cmd_submit(args) -> int:
 def cmd_report(args) -> int:
     from analysis.report import build_report
 
-    if not Path(args.experiment_dir).is_dir():
-        raise ValueError(f"{args.experiment_dir}: no such experiment directory")
-    result = build_report(args.experiment_dir, out_dir=args.out)
+    from .layout import replace_dir
+
+    exp = Path(args.experiment_dir)
+    if not exp.is_dir():
+        raise ConfigError(f"{args.experiment_dir}: no such experiment directory")
+    out = Path(args.out) if args.out else exp / "report"
+    result = replace_dir(out, lambda staging: build_report(exp, out_dir=staging), kind="report", force=args.force)
     counts: dict[str, int] = {}
     for claim in result["claims"]:
         counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
-    print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {result['html']}")
+    print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {out / 'report.html'}")
     for problem in result["problems"]:
         print(f"note: {problem}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# --------------------------------------------------------------------------------------------------
+# main: one line per error
+# --------------------------------------------------------------------------------------------------
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a user's input causes (bad config, data, checkpoint, path, flag)."""
     from .data import DataError
+    from .layout import OutputError
 
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, _UsageError, FileNotFoundError,
+                                         IsADirectoryError, NotADirectoryError, PermissionError, ValueError]
     try:
+        from .submit import SubmitError
+
+        errors.append(SubmitError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"esdbs: error: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:  # --help, or argparse's own exit
+        return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
         print("esdbs: interrupted", file=sys.stderr)
         return 130
+    except _user_errors() as exc:
+        print(f"esdbs: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug or the run itself failing: one line, the traceback kept in a file
+        from .pipeline import RunFailed
+
+        if os.environ.get("ESDBS_DEBUG") == "1":
+            traceback.print_exc()
+            return 1
+        fd, path = tempfile.mkstemp(prefix="esdbs-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            traceback.print_exc(file=fh)
+        kind = "run failed" if isinstance(exc, RunFailed) else f"internal error ({exc.__class__.__name__})"
+        print(f"esdbs: {kind}: {_one_line(exc)} (traceback: {path}; ESDBS_DEBUG=1 prints it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

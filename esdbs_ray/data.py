@@ -305,8 +305,12 @@ def _load_cifar(name: str, data_dir):
             batch = _unpickle(directory / f)
             if b"data" not in batch or label_key not in batch:
                 raise DataError(f"{directory / f}: missing {b'data'!r} or {label_key!r}")
-            x = np.asarray(batch[b"data"], dtype=np.uint8)
-            y = np.asarray(batch[label_key], dtype=np.int64)
+            try:
+                x = np.asarray(batch[b"data"], dtype=np.uint8)
+                y = np.asarray(batch[label_key], dtype=np.int64)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise DataError(f"{directory / f}: {b'data'!r} or {label_key!r} is not an array of numbers "
+                                f"({_reason(exc)})") from None
             if x.ndim != 2 or x.shape[1] != 3072:
                 raise DataError(f"{directory / f}: data has shape {x.shape}, expected (N, 3072)")
             if x.shape[0] != y.shape[0]:
@@ -316,7 +320,13 @@ def _load_cifar(name: str, data_dir):
         return np.concatenate(xs), np.concatenate(ys)
 
     meta = _unpickle(directory / meta_file)
-    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, []))
+    names = meta.get(names_key, [])
+    if not isinstance(names, (list, tuple)):
+        raise DataError(f"{directory / meta_file}: {names_key!r} is a {type(names).__name__}, expected a list of names")
+    try:
+        classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    except UnicodeDecodeError:
+        raise DataError(f"{directory / meta_file}: class names are not UTF-8 text") from None
     train, test = read(train_files), read(test_files)
     for (path, (_, y)) in ((train_files[0], train), (test_files[0], test)):
         if len(classes) and y.max(initial=0) >= len(classes):
@@ -371,7 +381,9 @@ def _read_images(directory: Path, classes: list[str], image_size: int) -> tuple[
                 with Image.open(path) as im:
                     im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
                     xs.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except Image.DecompressionBombError as exc:
+                raise DataError(f"{path}: refused, too many pixels for an image of this kind ({_reason(exc)})") from None
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
                 raise DataError(f"{path}: unreadable image ({_reason(exc)})") from None
             ys.append(label)
     return np.stack(xs), np.asarray(ys, dtype=np.int64)

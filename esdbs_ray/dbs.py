@@ -96,6 +96,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import DBSConfig
+
 __all__ = [
     "PHASES",
     "DBSConfig",
@@ -122,123 +124,6 @@ __all__ = [
 PHASES = ("warmup", "lr", "momentum", "hold", "fixed")
 SCHEDULE_KINDS = ("dbs", "fixed")
 _STATE_VERSION = 2  # 2: fall tolerance, rung restarts, B stays on a plateau
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-
-def _bad(field: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"DBSConfig.{field}={value!r}: {why}")
-
-
-def _as_int(field: str, value: Any) -> int:
-    # Tune / YAML may hand over 128.0; accept integral floats, refuse bools and fractions.
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise _bad(field, value, "must be an integer")
-    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-        raise _bad(field, value, "must be an integer")
-    return int(value)
-
-
-def _as_float(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise _bad(field, value, "must be a number")
-    v = float(value)
-    if not math.isfinite(v):
-        raise _bad(field, value, "must be finite")
-    return v
-
-
-@dataclass(frozen=True)
-class DBSConfig:
-    """Constants of the DBS schedule (paper §3.4 defaults; k and v0 are searched, spec §6)."""
-
-    lr_start: float = 0.01  # warm-up start
-    lr0: float = 0.02  # reference η0 after warm-up
-    m0: float = 0.9  # reference momentum
-    b0: int = 128  # reference batch size B0
-    bmin: int | None = None  # None -> b0 (Algorithm 1 line 2)
-    bmax_cap: int = 1024  # user cap on Bmax
-    warmup_frac: float = 0.1
-    double_every: int = 2  # n: LR doubles every n epochs in the LR phase
-    # "auto": the critical k for (v0, m0, m_max), at which m comes to rest exactly at m_max (spec §4.3):
-    # the paper's k = 1.6 tops m out at 0.9075, less than one 32-step of B.  A number overrides it.
-    k: float | str = "auto"
-    v0: float = 0.5
-    m_max: float = 0.99
-    plateau_patience: int = 5
-    plateau_factor: float = 0.1
-    step: int = 32  # Stepwise multiple
-    collapse_drop: float = 0.1  # absolute val-accuracy drop right after an increase = collapse
-    fall_z: float = 2.0  # a fall must exceed this many standard errors of the val estimate (spec §4.2)
-
-    def __post_init__(self) -> None:
-        set_ = functools.partial(object.__setattr__, self)  # frozen: normalise types in place
-        for name in ("lr_start", "lr0", "m0", "warmup_frac", "v0", "m_max", "plateau_factor",
-                     "collapse_drop", "fall_z"):
-            set_(name, _as_float(name, getattr(self, name)))
-        if self.k != "auto":
-            set_("k", _as_float("k", self.k))
-        for name in ("b0", "bmax_cap", "double_every", "plateau_patience", "step"):
-            set_(name, _as_int(name, getattr(self, name)))
-        if self.bmin is not None:
-            set_("bmin", _as_int("bmin", self.bmin))
-
-        if self.lr0 <= 0:
-            raise _bad("lr0", self.lr0, "must be > 0")
-        if not 0 < self.lr_start <= self.lr0:
-            raise _bad("lr_start", self.lr_start, f"must be in (0, lr0={self.lr0}]")
-        if not 0 <= self.m0 < 1:
-            raise _bad("m0", self.m0, "must be in [0, 1)")
-        if not self.m0 < self.m_max < 1:
-            raise _bad("m_max", self.m_max, f"must be in (m0={self.m0}, 1)")
-        if self.step < 1:
-            raise _bad("step", self.step, "must be >= 1")
-        if self.b0 < 1 or self.b0 % self.step:
-            raise _bad("b0", self.b0, f"must be a positive multiple of step={self.step}")
-        if self.bmin is not None and (self.bmin < 1 or self.bmin % self.step or self.bmin > self.b0):
-            raise _bad("bmin", self.bmin,
-                       f"must be None or a positive multiple of step={self.step} that is <= b0={self.b0}")
-        if self.bmax_cap < 1:
-            raise _bad("bmax_cap", self.bmax_cap, "must be >= 1")
-        if not 0 <= self.warmup_frac < 1:
-            raise _bad("warmup_frac", self.warmup_frac, "must be in [0, 1)")
-        if self.double_every < 1:
-            raise _bad("double_every", self.double_every, "must be >= 1")
-        if self.k != "auto" and self.k < 0:
-            raise _bad("k", self.k, "must be 'auto' or a number >= 0")
-        if self.fall_z < 0:
-            raise _bad("fall_z", self.fall_z, "must be >= 0 (0: any dip below the previous best is a fall)")
-        if self.v0 < 0:
-            raise _bad("v0", self.v0, "must be >= 0 (momentum never decreases)")
-        if self.plateau_patience < 1:
-            raise _bad("plateau_patience", self.plateau_patience, "must be >= 1")
-        if not 0 < self.plateau_factor <= 1:
-            raise _bad("plateau_factor", self.plateau_factor, "must be in (0, 1]")
-        if not 0 < self.collapse_drop <= 1:
-            raise _bad("collapse_drop", self.collapse_drop, "must be in (0, 1]")
-
-    @property
-    def bmin_eff(self) -> int:
-        return self.b0 if self.bmin is None else self.bmin
-
-    @property
-    def k_value(self) -> float:
-        """k as a number: "auto" is :func:`critical_k` (v0, m0, m_max)."""
-        return critical_k(self.v0, self.m0, self.m_max) if self.k == "auto" else float(self.k)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DBSConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown DBSConfig key(s) {unknown}; valid keys: {valid}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 # ----------------------------------------------------------------------------------------------
 # The batch formula

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_names import MODEL_NAMES
+
 __all__ = ["ReLUConv2d", "register_model", "create_model", "list_models", "MODEL_REGISTRY"]
 
 
@@ -44,6 +46,9 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     def deco(fn: ModelBuilder) -> ModelBuilder:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
+        if name not in MODEL_NAMES:
+            raise ValueError(f"model {name!r} is not listed in esdbs_ray/model_names.py (config validation "
+                             "checks names there without importing torch): add it")
         MODEL_REGISTRY[name] = fn
         return fn
 

@@ -142,7 +142,9 @@ _resolve = storage.filesystem
 
 def predictions_dir(experiment_dir: str | os.PathLike) -> str:
     """``<experiment_dir>/predictions``: where the trainer writes and the stacker reads."""
-    return join_path(experiment_dir, "predictions")
+    from .layout import ExperimentLayout
+
+    return ExperimentLayout(str(experiment_dir)).predictions
 
 
 def _safe_name(s: str) -> str:
@@ -155,10 +157,12 @@ def prediction_path(experiment_dir: str | os.PathLike, member: str, target_spars
     One file per (member, rung) holding both splits; a later epoch of the same rung overwrites it
     (atomically), so the file always holds the rung's latest predictions.
     """
+    from .layout import ExperimentLayout
+
     ts = float(target_sparsity)
     if not 0.0 <= ts <= 1.0:
         raise PredictionsError(f"target_sparsity must be a fraction in [0, 1], got {target_sparsity}")
-    return join_path(predictions_dir(experiment_dir), f"{_safe_name(member)}-ts{round(ts * 1000):04d}.parquet")
+    return ExperimentLayout(str(experiment_dir)).prediction(member, ts)
 
 
 # ----------------------------------------------------------------------------------------------------

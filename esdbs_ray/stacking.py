@@ -493,7 +493,7 @@ def tune_accuracy_search(
         storage_path = storage.normalize(storage_path)
     try:
         if not ray.is_initialized():
-            from esdbs_ray.pipeline import init_ray  # $RAY_ADDRESS, else a local Ray on loopback
+            from esdbs_ray.ray_env import init_ray  # $RAY_ADDRESS, else a local Ray on loopback
 
             init_ray(num_cpus=(ray_init_kwargs or {}).get("num_cpus"))
             started = True
@@ -775,7 +775,9 @@ def stack_experiment(
     result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = json.dumps(result, indent=2, allow_nan=False, default=_pred._json_default).encode()
-    _pred.atomic_write_bytes(output if output is not None else _pred.join_path(exp, "stacking.json"), data)
+    from .layout import ExperimentLayout
+
+    _pred.atomic_write_bytes(output if output is not None else ExperimentLayout(exp).stacking(), data)
     return result
 
 

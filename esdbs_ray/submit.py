@@ -65,41 +65,6 @@ def job_runtime_env() -> dict:
     return {**JOB_RUNTIME_ENV, "env_vars": {**JOB_RUNTIME_ENV["env_vars"], "ESDBS_GIT_REVISION": git_revision()}}
 
 
-def run_job(parser, a, build, *, missing: str | None = None, name: str | None = None,
-            dataset: str | None = None) -> int:
-    """The shared body of every jobs/ entry point.
-
-    ``--print-runtime-env`` prints :func:`job_runtime_env` (run it where you submit from: it stamps
-    your checkout's revision); else ``missing`` (a required-argument message) stops with a usage
-    error; else ``build(config_path)`` gives the ``esdbs`` command lines -- ``config_path`` is a
-    ``{name, dataset}`` YAML when ``name`` is given -- which are printed and run in order (only
-    printed with ``--dry-run``)."""
-    import json
-    import tempfile
-
-    if a.print_runtime_env:
-        print(json.dumps(job_runtime_env()))
-        return 0
-    if missing:
-        parser.error(missing)
-    with tempfile.TemporaryDirectory(prefix="esdbs-job-") as tmp:
-        config = None
-        if name is not None:
-            config = Path(tmp) / "dataset.yaml"
-            config.write_text(json.dumps({"name": name, "dataset": dataset}) + "\n")  # JSON is YAML
-        try:
-            runs = build(str(config) if config else None)
-        except SubmitError as exc:
-            parser.error(str(exc))
-        from .cli import main as esdbs
-
-        for args in runs:
-            print("esdbs " + " ".join(args), flush=True)
-            if not a.dry_run and (rc := esdbs(args)):
-                return rc
-    return 0
-
-
 def entrypoint(run_args: Sequence[str]) -> str:
     return "python -m esdbs_ray.cli run " + shlex.join(list(run_args))
 

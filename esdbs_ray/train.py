@@ -21,10 +21,8 @@ README and tests/test_train.py).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -33,106 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import storage
+from .config import TrainConfig
 from .data import BatchIterator, DatasetBundle
-from .dbs import DBSConfig, build_schedule
-from .models import create_model, list_models
+from .dbs import build_schedule
+from .layout import RunLayout
+from .models import create_model
 from .pruning import sparsity_accounting
 
-CONVS = ("spatial", "winograd_relu")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("fixed", "dbs")
-DEVICES = ("auto", "cpu", "cuda")
-CHECKPOINT = "checkpoint.pt"
-
-
-# --------------------------------------------------------------------------------------------------
-# Config: frozen, built once at the edge (CLI, YAML, Tune dict), travels into every checkpoint
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    subset: int | None = None  # stratified training subset for smoke runs
-    test_subset: int | None = None
-    val_fraction: float = 0.1
-    image_size: int = 64  # image folders only
-    model: str = "alexnet"
-    width: float = 1.0  # channel multiplier (1.0 = published widths)
-    dropout: float = 0.0
-    conv: str = "spatial"  # spatial | winograd_relu
-    optimizer: str = "sgd"
-    # L2 rate in the paper's (Keras) convention, loss += l2 * sum(w^2) over conv weights, i.e. an
-    # SGD weight decay of 2 * l2 on convolution weights (spatial or Winograd-domain) only.
-    l2: float = 0.0
-    epochs: int = 10  # dense epochs before the sparsity ladder
-    schedule: str = "fixed"  # fixed | dbs
-    dbs: DBSConfig = field(default_factory=DBSConfig)  # lr/momentum/B0/warm-up/plateau for both schedules
-    sparsity_ladder: tuple[float, ...] = ()
-    retrain_epochs: int = 2
-    seed: int = 0
-    threads: int | None = None
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    eval_batch_size: int = 1000
-    kernel_layer: int = 0  # which Winograd layer Fig. 5a shows
-
-    def __post_init__(self):
-        _choice("model", self.model, list_models())
-        _choice("conv", self.conv, CONVS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        for name in ("epochs", "retrain_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.epochs + len(self.sparsity_ladder) * self.retrain_epochs < 1:
-            raise ValueError("nothing to train: epochs + len(sparsity_ladder) * retrain_epochs must be >= 1")
-        if self.l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {self.l2}")
-        if self.sparsity_ladder and self.retrain_epochs < 1:
-            raise ValueError("retrain_epochs must be >= 1 when sparsity_ladder is set (each rung retrains)")
-        ladder = tuple(float(s) for s in self.sparsity_ladder)
-        if any(not 0.0 < s < 1.0 for s in ladder) or list(ladder) != sorted(set(ladder)):
-            raise ValueError(f"sparsity_ladder must be strictly increasing values in (0, 1), got {list(ladder)}")
-        object.__setattr__(self, "sparsity_ladder", ladder)
-
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs + len(self.sparsity_ladder) * self.retrain_epochs
-
-    def rung_starts(self) -> list[int]:
-        """First epoch of each ladder rung (where the trainer prunes and the schedule restarts)."""
-        return [self.epochs + i * self.retrain_epochs for i in range(len(self.sparsity_ladder))]
-
-    def rung_ends(self) -> dict[int, float]:
-        """Last epoch of each rung -> its target sparsity (0.0 for the dense phase, if it has epochs)."""
-        ends = {self.epochs - 1: 0.0} if self.epochs else {}
-        for i, s in enumerate(self.sparsity_ladder):
-            ends[self.epochs + (i + 1) * self.retrain_epochs - 1] = s
-        return ends
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sparsity_ladder"] = list(self.sparsity_ladder)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown train option(s) {unknown}; valid: {sorted(known)}")
-        if isinstance(d.get("dbs"), dict):
-            d["dbs"] = DBSConfig.from_dict(d["dbs"])
-        if "sparsity_ladder" in d:
-            d["sparsity_ladder"] = tuple(d["sparsity_ladder"] or ())
-        return cls(**d)
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unsupported {name} {value!r}; choose one of: {', '.join(choices)}")
+CHECKPOINT = RunLayout.CHECKPOINT
+_CHECKPOINT_KEYS = {"model", "optimizer", "schedule", "train_batches", "rng", "config", "state"}
+__all__ = ["TrainConfig", "train", "evaluate", "build_model", "build_optimizer", "PrintHooks", "Hooks", "CHECKPOINT"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,15 +192,18 @@ def train(
     variant: str | None = None,
     provenance: dict | None = None,
     stop_after_epoch: int | None = None,
+    device: str | None = None,
 ) -> dict:
     """Train per ``cfg`` and return the summary (also written to ``out_dir/summary.json``).
 
     ``resume_from``: a checkpoint file or a directory holding ``checkpoint.pt``.  ``predictions_root``:
     the experiment directory (local path or URI) whose ``predictions/`` receives each rung's Parquet.  ``stop_after_epoch`` ends the run
-    after that epoch index as if interrupted (tests of resumption).
+    after that epoch index as if interrupted (tests of resumption).  ``device`` overrides ``cfg.device``
+    (the Tune adapter passes the device Ray assigned; it is not part of the run's identity).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run = RunLayout(out_dir)
     hooks = hooks or PrintHooks()
     member = member or cfg.model
     provenance = provenance or {}
@@ -301,7 +212,7 @@ def train(
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = pick_device(device or cfg.device)
     amp = cfg.amp and device.type == "cuda"
     if device.type == "cpu" and cfg.conv == "winograd_relu":
         from .winograd import tune_cpu_allocator
@@ -328,6 +239,10 @@ def train(
         ckpt_path = Path(resume_from)
         ckpt_path = ckpt_path / CHECKPOINT if ckpt_path.is_dir() else ckpt_path
         ckpt = storage.load_torch(ckpt_path)
+        missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"{ckpt_path}: not an esdbs checkpoint ("
+                             + (f"a {type(ckpt).__name__}, not a dict" if missing is None else f"lacks {missing}") + ")")
         if ckpt.get("config") != cfg.to_dict():
             raise ValueError(f"{ckpt_path}: checkpoint was written by a different config; refusing to resume")
         model.load_state_dict(ckpt["model"])
@@ -339,7 +254,7 @@ def train(
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=state["epoch"])
+    writer = SummaryWriter(str(run.tensorboard), purge_step=state["epoch"])
     rung_ends = cfg.rung_ends()
 
     for epoch in range(state["epoch"], cfg.total_epochs):
@@ -417,11 +332,11 @@ def train(
                                 record, writer, state, predictions_root, member, variant, provenance)
             hooks.on_rung(rung)
             if epoch == cfg.total_epochs - 1 and state["kernels"]:
-                _kernel_figure(out_dir, state["kernels"], writer, epoch)
+                _kernel_figure(run.kernels, state["kernels"], writer, epoch)
 
         # --- checkpoint (atomic), then tell the caller
         state["epoch"] = epoch + 1
-        ckpt_path = out_dir / CHECKPOINT
+        ckpt_path = run.checkpoint
         storage.save_torch(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "train_batches": train_batches.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
@@ -436,7 +351,7 @@ def train(
     # --- final: summary.json and the kernel figure
     summary = _summary(cfg, data, state, pruner, provenance, member, variant, device)
     writer.close()
-    storage.write_json(out_dir / "summary.json", summary)
+    storage.write_json(run.summary, summary)
     return summary
 
 
@@ -502,10 +417,10 @@ def _rung_epoch_seconds(history: list[dict], n: int, skip_first: bool) -> float:
     return sum(h["epoch_seconds"] for h in epochs) / len(epochs)
 
 
-def _kernel_figure(out_dir: Path, kernels: dict, writer, step: int) -> None:
+def _kernel_figure(path: Path, kernels: dict, writer, step: int) -> None:
     from .winograd import plot_winograd_kernels
 
-    image = plot_winograd_kernels(kernels, out_dir / "kernels.png")
+    image = plot_winograd_kernels(kernels, path)
     writer.add_image("winograd_kernels", image, step, dataformats="HWC")
 
 

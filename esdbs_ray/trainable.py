@@ -1,12 +1,14 @@
 """The thin Ray Tune adapter around :func:`esdbs_ray.train.train`.
 
 A function trainable: it restores from ``tune.get_checkpoint()``, trains, and turns the trainer's hooks
-into ``tune.report(metrics, checkpoint=...)`` once per epoch (and marks rung ends in the metrics).
-Everything about *how* to train lives in ``train.py``; this file only knows Tune.
+into ``tune.report(metrics, checkpoint=...)`` once per epoch.  Everything about *how* to train lives in
+``train.py``; this file only knows Tune.  Trials arrive as a member name (Tune's whole config, so its
+tables and result files stay readable); the typed :class:`~esdbs_ray.config.TrialSpec` comes through
+``tune.with_parameters``.
 
-Artifacts: the trainer writes TensorBoard events and ``summary.json`` into the trial's working
-directory, which Tune uploads to the trial directory under ``storage_path`` (``SyncConfig(
-sync_artifacts=True)``); Parquet predictions go straight to ``<experiment>/predictions/`` through
+Artifacts: the trainer writes TensorBoard events into the trial's working directory, which Tune
+uploads to the trial directory under ``storage_path`` (``SyncConfig(sync_artifacts=True)``); Parquet
+predictions and the trainer's own summary go straight to the experiment directory through
 ``pyarrow.fs``; checkpoints travel through Tune's checkpoint mechanism.  So a multi-node run needs
 only a shared ``storage_path``.
 """
@@ -20,7 +22,10 @@ from pathlib import Path
 from ray import tune
 
 from . import storage
-from .train import CHECKPOINT, TrainConfig, train
+from .config import TrainConfig, TrialSpec, validate
+from .layout import ExperimentLayout
+from .ray_env import trial_device
+from .train import CHECKPOINT, train
 
 
 class TuneHooks:
@@ -46,16 +51,16 @@ class TuneHooks:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def train_member(config: dict, *, data, experiment_dir: str | None, provenance: dict) -> None:
-    """Tune entry point: ``config["trial"] = {"member": id, "train": TrainConfig dict, "variant": name}``."""
-    config = config.get("trial", config)
-    cfg = TrainConfig.from_dict(config["train"])
-    member = config["member"]
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, group: str | None,
+         provenance: dict) -> dict:
+    resources = tune.get_context().get_trial_resources().required_resources
     if not cfg.threads:
         import torch
 
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    # The device is what Ray assigned, not what is visible: a zero-GPU trial on a GPU node trains on
+    # its CPUs (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for it).
+    device = trial_device(cfg.device, resources.get("GPU", 0.0))
     workdir = Path(os.getcwd())  # Tune's trial working directory (synced to storage as artifacts)
     resume_from = None
     checkpoint = tune.get_checkpoint()
@@ -63,24 +68,23 @@ def train_member(config: dict, *, data, experiment_dir: str | None, provenance: 
         with checkpoint.as_directory() as d:
             resume_from = workdir / "resume-checkpoint.pt"
             shutil.copy2(Path(d) / CHECKPOINT, resume_from)
-    summary = train(
-        cfg, data, workdir, hooks=TuneHooks(member), resume_from=resume_from,
-        predictions_root=experiment_dir, member=member, variant=config.get("group", config.get("variant")), provenance=provenance,
-    )
-    if experiment_dir is not None:
-        # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
-        # shared experiment directory, like the predictions: the driver reads it back, not Tune's
-        # flattened metrics.
-        summary.update(variant=config["variant"], group=config.get("group", config["variant"]),
-                       batch_size=config.get("batch_size"))
-        storage.write_json(storage.join(experiment_dir, "members", f"{member}.json"), summary)
+    return train(cfg, data, workdir, hooks=TuneHooks(member), resume_from=resume_from, device=device,
+                 predictions_root=experiment_dir, member=member, variant=group, provenance=provenance)
+
+
+def train_member(config: dict, *, specs: dict[str, TrialSpec], data, experiment_dir: str, provenance: dict) -> None:
+    """Tune entry point of the base stage: ``config = {"member": name}``."""
+    spec = specs[config["member"]]
+    summary = _run(spec.train, spec.member, data=data, experiment_dir=experiment_dir, group=spec.group,
+                   provenance=provenance)
+    # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
+    # shared experiment directory, like the predictions: the driver reads it back, not Tune's
+    # flattened metrics.
+    summary.update(variant=spec.variant, group=spec.group, batch_size=spec.batch_size, config=spec.train.to_dict())
+    storage.write_json(ExperimentLayout(experiment_dir).member(spec.member), summary)
 
 
 def train_dbs_trial(config: dict, *, data, base: dict, provenance: dict) -> None:
     """Tune entry point of the DBS-constant search: ``config`` holds the sampled DBS constants."""
-    train_cfg = dict(base)
-    dbs = dict(train_cfg.get("dbs") or {})
-    dbs.update(config)
-    train_cfg["dbs"] = dbs
-    train_member({"member": "dbs-search", "variant": "SWR-CNN+DBS", "train": train_cfg},
-                 data=data, experiment_dir=None, provenance=provenance)
+    cfg = validate(TrainConfig, {**base, "dbs": {**(base.get("dbs") or {}), **config}}, "dbs_search sample")
+    _run(cfg, "dbs-search", data=data, experiment_dir=None, group="SWR-CNN+DBS", provenance=provenance)

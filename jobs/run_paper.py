@@ -1,4 +1,5 @@
-"""Ray Job: the whole method at the paper's scale (preset ``paper``) on one dataset.
+"""Ray Job: the paper's experiment on one dataset (preset ``paper-<dataset>``: its variants x members,
+the sparsity ladder and the batch sweep beside DBS -- 42 Tune trials at the paper's scale).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env-json "$(python jobs/run_paper.py --print-runtime-env)" -- \\
@@ -22,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
 
-from esdbs_ray.submit import (  # noqa: E402
-    EXCLUDES, JOB_RUNTIME_ENV as RUNTIME_ENV, SubmitError, job_runtime_env as runtime_env, require_shared_path, run_job,
+from jobs._support import (  # noqa: E402
+    EXCLUDES, RUNTIME_ENV, SubmitError, job_runtime_env as runtime_env, require_shared_path, run_job,
 )
 DATASETS = ("fashion-mnist", "cifar10", "cifar100")
 
@@ -31,8 +32,10 @@ DATASETS = ("fashion-mnist", "cifar10", "cifar100")
 def esdbs_argv(a: argparse.Namespace, config_path: str) -> list[str]:
     if a.resume:
         return ["run", "--resume", require_shared_path("--resume", a.resume), "--quiet"]
-    argv = ["run", "--preset", "smoke" if a.smoke else "paper", "--config", config_path,
+    argv = ["run", "--preset", "smoke" if a.smoke else f"paper-{a.dataset}",
             "--out", require_shared_path("--out", a.out), "--quiet"]
+    if a.smoke:  # the smoke preset is Fashion-MNIST's; say which dataset it runs on
+        argv[3:3] = ["--config", config_path]
     if a.data_dir:
         argv += ["--data-dir", a.data_dir]
     if a.dbs_constants:
@@ -54,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the esdbs command line and stop")
     p.add_argument("--print-runtime-env", action="store_true", help="print RUNTIME_ENV as JSON and stop")
     a = p.parse_args(argv)
-    name = f"{'smoke' if a.smoke else 'paper'}-{a.dataset}"
     return run_job(p, a, lambda config: [esdbs_argv(a, config)],
                    missing=None if (a.out or a.resume) else "--out (or --resume) is required",
-                   name=name, dataset=a.dataset)
+                   name=f"smoke-{a.dataset}", dataset=a.dataset)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working_dir
 
-from esdbs_ray.submit import (  # noqa: E402
-    EXCLUDES, JOB_RUNTIME_ENV as RUNTIME_ENV, SubmitError, job_runtime_env as runtime_env, require_shared_path, run_job,
+from jobs._support import (  # noqa: E402
+    EXCLUDES, RUNTIME_ENV, SubmitError, job_runtime_env as runtime_env, require_shared_path, run_job,
 )
 
 
 def _has_summary(experiment: str) -> bool:
     from esdbs_ray import storage
+    from esdbs_ray.layout import ExperimentLayout
 
     try:
-        storage.read_bytes(storage.join(experiment, "summary.json"))
+        storage.read_bytes(ExperimentLayout.at(experiment).summary)
         return True
     except (FileNotFoundError, OSError):
         return False

@@ -30,7 +30,7 @@ SETS = ["train.width=0.125", "train.sparsity_ladder=[0.3,0.6]", "batch_sweep.bat
 
 
 def build_config(sets=None, preset="paper-fashion-mnist"):
-    from esdbs_ray.pipeline import build_config as _build
+    from esdbs_ray.config import build_config as _build
 
     return _build(preset, None, {"subset": N_TRAIN, "test_subset": 600}, sets=list(SETS if sets is None else sets))
 
@@ -77,7 +77,7 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
     ``quality`` overrides entries of :data:`QUALITY` (per variant logit margin)."""
     q = {**QUALITY, **(quality or {})}
     from esdbs_ray import predictions as pred
-    from esdbs_ray.pipeline import _slug
+    from esdbs_ray.config import slug as _slug
     from esdbs_ray.stacking import stack_experiment
 
     root = Path(root)
@@ -85,7 +85,7 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
     cfg = build_config(sets)
     cfgd = cfg.to_dict()
     (root / "config.yaml").write_text(yaml.safe_dump(cfgd, sort_keys=False))
-    trials = cfg.trials()
+    trials = [t.model_dump(mode="json") for t in cfg.trials()]  # plain dicts, as in Tune's files
     rng = np.random.default_rng(seed)
     val_idx = np.sort(rng.choice(N_TRAIN, n_val, replace=False))
     test_idx = np.arange(n_test)

@@ -110,7 +110,8 @@ def test_trials_spread_over_two_nodes_and_a_removed_nodes_trial_moves(tmp_path, 
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    from esdbs_ray.pipeline import build_config, run_pipeline
+    from esdbs_ray.config import build_config
+    from esdbs_ray.pipeline import run_pipeline
 
     assert not ray.is_initialized()
     monkeypatch.setattr(rc, "ENABLE_RAY_CLUSTER", False)  # in case Ray was imported before the env var was set

@@ -516,18 +516,20 @@ def test_plan_continues_improving_after_short_sequence():
     ("b0", 100), ("b0", 0), ("bmin", 48), ("bmin", 256), ("bmax_cap", 0), ("warmup_frac", 1.0),
     ("double_every", 0), ("k", -0.1), ("v0", -0.5), ("plateau_patience", 0), ("plateau_factor", 0.0),
     ("plateau_factor", 1.5), ("step", 0), ("collapse_drop", 0.0), ("b0", 128.5), ("b0", True),
-    ("lr0", "0.02"), ("k", float("nan")),
+    ("lr0", "0.02"), ("k", float("nan")), ("fall_z", -1.0), ("k", "fast"),
 ])
 def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"DBSConfig\.{field}="):
-        DBSConfig(**{field: value})
+    from esdbs_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^(train\.dbs\.{field}=|train\.dbs: {field}=)"):
+        DBSConfig.from_dict({field: value}, "train.dbs")
 
 
 def test_config_dict_round_trip_and_unknown_keys():
     cfg = DBSConfig(k=0.05, b0=256.0)  # integral float accepted, stored as int
     assert cfg.b0 == 256 and isinstance(cfg.b0, int)
     assert DBSConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match=r"unknown DBSConfig key\(s\) \['kk'\].*valid keys"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'kk'; valid keys: lr_start, lr0"):
         DBSConfig.from_dict({"kk": 1.0})
 
 

@@ -44,6 +44,15 @@ def test_duplicate_and_unknown_names():
         register_model("alexnet")(lambda **kw: None)
     with pytest.raises(ValueError, match="unknown model 'lenet'.*alexnet"):
         create_model("lenet", num_classes=10, in_channels=1, image_size=28)
+    with pytest.raises(ValueError, match="model_names.py"):
+        register_model("lenet")(lambda **kw: None)
+
+
+def test_the_torch_free_name_list_is_the_registry():
+    """Config validation checks names against model_names.MODEL_NAMES without importing torch."""
+    from esdbs_ray.model_names import MODEL_NAMES
+
+    assert sorted(MODEL_NAMES) == list_models()
 
 
 def test_width_scales_parameters():

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from esdbs_ray.pipeline import PRESETS, ConfigError, PipelineConfig, build_config, run_pipeline
-from esdbs_ray.train import TrainConfig
+from esdbs_ray.config import ConfigError, PipelineConfig, TrainConfig, build_config
+from esdbs_ray.pipeline import run_pipeline
+from esdbs_ray.presets import PRESETS
 
 pytestmark = pytest.mark.slow
 MEMBERS = ("alexnet", "convpool_cnn_c", "all_cnn_c")
@@ -89,16 +90,16 @@ def test_unknown_yaml_key_is_refused_and_out_untouched(tmp_path):
     assert r.returncode == 2 and "epochz" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "run", "--preset", "smoke", "--out", str(out)],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "already exists" in r.stderr
+    assert r.returncode == 2 and "holds files esdbs did not write" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"variants": ["SWR-CNN", "XYZ"]}, "unsupported variant 'XYZ'"),
+    ({"variants": ["SWR-CNN", "XYZ"]}, r"variants.1='XYZ': Input should be 'C-CNN', .* or 'SWR-CNN\+DBS'"),
     ({"members": ["alexnet"]}, "at least two members"),
-    ({"members": ["alexnet", "lenet"]}, "unsupported model 'lenet'.*alexnet"),
+    ({"members": ["alexnet", "lenet"]}, "members.1.model='lenet': unsupported model; choose one of: alexnet"),
     ({"train": {"model": "vgg16"}}, "set by the pipeline"),
-    ({"resources": {"cpus_per_trial": 0}}, "cpus_per_trial must be > 0"),
+    ({"resources": {"cpus_per_trial": 0}}, "resources.cpus_per_trial=0: must be > 0"),
     ({"train": {"dbs": {"k": "fast"}}}, "k"),
 ])
 def test_bad_config_values(bad, match):
@@ -122,9 +123,9 @@ def test_every_preset_builds_valid_trials(preset):
     cfg = build_config(preset)
     assert PipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
     trials = cfg.trials()
-    assert trials and len({t["member"] for t in trials}) == len(trials)
+    assert trials and len({t.member for t in trials}) == len(trials)
     for t in trials:
-        TrainConfig.from_dict(t["train"])  # raises on an invalid value
+        TrainConfig.from_dict(t.train.to_dict())  # raises on an invalid value
     if preset.startswith("paper-"):  # spec section 1: all four variants, the sweep beside DBS
         assert set(cfg.variants) == {"C-CNN", "SC-CNN", "SWR-CNN", "SWR-CNN+DBS"}
         groups = {g["group"] for g in cfg.groups()}
@@ -144,7 +145,7 @@ def _terminated_trials(exp: Path) -> list[str]:
         for trial_json, _ in state["trial_data"]:
             trial = json.loads(trial_json)
             if trial["status"] == "TERMINATED":
-                done.append(trial["config"]["trial"]["member"])
+                done.append(trial["config"]["member"])
     return done
 
 
@@ -195,13 +196,15 @@ def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
 
     from esdbs_ray.cli import load_dbs_constants
     from esdbs_ray.data import load_dataset
-    from esdbs_ray.pipeline import init_ray, run_dbs_search
+    from esdbs_ray.layout import ExperimentLayout
+    from esdbs_ray.pipeline import run_dbs_search
+    from esdbs_ray.ray_env import init_ray
 
     cfg = build_config("smoke", None, {"dbs_search": {"model": "alexnet", "num_samples": 3, "epochs": 2,
                                                       "grace_period": 1}})
     data = load_dataset(cfg.dataset, subset=cfg.subset, test_subset=cfg.test_subset, seed=cfg.seed)
     init_ray(ray_address)
-    record = run_dbs_search(cfg, str(tmp_path), data, progress=False)
+    record = run_dbs_search(cfg, ExperimentLayout.at(tmp_path), data, progress=False)
     assert len(record["trials"]) == 3 and all(t["val_accuracy"] is not None for t in record["trials"])
     # the objective is the last epoch of the budget, among the trials that ran all of it (spec §6)
     finished = [t for t in record["trials"] if t["completed"]]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from esdbs_ray.dbs import DBSConfig
+from esdbs_ray.config import ConfigError, DBSConfig
 from esdbs_ray.train import TB_SCALARS, TrainConfig, build_model, train
 
 
@@ -108,12 +108,14 @@ def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data):
 
 
 def test_config_validation_names_the_problem():
-    with pytest.raises(ValueError, match="unsupported conv 'fft'; choose one of: spatial, winograd_relu"):
-        TrainConfig(conv="fft")
-    with pytest.raises(ValueError, match="sparsity_ladder"):
-        TrainConfig(sparsity_ladder=(0.5, 0.3))
-    with pytest.raises(ValueError, match=r"unknown train option\(s\) \['epoch'\]"):
+    with pytest.raises(ConfigError, match=r"^conv='fft': Input should be 'spatial' or 'winograd_relu'$"):
+        TrainConfig.from_dict({"conv": "fft"})
+    with pytest.raises(ConfigError, match=r"sparsity_ladder=\[0.5, 0.3\]: must be strictly increasing"):
+        TrainConfig.from_dict({"sparsity_ladder": [0.5, 0.3]})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'epoch'; valid keys: width, dropout"):
         TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match=r"retrain_epochs must be >= 1 when sparsity_ladder is set"):
+        TrainConfig.from_dict({"sparsity_ladder": [0.5], "retrain_epochs": 0})
 
 
 @pytest.mark.slow
@@ -136,4 +138,4 @@ def test_train_one_cli_done_when(tmp_path):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     again = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "train-one", "--epochs", "1", "--out", str(out)],
                            capture_output=True, text=True)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "already holds an esdbs run" in again.stderr and "--resume" in again.stderr

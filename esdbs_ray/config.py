@@ -1,0 +1,717 @@
+"""Every setting of esdbs, as typed, frozen pydantic models validated once at the edge.
+
+One validation of the whole config -- CLI flags, YAML, ``--set``, ``--scale``, a Tune dict -- happens
+before anything is written or Ray starts, and a bad value ends with one line that names the key path,
+the value and what is allowed::
+
+    esdbs: error: train.dbs.b0=100: must be a positive multiple of step=32
+    esdbs: error: stack.choose='best': Input should be 'nll_optimal', 'accuracy_search', ...
+
+Models (``extra="forbid"``: an unknown key is an error that lists the valid ones):
+
+* :class:`DBSConfig`      the schedule's constants (spec §4), used by ``dbs.py``;
+* :class:`TrainSettings`  what a pipeline's ``train:`` block may set (every trial's template);
+* :class:`TrainConfig`    one trial: the settings plus the per-trial keys the pipeline fills in
+                          (model, conv, schedule, dataset, seed, ...), saved in every checkpoint;
+* :class:`PipelineConfig` the whole method (members x variants, batch sweep, stacking, resources,
+                          the DBS search) with cross-field checks (stacking sparsity on the ladder,
+                          a stacked variant needs two members, every trial's TrainConfig valid).
+
+Also here: YAML loading, ``--set KEY=VALUE``, ``--scale``, and :func:`build_config` (preset, then YAML,
+then flags).  This module imports neither torch nor Ray, so rejecting a config is quick
+(``esdbs config --schema`` prints the JSON Schema for editor completion).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      model_validator)
+
+from .model_names import MODEL_NAMES
+
+__all__ = [
+    "ConfigError", "DBSConfig", "TrainSettings", "TrainConfig", "MemberSpec", "ResourcesConfig", "StackConfig",
+    "DBSSearchConfig", "BatchSweepConfig", "PipelineConfig", "TrialSpec", "VARIANTS", "BASE_VARIANTS",
+    "parse_variant", "format_validation_error", "validate", "load_yaml", "set_dotted", "apply_scale",
+    "build_config", "json_schema", "PER_TRIAL_KEYS",
+]
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message names the key path, the value and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Value types: numbers are numbers (not bools, not strings), integers are whole, floats are finite
+# --------------------------------------------------------------------------------------------------
+def _number(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_numpy_number(v):
+        raise ValueError("must be a number")
+    return v
+
+
+def _integer(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_numpy_number(v):
+        raise ValueError("must be an integer")
+    if isinstance(v, float) or (_is_numpy_number(v) and not float(v).is_integer()):
+        if not math.isfinite(float(v)) or not float(v).is_integer():
+            raise ValueError("must be an integer")
+    return int(v)  # Tune and YAML may hand over 128.0
+
+
+def _is_numpy_number(v: Any) -> bool:
+    return type(v).__module__ == "numpy" and hasattr(v, "dtype") and v.dtype.kind in "iuf"
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be finite")
+    return v
+
+
+def _strict_bool(v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _auto_or_number(v: Any) -> Any:
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_numpy_number(v):
+        raise ValueError("must be 'auto' or a number")
+    return v
+
+
+AutoOr = BeforeValidator(_auto_or_number)
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    def check(v):
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise ValueError(f"must be {'>' if lo_open else '>='} {lo:g}")
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            raise ValueError(f"must be {'<' if hi_open else '<='} {hi:g}")
+        return v
+    return AfterValidator(check)
+
+
+Float = Annotated[float, BeforeValidator(_number), AfterValidator(_finite)]
+Int = Annotated[int, BeforeValidator(_integer)]
+Bool = Annotated[bool, BeforeValidator(_strict_bool)]
+Fraction = Annotated[Float, _range(0.0, 1.0, hi_open=True)]  # [0, 1)
+OpenFraction = Annotated[Float, _range(0.0, 1.0, lo_open=True, hi_open=True)]  # (0, 1)
+PosFloat = Annotated[Float, _range(0.0, lo_open=True)]
+NonNegFloat = Annotated[Float, _range(0.0)]
+PosInt = Annotated[Int, _range(1)]
+NonNegInt = Annotated[Int, _range(0)]
+
+
+class _Model(BaseModel):
+    """Frozen, strict about keys; errors list the valid keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+                                 f"{', '.join(cls.model_fields)}")
+        elif not isinstance(data, cls):
+            raise ValueError(f"expected a mapping, got {type(data).__name__}")
+        return data
+
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML types (tuples as lists)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = ""):
+        return validate(cls, d, where)
+
+    def replace(self, **changes):
+        """A validated copy with ``changes`` (``model_copy`` would skip validation)."""
+        return validate(type(self), {**self.model_dump(), **changes})
+
+
+def format_validation_error(exc: ValidationError, where: str = "") -> str:
+    """One line per pydantic error -- ``key.path=value: what is allowed`` -- joined by '; '."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "lax-or", "json-or")))]
+        # union branches add their type names to the location; they say nothing to a user
+        loc = [x for x in loc if x not in ("float", "int", "str", "literal['auto']", "constrained-float")]
+        key = ".".join(([where] if where else []) + loc)
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if not loc:  # a whole-model check: its message names the keys itself
+            parts.append(f"{where}: {msg}" if where else msg)
+        elif err["type"] in ("missing",):
+            parts.append(f"{key}: missing (required)")
+        elif err["type"] == "value_error" and msg.startswith("unknown key"):
+            parts.append(f"{key or 'config'}: {msg}")
+        elif "input" in err and not isinstance(err["input"], dict):
+            parts.append(f"{key}={err['input']!r}: {msg}")
+        else:
+            parts.append(f"{key or 'config'}: {msg}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def validate(cls, data: Any, where: str = ""):
+    """``cls.model_validate(data)``, with a :class:`ConfigError` naming the key path on failure."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# DBS (spec §4)
+# --------------------------------------------------------------------------------------------------
+class DBSConfig(_Model):
+    """Constants of the DBS schedule (paper §3.4 defaults; k and v0 are searched, spec §6)."""
+
+    lr_start: PosFloat = 0.01  # warm-up start
+    lr0: PosFloat = 0.02  # reference η0 after warm-up
+    m0: Fraction = 0.9  # reference momentum
+    b0: PosInt = 128  # reference batch size B0
+    bmin: PosInt | None = None  # None -> b0 (Algorithm 1 line 2)
+    bmax_cap: PosInt = 1024  # user cap on Bmax
+    warmup_frac: Fraction = 0.1
+    double_every: PosInt = 2  # n: LR doubles every n epochs in the LR phase
+    # "auto": the critical k for (v0, m0, m_max), at which m comes to rest exactly at m_max (spec §4.3):
+    # the paper's k = 1.6 tops m out at 0.9075, less than one 32-step of B.  A number overrides it.
+    k: Annotated[Union[Literal["auto"], NonNegFloat], AutoOr] = "auto"
+    v0: NonNegFloat = 0.5
+    m_max: OpenFraction = 0.99
+    plateau_patience: PosInt = 5
+    plateau_factor: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1
+    step: PosInt = 32  # Stepwise multiple
+    collapse_drop: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1  # val drop right after an increase
+    fall_z: NonNegFloat = 2.0  # a fall must exceed this many standard errors of the val estimate (spec §4.2)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "DBSConfig":
+        if not self.lr_start <= self.lr0:
+            raise ValueError(f"lr_start={self.lr_start}: must be <= lr0={self.lr0}")
+        if not self.m0 < self.m_max:
+            raise ValueError(f"m_max={self.m_max}: must be > m0={self.m0}")
+        if self.b0 % self.step:
+            raise ValueError(f"b0={self.b0}: must be a positive multiple of step={self.step}")
+        if self.bmin is not None and (self.bmin % self.step or self.bmin > self.b0):
+            raise ValueError(f"bmin={self.bmin}: must be a multiple of step={self.step} that is <= b0={self.b0}")
+        return self
+
+    @property
+    def bmin_eff(self) -> int:
+        return self.b0 if self.bmin is None else self.bmin
+
+    @property
+    def k_value(self) -> float:
+        """k as a number: "auto" is the critical k (v0, m0, m_max) of ``dbs.critical_k``."""
+        if self.k == "auto":
+            return self.v0 * self.v0 / (2.0 * math.log((1.0 - self.m0) / (1.0 - self.m_max)))
+        return float(self.k)
+
+
+# --------------------------------------------------------------------------------------------------
+# One trial
+# --------------------------------------------------------------------------------------------------
+Conv = Literal["spatial", "winograd_relu"]
+Optimizer = Literal["sgd", "adam"]
+Schedule = Literal["fixed", "dbs"]
+Device = Literal["auto", "cpu", "cuda"]
+DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100")
+
+
+def _dataset(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a dataset name")
+    if v in DATASET_NAMES or (v.startswith("imagefolder:") and len(v) > len("imagefolder:")):
+        return v
+    raise ValueError(f"unknown dataset; choose one of: {', '.join(DATASET_NAMES)}, imagefolder:<path>")
+
+
+def _model_name(v: Any) -> str:
+    if v not in MODEL_NAMES:
+        raise ValueError(f"unsupported model; choose one of: {', '.join(MODEL_NAMES)}")
+    return v
+
+
+def _ladder(v: Any) -> tuple:
+    if v is None:
+        return ()
+    if not isinstance(v, (list, tuple)):
+        raise ValueError("must be a list of sparsities")
+    return tuple(v)
+
+
+def _increasing(v: tuple) -> tuple:
+    if list(v) != sorted(set(v)):
+        raise ValueError("must be strictly increasing (masks only shrink)")
+    return v
+
+
+DatasetName = Annotated[str, AfterValidator(_dataset)]
+ModelName = Annotated[str, AfterValidator(_model_name)]
+Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), AfterValidator(_increasing)]
+
+# Keys of TrainConfig that the pipeline sets per trial; a pipeline config sets them elsewhere.
+PER_TRIAL_KEYS = ("model", "conv", "schedule", "dataset", "data_dir", "subset", "test_subset", "val_fraction",
+                  "image_size", "seed")
+
+
+class TrainSettings(_Model):
+    """What a pipeline's ``train:`` block (and a member's or variant's overrides) may set."""
+
+    width: PosFloat = 1.0  # channel multiplier (1.0 = published widths)
+    dropout: Fraction = 0.0
+    optimizer: Optimizer = "sgd"
+    # L2 rate in the paper's (Keras) convention, loss += l2 * sum(w^2) over conv weights, i.e. an
+    # SGD weight decay of 2 * l2 on convolution weights (spatial or Winograd-domain) only.
+    l2: NonNegFloat = 0.0
+    epochs: NonNegInt = 10  # dense epochs before the sparsity ladder
+    dbs: DBSConfig = DBSConfig()  # lr/momentum/B0/warm-up/plateau for both schedules
+    sparsity_ladder: Ladder = ()
+    retrain_epochs: NonNegInt = 2
+    threads: PosInt | None = None
+    device: Device = "auto"
+    amp: Bool = True  # bf16 autocast on CUDA; ignored on CPU
+    eval_batch_size: PosInt = 1000
+    kernel_layer: NonNegInt = 0  # which Winograd layer Fig. 5a shows
+
+    @model_validator(mode="after")
+    def _ladder_retrains(self):
+        if self.sparsity_ladder and self.retrain_epochs < 1:
+            raise ValueError("retrain_epochs must be >= 1 when sparsity_ladder is set (each rung retrains)")
+        return self
+
+
+class TrainConfig(TrainSettings):
+    """One trial's whole config; travels into every checkpoint."""
+
+    dataset: DatasetName = "fashion-mnist"
+    data_dir: str | None = None
+    subset: Annotated[Int, _range(20)] | None = None  # stratified training subset for smoke runs
+    test_subset: Annotated[Int, _range(20)] | None = None
+    val_fraction: OpenFraction = 0.1
+    image_size: Annotated[Int, _range(8)] = 64  # image folders only
+    model: ModelName = "alexnet"
+    conv: Conv = "spatial"
+    schedule: Schedule = "fixed"
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _something_to_train(self):
+        if self.total_epochs < 1:
+            raise ValueError("nothing to train: epochs + len(sparsity_ladder) * retrain_epochs must be >= 1")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + len(self.sparsity_ladder) * self.retrain_epochs
+
+    def rung_starts(self) -> list[int]:
+        """First epoch of each ladder rung (where the trainer prunes and the schedule restarts)."""
+        return [self.epochs + i * self.retrain_epochs for i in range(len(self.sparsity_ladder))]
+
+    def rung_ends(self) -> dict[int, float]:
+        """Last epoch of each rung -> its target sparsity (0.0 for the dense phase, if it has epochs)."""
+        ends = {self.epochs - 1: 0.0} if self.epochs else {}
+        for i, s in enumerate(self.sparsity_ladder):
+            ends[self.epochs + (i + 1) * self.retrain_epochs - 1] = s
+        return ends
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+# The paper's variants (section 4; spec section 1): base variant -> (conv, stacked?).  Any of them
+# takes a "+DBS" suffix for the dynamic batch size schedule ("SWR-CNN+DBS" is the paper's method;
+# "C-CNN+DBS" and "SC-CNN+DBS" are the DBS rows of its Tables 2/4/6).
+BASE_VARIANTS: dict[str, tuple[str, bool]] = {
+    "C-CNN": ("spatial", False),
+    "SC-CNN": ("spatial", True),
+    "SWR-CNN": ("winograd_relu", True),
+}
+VARIANTS = tuple(v + s for v in BASE_VARIANTS for s in ("", "+DBS"))
+Variant = Literal["C-CNN", "C-CNN+DBS", "SC-CNN", "SC-CNN+DBS", "SWR-CNN", "SWR-CNN+DBS"]
+STACK_METHODS = ("nll_optimal", "accuracy_search", "equal", "best_single", "caruana")
+StackMethod = Literal["nll_optimal", "accuracy_search", "equal", "best_single", "caruana"]
+
+
+def parse_variant(name: str) -> tuple[str, str, bool]:
+    """variant name -> (conv, schedule, stacked?)"""
+    base, dbs = (name[: -len("+DBS")], True) if name.endswith("+DBS") else (name, False)
+    if base not in BASE_VARIANTS:
+        raise ConfigError(f"unsupported variant {name!r}; choose from {', '.join(VARIANTS)}")
+    conv, stacked = BASE_VARIANTS[base]
+    return conv, "dbs" if dbs else "fixed", stacked
+
+
+def _overrides(v: Any) -> dict:
+    """A partial TrainSettings: known keys, each value valid (checked against the whole template later)."""
+    if not isinstance(v, dict):
+        raise ValueError("expected a mapping of train settings")
+    bad = sorted(set(v) & set(PER_TRIAL_KEYS))
+    if bad:
+        raise ValueError(f"{', '.join(bad)} cannot be set here: they are set by the pipeline "
+                         "(use members / top-level keys)")
+    unknown = sorted(set(v) - set(TrainSettings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+                         f"{', '.join(TrainSettings.model_fields)}")
+    try:  # each value valid on its own now, even for a variant no trial uses
+        TrainSettings.model_validate({k: v[k] for k in v if k not in ("sparsity_ladder", "retrain_epochs")})
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc)) from None
+    return dict(v)
+
+
+Overrides = Annotated[dict[str, Any], BeforeValidator(_overrides)]
+
+
+class MemberSpec(_Model):
+    """One base CNN of the stack; ``overrides`` are train settings for this member only."""
+
+    model: ModelName
+    overrides: Overrides = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"model": data}
+        if isinstance(data, dict) and "overrides" not in data and "model" in data:
+            return {"model": data["model"], "overrides": {k: v for k, v in data.items() if k != "model"}}
+        if not isinstance(data, (dict, cls)):
+            raise ValueError(f"a member is a model name or a mapping with 'model', got {data!r}")
+        return data
+
+    def to_yaml(self) -> Any:
+        return {"model": self.model, **self.overrides} if self.overrides else self.model
+
+
+class ResourcesConfig(_Model):
+    cpus_per_trial: PosFloat = 1.0
+    # "auto": trials share the GPUs so that fractions pack (1 / ceil(trials per GPU)); 0 forces CPU.
+    gpus_per_trial: Annotated[Union[Literal["auto"], NonNegFloat], AutoOr] = "auto"
+    max_concurrent_trials: NonNegInt = 0  # 0 = as many as resources allow
+
+
+class StackConfig(_Model):
+    sparsity: Fraction | None = None  # which rung the ensemble uses; None = each member's last rung
+    methods: tuple[StackMethod, ...] = STACK_METHODS
+    tune_samples: NonNegInt = 0  # > 0 adds the accuracy search run as a Tune experiment
+    choose: Literal["nll_optimal", "accuracy_search", "equal", "best_single", "caruana", "best_val"] = "nll_optimal"
+
+    @model_validator(mode="after")
+    def _choose_is_run(self):
+        if not self.methods:
+            raise ValueError("methods: at least one stacking method")
+        if self.choose != "best_val" and self.choose not in self.methods:
+            raise ValueError(f"choose={self.choose!r} is not among methods {list(self.methods)}")
+        return self
+
+
+_SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "choice": 1, "randint": 2}
+
+
+def _search_space(v: Any) -> dict:
+    if not isinstance(v, dict) or not v:
+        raise ValueError("expected a non-empty mapping of DBS constant -> {kind: arguments}")
+    for key, spec in v.items():
+        if key not in DBSConfig.model_fields:
+            raise ValueError(f"{key!r} is not a DBS constant; choose from {', '.join(DBSConfig.model_fields)}")
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _SEARCH_KINDS):
+            raise ValueError(f"{key}: expected one of {sorted(_SEARCH_KINDS)} mapping to its arguments")
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, (list, tuple)) or (kind != "choice" and len(args) != 2) or not args:
+            raise ValueError(f"{key}.{kind}: expected a list of {'values' if kind == 'choice' else '[low, high]'}")
+        if kind != "choice" and not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ValueError(f"{key}.{kind}: bounds must be numbers")
+        if kind != "choice" and not args[0] < args[1]:
+            raise ValueError(f"{key}.{kind}: low must be < high")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"{key}.loguniform: bounds must be > 0")
+    return dict(v)
+
+
+class DBSSearchConfig(_Model):
+    model: ModelName = "alexnet"
+    num_samples: PosInt = 8
+    epochs: PosInt = 6
+    grace_period: PosInt = 2
+    # spec section 6: (k, v0, n, warm-up fraction, B0, Bmax cap, eta0)
+    space: Annotated[dict[str, Any], BeforeValidator(_search_space)] = Field(default_factory=lambda: {
+        "k": {"loguniform": [0.005, 2.0]},
+        "v0": {"uniform": [0.1, 1.0]},
+        "double_every": {"choice": [1, 2, 3]},
+        "warmup_frac": {"choice": [0.0, 0.1, 0.2]},
+        "b0": {"choice": [64, 128, 256]},
+        "bmax_cap": {"choice": [512, 1024, 2048]},
+        "lr0": {"loguniform": [0.01, 0.1]},
+    })
+
+    @model_validator(mode="after")
+    def _grace(self):
+        if self.grace_period > self.epochs:
+            raise ValueError(f"grace_period={self.grace_period} exceeds epochs={self.epochs}")
+        return self
+
+
+class BatchSweepConfig(_Model):
+    """The paper's batch-size tables (2/4/6): fixed batch sizes, and DBS, at one chosen sparsity.
+
+    Each (variant, B) trains like the main trials but stops its ladder at ``sparsity``; a trial that a
+    main trial already covers (same variant at the reference batch size B0) is not run twice."""
+
+    batch_sizes: tuple[Annotated[Int, _range(2)], ...] = ()
+    variants: tuple[Literal["C-CNN", "SC-CNN", "SWR-CNN"], ...] = ("C-CNN", "SC-CNN", "SWR-CNN")
+    with_dbs: Bool = True  # also each variant with the DBS schedule (the tables' "DBS (ours)" row)
+    sparsity: Fraction = 0.3
+
+
+class TrialSpec(_Model):
+    """One Tune trial: which member of which group, and its whole TrainConfig."""
+
+    member: str
+    variant: Variant
+    group: str
+    batch_size: PosInt | None = None
+    stacked: Bool
+    train: TrainConfig
+
+
+class PipelineConfig(_Model):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")] = "esdbs"
+    dataset: DatasetName = "fashion-mnist"
+    data_dir: str | None = None
+    subset: Annotated[Int, _range(20)] | None = None
+    test_subset: Annotated[Int, _range(20)] | None = None
+    val_fraction: OpenFraction = 0.1
+    image_size: Annotated[Int, _range(8)] = 64
+    seed: NonNegInt = 0
+    members: tuple[MemberSpec, ...] = (MemberSpec(model="alexnet"), MemberSpec(model="convpool_cnn_c"),
+                                       MemberSpec(model="all_cnn_c"))
+    variants: tuple[Variant, ...] = ("SWR-CNN+DBS",)
+    train: TrainSettings = TrainSettings()  # template; per-trial keys are set by the pipeline
+    # Per-variant train overrides, e.g. the paper's regularisation: {"C-CNN": {"dropout": 0.2, "l2": 0.01}}.
+    # A base name ("C-CNN") also applies to its "+DBS" form.
+    variant_overrides: dict[Variant, Overrides] = Field(default_factory=dict)
+    batch_sweep: BatchSweepConfig = BatchSweepConfig()
+    stack: StackConfig = StackConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    dbs_search: DBSSearchConfig = DBSSearchConfig()
+    run_dbs_search: Bool = False
+    checkpoints_to_keep: PosInt = 2
+    max_failures: NonNegInt = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shapes(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("variants"), str):
+                data["variants"] = [data["variants"]]
+            train = data.get("train")
+            if isinstance(train, dict):
+                bad = sorted(set(train) & set(PER_TRIAL_KEYS))
+                if bad:
+                    raise ValueError(f"train.{bad[0]}: set by the pipeline for each trial, not in train: "
+                                     "(members: choose the models; dataset, seed, subset, ... are top-level keys)")
+        return data
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if not self.members:
+            raise ValueError("members: at least one member is required")
+        if not self.variants:
+            raise ValueError("variants: at least one variant is required; choose from " + ", ".join(VARIANTS))
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants: duplicates in {list(self.variants)}")
+        names = [m.model for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"members: duplicate model names {names}; give each member a distinct model")
+        if any(parse_variant(v)[2] for v in self.variants) and len(self.members) < 2:
+            raise ValueError("members: a stacked variant needs at least two members")
+        ladder = self.train.sparsity_ladder
+        if self.stack.sparsity is not None and self.stack.sparsity not in (0.0, *ladder):
+            raise ValueError(f"stack.sparsity={self.stack.sparsity} is not a rung of train.sparsity_ladder "
+                             f"{list(ladder)} (or 0.0, the dense rung)")
+        if self.batch_sweep.batch_sizes and self.batch_sweep.sparsity not in (0.0, *ladder):
+            raise ValueError(f"batch_sweep.sparsity={self.batch_sweep.sparsity} is not a rung of "
+                             f"train.sparsity_ladder {list(ladder)}")
+        self.trials()  # every trial's TrainConfig is valid now, at the edge
+        return self
+
+    # -- per-trial configs -------------------------------------------------------------------------
+    def groups(self) -> list[dict]:
+        """Each group is a set of trials stacked together: a variant, at B0 or at a swept batch size."""
+        groups = [{"group": v, "variant": v, "batch_size": None, "ladder": self.train.sparsity_ladder}
+                  for v in self.variants]
+        sweep = self.batch_sweep
+        if sweep.batch_sizes:
+            short = tuple(s for s in self.train.sparsity_ladder if s <= sweep.sparsity)
+            for v in sweep.variants:
+                for b in sweep.batch_sizes:
+                    if not (b == self.train.dbs.b0 and v in self.variants):
+                        groups.append({"group": f"{v}@b{b}", "variant": v, "batch_size": b, "ladder": short})
+                if sweep.with_dbs and v + "+DBS" not in self.variants:
+                    groups.append({"group": v + "+DBS", "variant": v + "+DBS", "batch_size": None, "ladder": short})
+        return groups
+
+    def trials(self) -> list[TrialSpec]:
+        specs = []
+        groups = self.groups()
+        for g in groups:
+            conv, schedule, stacked = parse_variant(g["variant"])
+            base = g["variant"].removesuffix("+DBS")
+            for m in (self.members if stacked else self.members[:1]):
+                train = self.train.model_dump()
+                for key in (base, g["variant"]):
+                    train.update(self.variant_overrides.get(key, {}))
+                train.update(m.overrides)
+                train.update(model=m.model, conv=conv, schedule=schedule, dataset=self.dataset, data_dir=self.data_dir,
+                             subset=self.subset, test_subset=self.test_subset, val_fraction=self.val_fraction,
+                             image_size=self.image_size, seed=self.seed, sparsity_ladder=list(g["ladder"]))
+                if g["batch_size"] is not None:
+                    train["dbs"] = {**train["dbs"], "b0": g["batch_size"]}
+                member = m.model if len(groups) == 1 else f"{slug(g['group'])}-{m.model}"
+                where = f"trial {member} (members / variant_overrides / train)"
+                specs.append(validate(TrialSpec, {"member": member, "variant": g["variant"], "group": g["group"],
+                                                  "batch_size": g["batch_size"], "stacked": stacked,
+                                                  "train": train}, where))
+        return specs
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json")
+        d["members"] = [m.to_yaml() for m in self.members]
+        return d
+
+
+def slug(name: str) -> str:
+    return name.lower().replace("+", "-").replace("@", "-")
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML, --set, --scale, building a config
+# --------------------------------------------------------------------------------------------------
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a YAML config file")
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
+    return d
+
+
+_TRAIN_SIZES = {"fashion-mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+def apply_scale(d: dict, scale: float) -> dict:
+    """Shrink a config dict for a smaller machine: epochs and retraining epochs by ``scale`` (at least
+    one each) and, below 1, the training set to ``scale`` of its size (a stratified subset)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0:
+        raise ConfigError(f"--scale={scale!r}: must be in (0, 1]")
+    d = copy.deepcopy(d)
+    train = d.setdefault("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError("train: expected a mapping")
+    defaults = TrainSettings()
+    for key in ("epochs", "retrain_epochs"):
+        v = train.get(key, getattr(defaults, key))
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"train.{key}={v!r}: must be an integer")
+        train[key] = max(1, int(round(v * scale)))
+    n = _TRAIN_SIZES.get(d.get("dataset", "fashion-mnist"))
+    if scale < 1.0 and n and not d.get("subset"):
+        d["subset"] = int(n * scale)
+    return d
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_+-]*(\.[A-Za-z_][A-Za-z0-9_+-]*)*$")
+
+
+def set_dotted(d: dict, assignment: str) -> dict:
+    """Apply ``key.sub=value`` (value parsed as YAML) to a nested config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not _KEY.match(key):
+        raise ConfigError(f"--set {assignment!r}: {key!r} is not a dotted key such as train.width")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML "
+                          f"({getattr(exc, 'problem', None) or exc.__class__.__name__})") from None
+    node = d
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+    node[parts[-1]] = value
+    return d
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None,
+                 *, scale: float | None = None, sets: list[str] | None = None) -> PipelineConfig:
+    """Preset, then the YAML file, then ``overrides``, ``--scale`` and ``--set`` -- validated once."""
+    from .presets import PRESETS
+
+    d: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r}: unknown; choose one of: {', '.join(PRESETS)}")
+        d = copy.deepcopy(PRESETS[preset])
+    if yaml_path is not None:
+        d = _merge(d, load_yaml(yaml_path))
+    d = _merge(d, overrides or {})
+    if scale is not None:
+        d = apply_scale(d, scale)
+    for assignment in sets or ():
+        d = set_dotted(d, assignment)
+    try:
+        return validate(PipelineConfig, d)
+    except ConfigError as exc:
+        raise ConfigError(f"{yaml_path}: {exc}" if yaml_path else str(exc)) from None
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a pipeline config (for editor completion of YAML files)."""
+    schema = PipelineConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "esdbs pipeline config"
+    return schema

@@ -1,0 +1,307 @@
+"""Where everything of an experiment lives, and which directories esdbs may write into.
+
+:class:`ExperimentLayout` names every path of an experiment directory (local path or ``pyarrow.fs``
+URI); every module that reads or writes one asks it, so the layout is spelled here only::
+
+    OUT/.esdbs.json              marker: made by esdbs, for what (experiment, report, run, dbs-search)
+    OUT/config.yaml              the resolved config (a resumed run reads it back)
+    OUT/tune/base/...            Tune's experiment: results, checkpoints, per-trial TensorBoard events
+    OUT/tune/dbs_search/...      the DBS-constant search (when run)
+    OUT/predictions/*.parquet    every member's val/test probabilities at every pruning rung
+    OUT/members/<member>.json    each member's own training summary (per-epoch history, rungs)
+    OUT/stacking[-<group>].json  stacking weights and metrics per method
+    OUT/summary.json             the final table, with provenance
+    OUT/dbs_constants.json       the DBS search's best constants (+ dbs_search.png, its trade-off)
+    OUT/report/                  esdbs report
+
+:class:`RunLayout` is the same for ``esdbs train-one`` (one model: checkpoint, summary, TensorBoard).
+
+**Outputs** (:func:`claim_dir`): a command writes only into a directory that is new (or empty) or that
+esdbs made for the same purpose -- the marker says so; anything else is refused with one line.
+Continuing needs ``--resume``; replacing needs ``--force``, and a replaced experiment is moved aside
+(renamed, atomically) rather than deleted.  A report is built in a temporary directory and swapped
+into place (:func:`replace_dir`), keeping any file esdbs did not write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import storage
+
+MARKER = ".esdbs.json"
+KINDS = ("experiment", "dbs-search", "run", "report")
+
+
+class OutputError(ValueError):
+    """An output path esdbs must not write to (not ours, a file, not writable, already holds results)."""
+
+
+def _sparsity_tag(target_sparsity: float) -> str:
+    return f"ts{round(float(target_sparsity) * 1000):04d}"
+
+
+def safe_name(s: str) -> str:
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._+-") else "_" for c in str(s))
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    root: str  # a normalised local path or URI
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> "ExperimentLayout":
+        return cls(storage.normalize(path))
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    @property
+    def marker(self) -> str:
+        return self._join(MARKER)
+
+    @property
+    def config(self) -> str:
+        return self._join("config.yaml")
+
+    @property
+    def tune(self) -> str:
+        return self._join("tune")
+
+    @property
+    def base(self) -> str:
+        return self._join("tune", "base")
+
+    @property
+    def dbs_search(self) -> str:
+        return self._join("tune", "dbs_search")
+
+    @property
+    def predictions(self) -> str:
+        return self._join("predictions")
+
+    def prediction(self, member: str, target_sparsity: float) -> str:
+        return self._join("predictions", f"{safe_name(member)}-{_sparsity_tag(target_sparsity)}.parquet")
+
+    @property
+    def members(self) -> str:
+        return self._join("members")
+
+    def member(self, member: str) -> str:
+        return self._join("members", f"{safe_name(member)}.json")
+
+    def stacking(self, group_slug: str | None = None) -> str:
+        return self._join(f"stacking-{group_slug}.json" if group_slug else "stacking.json")
+
+    def stacking_rerun(self, tag: str) -> str:
+        """A new file per ``esdbs stack`` call (the run's own stacking.json is never rewritten)."""
+        return self._join(f"stack-{time.strftime('%Y%m%dT%H%M%S')}-{safe_name(tag)}.json")
+
+    @property
+    def summary(self) -> str:
+        return self._join("summary.json")
+
+    @property
+    def dbs_constants(self) -> str:
+        return self._join("dbs_constants.json")
+
+    @property
+    def dbs_search_figure(self) -> str:
+        return self._join("dbs_search.png")
+
+    @property
+    def report(self) -> str:
+        return self._join("report")
+
+    # top-level names esdbs writes into an experiment (the rest of a directory is the user's)
+    ENTRIES = ("config.yaml", "tune", "predictions", "members", "summary.json", "dbs_constants.json",
+               "dbs_search.png", "report", MARKER)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """``esdbs train-one --out DIR``: one model's run."""
+
+    root: Path
+    CHECKPOINT = "checkpoint.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / self.CHECKPOINT
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def kernels(self) -> Path:
+        return self.root / "kernels.png"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
+
+# --------------------------------------------------------------------------------------------------
+# Output directories
+# --------------------------------------------------------------------------------------------------
+def read_marker(root: str) -> dict | None:
+    """The marker of a directory (local or URI), None when there is none or it is unreadable."""
+    try:
+        d = json.loads(storage.read_bytes(storage.join(root, MARKER)))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("kind") in KINDS else None
+
+
+def write_marker(root: str, kind: str) -> None:
+    from .provenance import git_revision
+
+    storage.write_json(storage.join(root, MARKER), {"kind": kind, "tool": "esdbs",
+                                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                    "git_revision": git_revision()})
+
+
+def _normalize_out(path: str | os.PathLike, flag: str) -> str:
+    """A local path or a URI pyarrow understands; anything else is refused naming the flag."""
+    root = storage.normalize(path)
+    if storage.is_uri(root):
+        import pyarrow.fs as pafs
+
+        try:
+            pafs.FileSystem.from_uri(root)
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise OutputError(f"{flag} {root}: not a storage URI esdbs can write ({str(exc).splitlines()[0]})") from None
+    return root
+
+
+def _is_empty(root: str) -> bool | None:
+    """True: absent or empty; False: holds something; for URIs also True when the prefix is empty."""
+    if storage.is_uri(root):
+        import pyarrow.fs as pafs
+
+        fs, key = pafs.FileSystem.from_uri(root)
+        info = fs.get_file_info(key)
+        if info.type == pafs.FileType.NotFound:
+            return True
+        if info.type == pafs.FileType.File:
+            raise OutputError(f"{root} is a file, not a directory")
+        return not fs.get_file_info(pafs.FileSelector(key, allow_not_found=True, recursive=False))
+    p = Path(root)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{root} is a file, not a directory; choose a directory path for the output")
+    return not p.exists() or not any(p.iterdir())
+
+
+def check_writable(root: str) -> None:
+    """Fail now, naming the path, if a local output directory cannot be created or written."""
+    if storage.is_uri(root):
+        return
+    p = Path(root)
+    parent = next((q for q in [p, *p.parents] if q.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise OutputError(f"{root}: a parent of this path is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{root}: not writable ({parent} does not allow writing)")
+
+
+def claim_dir(path: str | os.PathLike, kind: str, *, resume: bool = False, force: bool = False,
+              flag: str = "--out", check_only: bool = False) -> str:
+    """Decide whether ``path`` may receive a ``kind`` output, and mark it; returns the normalised path.
+
+    New or empty -> created and marked.  Marked for ``kind`` -> ``resume`` continues it, ``force``
+    moves it aside (``<name>.replaced-<time>``, nothing deleted) and starts afresh; neither -> refused.
+    Anything else -> refused: esdbs never writes into a directory it did not make for this purpose.
+    ``check_only``: refuse now if it would be refused, but write nothing (call again to claim)."""
+    root = _normalize_out(path, flag)
+    check_writable(root)
+    empty = _is_empty(root)
+    marker = None if empty else read_marker(root)
+    if resume:
+        if empty or marker is None or marker.get("kind") != kind:
+            raise OutputError(f"--resume {root}: no esdbs {kind} there to continue")
+        return root
+    if not empty:
+        if marker is None or marker.get("kind") != kind:
+            what = f"an esdbs {marker['kind']}" if marker else "files esdbs did not write"
+            raise OutputError(f"{flag} {root} holds {what}; choose a new or empty directory")
+        if not force:
+            raise OutputError(f"{flag} {root} already holds an esdbs {kind}; pass --resume {root} to continue it, "
+                              "--force to replace it (the old one is moved aside), or choose another directory")
+        if storage.is_uri(root):
+            raise OutputError(f"--force {root}: replacing is supported for local directories only")
+        if check_only:
+            return root
+        aside = f"{root.rstrip('/')}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(root, aside)
+        print(f"[esdbs] the previous {kind} in {root} was moved to {aside}", flush=True)
+    if check_only:
+        return root
+    if not storage.is_uri(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    write_marker(root, kind)
+    return root
+
+
+def claim_file(path: str | os.PathLike, *, force: bool = False, flag: str = "--output") -> str:
+    """A single output file: new, or replaced (atomically, by the writer) only with ``force``."""
+    root = storage.normalize(path)
+    if not storage.is_uri(root):
+        p = Path(root)
+        if p.is_dir():
+            raise OutputError(f"{flag} {root} is a directory; name a file")
+        if p.exists() and not force:
+            raise OutputError(f"{flag} {root} exists; choose a new path or pass --force to replace it")
+        check_writable(str(p.parent))
+    return root
+
+
+def replace_dir(target: str | os.PathLike, build, *, kind: str, force: bool = False, flag: str = "--out") -> str:
+    """Build a directory output (``build(staging_dir)`` writes into a fresh temporary directory), then
+    swap it into place: a reader sees the old or the new, never half of either.  An existing ``target``
+    must be esdbs's own ``kind`` output and needs ``force``; files in it that esdbs did not write
+    (not in the new output, not the old marker's) are carried over, never deleted."""
+    target = Path(storage.normalize(target))
+    if storage.is_uri(str(target)):
+        raise OutputError(f"{flag} {target}: reports are written to local directories")
+    check_writable(str(target))
+    empty = _is_empty(str(target))
+    old_marker = None if empty else read_marker(str(target))
+    if not empty:
+        if old_marker is None or old_marker.get("kind") != kind:
+            what = f"an esdbs {old_marker['kind']}" if old_marker else "files esdbs did not write"
+            raise OutputError(f"{flag} {target} holds {what}; choose a new or empty directory")
+        if not force:
+            raise OutputError(f"{flag} {target} already holds an esdbs {kind}; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    try:
+        result = build(staging)
+        write_marker(str(staging), kind)
+        written = set(os.listdir(staging))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "d")
+            os.rename(staging, target)
+            ours = set((old_marker or {}).get("files", [])) | written | {MARKER}
+            for name in os.listdir(old / "d"):
+                if name not in ours:
+                    os.rename(old / "d" / name, target / name)  # the user's files stay
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # remember what esdbs wrote, so a later --force knows what is its own
+    storage.write_json(target / MARKER, {**(read_marker(str(target)) or {"kind": kind}), "files": sorted(written)})
+    return result

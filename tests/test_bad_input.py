@@ -1,0 +1,288 @@
+"""Bad input of every kind, through every sub-command: one ``esdbs: error:`` line, exit 2, nothing touched.
+
+Each case runs ``esdbs_ray.cli.main`` in this process (fast: no interpreter start-up per case) from a
+sandbox directory holding good and bad files of every format the commands read.  For each: exit
+status 2, exactly one stderr line, starting ``esdbs: error:`` and naming the key or file, no
+traceback, no Ray started, and a hash of the whole sandbox tree identical before and after.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from esdbs_ray.cli import main
+
+
+# --------------------------------------------------------------------------------------------------
+# the sandbox: one of each bad thing
+# --------------------------------------------------------------------------------------------------
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A PNG that declares w x h pixels (PIL refuses it as a decompression bomb before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def _image_folder(root: Path, bad: str | None) -> None:
+    from PIL import Image
+
+    for c, colour in (("cats", (200, 50, 50)), ("dogs", (50, 50, 200))):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 12), colour).save(root / c / f"{i}.png")
+    if bad == "corrupt":
+        (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    elif bad == "bomb":
+        _png_header_only(root / "dogs" / "huge.png", 40_000, 40_000)
+
+
+def _cifar(root: Path, batch1: object) -> None:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
+    (d / "data_batch_1").write_bytes(batch1 if isinstance(batch1, bytes) else pickle.dumps(batch1))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    import torch
+
+    from esdbs_ray.layout import MARKER
+
+    root = tmp_path_factory.mktemp("sandbox")
+    (root / "a_file").write_text("just a file\n")
+    (root / "confdir").mkdir()
+    (root / "bad_yaml.yaml").write_text("train:\n  width: [1, 2\n")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "unknown_key.yaml").write_text("train:\n  epochz: 3\n")
+    (root / "bad.json").write_text("{not json")
+    (root / "existing.png").write_bytes(b"\x89PNG not really")
+    (root / "existing.json").write_text("{}\n")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "notes.txt").write_text("the user's own notes\n")
+    (root / "empty").mkdir()
+    for name, kind in (("experiment", "experiment"), ("report_dir", "report")):
+        (root / name).mkdir()
+        (root / name / MARKER).write_text(json.dumps({"kind": kind}))
+        (root / name / "config.yaml").write_text("name: earlier\n")
+    (root / "broken_exp").mkdir()
+    (root / "broken_exp" / MARKER).write_text(json.dumps({"kind": "experiment"}))
+    (root / "broken_exp" / "config.yaml").write_text("members: [alexnet\n")
+    # Fashion-MNIST with a truncated training file
+    fm = root / "fmnist_truncated"
+    fm.mkdir()
+    for stem, payload in (("train-images-idx3-ubyte", b"\x00\x00\x08\x03" + b"\x00" * 40),
+                          ("train-labels-idx1-ubyte", b"\x00\x00\x08\x01" + b"\x00" * 8),
+                          ("t10k-images-idx3-ubyte", b"\x00\x00\x08\x03" + b"\x00" * 40),
+                          ("t10k-labels-idx1-ubyte", b"\x00\x00\x08\x01" + b"\x00" * 8)):
+        (fm / f"{stem}.gz").write_bytes(gzip.compress(payload)[:-6])
+    _cifar(root / "cifar_wrong_type", {b"data": "not an array", b"labels": [0, 1]})
+    _cifar(root / "cifar_code", pickle.dumps({b"data": _Evil(), b"labels": [0]}))
+    _image_folder(root / "images_corrupt", "corrupt")
+    _image_folder(root / "images_bomb", "bomb")
+    (root / "images_one_class" / "cats").mkdir(parents=True)
+    # train-one runs whose checkpoint is not one
+    for name, payload in (("ckpt_list", [1, 2, 3]), ("ckpt_garbage", None), ("ckpt_other_config", "other")):
+        d = root / name
+        d.mkdir()
+        (d / MARKER).write_text(json.dumps({"kind": "run"}))
+        if payload is None:
+            (d / "checkpoint.pt").write_bytes(b"PK\x03\x04 garbage")
+        elif payload == "other":
+            torch.save({"model": {}, "optimizer": {}, "schedule": {}, "train_batches": {}, "rng": torch.zeros(1),
+                        "config": {"model": "vgg16"}, "state": {}}, d / "checkpoint.pt")
+        else:
+            torch.save(payload, d / "checkpoint.pt")
+    (root / "run_without_ckpt").mkdir()
+    (root / "run_without_ckpt" / MARKER).write_text(json.dumps({"kind": "run"}))
+    return root
+
+
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        st = p.lstat()
+        h.update(f"{st.st_mode}".encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the cases: (id, argv, a word the error must name)
+# --------------------------------------------------------------------------------------------------
+RUN = ["run", "--preset", "smoke", "--out", "new_exp"]
+T1 = ["train-one", "--epochs", "1", "--subset", "100", "--test-subset", "40"]
+CASES = [
+    # run: --set, YAML, config values, cross-field checks
+    ("set-bad-yaml", RUN + ["--set", "train.width=[1"], "--set train.width"),
+    ("set-no-equals", RUN + ["--set", "train.width"], "--set"),
+    ("set-bad-key", RUN + ["--set", "train..width=1"], "--set"),
+    ("set-into-scalar", RUN + ["--set", "seed.x=1"], "seed"),
+    ("config-missing", ["run", "--config", "missing.yaml", "--out", "new_exp"], "missing.yaml"),
+    ("config-is-dir", ["run", "--config", "confdir", "--out", "new_exp"], "confdir"),
+    ("config-bad-yaml", ["run", "--config", "bad_yaml.yaml", "--out", "new_exp"], "bad_yaml.yaml"),
+    ("config-list", ["run", "--config", "list.yaml", "--out", "new_exp"], "list.yaml"),
+    ("config-unknown-key", ["run", "--config", "unknown_key.yaml", "--out", "new_exp"], "epochz"),
+    ("subset-fraction", RUN + ["--set", "subset=30.5"], "subset"),
+    ("subset-too-small", RUN + ["--set", "subset=5"], "subset"),
+    ("seed-text", RUN + ["--set", "seed=abc"], "seed"),
+    ("stack-sparsity-range", RUN + ["--set", "stack.sparsity=1.5"], "stack.sparsity"),
+    ("stack-sparsity-off-ladder", RUN + ["--set", "stack.sparsity=0.4"], "stack.sparsity"),
+    ("stack-choose", RUN + ["--set", "stack.choose=best"], "stack.choose"),
+    ("stack-tune-samples", RUN + ["--set", "stack.tune_samples=-1"], "stack.tune_samples"),
+    ("dropout", RUN + ["--set", "train.dropout=1.5"], "train.dropout"),
+    ("width-negative", RUN + ["--set", "train.width=-1"], "train.width"),
+    ("width-nan", RUN + ["--set", "train.width=.nan"], "train.width"),
+    ("l2-nan", RUN + ["--set", "train.l2=.nan"], "train.l2"),
+    ("epochs-bool", RUN + ["--set", "train.epochs=true"], "train.epochs"),
+    ("checkpoints-zero", RUN + ["--set", "checkpoints_to_keep=0"], "checkpoints_to_keep"),
+    ("max-failures", RUN + ["--set", "max_failures=-5"], "max_failures"),
+    ("search-samples", RUN + ["--set", "dbs_search.num_samples=-1"], "dbs_search.num_samples"),
+    ("search-space", RUN + ["--set", "dbs_search.space={kk: {uniform: [0, 1]}}"], "kk"),
+    ("variants-empty", RUN + ["--set", "variants=[]"], "variants"),
+    ("variants-unknown", RUN + ["--set", "variants=[XYZ]"], "variants"),
+    ("member-unknown", RUN + ["--set", "members=[alexnet, lenet]"], "lenet"),
+    ("member-duplicate", RUN + ["--set", "members=[alexnet, alexnet]"], "duplicate"),
+    ("train-per-trial-key", RUN + ["--set", "train.model=vgg16"], "train.model"),
+    ("b0-not-multiple", RUN + ["--set", "train.dbs.b0=100"], "b0"),
+    ("k-text", RUN + ["--set", "train.dbs.k=fast"], "train.dbs.k"),
+    ("m-max-below-m0", RUN + ["--set", "train.dbs.m_max=0.5"], "m_max"),
+    ("cpus-zero", RUN + ["--set", "resources.cpus_per_trial=0"], "resources.cpus_per_trial"),
+    ("gpus-text", RUN + ["--set", "resources.gpus_per_trial=x"], "resources.gpus_per_trial"),
+    ("ladder-decreasing", RUN + ["--set", "train.sparsity_ladder=[0.5, 0.3]"], "sparsity_ladder"),
+    ("override-unknown", RUN + ["--set", "variant_overrides={C-CNN: {dropot: 0.1}}"], "dropot"),
+    ("dataset-unknown", RUN + ["--set", "dataset=mnist"], "dataset"),
+    ("preset-unknown", ["run", "--preset", "nosuch", "--out", "new_exp"], "--preset"),
+    ("scale-zero", RUN + ["--scale", "0"], "--scale"),
+    ("scale-two", RUN + ["--scale", "2"], "--scale"),
+    ("num-cpus-zero", RUN + ["--num-cpus", "0"], "--num-cpus"),
+    ("unknown-flag", RUN + ["--frobnicate"], "--frobnicate"),
+    ("dbs-constants-missing", RUN + ["--dbs-constants", "missing.json"], "missing.json"),
+    ("dbs-constants-bad-json", RUN + ["--dbs-constants", "bad.json"], "bad.json"),
+    # run: output directories
+    ("out-is-file", ["run", "--preset", "smoke", "--out", "a_file"], "a_file"),
+    ("out-under-file", ["run", "--preset", "smoke", "--out", "a_file/sub"], "a_file"),
+    ("out-foreign", ["run", "--preset", "smoke", "--out", "foreign"], "foreign"),
+    ("out-existing-experiment", ["run", "--preset", "smoke", "--out", "experiment"], "--resume"),
+    ("out-a-report", ["run", "--preset", "smoke", "--out", "report_dir"], "report_dir"),
+    ("out-bad-uri", ["run", "--preset", "smoke", "--out", "nosuch://bucket/x"], "nosuch://"),
+    ("resume-nothing", ["run", "--resume", "empty"], "--resume"),
+    ("resume-broken-config", ["run", "--resume", "broken_exp"], "config.yaml"),
+    ("resume-with-preset", ["run", "--resume", "experiment", "--preset", "smoke"], "--resume"),
+    # run: data files of every format
+    ("fmnist-truncated", RUN + ["--data-dir", "fmnist_truncated"], "fmnist_truncated"),
+    ("cifar-wrong-type", RUN + ["--set", "dataset=cifar10", "--data-dir", "cifar_wrong_type"], "data_batch_1"),
+    ("cifar-pickled-code", RUN + ["--set", "dataset=cifar10", "--data-dir", "cifar_code"], "data_batch_1"),
+    ("images-corrupt", RUN + ["--set", "dataset=imagefolder:images_corrupt"], "broken.jpg"),
+    ("images-bomb", RUN + ["--set", "dataset=imagefolder:images_bomb"], "huge.png"),
+    ("images-one-class", RUN + ["--set", "dataset=imagefolder:images_one_class"], "images_one_class"),
+    ("images-missing", RUN + ["--set", "dataset=imagefolder:nowhere"], "nowhere"),
+    # train-one: values, outputs, checkpoints
+    ("train-epochs-negative", ["train-one", "--epochs", "-1", "--out", "t"], "epochs"),
+    ("train-conv", T1 + ["--conv", "fft", "--out", "t"], "conv"),
+    ("train-model", T1 + ["--model", "lenet", "--out", "t"], "lenet"),
+    ("train-k", T1 + ["--k", "fast", "--out", "t"], "--k"),
+    ("train-ladder", T1 + ["--sparsity-ladder", "0.5,0.2", "--out", "t"], "sparsity_ladder"),
+    ("train-out-file", T1 + ["--out", "a_file"], "a_file"),
+    ("train-out-foreign", T1 + ["--out", "foreign"], "foreign"),
+    ("train-out-earlier-run", T1 + ["--out", "ckpt_list"], "--resume"),
+    ("train-resume-no-ckpt", T1 + ["--resume", "--out", "run_without_ckpt"], "checkpoint"),
+    ("train-ckpt-not-dict", T1 + ["--resume", "--out", "ckpt_list"], "checkpoint.pt"),
+    ("train-ckpt-garbage", T1 + ["--resume", "--out", "ckpt_garbage"], "checkpoint.pt"),
+    ("train-ckpt-other-config", T1 + ["--resume", "--out", "ckpt_other_config"], "different config"),
+    # dbs-plan, dbs-search, config
+    ("plan-train-size", ["dbs-plan", "--epochs", "4", "--train-size", "0"], "--train-size"),
+    ("plan-schedule", ["dbs-plan", "--epochs", "4", "--train-size", "100", "--schedule", "cosine"], "--schedule"),
+    ("plan-double-every", ["dbs-plan", "--epochs", "4", "--train-size", "100", "--double-every", "0"], "double_every"),
+    ("plan-figure-exists", ["dbs-plan", "--epochs", "4", "--train-size", "100", "--figure", "existing.png"], "existing.png"),
+    ("plan-figure-dir", ["dbs-plan", "--epochs", "4", "--train-size", "100", "--figure", "confdir"], "confdir"),
+    ("search-num-samples", ["dbs-search", "--preset", "smoke", "--num-samples", "0", "--out", "s"], "num_samples"),
+    ("search-out-foreign", ["dbs-search", "--preset", "smoke", "--out", "foreign"], "foreign"),
+    ("config-value", ["config", "--set", "train.width=0"], "train.width"),
+    # stack and report
+    ("stack-missing-dir", ["stack", "nowhere"], "nowhere"),
+    ("stack-no-predictions", ["stack", "empty"], "empty"),
+    ("stack-sparsity", ["stack", "experiment", "--sparsity", "1.5"], "--sparsity"),
+    ("stack-choose-unknown", ["stack", "experiment", "--choose", "xx"], "--choose"),
+    ("stack-output-exists", ["stack", "experiment", "--output", "existing.json"], "existing.json"),
+    ("report-missing-dir", ["report", "nowhere"], "nowhere"),
+    ("report-into-foreign", ["report", "experiment", "--out", "foreign"], "foreign"),
+    ("report-over-report", ["report", "experiment", "--out", "report_dir"], "--force"),
+    ("report-out-file", ["report", "experiment", "--out", "a_file"], "a_file"),
+    # submit: refused before anything is sent
+    ("submit-no-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--preset", "smoke"], "--out"),
+    ("submit-relative-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--out", "rel"], "--out"),
+]
+
+
+def test_there_are_at_least_fifty_cases_across_every_sub_command():
+    from esdbs_ray.cli import build_parser
+
+    assert len(CASES) >= 50 and len({c[0] for c in CASES}) == len(CASES)
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {c[1][0] for c in CASES} == commands
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, sandbox, capsys, monkeypatch):
+    _, argv, names = case
+    monkeypatch.chdir(sandbox)
+    before = _tree_hash(sandbox)
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("esdbs: error: "), err
+    assert names in lines[0], err
+    assert "Traceback" not in err
+    assert _tree_hash(sandbox) == before, f"{case[0]} changed the sandbox"
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "a rejected input started Ray"
+
+
+def test_rejecting_a_config_imports_neither_torch_nor_ray(tmp_path):
+    """Validation happens before anything heavy: the CLI refuses a bad config without torch or Ray."""
+    import subprocess
+
+    code = ("import sys; from esdbs_ray.cli import main; rc = main(['run', '--preset', 'smoke', '--set', "
+            "'train.width=-1', '--out', 'x']); heavy = [m for m in ('torch', 'ray') if m in sys.modules]; "
+            "print(rc, heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.strip() == "2 []", r.stdout + r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_internal_errors_print_one_line_and_keep_the_traceback(monkeypatch, capsys, tmp_path):
+    import esdbs_ray.cli as cli
+
+    def boom(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_config", boom)
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    assert cli.main(["config"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esdbs: internal error (KeyError)") and "ESDBS_DEBUG=1" in err[0]
+    saved = Path(err[0].split("traceback: ")[1].split(";")[0])
+    assert "Traceback" in saved.read_text() and "a bug" in saved.read_text()
+    monkeypatch.setenv("ESDBS_DEBUG", "1")
+    assert cli.main(["config"]) == 1
+    assert "Traceback" in capsys.readouterr().err
