@@ -82,6 +82,29 @@ def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, w
             "experiment_dir": str(out)}
 
 
+def _document(config: dict, runs: list[dict], dbs_variant: str, fixed_variant: str) -> dict:
+    def mean(variant, key):
+        vals = [x[key] for x in runs if x["variant"] == variant and x[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    dbs_s, fixed_s = mean(dbs_variant, "base_stage_seconds"), mean(fixed_variant, "base_stage_seconds")
+    dbs_acc, fixed_acc = mean(dbs_variant, "ensemble_test_accuracy"), mean(fixed_variant, "ensemble_test_accuracy")
+    dbs_sum, fixed_sum = (mean(dbs_variant, "summed_member_train_seconds"),
+                          mean(fixed_variant, "summed_member_train_seconds"))
+    dbs_members = [m for x in runs if x["variant"] == dbs_variant for m in x["members"]]
+    verdict = {
+        "stage_speedup": fixed_s / dbs_s if dbs_s and fixed_s else None,
+        "summed_member_speedup": fixed_sum / dbs_sum if dbs_sum and fixed_sum else None,
+        "ensemble_test_gap_points": None if dbs_acc is None or fixed_acc is None else 100 * (dbs_acc - fixed_acc),
+        "every_dbs_member_reached_bmax": all(m["b_max_reached"] >= (m["bmax"] or 10**9) for m in dbs_members)
+        if dbs_members else None,
+        "every_dbs_member_raised_b": all(m["b_max_reached"] > m["batch_sizes"][0] for m in dbs_members)
+        if dbs_members else None,
+        "targets": {"stage_speedup": ">= 1.55", "ensemble_test_gap_points": ">= -0.2", "bmax": "every DBS member"},
+    }
+    return {"provenance": provenance_block(config), "runs": runs, "verdict": verdict}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="paper-fashion-mnist")
@@ -101,37 +124,23 @@ def main(argv=None) -> int:
                 "resources.cpus_per_trial=0.66", *sets]
     dbs_variant, fixed_variant = a.variants.split(",")
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dbs-stack-"))
-    runs = []
+    config = {"preset": a.preset, "sets": sets, "scale": a.scale, "variants": [dbs_variant, fixed_variant],
+              "repeats": a.repeats}
+    runs: list[dict] = []
+    path = None
     try:
         for r in range(a.repeats):
             order = (dbs_variant, fixed_variant) if r % 2 == 0 else (fixed_variant, dbs_variant)
             for v in order:
                 print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {v}", flush=True)
                 runs.append({"repeat": r, **run_stack(a.preset, sets, v, a.scale, workdir / f"r{r}", a.num_cpus)})
+                # written after every run: a run cut short by a time limit keeps what finished
+                path = write_result("dbs_stack", _document(config, runs, dbs_variant, fixed_variant), a.result)
     finally:
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-
-    def mean(variant, key):
-        vals = [x[key] for x in runs if x["variant"] == variant and x[key] is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    dbs_s, fixed_s = mean(dbs_variant, "base_stage_seconds"), mean(fixed_variant, "base_stage_seconds")
-    dbs_acc, fixed_acc = mean(dbs_variant, "ensemble_test_accuracy"), mean(fixed_variant, "ensemble_test_accuracy")
-    dbs_members = [m for x in runs if x["variant"] == dbs_variant for m in x["members"]]
-    verdict = {
-        "stage_speedup": fixed_s / dbs_s if dbs_s else None,
-        "summed_member_speedup": (mean(fixed_variant, "summed_member_train_seconds")
-                                  / mean(dbs_variant, "summed_member_train_seconds")),
-        "ensemble_test_gap_points": None if dbs_acc is None or fixed_acc is None else 100 * (dbs_acc - fixed_acc),
-        "every_dbs_member_reached_bmax": all(m["b_max_reached"] >= (m["bmax"] or 10**9) for m in dbs_members),
-        "every_dbs_member_raised_b": all(m["b_max_reached"] > m["batch_sizes"][0] for m in dbs_members),
-        "targets": {"stage_speedup": ">= 1.55", "ensemble_test_gap_points": ">= -0.2", "bmax": "every DBS member"},
-    }
-    doc = {"provenance": provenance_block({"preset": a.preset, "sets": sets, "scale": a.scale,
-                                           "variants": [dbs_variant, fixed_variant], "repeats": a.repeats}),
-           "runs": runs, "verdict": verdict}
-    path = write_result("dbs_stack", doc, a.result)
+    doc = _document(config, runs, dbs_variant, fixed_variant)
+    verdict = doc["verdict"]
     rows = [{"variant": x["variant"], "repeat": x["repeat"], "stage s": x["base_stage_seconds"],
              "sum member s": x["summed_member_train_seconds"], "ensemble test": x["ensemble_test_accuracy"],
              "members B": "; ".join(f"{m['batch_sizes'][0]}->{m['b_max_reached']}" for m in x["members"]),

@@ -350,6 +350,7 @@ def train(
 
     # --- final: summary.json and the kernel figure
     summary = _summary(cfg, data, state, pruner, provenance, member, variant, device)
+    summary["bmax"] = getattr(schedule, "bmax", None)  # DBS: the largest batch the schedule may reach
     writer.close()
     storage.write_json(run.summary, summary)
     return summary
