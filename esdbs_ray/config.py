@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      model_validator)
+                      WithJsonSchema, model_validator)
 
 from .model_names import MODEL_NAMES
 
@@ -69,12 +69,6 @@ def _is_numpy_number(v: Any) -> bool:
     return type(v).__module__ == "numpy" and hasattr(v, "dtype") and v.dtype.kind in "iuf"
 
 
-def _finite(v: float) -> float:
-    if not math.isfinite(v):
-        raise ValueError("must be finite")
-    return v
-
-
 def _strict_bool(v: Any) -> Any:
     if not isinstance(v, bool):
         raise ValueError("must be true or false")
@@ -92,25 +86,34 @@ def _auto_or_number(v: Any) -> Any:
 AutoOr = BeforeValidator(_auto_or_number)
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
-    def check(v):
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            raise ValueError(f"must be {'>' if lo_open else '>='} {lo:g}")
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            raise ValueError(f"must be {'<' if hi_open else '<='} {hi:g}")
-        return v
-    return AfterValidator(check)
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
+    kw = {}
+    if lo is not None:
+        kw["gt" if lo_open else "ge"] = lo
+    if hi is not None:
+        kw["lt" if hi_open else "le"] = hi
+    return kw
 
 
-Float = Annotated[float, BeforeValidator(_number), AfterValidator(_finite)]
-Int = Annotated[int, BeforeValidator(_integer)]
+def _float(**bounds):
+    """A finite float within ``bounds`` (gt/ge/lt/le): pydantic checks the bounds and writes them into
+    the JSON Schema; the before-validator refuses bools and strings that lax mode would coerce."""
+    return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_number)]
+
+
+def _int(**bounds):
+    return Annotated[int, Field(**bounds), BeforeValidator(_integer)]
+
+
+Float = _float()
+Int = _int()
 Bool = Annotated[bool, BeforeValidator(_strict_bool)]
-Fraction = Annotated[Float, _range(0.0, 1.0, hi_open=True)]  # [0, 1)
-OpenFraction = Annotated[Float, _range(0.0, 1.0, lo_open=True, hi_open=True)]  # (0, 1)
-PosFloat = Annotated[Float, _range(0.0, lo_open=True)]
-NonNegFloat = Annotated[Float, _range(0.0)]
-PosInt = Annotated[Int, _range(1)]
-NonNegInt = Annotated[Int, _range(0)]
+Fraction = _float(**_range(0.0, 1.0, hi_open=True))  # [0, 1)
+OpenFraction = _float(**_range(0.0, 1.0, lo_open=True, hi_open=True))  # (0, 1)
+PosFloat = _float(**_range(0.0, lo_open=True))
+NonNegFloat = _float(**_range(0.0))
+PosInt = _int(**_range(1))
+NonNegInt = _int(**_range(0))
 
 
 class _Model(BaseModel):
@@ -162,7 +165,15 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
             parts.append(f"{key}={err['input']!r}: {msg}")
         else:
             parts.append(f"{key or 'config'}: {msg}")
-    return "; ".join(dict.fromkeys(parts))
+    # a union ("auto" or a number) reports one error per branch: say it once, as alternatives
+    merged: dict[str, str] = {}
+    for part in dict.fromkeys(parts):
+        head, _, msg = part.partition(": ")
+        if head in merged:
+            merged[head] += " or " + msg.removeprefix("Input should be ")
+        else:
+            merged[head] = msg
+    return "; ".join(f"{h}: {m}" for h, m in merged.items())
 
 
 def validate(cls, data: Any, where: str = ""):
@@ -193,9 +204,9 @@ class DBSConfig(_Model):
     v0: NonNegFloat = 0.5
     m_max: OpenFraction = 0.99
     plateau_patience: PosInt = 5
-    plateau_factor: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1
+    plateau_factor: _float(**_range(0.0, 1.0, lo_open=True)) = 0.1
     step: PosInt = 32  # Stepwise multiple
-    collapse_drop: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1  # val drop right after an increase
+    collapse_drop: _float(**_range(0.0, 1.0, lo_open=True)) = 0.1  # val drop right after an increase
     fall_z: NonNegFloat = 2.0  # a fall must exceed this many standard errors of the val estimate (spec §4.2)
 
     @model_validator(mode="after")
@@ -300,10 +311,10 @@ class TrainConfig(TrainSettings):
 
     dataset: DatasetName = "fashion-mnist"
     data_dir: str | None = None
-    subset: Annotated[Int, _range(20)] | None = None  # stratified training subset for smoke runs
-    test_subset: Annotated[Int, _range(20)] | None = None
+    subset: _int(**_range(20)) | None = None  # stratified training subset for smoke runs
+    test_subset: _int(**_range(20)) | None = None
     val_fraction: OpenFraction = 0.1
-    image_size: Annotated[Int, _range(8)] = 64  # image folders only
+    image_size: _int(**_range(8)) = 64  # image folders only
     model: ModelName = "alexnet"
     conv: Conv = "spatial"
     schedule: Schedule = "fixed"
@@ -400,6 +411,13 @@ class MemberSpec(_Model):
         return {"model": self.model, **self.overrides} if self.overrides else self.model
 
 
+# What a user writes for a member: a model name, or a mapping with "model" and train settings.
+_MEMBER_SCHEMA = {"anyOf": [
+    {"type": "string", "enum": list(MODEL_NAMES)},
+    {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "enum": list(MODEL_NAMES)}}},
+]}
+
+
 class ResourcesConfig(_Model):
     cpus_per_trial: PosFloat = 1.0
     # "auto": trials share the GPUs so that fractions pack (1 / ceil(trials per GPU)); 0 forces CPU.
@@ -474,7 +492,7 @@ class BatchSweepConfig(_Model):
     Each (variant, B) trains like the main trials but stops its ladder at ``sparsity``; a trial that a
     main trial already covers (same variant at the reference batch size B0) is not run twice."""
 
-    batch_sizes: tuple[Annotated[Int, _range(2)], ...] = ()
+    batch_sizes: tuple[_int(**_range(2)), ...] = ()
     variants: tuple[Literal["C-CNN", "SC-CNN", "SWR-CNN"], ...] = ("C-CNN", "SC-CNN", "SWR-CNN")
     with_dbs: Bool = True  # also each variant with the DBS schedule (the tables' "DBS (ours)" row)
     sparsity: Fraction = 0.3
@@ -495,13 +513,13 @@ class PipelineConfig(_Model):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")] = "esdbs"
     dataset: DatasetName = "fashion-mnist"
     data_dir: str | None = None
-    subset: Annotated[Int, _range(20)] | None = None
-    test_subset: Annotated[Int, _range(20)] | None = None
+    subset: _int(**_range(20)) | None = None
+    test_subset: _int(**_range(20)) | None = None
     val_fraction: OpenFraction = 0.1
-    image_size: Annotated[Int, _range(8)] = 64
+    image_size: _int(**_range(8)) = 64
     seed: NonNegInt = 0
-    members: tuple[MemberSpec, ...] = (MemberSpec(model="alexnet"), MemberSpec(model="convpool_cnn_c"),
-                                       MemberSpec(model="all_cnn_c"))
+    members: tuple[Annotated[MemberSpec, WithJsonSchema(_MEMBER_SCHEMA)], ...] = (
+        MemberSpec(model="alexnet"), MemberSpec(model="convpool_cnn_c"), MemberSpec(model="all_cnn_c"))
     variants: tuple[Variant, ...] = ("SWR-CNN+DBS",)
     train: TrainSettings = TrainSettings()  # template; per-trial keys are set by the pipeline
     # Per-variant train overrides, e.g. the paper's regularisation: {"C-CNN": {"dropout": 0.2, "l2": 0.01}}.

@@ -101,8 +101,13 @@ def start_token_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, tim
     port, dash_port = ray_local.free_port(), ray_local.free_port()
     cluster = TokenCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}", token, env)
     try:
+        # The head too gets its own --temp-dir: its job drivers find the cluster's address in the head's
+        # temp dir (RAY_ADDRESS=auto), which another test cluster on this machine must not overwrite.
+        head_tmp = tempfile.mkdtemp(prefix="esdbs-ray-", dir="/tmp")
+        cluster.cleanup.append(head_tmp)
         cluster.nodes.append(ray_local.RayNode(
-            ["--head", "--port", str(port), "--num-cpus", str(head_cpus), "--include-dashboard", "true",
+            ["--head", "--port", str(port), "--num-cpus", str(head_cpus), "--temp-dir", head_tmp,
+             "--include-dashboard", "true",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
              "--ray-client-server-port", str(ray_local.free_port()), *_agent_ports()],
             tmp / "ray-head.log", env=env))

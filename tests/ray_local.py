@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import tempfile
 import socket
 import subprocess
 import sys
@@ -44,7 +45,18 @@ class RayNode:
             env={**os.environ, **LOOPBACK_ENV, **(env or {})},
         )
 
+    temp_dir: str | None = None  # removed when the node stops
+
     def stop(self, grace: float = 5.0) -> None:
+        try:
+            self._stop(grace)
+        finally:
+            if self.temp_dir:
+                import shutil
+
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _stop(self, grace: float) -> None:
         if self.proc.poll() is not None:
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -61,7 +73,12 @@ class RayNode:
 
 def start_head(tmp: Path, num_cpus: int = 2, dashboard: bool = False) -> tuple[RayNode, str, int | None]:
     port = free_port()
-    args = ["--head", "--port", str(port), "--num-cpus", str(num_cpus)]
+    # Its own --temp-dir: a head started with the default one writes its address to
+    # /tmp/ray/ray_current_cluster, where a job driver on another test cluster of this machine (pytest-xdist
+    # runs two workers) resolves "auto" -- and connects to the wrong cluster with the wrong token.
+    # Short path: Ray's Unix sockets live under it (108-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="esdbs-ray-", dir="/tmp")
+    args = ["--head", "--port", str(port), "--num-cpus", str(num_cpus), "--temp-dir", temp_dir]
     dash_port = None
     if dashboard:
         dash_port = free_port()
@@ -69,6 +86,7 @@ def start_head(tmp: Path, num_cpus: int = 2, dashboard: bool = False) -> tuple[R
     else:
         args += ["--include-dashboard", "false"]
     node = RayNode(args, tmp / "ray-head.log")
+    node.temp_dir = temp_dir
     address = f"127.0.0.1:{port}"
     wait_for_nodes(address, 1)
     return node, address, dash_port

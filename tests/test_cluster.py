@@ -145,8 +145,13 @@ def test_trials_spread_over_two_nodes_and_a_removed_nodes_trial_moves(tmp_path, 
                     trials = sorted((out / "tune" / "base").glob("*_*/"))
                     rows = {t.name: cluster_helpers.read_results(t) for t in trials}
                     if len(rows) == 2 and all(rows.values()) and ray.is_initialized():
+                        # the actor table can lag behind the results on a loaded machine: ask until
+                        # both trials' actors are found on their nodes
+                        nodes = {name: node_of(r[-1]["pid"]) for name, r in rows.items()}
+                        if None in nodes.values():
+                            continue
                         for name, r in rows.items():
-                            seen[name] = (node_of(r[-1]["pid"]), len(r))
+                            seen[name] = (nodes[name], len(r))
                         break
                 else:
                     raise TimeoutError("the two trials did not both report in time")

@@ -99,7 +99,7 @@ def test_unknown_yaml_key_is_refused_and_out_untouched(tmp_path):
     ({"members": ["alexnet"]}, "at least two members"),
     ({"members": ["alexnet", "lenet"]}, "members.1.model='lenet': unsupported model; choose one of: alexnet"),
     ({"train": {"model": "vgg16"}}, "set by the pipeline"),
-    ({"resources": {"cpus_per_trial": 0}}, "resources.cpus_per_trial=0: must be > 0"),
+    ({"resources": {"cpus_per_trial": 0}}, "resources.cpus_per_trial=0: Input should be greater than 0"),
     ({"train": {"dbs": {"k": "fast"}}}, "k"),
 ])
 def test_bad_config_values(bad, match):

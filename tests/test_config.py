@@ -1,0 +1,79 @@
+"""The config edge: JSON Schema for editors, --dry-run, and the module structure it rests on."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esdbs_ray.cli import main
+from esdbs_ray.config import PipelineConfig, build_config, json_schema
+from esdbs_ray.presets import PRESETS
+
+PKG = Path(__file__).resolve().parents[1] / "esdbs_ray"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates_against_the_published_schema(preset):
+    """`esdbs config --schema` is what an editor checks YAML against: every preset must pass it, and a
+    bad value must fail it the way the config does."""
+    import jsonschema
+
+    schema = json_schema()
+    jsonschema.validate(build_config(preset).to_dict(), schema)
+    bad = build_config(preset).to_dict()
+    bad["train"]["width"] = -1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_config_schema_and_resolved_config_on_the_command_line(capsys):
+    assert main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"train", "members", "variants", "stack", "resources"} <= set(schema["properties"])
+    assert main(["config", "--preset", "quick", "--set", "train.width=0.5"]) == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    assert d["train"]["width"] == 0.5 and PipelineConfig.from_dict(d) == build_config("quick", sets=["train.width=0.5"])
+
+
+def test_dry_run_prints_config_and_trial_table_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--preset", "paper-fashion-mnist-cpu", "--dry-run", "--out", "exp"]) == 0
+    out = capsys.readouterr().out
+    cfg = build_config("paper-fashion-mnist-cpu")
+    assert f"# {len(cfg.trials())} trial(s) -> exp" in out
+    for t in cfg.trials():
+        assert t.member in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_module_of_the_package_imports_one_that_imports_it_back():
+    graph = {}
+    for p in PKG.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("esdbs_ray."):
+                deps.add(node.module.split(".")[1])
+        graph[p.stem] = {d for d in deps if d != p.stem and (PKG / f"{d}.py").exists()}
+
+    def reaches(a, b, seen=()):
+        return any(d == b or (d not in seen and reaches(d, b, (*seen, d))) for d in graph.get(a, ()))
+
+    cycles = sorted((a, b) for a in graph for b in graph[a] if reaches(b, a))
+    assert not cycles, f"import circles: {cycles}"
+
+
+def test_pipeline_module_holds_only_the_stages():
+    assert len((PKG / "pipeline.py").read_text().splitlines()) < 350
+
+
+def test_the_cli_starts_without_torch_or_ray():
+    code = "import sys, esdbs_ray.cli; print([m for m in ('torch', 'ray') if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
