@@ -8,6 +8,10 @@ import pytest
 
 # Tests run on CPU with a small, fixed thread count so timings and results do not depend on the host.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The Winograd layer's default ("auto") compiles every layer shape with inductor for training, 10-20 s
+# per shape on 2 cores with a cold cache.  The suite trains with the reference implementation; the
+# tests of the compiled one (tests/test_winograd.py) ask for it explicitly.
+os.environ.setdefault("ESDBS_WINOGRAD_IMPL", "reference")
 
 # Ray reads its auth mode and node-address policy once per process: set them before any test touches
 # Ray, so every Ray the tests start or join is on loopback with token authentication.
