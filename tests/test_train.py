@@ -107,6 +107,35 @@ def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data):
     assert [e.value for e in acc.Scalars("schedule/batch_size")] == [h["batch_size"] for h in s["history"]]
 
 
+def test_swr_training_runs_the_fused_layer_by_default(tmp_path, tiny_data, monkeypatch):
+    # The trainer does nothing special: under "auto" every WinogradReLUConv2d runs its compiled (fused)
+    # implementation in training steps on CPU, and the reference one in evaluation.  The compiled
+    # entry is replaced by an eager one to keep this fast; tests/test_winograd.py compiles for real.
+    import esdbs_ray.winograd as wg
+
+    keys = []
+
+    def entry(key, relu, dtype):
+        keys.append(key)
+        return lambda x, u: wg._WinogradReLUFn.apply(x.to(dtype), u.to(dtype), relu)
+
+    monkeypatch.setattr(wg, "_fused_entry", entry)
+    monkeypatch.setenv(wg.IMPL_ENV, "auto")
+    wg._reset_fused_state()
+    try:
+        cfg = _cfg(epochs=1, conv="winograd_relu")
+        train(cfg, tiny_data, tmp_path, hooks=Silent())
+        model, _ = build_model(cfg, tiny_data)
+        shapes = set()
+        for _, layer in wg.winograd_layers(model):
+            layer.register_forward_hook(lambda m, inp, out: shapes.add((*inp[0].shape[1:], m.out_channels)))
+        model(torch.zeros(2, 1, 28, 28))
+        assert shapes and {k[4:8] for k in keys} == shapes
+        assert all(k[-1] == "train" for k in keys)
+    finally:
+        wg._reset_fused_state()
+
+
 def test_config_validation_names_the_problem():
     with pytest.raises(ConfigError, match=r"^conv='fft': Input should be 'spatial' or 'winograd_relu'$"):
         TrainConfig.from_dict({"conv": "fft"})
