@@ -436,7 +436,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import build_report
+    from .analysis.report import build_report
 
     from .layout import replace_dir
 
