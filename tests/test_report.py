@@ -208,6 +208,22 @@ def test_verdicts_follow_the_data(experiment, tmp_path):
     assert r2["sections"]["figure:kernels"] == "not run" and r2["sections"]["figure:dbs_schedule"] == "not run"
 
 
+def test_report_reads_the_experiment_through_a_filesystem(experiment, tmp_path):
+    """The same report from a pyarrow filesystem view of the directory (as for s3:// or gs://): every
+    artifact, TensorBoard events and kernel images included, is read through it, none by local path."""
+    import pyarrow.fs as pafs
+
+    root, _, result = experiment
+    sub = pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
+    r = build_report("", tmp_path / "report", filesystem=sub)
+    assert r["sections"] == result["sections"] and r["problems"] == result["problems"]
+    assert [c["verdict"] for c in r["claims"]] == [c["verdict"] for c in result["claims"]]
+    local = _md(result).replace(f"`{root}`", "`ROOT`")
+    assert _md(r).replace("`` (name", "`ROOT` (name") == local
+    with pytest.raises(ValueError, match="local output directory"):
+        build_report("", filesystem=sub)  # a remote experiment's report needs an output directory
+
+
 def test_missing_artifacts_give_not_run(experiment, tmp_path):
     src, _, _ = experiment
     # 1. no predictions: stacked accuracy at the stacked rung from stacking*.json, elsewhere n/a, no SE
