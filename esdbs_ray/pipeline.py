@@ -85,12 +85,12 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 sync_config=tune.SyncConfig(sync_artifacts=True),
+                # the trainer's TensorBoard stream only; MLflow runs when tracking is on
                 callbacks=tracking.tune_callbacks(cfg, layout.root, specs),
                 verbose=1 if progress else 0,
             ),
         )
-    with tracking.tune_loggers_only_ours():  # the trainer's TensorBoard stream, not a second one of Tune's
-        results = tuner.fit()
+    results = tuner.fit()
     if results.errors:
         raise RunFailed(f"{len(results.errors)} base trial(s) failed: "
                         + "; ".join(str(e).splitlines()[0] for e in results.errors))
@@ -281,8 +281,7 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
                                   callbacks=tracking.tune_callbacks(cfg, layout.root),
                                   verbose=1 if progress else 0),
     )
-    with tracking.tune_loggers_only_ours():
-        results = tuner.fit()
+    results = tuner.fit()
     if results.errors:
         raise RunFailed(f"{len(results.errors)} DBS-search trial(s) failed")
     # Objective (spec §6): validation accuracy at the *last* epoch of the budget.  A trial's best epoch

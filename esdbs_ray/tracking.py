@@ -14,10 +14,11 @@ What it achieves:
   serves; MLflow 3 keeps that store in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which is
   set for it here.
 * **TensorBoard**: the trainer writes one event stream per trial (``tb/`` in the trial directory);
-  Tune would add a second one of its own (``TBXLoggerCallback``) whenever tensorboardX is installed.
-  :func:`tune_callbacks` passes Tune's CSV and JSON loggers explicitly (``ExperimentAnalysis``,
-  ``esdbs results`` and the report read their files) and :func:`tune_loggers_only_ours` stops Tune
-  from adding its defaults (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``), so the TBX stream is gone.
+  Tune would add a second one of its own whenever tensorboardX is installed: it adds a
+  ``TBXLoggerCallback`` unless the run config holds one.  :func:`tune_callbacks` gives it one that
+  writes nothing, so Tune's CSV and JSON loggers (which ``ExperimentAnalysis``, ``esdbs results`` and
+  the report read) stay and only the second stream goes -- also for a resumed run, whose callbacks
+  Tune restores from its saved state.
 
 Evidence: tests/test_pipeline.py reads the smoke run's MLflow store back with ``MlflowClient``
 (params, per-epoch metric histories, artifacts, the report's files) and finds exactly one event
@@ -28,7 +29,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import storage
@@ -100,12 +100,10 @@ def trial_params(spec) -> dict[str, str]:
 # Tune callbacks
 # --------------------------------------------------------------------------------------------------
 def tune_callbacks(cfg: PipelineConfig, experiment_root: str, specs: dict | None = None) -> list:
-    """The loggers of a Tune stage: Tune's CSV and JSON (its analysis reads them) and, when MLflow is
-    on, Ray's MLflow callback logging each trial's params (``specs``: member -> TrialSpec) and
-    per-epoch metrics.  Use with :func:`tune_loggers_only_ours` (no second TensorBoard stream)."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    callbacks = [CSVLoggerCallback(), JsonLoggerCallback()]
+    """The loggers of a Tune stage besides Tune's CSV and JSON: a TensorBoard logger that writes
+    nothing (no second stream) and, when MLflow is on, Ray's MLflow callback logging each trial's
+    params (``specs``: member -> TrialSpec) and per-epoch metrics."""
+    callbacks = [_no_tune_tensorboard()]
     s = settings(cfg, experiment_root)
     if s is not None:
         callbacks.append(_mlflow_callback(s, {m: trial_params(t) for m, t in (specs or {}).items()}))
@@ -136,20 +134,28 @@ def _mlflow_callback(s: dict, params: dict[str, dict]):
                                      tags=s["tags"])
 
 
-@contextmanager
-def tune_loggers_only_ours():
-    """Tune adds its CSV, JSON and TensorBoard loggers unless this is set; the callbacks of
-    :func:`tune_callbacks` bring CSV and JSON back, so only Tune's TensorBoard stream goes."""
-    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+def _no_tune_tensorboard():
+    from ray.tune.logger import TBXLoggerCallback
+
+    class NoTuneTensorBoard(TBXLoggerCallback):
+        """Takes the place of the TensorBoard logger Tune adds unless one is given, and writes nothing:
+        the trainer writes each trial's one stream (with its own tags, images and text)."""
+
+        _SAVED_FILE_TEMPLATES = []
+
+        def __init__(self):  # no tensorboardX writer
+            pass
+
+        def log_trial_start(self, trial):
+            pass
+
+        def log_trial_result(self, iteration, trial, result):
+            pass
+
+        def log_trial_end(self, trial, failed=False):
+            pass
+
+    return NoTuneTensorBoard()
 
 
 # --------------------------------------------------------------------------------------------------
