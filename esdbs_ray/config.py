@@ -14,7 +14,7 @@ Models (``extra="forbid"``: an unknown key is an error that lists the valid ones
 * :class:`TrainConfig`    one trial: the settings plus the per-trial keys the pipeline fills in
                           (model, conv, schedule, dataset, seed, ...), saved in every checkpoint;
 * :class:`PipelineConfig` the whole method (members x variants, batch sweep, stacking, resources,
-                          the DBS search) with cross-field checks (stacking sparsity on the ladder,
+                          the DBS search, experiment tracking) with cross-field checks (stacking sparsity on the ladder,
                           a stacked variant needs two members, every trial's TrainConfig valid).
 
 Also here: YAML loading, ``--set KEY=VALUE``, ``--scale``, and :func:`build_config` (preset, then YAML,
@@ -37,7 +37,8 @@ from .model_names import MODEL_NAMES
 
 __all__ = [
     "ConfigError", "DBSConfig", "TrainSettings", "TrainConfig", "MemberSpec", "ResourcesConfig", "StackConfig",
-    "DBSSearchConfig", "BatchSweepConfig", "PipelineConfig", "TrialSpec", "VARIANTS", "BASE_VARIANTS",
+    "DBSSearchConfig", "BatchSweepConfig", "PipelineConfig", "TrialSpec", "TrackingConfig", "MLflowConfig",
+    "MLFLOW_SCHEMES", "VARIANTS", "BASE_VARIANTS",
     "parse_variant", "format_validation_error", "validate", "load_yaml", "set_dotted", "apply_scale",
     "build_config", "json_schema", "PER_TRIAL_KEYS",
 ]
@@ -499,7 +500,10 @@ class BatchSweepConfig(_Model):
 
 
 class TrialSpec(_Model):
-    """One Tune trial: which member of which group, and its whole TrainConfig."""
+    """One Tune trial: which member of which group, and its whole TrainConfig.
+
+    ``export_sparsity``: the rung whose weights the trainer keeps for ``esdbs export`` -- the rung the
+    group's stack uses (the trainer keeps only its latest checkpoints)."""
 
     member: str
     variant: Variant
@@ -507,6 +511,41 @@ class TrialSpec(_Model):
     batch_size: PosInt | None = None
     stacked: Bool
     train: TrainConfig
+    export_sparsity: Fraction | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment tracking
+# --------------------------------------------------------------------------------------------------
+# Schemes of the tracking URIs MLflow serves (its stores and its REST client); a bare path is a file store.
+MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+
+
+def _tracking_uri(v: Any) -> Any:
+    if v is None:
+        return v
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("must be a directory path or a URI such as http://HOST:5000 or file:///PATH")
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", v)
+    if m and len(m.group(1)) > 1 and m.group(1).split("+")[0].lower() not in MLFLOW_SCHEMES:
+        raise ValueError(f"unsupported scheme {m.group(1)!r}; choose a path or one of: "
+                         + ", ".join(f"{x}:" for x in MLFLOW_SCHEMES))
+    return v
+
+
+class MLflowConfig(_Model):
+    """MLflow through Ray Tune's MLflowLoggerCallback: per-trial params and per-epoch metrics; the
+    stacking, summary and report files as artifacts of the experiment's own run."""
+
+    enabled: Bool = False
+    # None: a file store in the experiment directory (OUT/mlruns); else a path or a tracking server URI
+    tracking_uri: Annotated[str, AfterValidator(_tracking_uri)] | None = None
+    experiment_name: Annotated[str, Field(min_length=1)] | None = None  # None: the config's name
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TrackingConfig(_Model):
+    mlflow: MLflowConfig = MLflowConfig()
 
 
 class PipelineConfig(_Model):
@@ -530,6 +569,7 @@ class PipelineConfig(_Model):
     resources: ResourcesConfig = ResourcesConfig()
     dbs_search: DBSSearchConfig = DBSSearchConfig()
     run_dbs_search: Bool = False
+    tracking: TrackingConfig = TrackingConfig()
     checkpoints_to_keep: PosInt = 2
     max_failures: NonNegInt = 2
 
@@ -593,6 +633,10 @@ class PipelineConfig(_Model):
         for g in groups:
             conv, schedule, stacked = parse_variant(g["variant"])
             base = g["variant"].removesuffix("+DBS")
+            # the rung this group's stack uses (run_stack's choice), else its last rung
+            export = self.stack.sparsity if g["group"] in self.variants else self.batch_sweep.sparsity
+            if export is None:
+                export = g["ladder"][-1] if g["ladder"] else 0.0
             for m in (self.members if stacked else self.members[:1]):
                 train = self.train.model_dump()
                 for key in (base, g["variant"]):
@@ -607,7 +651,7 @@ class PipelineConfig(_Model):
                 where = f"trial {member} (members / variant_overrides / train)"
                 specs.append(validate(TrialSpec, {"member": member, "variant": g["variant"], "group": g["group"],
                                                   "batch_size": g["batch_size"], "stacked": stacked,
-                                                  "train": train}, where))
+                                                  "train": train, "export_sparsity": export}, where))
         return specs
 
     # -- (de)serialisation -------------------------------------------------------------------------

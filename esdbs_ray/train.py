@@ -195,6 +195,7 @@ def train(
     provenance: dict | None = None,
     stop_after_epoch: int | None = None,
     device: str | None = None,
+    keep_weights: tuple[float, ...] = (),
 ) -> dict:
     """Train per ``cfg`` and return the summary (also written to ``out_dir/summary.json``).
 
@@ -202,6 +203,8 @@ def train(
     the experiment directory (local path or URI) whose ``predictions/`` receives each rung's Parquet.  ``stop_after_epoch`` ends the run
     after that epoch index as if interrupted (tests of resumption).  ``device`` overrides ``cfg.device``
     (the Tune adapter passes the device Ray assigned; it is not part of the run's identity).
+    ``keep_weights``: rungs (target sparsities) whose final weights are saved beside the predictions
+    (``ExperimentLayout.rung_weights``), for ``esdbs export``: checkpoints keep only the latest epochs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +336,8 @@ def train(
             rung = _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch, rung_ends[epoch],
                                 record, writer, state, predictions_root, member, variant, provenance)
             hooks.on_rung(rung)
+            if predictions_root is not None and any(abs(rung_ends[epoch] - k) < 1e-9 for k in keep_weights):
+                _save_rung_weights(predictions_root, member, cfg, data, model, epoch, rung_ends[epoch])
             if epoch == cfg.total_epochs - 1 and state["kernels"]:
                 _kernel_figure(run.kernels, state["kernels"], writer, epoch)
 
@@ -409,6 +414,19 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
             _, layer = layers[min(cfg.kernel_layer, len(layers) - 1)]
             state["kernels"][float(target)] = layer.kernels_4x4()[:6, :6].detach().float().cpu().clone()
     return rung
+
+
+def _save_rung_weights(root, member, cfg, data, model, epoch, target) -> None:
+    """The model (pruning masks included) at the end of a rung, with what a consumer of the weights
+    needs to feed it: the input normalisation and the class names."""
+    from .layout import ExperimentLayout
+
+    storage.save_torch(ExperimentLayout(root).rung_weights(member, target), {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(),
+        "epoch": epoch, "target_sparsity": target,
+        "input": {"mean": list(data.mean), "std": list(data.std), "class_names": list(data.class_names),
+                  "in_channels": data.in_channels, "image_size": data.image_size, "dataset": data.describe()},
+    })
 
 
 def _rung_epoch_seconds(history: list[dict], n: int, skip_first: bool) -> float:

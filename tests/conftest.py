@@ -49,6 +49,19 @@ def ray_address(tmp_path_factory):
     node.stop()
 
 
+@pytest.fixture(scope="session")
+def smoke_run(ray_address, tmp_path_factory):
+    """The smoke preset through real Ray Tune, with MLflow tracking on, once per session: the pipeline,
+    export/predict, results and tracking tests all read this one run."""
+    from esdbs_ray.config import build_config
+    from esdbs_ray.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("exp") / "smoke"
+    cfg = build_config("smoke", sets=["tracking.mlflow.enabled=true"])
+    summary = run_pipeline(cfg, str(out), address=ray_address, progress=False)
+    return out, summary
+
+
 @pytest.fixture
 def ray_connected(ray_address):
     """This test process connected to the session's Ray (and disconnected afterwards)."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import struct
 import sys
 import zlib
@@ -52,6 +53,26 @@ def _cifar(root: Path, batch1: object) -> None:
     d.mkdir(parents=True)
     (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
     (d / "data_batch_1").write_bytes(batch1 if isinstance(batch1, bytes) else pickle.dumps(batch1))
+
+
+def _export(root: Path) -> None:
+    """A small real export (one untrained spatial AlexNet), as esdbs export writes one."""
+    from safetensors.torch import save
+
+    from esdbs_ray.ensemble import FORMAT, FORMAT_VERSION, _sha256, build_model
+    from esdbs_ray.layout import MARKER
+
+    (root / "members").mkdir(parents=True)
+    (root / MARKER).write_text(json.dumps({"kind": "export"}))
+    member = {"name": "alexnet", "model": "alexnet", "width": 0.125, "conv": "spatial", "dropout": 0.0}
+    model = build_model(member, 10, 1, 28)
+    (root / "members" / "alexnet.safetensors").write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    member.update(weights_file="members/alexnet.safetensors", weights_sha256=_sha256(root / "members" / "alexnet.safetensors"))
+    (root / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "members": [member],
+        "ensemble": {"method": "single member", "weights": {"alexnet": 1.0}},
+        "task": {"num_classes": 10, "class_names": [f"c{i}" for i in range(10)]},
+        "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.3], "std": [0.35]}}))
 
 
 class _Evil:
@@ -111,6 +132,20 @@ def sandbox(tmp_path_factory):
             torch.save(payload, d / "checkpoint.pt")
     (root / "run_without_ckpt").mkdir()
     (root / "run_without_ckpt" / MARKER).write_text(json.dumps({"kind": "run"}))
+    # exports: a good one, one with a corrupt manifest, one whose weights file changed after export
+    _export(root / "export_good")
+    shutil.copytree(root / "export_good", root / "export_bad_manifest")
+    (root / "export_bad_manifest" / "manifest.json").write_text('{"format": "esdbs-ensemble", "members": [')
+    shutil.copytree(root / "export_good", root / "export_tampered")
+    w = root / "export_tampered" / "members" / "alexnet.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    shutil.copytree(root / "export_good", root / "export_no_weights")
+    (root / "export_no_weights" / "members" / "alexnet.safetensors").unlink()
+    (root / "images_gray" / "c1").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("L", (28, 28), 7).save(root / "images_gray" / "c1" / "a.png")
+    (root / "images_gray" / "c1" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     return root
 
 
@@ -227,6 +262,38 @@ CASES = [
     ("report-into-foreign", ["report", "experiment", "--out", "foreign"], "foreign"),
     ("report-over-report", ["report", "experiment", "--out", "report_dir"], "--force"),
     ("report-out-file", ["report", "experiment", "--out", "a_file"], "a_file"),
+    # export: a directory that is no experiment, members without weights, outputs esdbs must not write
+    ("export-missing-dir", ["export", "nowhere", "--out", "e"], "nowhere"),
+    ("export-not-experiment", ["export", "empty", "--out", "e"], "config.yaml"),
+    ("export-broken-config", ["export", "broken_exp", "--out", "e"], "config.yaml"),
+    ("export-missing-members", ["export", "experiment", "--out", "e"], "alexnet"),
+    ("export-unknown-variant", ["export", "experiment", "--variant", "XYZ", "--out", "e"], "XYZ"),
+    ("export-sparsity", ["export", "experiment", "--sparsity", "1.5", "--out", "e"], "--sparsity"),
+    ("export-out-foreign", ["export", "experiment", "--out", "foreign"], "foreign"),
+    ("export-out-file", ["export", "experiment", "--out", "a_file"], "a_file"),
+    ("export-over-export", ["export", "experiment", "--out", "export_good"], "--force"),
+    # predict: wrong directory, corrupt manifest or weights, bad images and inputs, an existing output
+    ("predict-missing-dir", ["predict", "nowhere", "images_gray", "--out", "p.parquet"], "nowhere"),
+    ("predict-not-export", ["predict", "experiment", "images_gray", "--out", "p.parquet"], "not an esdbs export"),
+    ("predict-bad-manifest", ["predict", "export_bad_manifest", "images_gray", "--out", "p.parquet"], "manifest.json"),
+    ("predict-tampered", ["predict", "export_tampered", "images_gray", "--out", "p.parquet"], "SHA-256"),
+    ("predict-no-weights", ["predict", "export_no_weights", "images_gray", "--out", "p.parquet"], "alexnet.safetensors"),
+    ("predict-bad-image", ["predict", "export_good", "images_gray", "--out", "p.parquet"], "b.png"),
+    ("predict-corrupt-jpeg", ["predict", "export_good", "images_corrupt", "--out", "p.parquet"], "broken.jpg"),
+    ("predict-no-images", ["predict", "export_good", "empty", "--out", "p.parquet"], "empty"),
+    ("predict-missing-input", ["predict", "export_good", "nowhere.png", "--out", "p.parquet"], "nowhere.png"),
+    ("predict-unknown-split", ["predict", "export_good", "mnist:test", "--out", "p.parquet"], "mnist:test"),
+    ("predict-wrong-classes", ["predict", "export_good", "imagefolder:images_corrupt", "--out", "p.parquet"], "cats"),
+    ("predict-out-exists", ["predict", "export_good", "images_gray", "--out", "existing.json"], "existing.json"),
+    ("predict-top-k", ["predict", "export_good", "images_gray", "--out", "p.parquet", "--top-k", "0"], "--top-k"),
+    ("predict-device", ["predict", "export_good", "images_gray", "--out", "p.parquet", "--device", "tpu"], "tpu"),
+    # results
+    ("results-missing-dir", ["results", "nowhere"], "nowhere"),
+    ("results-no-results", ["results", "experiment"], "no esdbs results"),
+    ("results-format", ["results", "experiment", "--format", "xlsx"], "--format"),
+    ("results-parquet-stdout", ["results", "experiment", "--format", "parquet"], "--out"),
+    ("results-out-exists", ["results", "experiment", "--format", "csv", "--out", "existing.json"], "existing.json"),
+    ("report-bad-uri", ["report", "nosuch://bucket/exp"], "nosuch://"),
     # submit: refused before anything is sent
     ("submit-no-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--preset", "smoke"], "--out"),
     ("submit-relative-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--out", "rel"], "--out"),
