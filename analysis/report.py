@@ -1175,6 +1175,27 @@ def _section_stacking(doc: Doc, exp: Experiment) -> None:
                   f"n_test={st.get('n_test')})")
 
 
+def _section_classes(doc: Doc, exp: Experiment) -> bool:
+    """Test accuracy per class, by name, of each stacked ensemble and its members (issue #17: a user's
+    own classes; the names come from the prediction files through stacking*.json)."""
+    doc.h(2, "Accuracy per class", "classes")
+    shown = False
+    for group, st in exp.stackings.items():
+        pc, names = st.get("per_class"), st.get("class_names")
+        if not pc:
+            continue
+        members = list(st.get("member_names") or [])
+        labels = names or [f"class {i}" for i in range(len(pc["support"]))]
+        rows = [[labels[c], pc["support"][c], _fmt_pct(_f(pc["ensemble"][c]))]
+                + [_fmt_pct(_f(pc["members"][m][c])) for m in members] for c in range(len(pc["support"]))]
+        doc.table(["class", "test images", f"ensemble ({st.get('chosen')})", *members], rows,
+                  f"{group}: test accuracy of each true class (recall)" + ("" if names else "; no class names recorded"))
+        shown = True
+    if not shown:
+        doc.p(f"**{NOT_RUN}** (no stacking*.json with per-class results)")
+    return shown
+
+
 def _section_claims(doc: Doc, exp: Experiment, P: dict | None, claims: list[dict]) -> None:
     doc.h(2, "The paper's claims and our verdicts", "claims")
     if P is None:
@@ -1351,6 +1372,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     decisions_ok = _section_dbs_decisions(doc, exp)
     accounting_ok = _section_sparsity_accounting(doc, exp)
     _section_stacking(doc, exp)
+    classes_ok = _section_classes(doc, exp)
     _section_members(doc, exp)
     if P:
         doc.h(2, "Errata in the paper", "errata")
@@ -1365,6 +1387,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "sparsity_table": "ok" if curves else NOT_RUN,
         "batch_table": "ok" if any(exp.sweep_cell(v, b) for v in SWEEP_VARIANTS for b in [*exp.sweep_batch_sizes(), "DBS"]) else NOT_RUN,
         "stacking": "ok" if exp.stackings else NOT_RUN,
+        "classes": "ok" if classes_ok else NOT_RUN,
         "dbs_decisions": "ok" if decisions_ok else NOT_RUN,
         "sparsity_accounting": "ok" if accounting_ok else NOT_RUN,
         **{f"figure:{k}": ("ok" if v else NOT_RUN) for k, v in figs.items()},
