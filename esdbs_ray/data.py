@@ -1,8 +1,9 @@
 """Datasets by name, held whole in memory, with a batch iterator whose batch size can change any time.
 
 Names: ``fashion-mnist`` (idx ``.gz`` files), ``cifar10`` / ``cifar100`` (torchvision's python pickle
-batches), ``imagefolder:<path>`` (one folder per class, JPEG/PNG, resized to ``image_size``; for
-fine-grained sets such as 10 Monkey Species).
+batches), ``imagefolder:<path>`` (one folder per class, or train/val/test folders of them; JPEG, PNG,
+..., resized to ``image_size``, decoded once and cached outside the folder; for a user's own photos
+and fine-grained sets such as 10 Monkey Species).
 
 Why in memory: the paper's datasets are small (Fashion-MNIST is 47 MB as uint8), a dynamic batch size
 changes the batch between epochs and even within one, and Ray shares one copy of numpy arrays between
@@ -10,8 +11,8 @@ trials through its object store.  So a :class:`DatasetBundle` holds uint8 numpy 
 Ray's object store), and :class:`BatchIterator` moves them once to the training device and normalises
 each batch on the fly -- no DataLoader workers, nothing re-created when the batch size changes.
 
-The validation split is carved from the training set (seeded, stratified, default 10 %); the test set
-is only for final reporting.  Every failure to read a file raises :class:`DataError` with one line
+The validation split is carved from the training set (seeded, stratified, default 10 %) unless an
+image folder brings its own; the test set is only for final reporting.  Every failure to read a file raises :class:`DataError` with one line
 naming the file and the problem.
 """
 from __future__ import annotations
@@ -454,7 +455,9 @@ def _decode(path: Path, image_size: int) -> np.ndarray:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns above ~89 M pixels (a 108-megapixel phone photo is a photo, and the draft
+            # below decodes a JPEG at a fraction of that); above twice that it refuses the file.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 # JPEG: decode at the smallest DCT scale still >= S (4-8x faster on photos, same result
                 # after the resize to S up to rounding); other formats ignore the draft.
@@ -466,7 +469,7 @@ def _decode(path: Path, image_size: int) -> np.ndarray:
                 # subject stays in the picture, and random resized crops vary the aspect in training.
                 im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
                 return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: refused, too many pixels for an image of this kind ({_reason(exc)})") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable image ({_reason(exc)})") from None
@@ -510,13 +513,14 @@ def _decode_all(files: list[Path], image_size: int, what: str) -> np.ndarray:
     out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
     bar = _Progress(len(files), what)
     ok = False
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            for i, arr in enumerate(pool.map(lambda f: _decode(f, image_size), files)):
-                out[i] = arr
-                bar.update()
+        for i, arr in enumerate(pool.map(lambda f: _decode(f, image_size), files)):
+            out[i] = arr
+            bar.update()
         ok = True
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a bad image ends the decode now, not after the rest
         seconds = bar.close(ok)
     print(f"[esdbs] decoded {len(files):,} images at {image_size}x{image_size} in {seconds:.1f}s", flush=True)
     return out

@@ -7,8 +7,11 @@ Pure PyTorch -- this module never imports Ray; ``trainable.py`` adapts it to Tun
     then for each sparsity s in the ladder: prune to s, retrain R epochs  (rung "s")
 
 and each rung ends with validation + test evaluation, predictions and a kernel snapshot.  The
-schedule (``dbs.py``) decides learning rate, momentum and batch size per epoch; the trainer keeps a
-snapshot before every increase and restores it when the schedule's divergence guard fires.
+schedule (``dbs.py``) decides learning rate, momentum and batch size per epoch -- the cosine schedule
+(``cosine.py``) the learning rate of every step; the trainer keeps a snapshot before every increase
+and restores it when the schedule's divergence guard fires.  Early stopping (on validation loss)
+may end the dense phase early with its best epoch's weights; training batches may be augmented
+(``augment.py``), evaluation batches never are.
 
 Every epoch writes an atomic checkpoint (model with its pruning masks, optimizer, schedule, batch
 iterator and RNG states, config, history); resuming from it continues exactly as an uninterrupted run
@@ -31,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import storage
+from .augment import build_augmenter
 from .config import TrainConfig
 from .data import BatchIterator, DatasetBundle
-from .augment import build_augmenter
 from .dbs import build_schedule
 from .layout import RunLayout
 from .models import create_model
