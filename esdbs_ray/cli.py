@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = published widths)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--l2", type=float, default=0.0, help="L2 rate on conv weights (paper's convention)")
-    p.add_argument("--optimizer", default="sgd", help="sgd | adam")
+    p.add_argument("--optimizer", default="sgd", help="sgd | adam | adamw")
     p.add_argument("--conv", default="spatial", help="spatial | winograd_relu")
     p.add_argument("--epochs", type=int, required=True, help="dense epochs before the sparsity ladder")
     p.add_argument("--sparsity-ladder", type=_floats, default=(), help="e.g. 0.2,0.3,0.4,0.5,0.6,0.7,0.8")
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier train-one run in --out (moved aside)")
     p.add_argument("--out", required=True, help="output directory (new, or an earlier train-one run with --resume)")
     _add_schedule_args(p)
+    _add_own_images_args(p)
     p.set_defaults(func=cmd_train_one)
 
     p = sub.add_parser("dbs-plan", help="show the schedule a run would follow (DBS unless --schedule fixed)")
@@ -244,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_own_images_args(p: argparse.ArgumentParser) -> None:
+    """train-one's flags for issue #17's keys (``esdbs run`` sets them as train.* config keys)."""
+    g = p.add_argument_group("own images: augmentation, cosine schedule, AdamW, early stopping")
+    g.add_argument("--augment", default="", help="comma-separated ops in order: random_resized_crop, hflip, vflip, "
+                   "color_jitter, randaugment, trivialaugment (default: none)")
+    g.add_argument("--lr-schedule", default="plateau", help="plateau | cosine (linear warm-up, cosine decay per step; "
+                   "fixed batch only)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a lower val loss (0: off)")
+
+
+def _own_images_dict(args) -> dict:
+    return dict(augment=[op.strip() for op in args.augment.split(",") if op.strip()], lr_schedule=args.lr_schedule,
+                weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                early_stopping={"patience": args.patience})
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (applied over the preset)")
     p.add_argument("--preset", default=None, help=f"{_presets_help()} (default: quick when no --config)")
@@ -285,7 +304,7 @@ def format_trials(cfg) -> str:
             f"{'B0':>5} {'epochs':>6}  ladder"]
     for t in cfg.trials():
         tr = t.train
-        rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule:<8} "
+        rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule_kind:<8} "
                     f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {list(tr.sparsity_ladder)}")
     return "\n".join(rows)
 
@@ -392,7 +411,7 @@ def cmd_train_one(args) -> int:
         image_size=args.image_size, model=args.model, width=args.width, dropout=args.dropout, conv=args.conv,
         optimizer=args.optimizer, l2=args.l2, epochs=args.epochs, schedule=args.schedule, dbs=_dbs_dict(args),
         sparsity_ladder=args.sparsity_ladder, retrain_epochs=args.retrain_epochs, seed=args.seed,
-        threads=args.threads, device=args.device,
+        threads=args.threads, device=args.device, **_own_images_dict(args),
     ))
     if args.resume and args.force:
         raise ConfigError("--resume continues a run, --force replaces it: pass one of them")

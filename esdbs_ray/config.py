@@ -40,7 +40,8 @@ __all__ = [
     "DBSSearchConfig", "BatchSweepConfig", "PipelineConfig", "TrialSpec", "TrackingConfig", "MLflowConfig",
     "MLFLOW_SCHEMES", "VARIANTS", "BASE_VARIANTS",
     "parse_variant", "format_validation_error", "validate", "load_yaml", "set_dotted", "apply_scale",
-    "build_config", "json_schema", "PER_TRIAL_KEYS",
+    "build_config", "json_schema", "PER_TRIAL_KEYS", "AugmentConfig", "CosineConfig", "EarlyStoppingConfig",
+    "AUGMENT_OPS",
 ]
 
 
@@ -238,7 +239,7 @@ class DBSConfig(_Model):
 # One trial
 # --------------------------------------------------------------------------------------------------
 Conv = Literal["spatial", "winograd_relu"]
-Optimizer = Literal["sgd", "adam"]
+Optimizer = Literal["sgd", "adam", "adamw"]  # adamw: issue #17 (own images)
 Schedule = Literal["fixed", "dbs"]
 Device = Literal["auto", "cpu", "cuda"]
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100")
@@ -276,6 +277,85 @@ DatasetName = Annotated[str, AfterValidator(_dataset)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
 Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), AfterValidator(_increasing)]
 
+# --------------------------------------------------------------------------------------------------
+# Own images (issue #17): augmentation, cosine schedule, early stopping
+# --------------------------------------------------------------------------------------------------
+# Augmentation ops, applied in the order listed (torchvision.transforms.v2; ``augment.py``).
+AugmentOp = Literal["random_resized_crop", "hflip", "vflip", "color_jitter", "randaugment", "trivialaugment"]
+AUGMENT_OPS: tuple[str, ...] = AugmentOp.__args__
+Probability = Annotated[Float, _range(0.0, 1.0)]
+
+
+def _augment_short_forms(v: Any) -> Any:
+    """``augment: [hflip, trivialaugment]`` or ``augment: hflip`` is ``{ops: [...]}``; none / [] is off."""
+    if v is None or v == "none" or v == []:
+        return {"ops": []}
+    if isinstance(v, str):
+        return {"ops": [v]}
+    if isinstance(v, (list, tuple)):
+        return {"ops": list(v)}
+    return v
+
+
+class AugmentConfig(_Model):
+    """Training-time augmentation (never at evaluation): the ops in the order given, each image of a
+    batch drawing its own parameters from a seeded generator that travels in the checkpoint."""
+
+    ops: tuple[AugmentOp, ...] = ()
+    crop_scale: tuple[Annotated[Float, _range(0.0, 1.0, lo_open=True)], Annotated[Float, _range(0.0, 1.0, lo_open=True)]] = (0.35, 1.0)
+    crop_ratio: tuple[PosFloat, PosFloat] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip_p: Probability = 0.5
+    vflip_p: Probability = 0.5
+    brightness: NonNegFloat = 0.2  # factor drawn from [1 - b, 1 + b], as v2.ColorJitter
+    contrast: NonNegFloat = 0.2
+    saturation: NonNegFloat = 0.2
+    hue: Annotated[Float, _range(0.0, 0.5)] = 0.0  # 0: off (v2's hue shift costs ~4x the other three together)
+    randaugment_ops: Annotated[Int, _range(1, 14)] = 2
+    randaugment_magnitude: Annotated[Int, _range(0, 30)] = 9  # of v2.RandAugment's 31 magnitude bins
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, data: Any) -> Any:
+        return _augment_short_forms(data)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ops: {list(self.ops)} names an op twice")
+        if {"randaugment", "trivialaugment"} <= set(self.ops):
+            raise ValueError("ops: randaugment and trivialaugment are two policies for the same job; choose one")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale={list(self.crop_scale)}: must be [low, high] with low <= high")
+        if self.crop_ratio[0] > self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio={list(self.crop_ratio)}: must be [low, high] with low <= high")
+        return self
+
+
+class CosineConfig(_Model):
+    """Linear warm-up then cosine decay, per optimizer step (``lr_schedule: cosine``; ``cosine.py``).
+
+    The peak is ``dbs.lr0`` and the warm-up runs from ``dbs.lr_start`` over ``dbs.warmup_frac`` of the
+    dense phase's steps, the keys every schedule reads; these two set the ends of the decay."""
+
+    final_lr_frac: Fraction = 0.0  # the decay ends at final_lr_frac * lr0
+    rung_lr_frac: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1  # each rung's retraining restarts at this * lr0
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.rung_lr_frac < self.final_lr_frac:
+            raise ValueError(f"rung_lr_frac={self.rung_lr_frac}: must be >= final_lr_frac={self.final_lr_frac} "
+                             "(a rung's cosine decays from the one to the other)")
+        return self
+
+
+class EarlyStoppingConfig(_Model):
+    """Stop the dense phase when validation loss has not improved for ``patience`` epochs and go on
+    with the best epoch's weights (also when the phase ends without stopping).  0 = off."""
+
+    patience: NonNegInt = 0
+    min_delta: NonNegFloat = 0.0  # an improvement must lower validation loss by more than this
+
+
 # Keys of TrainConfig that the pipeline sets per trial; a pipeline config sets them elsewhere.
 PER_TRIAL_KEYS = ("model", "conv", "schedule", "dataset", "data_dir", "subset", "test_subset", "val_fraction",
                   "image_size", "seed")
@@ -299,6 +379,15 @@ class TrainSettings(_Model):
     amp: Bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_batch_size: PosInt = 1000
     kernel_layer: NonNegInt = 0  # which Winograd layer Fig. 5a shows
+    # --- own images (issue #17); cross-field checks in TrainConfig._own_images (overrides are partial) ---
+    # "plateau": the paper's schedules (warm-up, then lr0 with the plateau rule; DBS its own rules);
+    # "cosine": linear warm-up then cosine decay per step, for fixed-batch trials (variants without +DBS).
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    cosine: CosineConfig = CosineConfig()
+    weight_decay: NonNegFloat = 0.0  # AdamW's decoupled decay on conv and linear weights (not BN, biases)
+    label_smoothing: Fraction = 0.0  # training loss only: validation loss (early stopping) stays the plain NLL
+    augment: AugmentConfig = AugmentConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
 
     @model_validator(mode="after")
     def _ladder_retrains(self):
@@ -326,6 +415,24 @@ class TrainConfig(TrainSettings):
         if self.total_epochs < 1:
             raise ValueError("nothing to train: epochs + len(sparsity_ladder) * retrain_epochs must be >= 1")
         return self
+
+    @model_validator(mode="after")
+    def _own_images(self):
+        """Issue #17's keys against the rest of the trial."""
+        if self.lr_schedule == "cosine" and self.schedule == "dbs":
+            raise ValueError("lr_schedule='cosine' is for fixed-batch trials; DBS sets the learning rate itself "
+                             "(use a variant without +DBS, or lr_schedule: plateau for it)")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay={self.weight_decay} is AdamW's decoupled decay: set optimizer: adamw "
+                             f"(sgd and adam take the paper's l2)")
+        if self.l2 and self.optimizer == "adamw":
+            raise ValueError(f"l2={self.l2} is the paper's coupled L2 for sgd/adam; adamw takes weight_decay")
+        return self
+
+    @property
+    def schedule_kind(self) -> str:
+        """What ``dbs.build_schedule`` builds: "dbs", "fixed" (warm-up + plateau) or "cosine"."""
+        return "cosine" if self.schedule == "fixed" and self.lr_schedule == "cosine" else self.schedule
 
     @property
     def total_epochs(self) -> int:

@@ -118,6 +118,20 @@ def sandbox(tmp_path_factory):
     _image_folder(root / "images_corrupt", "corrupt")
     _image_folder(root / "images_bomb", "bomb")
     (root / "images_one_class" / "cats").mkdir(parents=True)
+    # own images (issue #17): an empty class folder, a corrupt image in a val/ split, a test class
+    # that training does not have
+    _image_folder(root / "images_empty_class", None)
+    (root / "images_empty_class" / "birds").mkdir()
+    for part in ("train", "val", "test"):
+        _image_folder(root / "images_split" / part, None)
+    from PIL import Image
+
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(root / "images_split" / "val" / "cats" / "broken.png")
+    (root / "images_split" / "val" / "cats" / "broken.png").write_bytes(
+        (root / "images_split" / "val" / "cats" / "broken.png").read_bytes()[:30])
+    for part in ("train", "test"):
+        _image_folder(root / "images_extra_class" / part, None)
+    (root / "images_extra_class" / "test" / "horses").mkdir()
     # train-one runs whose checkpoint is not one
     for name, payload in (("ckpt_list", [1, 2, 3]), ("ckpt_garbage", None), ("ckpt_other_config", "other")):
         d = root / name
@@ -230,12 +244,29 @@ CASES = [
     ("images-bomb", RUN + ["--set", "dataset=imagefolder:images_bomb"], "huge.png"),
     ("images-one-class", RUN + ["--set", "dataset=imagefolder:images_one_class"], "images_one_class"),
     ("images-missing", RUN + ["--set", "dataset=imagefolder:nowhere"], "nowhere"),
+    # own images (issue #17): folders, augmentation names, schedule and optimizer values
+    ("images-empty-class", RUN + ["--set", "dataset=imagefolder:images_empty_class"], "birds: empty class folder"),
+    ("images-corrupt-val", RUN + ["--set", "dataset=imagefolder:images_split"], "val/cats/broken.png"),
+    ("images-extra-test-class", RUN + ["--set", "dataset=imagefolder:images_extra_class"], "horses"),
+    ("fine-grained-no-folder", ["run", "--preset", "fine-grained", "--out", "new_exp"], "imagefolder:DIR"),
+    ("augment-unknown", RUN + ["--set", "train.augment=[hflip, mixup]"], "train.augment"),
+    ("augment-crop-scale", RUN + ["--set", "train.augment.crop_scale=[0.9, 0.1]"], "crop_scale"),
+    ("augment-two-policies", RUN + ["--set", "train.augment=[randaugment, trivialaugment]"], "choose one"),
+    ("lr-schedule-unknown", RUN + ["--set", "train.lr_schedule=linear"], "train.lr_schedule"),
+    ("cosine-with-dbs", RUN + ["--set", "train.lr_schedule=cosine"], "lr_schedule"),
+    ("cosine-final-frac", RUN + ["--set", "train.cosine.final_lr_frac=1.5"], "train.cosine.final_lr_frac"),
+    ("weight-decay-with-sgd", RUN + ["--set", "train.weight_decay=0.05"], "weight_decay"),
+    ("label-smoothing", RUN + ["--set", "train.label_smoothing=1"], "train.label_smoothing"),
+    ("patience-negative", RUN + ["--set", "train.early_stopping.patience=-2"], "train.early_stopping.patience"),
     # train-one: values, outputs, checkpoints
     ("train-epochs-negative", ["train-one", "--epochs", "-1", "--out", "t"], "epochs"),
     ("train-conv", T1 + ["--conv", "fft", "--out", "t"], "conv"),
     ("train-model", T1 + ["--model", "lenet", "--out", "t"], "lenet"),
     ("train-k", T1 + ["--k", "fast", "--out", "t"], "--k"),
     ("train-ladder", T1 + ["--sparsity-ladder", "0.5,0.2", "--out", "t"], "sparsity_ladder"),
+    ("train-augment", T1 + ["--augment", "hflip,mixup", "--out", "t"], "mixup"),
+    ("train-lr-schedule", T1 + ["--lr-schedule", "cyclic", "--out", "t"], "lr_schedule"),
+    ("train-smoothing", T1 + ["--label-smoothing", "-0.1", "--out", "t"], "label_smoothing"),
     ("train-out-file", T1 + ["--out", "a_file"], "a_file"),
     ("train-out-foreign", T1 + ["--out", "foreign"], "foreign"),
     ("train-out-earlier-run", T1 + ["--out", "ckpt_list"], "--resume"),
@@ -312,6 +343,7 @@ def test_there_are_at_least_fifty_cases_across_every_sub_command():
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, sandbox, capsys, monkeypatch):
     _, argv, names = case
     monkeypatch.chdir(sandbox)
+    monkeypatch.setenv("ESDBS_CACHE", str(sandbox / "cache"))  # a decode cache written would show in the hash
     before = _tree_hash(sandbox)
     code = main(list(argv))
     err = capsys.readouterr().err

@@ -33,7 +33,8 @@ from .claims import build_claims
 from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, Experiment, load_experiment
 from .render import Doc
 from .sections import (_hardware, _scale_text, _section_accuracy, _section_batch_tables, _section_claims,
-                       _section_dbs_decisions, _section_dbs_trace, _section_kernels, _section_members,
+                       _section_dbs_decisions, _section_classes, _section_dbs_trace, _section_kernels,
+                       _section_members,
                        _section_momentum, _section_provenance, _section_sparsity_accounting,
                        _section_sparsity_tables, _section_stacking, _short_scale)
 
@@ -94,6 +95,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     decisions_ok = _section_dbs_decisions(doc, exp)
     accounting_ok = _section_sparsity_accounting(doc, exp)
     _section_stacking(doc, exp)
+    classes_ok = _section_classes(doc, exp)
     _section_members(doc, exp)
     if P:
         doc.h(2, "Errata in the paper", "errata")
@@ -110,6 +112,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "stacking": "ok" if exp.stackings else NOT_RUN,
         "dbs_decisions": "ok" if decisions_ok else NOT_RUN,
         "sparsity_accounting": "ok" if accounting_ok else NOT_RUN,
+        "classes": "ok" if classes_ok else NOT_RUN,
         **{f"figure:{k}": ("ok" if v else NOT_RUN) for k, v in figs.items()},
     }
     return {"out_dir": str(out), "markdown": str(md_path), "html": str(html_path), "figures": figs,

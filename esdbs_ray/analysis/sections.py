@@ -421,6 +421,27 @@ def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
     return True
 
 
+def _section_classes(doc: Doc, exp: Experiment) -> bool:
+    """Test accuracy per class, by name, of each stacked ensemble and its members (issue #17: a user's
+    own classes; the names come from the prediction files through stacking*.json)."""
+    doc.h(2, "Accuracy per class", "classes")
+    shown = False
+    for group, st in exp.stackings.items():
+        pc, names = st.get("per_class"), st.get("class_names")
+        if not pc:
+            continue
+        members = list(st.get("member_names") or [])
+        labels = names or [f"class {i}" for i in range(len(pc["support"]))]
+        rows = [[labels[c], pc["support"][c], _fmt_pct(_f(pc["ensemble"][c]))]
+                + [_fmt_pct(_f(pc["members"][m][c])) for m in members] for c in range(len(pc["support"]))]
+        doc.table(["class", "test images", f"ensemble ({st.get('chosen')})", *members], rows,
+                  f"{group}: test accuracy of each true class (recall)" + ("" if names else "; no class names recorded"))
+        shown = True
+    if not shown:
+        doc.p(f"**{NOT_RUN}** (no stacking*.json with per-class results)")
+    return shown
+
+
 def _section_members(doc: Doc, exp: Experiment) -> None:
     doc.h(2, "Members", "members")
     if not exp.members:
