@@ -283,7 +283,7 @@ Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), AfterVali
 # Augmentation ops, applied in the order listed (torchvision.transforms.v2; ``augment.py``).
 AugmentOp = Literal["random_resized_crop", "hflip", "vflip", "color_jitter", "randaugment", "trivialaugment"]
 AUGMENT_OPS: tuple[str, ...] = AugmentOp.__args__
-Probability = Annotated[Float, _range(0.0, 1.0)]
+Probability = _float(**_range(0.0, 1.0))
 
 
 def _augment_short_forms(v: Any) -> Any:
@@ -302,16 +302,16 @@ class AugmentConfig(_Model):
     batch drawing its own parameters from a seeded generator that travels in the checkpoint."""
 
     ops: tuple[AugmentOp, ...] = ()
-    crop_scale: tuple[Annotated[Float, _range(0.0, 1.0, lo_open=True)], Annotated[Float, _range(0.0, 1.0, lo_open=True)]] = (0.35, 1.0)
+    crop_scale: tuple[_float(**_range(0.0, 1.0, lo_open=True)), _float(**_range(0.0, 1.0, lo_open=True))] = (0.35, 1.0)
     crop_ratio: tuple[PosFloat, PosFloat] = (3.0 / 4.0, 4.0 / 3.0)
     hflip_p: Probability = 0.5
     vflip_p: Probability = 0.5
     brightness: NonNegFloat = 0.2  # factor drawn from [1 - b, 1 + b], as v2.ColorJitter
     contrast: NonNegFloat = 0.2
     saturation: NonNegFloat = 0.2
-    hue: Annotated[Float, _range(0.0, 0.5)] = 0.0  # 0: off (v2's hue shift costs ~4x the other three together)
-    randaugment_ops: Annotated[Int, _range(1, 14)] = 2
-    randaugment_magnitude: Annotated[Int, _range(0, 30)] = 9  # of v2.RandAugment's 31 magnitude bins
+    hue: _float(**_range(0.0, 0.5)) = 0.0  # 0: off (v2's hue shift costs ~4x the other three together)
+    randaugment_ops: _int(**_range(1, 14)) = 2
+    randaugment_magnitude: _int(**_range(0, 30)) = 9  # of v2.RandAugment's 31 magnitude bins
 
     @model_validator(mode="before")
     @classmethod
@@ -338,7 +338,7 @@ class CosineConfig(_Model):
     dense phase's steps, the keys every schedule reads; these two set the ends of the decay."""
 
     final_lr_frac: Fraction = 0.0  # the decay ends at final_lr_frac * lr0
-    rung_lr_frac: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1  # each rung's retraining restarts at this * lr0
+    rung_lr_frac: _float(**_range(0.0, 1.0, lo_open=True)) = 0.1  # each rung's retraining restarts at this * lr0
 
     @model_validator(mode="after")
     def _order(self):

@@ -1,6 +1,6 @@
 """Linear warm-up, then cosine decay: a fixed-batch schedule whose learning rate moves every step.
 
-The third schedule kind beside ``fixed`` and ``dbs`` (``dbs.build_schedule("cosine", ...)``), with their
+The third schedule kind beside ``fixed`` and ``dbs`` (the trainer builds it when ``lr_schedule: cosine``), with their
 interface -- :meth:`CosineSchedule.plan` / :meth:`~CosineSchedule.step` / ``state_dict`` -- plus
 :meth:`~CosineSchedule.step_lrs`, the learning rate of each optimizer step of the current epoch, which
 the trainer writes into the optimizer before every step (a float into two param groups: nothing

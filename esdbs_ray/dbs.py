@@ -122,7 +122,7 @@ __all__ = [
 ]
 
 PHASES = ("warmup", "lr", "momentum", "hold", "fixed")
-SCHEDULE_KINDS = ("dbs", "fixed")  # what dbs-plan previews; build_schedule also builds "cosine" (cosine.py)
+SCHEDULE_KINDS = ("dbs", "fixed")  # what dbs-plan previews and build_schedule builds; "cosine" is cosine.py's
 _STATE_VERSION = 2  # 2: fall tolerance, rung restarts, B stays on a plateau
 
 # ----------------------------------------------------------------------------------------------
@@ -699,16 +699,9 @@ class FixedSchedule(_Schedule):
 
 def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None = None,
                    rung_starts: Sequence[int] = (), batch_size: int | None = None,
-                   bmax_memory: int | None = None, cosine=None) -> _Schedule:
-    """``kind`` "dbs" -> :class:`DBSSchedule`; "fixed" -> :class:`FixedSchedule` (needs batch_size);
-    "cosine" -> ``cosine.CosineSchedule`` (needs batch_size; ``cosine``: its CosineConfig)."""
-    if kind == "cosine":  # issue #17: warm-up + cosine per step, in a module of its own
-        from .cosine import CosineSchedule
-
-        if batch_size is None:
-            raise ValueError("schedule kind 'cosine' needs batch_size")
-        return CosineSchedule(cfg, cosine, epochs=epochs, train_size=train_size, batch_size=batch_size,
-                              val_size=val_size, rung_starts=rung_starts)
+                   bmax_memory: int | None = None) -> _Schedule:
+    """``kind`` "dbs" -> :class:`DBSSchedule`; "fixed" -> :class:`FixedSchedule` (needs batch_size).
+    The third kind, "cosine", lives in ``cosine.py`` (which builds on this module); the trainer picks."""
     if kind == "dbs":
         return DBSSchedule(cfg, epochs=epochs, train_size=train_size, val_size=val_size, rung_starts=rung_starts,
                            bmax_memory=bmax_memory)
@@ -717,7 +710,7 @@ def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int, v
             raise ValueError("schedule kind 'fixed' needs batch_size")
         return FixedSchedule(cfg, epochs=epochs, train_size=train_size, batch_size=batch_size, val_size=val_size,
                              rung_starts=rung_starts)
-    raise ValueError(f"unknown schedule kind {kind!r}; choices: {list(SCHEDULE_KINDS) + ['cosine']}")
+    raise ValueError(f"unknown schedule kind {kind!r}; choices: {list(SCHEDULE_KINDS)}")
 
 
 # ----------------------------------------------------------------------------------------------

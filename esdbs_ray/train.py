@@ -39,6 +39,7 @@ from . import storage
 from .augment import build_augmenter
 from .config import TrainConfig
 from .data import BatchIterator, DatasetBundle
+from .cosine import CosineSchedule
 from .dbs import build_schedule
 from .layout import RunLayout
 from .models import create_model
@@ -251,9 +252,12 @@ def train(
     bmax_memory = None
     if device.type == "cuda" and cfg.schedule == "dbs":
         bmax_memory = probe_max_batch(model, next(iter(val_batches))[0], data.num_classes, cfg.dbs.bmax_cap, cfg.dbs.step)
-    schedule = build_schedule(cfg.schedule_kind, cfg.dbs, epochs=cfg.total_epochs, train_size=len(data.train),
-                              val_size=len(data.val), rung_starts=cfg.rung_starts(), batch_size=cfg.dbs.b0,
-                              bmax_memory=bmax_memory, cosine=cfg.cosine)
+    sizes = dict(epochs=cfg.total_epochs, train_size=len(data.train), val_size=len(data.val),
+                 rung_starts=cfg.rung_starts(), batch_size=cfg.dbs.b0)
+    if cfg.schedule_kind == "cosine":
+        schedule = CosineSchedule(cfg.dbs, cfg.cosine, **sizes)
+    else:
+        schedule = build_schedule(cfg.schedule_kind, cfg.dbs, bmax_memory=bmax_memory, **sizes)
     # Everything below travels in the checkpoint; "snapshot" is the divergence guard's pre-increase copy.
     state = {"epoch": 0, "history": [], "rungs": [], "steps": 0, "train_seconds": 0.0, "kernels": {}, "snapshot": None}
 
