@@ -33,23 +33,34 @@ def tiny_data():
     return load_dataset("fashion-mnist", subset=600, test_subset=200, seed=3)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(schedule="dbs", conv="winograd_relu", sparsity_ladder=(0.4,), retrain_epochs=1, dropout=0.2),
-    dict(schedule="fixed", conv="spatial"),
-])
-def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw):
+@pytest.mark.parametrize("kw,stop", [
+    (dict(schedule="dbs", conv="winograd_relu", sparsity_ladder=(0.4,), retrain_epochs=1, dropout=0.2), 0),
+    (dict(schedule="fixed", conv="spatial"), 0),
+    # BasisConv eigen ladder (issue #16), cut after step one of the first basis rung: the resumed run
+    # must rebuild the basis layers of the checkpoint's shapes, freeze what step two freezes (nothing)
+    # and go on with the same optimizer, schedule and batches; the second rung then recompresses.
+    (dict(schedule="dbs", epochs=1, basis={"ladder": (1.0, 0.8)}, retrain_epochs=2, dropout=0.2), 1),
+], ids=["swr-dbs-pruned", "spatial-fixed", "basis-ladder"])
+def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw, stop):
     cfg = _cfg(**kw)
     full = train(cfg, tiny_data, tmp_path / "full", hooks=Silent())
-    partial = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=0)
-    assert partial == {"interrupted_after_epoch": 0}
+    partial = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=stop)
+    assert partial == {"interrupted_after_epoch": stop}
     resumed = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), resume_from=tmp_path / "cut")
     keys = ("train_loss", "val_loss", "val_accuracy", "lr", "momentum", "batch_size", "sparsity")
     for a, b in zip(full["history"], resumed["history"]):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     assert len(resumed["history"]) == cfg.total_epochs
+    timing = ("train_seconds", "mean_epoch_seconds")  # rung records equal but for the machine's timings
+    assert [{k: v for k, v in r.items() if k not in timing} for r in full["rungs"]] == [
+        {k: v for k, v in r.items() if k not in timing} for r in resumed["rungs"]]
     wa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # tensors, and a BasisConv layer's extra state (its basis kind, t, kept energy: plain values)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) if torch.is_tensor(wa[k]) else wa[k] == wb[k]
+                                          for k in wa)
+    if cfg.basis.ladder:  # the run did climb the ladder: the last rung's bases are in the model
+        assert any(k.endswith(".basis") for k in wa) and resumed["rungs"][-1]["basis_threshold"] == 0.8
 
 
 def test_resume_refuses_another_config(tmp_path, tiny_data):
