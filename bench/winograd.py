@@ -1,43 +1,53 @@
-"""Benchmark: Winograd-ReLU F(2x2,3x3) layer vs the spatial 3x3 convolution it replaces.
+"""Benchmark: the Winograd-ReLU F(2x2,3x3) layer -- reference and fused -- vs the spatial 3x3 conv it replaces.
 
 What it measures, per eligible layer shape of the registry models (batch 128):
 
-* training: forward and forward+backward time of ``WinogradReLUConv2d`` (dense Winograd GEMMs; its
-  cost does not depend on sparsity) vs the spatial layer it replaces, ``F.conv2d(F.relu(x), g)``;
-* inference at sparsity 0 / 40 / 80 %: ``F.conv2d`` vs dense Winograd vs the sparse path
-  (``SparseWinogradInference``: per tile position, a CSR matrix of the nonzero (C_in, C_out) weights
-  times the transformed input; all-zero positions skipped);
-* multiplication counts: spatial 9·C·K per output pixel, Winograd 16·C·K·density per 2x2 output tile.
+* training step (forward + backward, weight and input gradients) of ``winograd_relu_conv`` with
+  ``impl="reference"`` (hand-written autograd Function, eager) and ``impl="fused"`` (the functional
+  formulation compiled by inductor per layer shape: C++/OpenMP on CPU, Triton on CUDA) against
+  ``F.conv2d(F.relu(x), g, padding=1)`` (oneDNN on CPU, cuDNN on CUDA).  Every variant runs on the same
+  input twice: NCHW-contiguous (how a spatial model feeds its convs; the headline ratio) and
+  channels-last (how a Winograd layer is fed by the Winograd layer before it, and cuDNN's fast
+  layout), each ratio against the conv on the same layout and against the NCHW conv;
+* forward time (no grad) of the conv and the reference (and, on CUDA, the fused layer, which "auto"
+  uses there for inference too);
+* the compile time of the fused layer per shape (first call: forward and backward graphs);
+* on CPU, inference at sparsity 0 / 40 / 80 %: ``F.conv2d`` vs dense Winograd vs the sparse path
+  (``SparseWinogradInference``: per tile position a CSR matrix of the nonzero weights), unless
+  ``--no-inference``.
 
-Hardware: whatever it runs on -- CPU with ``torch.set_num_threads(2)`` (the project's 2-core
-machines), and CUDA too when present; the JSON records CPU model, thread count, torch version and
-GPU name.  Each timing is the median of several repeats after a warm-up; the variants are run in
-round-robin within each repeat so a change in machine load hits all of them alike.  Results go to
-``bench/results/winograd.json`` and a table is printed.  Targets (reported, not asserted): training
-step <= 1.5x F.conv2d at 0 % sparsity on CPU; sparse inference at >= 70 % sparsity faster than
-F.conv2d.
+Devices: CPU with ``torch.set_num_threads(--threads)`` (2: the project's machines), and CUDA when
+present, fp32 and bf16 autocast (the trainer's CUDA setting), all in one JSON,
+``bench/results/winograd.json``, with provenance (git revision, versions, CPU/GPU, load average).
+Timings are medians of ``--repeats`` round-robin rounds (every variant once per round, so a change
+in machine load hits all alike) after a warm-up call that also compiles.  Targets (reported, not
+asserted): CPU training step <= 1.0x F.conv2d (median over shapes); CUDA <= 1.5x cuDNN.
 
-    python bench/winograd.py            # full (~5 min on 2 cores)
-    python bench/winograd.py --quick    # 3 shapes, fewer repeats (~1 min)
+    python bench/winograd.py                      # CPU (+ CUDA if present), ~15 min on 2 loaded cores
+    python bench/winograd.py --quick              # 3 shapes, 3 repeats, no sparse inference
+    python bench/winograd.py --devices cuda       # GPU only
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import format_table, hardware_line, median, provenance_block, write_result  # noqa: E402
 from esdbs_ray.winograd import (  # noqa: E402
     SparseWinogradInference,
     WinogradReLUConv2d,
+    fused_compile_log,
     tune_cpu_allocator,
+    winograd_relu_conv,
 )
 
 # (label, C_in, C_out, H=W) -- eligible layers of the registry models at their paper image sizes.
@@ -56,6 +66,7 @@ SHAPES = [
 ]
 QUICK = ["alexnet28 w1 conv2", "vgg16-32 w1 conv2_2", "convpool28 w0.5 conv5"]
 SPARSITIES = (0.0, 0.4, 0.8)
+TARGETS = {"cpu": 1.0, "cuda": 1.5}  # fused training step / conv (NCHW), median over shapes
 
 
 def _sync(device):
@@ -64,7 +75,8 @@ def _sync(device):
 
 
 def _time_round_robin(fns: dict, repeats: int, device) -> dict:
-    for f in fns.values():  # warm-up (allocator, oneDNN primitive cache, MKL threads)
+    """Median ms per function; one warm-up call each (compiles, fills caches)."""
+    for f in fns.values():
         f()
     _sync(device)
     times = {k: [] for k in fns}
@@ -91,145 +103,189 @@ def _prune_layer(layer: WinogradReLUConv2d, sparsity: float) -> None:
     layer.register_buffer("weight_mask", mask)
 
 
-def bench_shape(label, c, k, hw, batch, repeats, device, sparse_modes=True) -> dict:
+def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, c, hw, hw, device=device)
+    xs = {"nchw": x.clone().requires_grad_(),
+          "nhwc": x.contiguous(memory_format=torch.channels_last).requires_grad_()}
     g = torch.empty(k, c, 3, 3, device=device)
     torch.nn.init.kaiming_normal_(g, mode="fan_out", nonlinearity="relu")
-    g.requires_grad_()
     conv = torch.nn.Conv2d(c, k, 3, padding=1, bias=False).to(device)
     with torch.no_grad():
         conv.weight.copy_(g)
-    layer = WinogradReLUConv2d.from_conv2d(conv, relu=True)
-    xg = x.clone().requires_grad_()
-    gy = torch.randn(batch, k, hw, hw, device=device)
+    g.requires_grad_()
+    u = WinogradReLUConv2d.from_conv2d(conv).weight
+    dt = torch.bfloat16 if amp else torch.float32
+    gys = {"nchw": torch.randn(batch, k, hw, hw, device=device, dtype=dt)}
+    gys["nhwc"] = gys["nchw"].contiguous(memory_format=torch.channels_last)
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
 
-    def spatial_fwd():
-        with torch.no_grad():
-            F.conv2d(F.relu(x), g, padding=1)
+    def step(fn, layout):
+        def run():
+            with ctx():
+                y = fn(xs[layout])
+            y.backward(gys[layout])
+        return run
 
-    def spatial_step():
-        F.conv2d(F.relu(xg), g, padding=1).backward(gy)
+    def fwd(fn):
+        def run():
+            with torch.no_grad(), ctx():
+                fn(x)
+        return run
 
-    def wino_fwd():
-        with torch.no_grad():
-            layer(x)
+    conv_fn = lambda t: F.conv2d(F.relu(t), g, padding=1)  # noqa: E731
+    ref_fn = lambda t: winograd_relu_conv(t, u, impl="reference")  # noqa: E731
+    fused_fn = lambda t: winograd_relu_conv(t, u, impl="fused")  # noqa: E731
+    fns = {}
+    for layout in ("nchw", "nhwc"):
+        fns[f"conv_{layout}"] = step(conv_fn, layout)
+        fns[f"reference_{layout}"] = step(ref_fn, layout)
+        fns[f"fused_{layout}"] = step(fused_fn, layout)
+    fns["conv_fwd"] = fwd(conv_fn)
+    fns["reference_fwd"] = fwd(ref_fn)
+    if device.type == "cuda":  # "auto" runs the fused layer for inference on CUDA only
+        fns["fused_fwd"] = fwd(fused_fn)
+    n_compiles = len(fused_compile_log())
+    ms = _time_round_robin(fns, repeats, device)
+    compiles = fused_compile_log()[n_compiles:]
+    out = {"label": label, "c_in": c, "c_out": k, "hw": hw, "batch": batch, "device": device.type,
+           "dtype": "bf16-autocast" if amp else "fp32", "ms": ms,
+           "compile_s": {str(r["key"][-1]): r["seconds"] for r in compiles},
+           "compile_s_total": sum(r["seconds"] for r in compiles)}
+    for impl in ("reference", "fused"):
+        out[f"{impl}_step_ratio"] = ms[f"{impl}_nchw"] / ms["conv_nchw"]
+        out[f"{impl}_step_ratio_nhwc"] = ms[f"{impl}_nhwc"] / ms["conv_nhwc"]
+        out[f"{impl}_nhwc_vs_conv_nchw"] = ms[f"{impl}_nhwc"] / ms["conv_nchw"]
+    out["reference_fwd_ratio"] = ms["reference_fwd"] / ms["conv_fwd"]
+    if "fused_fwd" in ms:
+        out["fused_fwd_ratio"] = ms["fused_fwd"] / ms["conv_fwd"]
+    return out
 
-    def wino_step():
-        layer(xg).backward(gy)
 
-    train = _time_round_robin(
-        {"spatial_fwd": spatial_fwd, "winograd_fwd": wino_fwd, "spatial_step": spatial_step,
-         "winograd_step": wino_step}, repeats, device)
-    xg.grad = g.grad = layer.weight.grad = None
-
+def bench_inference(label, c, k, hw, batch, repeats, device) -> dict:
+    """CPU: F.conv2d vs dense Winograd vs CSR-sparse Winograd, no grad, at each sparsity."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, c, hw, hw, device=device)
+    conv = torch.nn.Conv2d(c, k, 3, padding=1, bias=False).to(device)
     th = tw = (hw + 1) // 2
-    out = {
-        "label": label, "c_in": c, "c_out": k, "hw": hw, "batch": batch, "device": device.type,
-        "train_ms": train,
-        "fwd_ratio": train["winograd_fwd"] / train["spatial_fwd"],
-        "step_ratio": train["winograd_step"] / train["spatial_step"],
-        "mults_spatial": 9 * c * k * hw * hw * batch,
-        "inference": {},
-    }
+    out = {"label": label, "c_in": c, "c_out": k, "hw": hw, "batch": batch, "device": device.type, "sparsity": {}}
     for s in SPARSITIES:
-        sp_layer = WinogradReLUConv2d.from_conv2d(conv, relu=True)
-        _prune_layer(sp_layer, s)
-        fns = {"spatial": spatial_fwd,
-               "winograd_dense": (lambda m=SparseWinogradInference(sp_layer, "dense"): m(x))}
-        if sparse_modes and device.type == "cpu":  # torch's CSR matmul; on CUDA cuSPARSE is slower still
-            fns["winograd_csr"] = lambda m=SparseWinogradInference(sp_layer, "csr"): m(x)
-        t = _time_round_robin(fns, repeats, device)
-        density = float((sp_layer.weight != 0).float().mean())
-        out["inference"][f"{s:.1f}"] = {
-            "ms": t,
-            "density": density,
+        layer = WinogradReLUConv2d.from_conv2d(conv, relu=True)
+        _prune_layer(layer, s)
+        fns = {"spatial": lambda: F.conv2d(F.relu(x), conv.weight, padding=1),
+               "winograd_dense": (lambda m=SparseWinogradInference(layer, "dense"): m(x)),
+               "winograd_csr": (lambda m=SparseWinogradInference(layer, "csr"): m(x))}
+        with torch.no_grad():
+            t = _time_round_robin(fns, repeats, device)
+        density = float((layer.weight != 0).float().mean())
+        out["sparsity"][f"{s:.1f}"] = {
+            "ms": t, "density": density,
             "mults_winograd": int(16 * c * k * density * th * tw * batch),
             "mult_ratio_vs_spatial": 16 * density * th * tw / (9 * hw * hw),
             "dense_ratio": t["winograd_dense"] / t["spatial"],
-            "csr_ratio": t["winograd_csr"] / t["spatial"] if "winograd_csr" in t else None,
+            "csr_ratio": t["winograd_csr"] / t["spatial"],
         }
     return out
 
 
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "machine": platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for dev, dt in sorted({(r["device"], r["dtype"]) for r in rows}):
+        rs = [r for r in rows if (r["device"], r["dtype"]) == (dev, dt)]
+        target = TARGETS[dev]
+        s = {key: median(r[key] for r in rs) for key in (
+            "fused_step_ratio", "reference_step_ratio", "fused_step_ratio_nhwc", "reference_step_ratio_nhwc",
+            "fused_nhwc_vs_conv_nchw", "reference_fwd_ratio")}
+        if any("fused_fwd_ratio" in r for r in rs):
+            s["fused_fwd_ratio"] = median(r["fused_fwd_ratio"] for r in rs)
+        s["fused_over_reference_step"] = median(r["ms"]["fused_nchw"] / r["ms"]["reference_nchw"] for r in rs)
+        s["compile_s_per_shape_median"] = median(r["compile_s_total"] for r in rs)
+        s["compile_s_total"] = sum(r["compile_s_total"] for r in rs)
+        s[f"target_fused_step_le_{target}x_conv"] = {
+            "reached": s["fused_step_ratio"] <= target,
+            "shapes_reaching": sum(r["fused_step_ratio"] <= target for r in rs), "of": len(rs)}
+        out[f"{dev}_{dt}"] = s
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 shapes, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="3 shapes, 3 repeats, no sparse inference")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--devices", nargs="*", default=None, help="cpu and/or cuda (default: cpu, and cuda if present)")
+    ap.add_argument("--no-inference", action="store_true", help="skip the CPU sparse-inference section")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="leave glibc malloc as is (fresh mmap pages for big buffers on every call)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "winograd.json"))
+    ap.add_argument("--out", default=None, help="default bench/results/winograd.json")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
     repeats = args.repeats or (3 if args.quick else 5)
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    names = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    devices = [torch.device(d) for d in names]
+    config = {"batch": args.batch, "repeats": repeats, "threads": args.threads, "quick": args.quick,
+              "devices": names, "shapes": [s[0] for s in shapes], "malloc_tuned": tuned,
+              "inference": not (args.quick or args.no_inference)}
+    print(f"winograd bench: {hardware_line()}; devices {names}, batch {args.batch}, {repeats} repeats", flush=True)
 
     t0 = time.perf_counter()
-    results = []
+    rows, inference = [], []
     for device in devices:
-        for label, c, k, hw in shapes:
-            r = bench_shape(label, c, k, hw, args.batch, repeats, device)
-            results.append(r)
-            inf = r["inference"]
-            csr = " ".join(f"{inf[s]['csr_ratio']:.2f}" if inf[s]["csr_ratio"] else "-" for s in inf)
-            print(f"{device.type:4s} {label:24s} C{c:<4d}K{k:<4d}{hw:>3d}px | "
-                  f"conv fwd {r['train_ms']['spatial_fwd']:7.1f} ms step {r['train_ms']['spatial_step']:7.1f} ms | "
-                  f"wino fwd x{r['fwd_ratio']:.2f} step x{r['step_ratio']:.2f} | "
-                  f"inf dense x{inf['0.0']['dense_ratio']:.2f} csr@0/40/80% x {csr}", flush=True)
+        for amp in ((False, True) if device.type == "cuda" else (False,)):
+            for label, c, k, hw in shapes:
+                r = bench_training(label, c, k, hw, args.batch, repeats, device, amp)
+                rows.append(r)
+                print(f"{device.type:4s} {r['dtype']:13s} {label:22s} C{c:<4d}K{k:<4d}{hw:>3d}px | conv step "
+                      f"{r['ms']['conv_nchw']:7.1f} ms | step/conv: reference x{r['reference_step_ratio']:.2f} "
+                      f"fused x{r['fused_step_ratio']:.2f} (NHWC: x{r['reference_step_ratio_nhwc']:.2f} "
+                      f"x{r['fused_step_ratio_nhwc']:.2f}) | fwd ref x{r['reference_fwd_ratio']:.2f} | "
+                      f"compile {r['compile_s_total']:.0f}s", flush=True)
+        if device.type == "cpu" and config["inference"]:
+            for label, c, k, hw in shapes:
+                r = bench_inference(label, c, k, hw, args.batch, repeats, device)
+                inference.append(r)
+                sp = r["sparsity"]
+                print(f"cpu  inference {label:22s} dense x{sp['0.0']['dense_ratio']:.2f} | csr@0/40/80% x "
+                      + " ".join(f"{sp[s]['csr_ratio']:.2f}" for s in sp), flush=True)
 
-    cpu = [r for r in results if r["device"] == "cpu"]
-    step = statistics.median(r["step_ratio"] for r in cpu)
-    csr80 = statistics.median(r["inference"]["0.8"]["csr_ratio"] for r in cpu)
-    dense80 = statistics.median(r["inference"]["0.8"]["dense_ratio"] for r in cpu)
-    summary = {
-        "cpu_median_step_ratio": step,
-        "cpu_median_fwd_ratio": statistics.median(r["fwd_ratio"] for r in cpu),
-        "cpu_median_inference_csr_ratio_at_80": csr80,
-        "cpu_median_inference_dense_ratio": dense80,
-        "target_train_step_le_1.5x_conv": {"reached": step <= 1.5, "shapes_reaching": sum(r["step_ratio"] <= 1.5 for r in cpu),
-                                           "of": len(cpu)},
-        "target_sparse_inference_at_70pct_faster_than_conv": {
-            "reached": min(csr80, dense80) < 1.0,
-            "shapes_csr_faster_at_80": sum(r["inference"]["0.8"]["csr_ratio"] < 1.0 for r in cpu),
-            "shapes_dense_winograd_faster": sum(r["inference"]["0.8"]["dense_ratio"] < 1.0 for r in cpu),
-            "of": len(cpu)},
-    }
-    if len(devices) > 1:
-        gpu = [r for r in results if r["device"] == "cuda"]
-        summary["cuda_median_step_ratio"] = statistics.median(r["step_ratio"] for r in gpu)
-        summary["cuda_median_fwd_ratio"] = statistics.median(r["fwd_ratio"] for r in gpu)
+    summary = summarise(rows)
+    if inference:
+        csr80 = median(r["sparsity"]["0.8"]["csr_ratio"] for r in inference)
+        dense80 = median(r["sparsity"]["0.8"]["dense_ratio"] for r in inference)
+        summary["cpu_inference"] = {
+            "median_csr_ratio_at_80": csr80, "median_dense_ratio_at_80": dense80,
+            "target_sparse_inference_at_70pct_faster_than_conv": {
+                "reached": min(csr80, dense80) < 1.0,
+                "shapes_csr_faster_at_80": sum(r["sparsity"]["0.8"]["csr_ratio"] < 1.0 for r in inference),
+                "of": len(inference)}}
+    table = [{"device": f"{r['device']} {r['dtype']}", "shape": r["label"], "conv_ms": r["ms"]["conv_nchw"],
+              "ref": r["reference_step_ratio"], "fused": r["fused_step_ratio"],
+              "ref_nhwc": r["reference_step_ratio_nhwc"], "fused_nhwc": r["fused_step_ratio_nhwc"],
+              "compile_s": r["compile_s_total"]} for r in rows]
+    print()
+    print(format_table(table, [("device", "device", ""), ("shape", "shape", ""), ("conv step ms", "conv_ms", ".1f"),
+                               ("reference/conv", "ref", ".2f"), ("fused/conv", "fused", ".2f"),
+                               ("NHWC ref/conv", "ref_nhwc", ".2f"), ("NHWC fused/conv", "fused_nhwc", ".2f"),
+                               ("compile s", "compile_s", ".1f")]))
     doc = {
-        "what": "WinogradReLUConv2d vs F.conv2d(relu(x)) per eligible layer shape; ratios are winograd / spatial time",
-        "hardware": hardware(), "malloc_tuned": tuned, "batch": args.batch, "repeats": repeats,
-        "quick": args.quick, "wall_s": time.perf_counter() - t0, "summary": summary, "results": results,
+        "benchmark": "winograd",
+        "what": "training step (fwd+bwd) of winograd_relu_conv, reference and fused, vs F.conv2d(relu(x)) per "
+                "eligible layer shape; ratios are winograd / conv time, medians of interleaved repeats",
+        "wall_s": time.perf_counter() - t0,
+        "provenance": provenance_block(config),
+        "summary": summary,
+        "results": rows,
+        "inference": inference,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    import json
+
     print(json.dumps(summary, indent=1))
-    print(f"wrote {out} in {doc['wall_s']:.0f}s")
+    path = write_result("winograd", doc, args.out)
+    print(f"wrote {path} in {doc['wall_s']:.0f}s")
     return 0
 
 

@@ -7,6 +7,9 @@
     esdbs stack       search stacking weights on an experiment's Parquet predictions
     esdbs dbs-search  Tune experiment over the DBS constants
     esdbs report      report.md / report.html: our numbers beside the paper's
+    esdbs results     one tidy table of every trial, rung and ensemble (table, CSV or Parquet)
+    esdbs export      the trained ensemble as one directory: manifest, safetensors weights, ONNX graphs
+    esdbs predict     an exported ensemble's probabilities for image files, folders or a dataset split
     esdbs config      print the resolved config, or its JSON Schema
     esdbs submit      submit ``esdbs run`` to a Ray cluster as a Ray Job
 
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = published widths)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--l2", type=float, default=0.0, help="L2 rate on conv weights (paper's convention)")
-    p.add_argument("--optimizer", default="sgd", help="sgd | adam")
+    p.add_argument("--optimizer", default="sgd", help="sgd | adam | adamw")
     p.add_argument("--conv", default="spatial", help="spatial | winograd_relu | basis_random (BasisConv from scratch)")
     p.add_argument("--epochs", type=int, required=True, help="dense epochs before the sparsity ladder")
     p.add_argument("--sparsity-ladder", type=_floats, default=(), help="e.g. 0.2,0.3,0.4,0.5,0.6,0.7,0.8")
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier train-one run in --out (moved aside)")
     p.add_argument("--out", required=True, help="output directory (new, or an earlier train-one run with --resume)")
     _add_schedule_args(p)
+    _add_own_images_args(p)
     _add_basis_args(p)
     p.set_defaults(func=cmd_train_one)
 
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dbs_search)
 
     p = sub.add_parser("stack", help="search stacking weights on EXPERIMENT_DIR's validation predictions")
-    p.add_argument("experiment_dir")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
     p.add_argument("--sparsity", type=float, default=None, help="rung to stack (a fraction, e.g. 0.3); default: last")
     p.add_argument("--basis-threshold", type=float, default=None,
                    help="BasisConv rung to stack, by its t (e.g. 0.9; SBC-CNN groups); default: last")
@@ -190,11 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
-    p.add_argument("experiment_dir")
-    p.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report (a new directory, or --force)")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--out", default=None, help="a local directory; default: EXPERIMENT_DIR/report for a local "
+                   "experiment (a new directory, or --force)")
     p.add_argument("--force", action="store_true", help="replace an earlier report there (swapped in atomically; "
                    "files esdbs did not write are kept)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("results", help="one tidy table of every trial, member, rung and ensemble of an experiment")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--format", default="table", help="table | csv | parquet (default: table)")
+    p.add_argument("--out", default=None, help="write to this new file instead of standard output "
+                   "(required for parquet)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (atomically)")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("export", help="the trained ensemble as one directory: manifest, safetensors, ONNX graphs")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--variant", default=None, help="the group to export (default: the experiment's only stacked group)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="the rung to export, a fraction (default: the rung the stack used)")
+    p.add_argument("--out", required=True, help="a new local directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier export there (swapped in atomically)")
+    p.add_argument("--no-onnx", action="store_true", help="weights and manifest only (no ONNX graphs, no onnxruntime check)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="an exported ensemble's probabilities for images, folders or a dataset split")
+    p.add_argument("export_dir", help="a directory written by esdbs export")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files and folders, or one of fashion-mnist:test, cifar10:test, cifar100:test "
+                        "(or :train), imagefolder:PATH (one sub-folder per class)")
+    p.add_argument("--out", required=True, help="a new Parquet file (or --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (atomically)")
+    p.add_argument("--top-k", type=int, default=3, help="labels per image, most likely first (default 3)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda")
+    p.add_argument("--data-dir", default=None, help="where the dataset of a dataset split lies")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("config", help="print the resolved config (validated), or --schema its JSON Schema")
     p.add_argument("--schema", action="store_true", help="print the JSON Schema of a config file")
@@ -230,6 +266,24 @@ def _add_basis_args(p: argparse.ArgumentParser) -> None:
 
 _BASIS_FLAGS = {"basis_ladder": "ladder", "basis_stage1_epochs": "stage1_epochs", "basis_stage1_lr_scale": "stage1_lr_scale",
                 "basis_stage2_lr_scale": "stage2_lr_scale", "basis_fraction": "fraction", "basis_layers": "layers"}
+
+
+def _add_own_images_args(p: argparse.ArgumentParser) -> None:
+    """train-one's flags for issue #17's keys (``esdbs run`` sets them as train.* config keys)."""
+    g = p.add_argument_group("own images: augmentation, cosine schedule, AdamW, early stopping")
+    g.add_argument("--augment", default="", help="comma-separated ops in order: random_resized_crop, hflip, vflip, "
+                   "color_jitter, randaugment, trivialaugment (default: none)")
+    g.add_argument("--lr-schedule", default="plateau", help="plateau | cosine (linear warm-up, cosine decay per step; "
+                   "fixed batch only)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a lower val loss (0: off)")
+
+
+def _own_images_dict(args) -> dict:
+    return dict(augment=[op.strip() for op in args.augment.split(",") if op.strip()], lr_schedule=args.lr_schedule,
+                weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                early_stopping={"patience": args.patience})
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -274,7 +328,7 @@ def format_trials(cfg) -> str:
     for t in cfg.trials():
         tr = t.train
         ladder = list(tr.sparsity_ladder) or (f"basis t {list(tr.basis.ladder)}" if tr.basis.ladder else [])
-        rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule:<8} "
+        rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule_kind:<8} "
                     f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {ladder}")
     return "\n".join(rows)
 
@@ -385,7 +439,7 @@ def cmd_train_one(args) -> int:
         image_size=args.image_size, model=args.model, width=args.width, dropout=args.dropout, conv=args.conv,
         optimizer=args.optimizer, l2=args.l2, epochs=args.epochs, schedule=args.schedule, dbs=_dbs_dict(args),
         sparsity_ladder=args.sparsity_ladder, retrain_epochs=args.retrain_epochs, seed=args.seed,
-        threads=args.threads, device=args.device,
+        threads=args.threads, device=args.device, **_own_images_dict(args),
         basis={key: getattr(args, flag) for flag, key in _BASIS_FLAGS.items() if getattr(args, flag) is not None},
     ))
     if args.resume and args.force:
@@ -469,22 +523,117 @@ def cmd_submit(args) -> int:
     return submit(args.address, run_args, follow=not args.no_follow, timeout=args.timeout)
 
 
-def cmd_report(args) -> int:
-    from analysis.report import build_report
+def _experiment_tree(path: str):
+    """A readable experiment directory (local or URI), or a one-line error naming it."""
+    from . import storage
 
+    try:
+        tree = storage.Tree(path)
+        ok = tree.is_dir()
+    except (ValueError, OSError) as exc:  # pyarrow: an unknown scheme, unreachable storage
+        raise ConfigError(f"{path}: cannot open ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not ok:
+        raise ConfigError(f"{path}: no such experiment directory")
+    return tree
+
+
+def cmd_report(args) -> int:
+    from .analysis.report import build_report
     from .layout import replace_dir
 
-    exp = Path(args.experiment_dir)
-    if not exp.is_dir():
-        raise ConfigError(f"{args.experiment_dir}: no such experiment directory")
-    out = Path(args.out) if args.out else exp / "report"
-    result = replace_dir(out, lambda staging: build_report(exp, out_dir=staging), kind="report", force=args.force)
+    tree = _experiment_tree(args.experiment_dir)
+    if args.out:
+        out = Path(args.out)
+    elif tree.local:
+        out = Path(tree.path()) / "report"
+    else:
+        raise ConfigError(f"{args.experiment_dir} is not a local directory: pass --out DIR (a local directory) "
+                          "for its report")
+    result = replace_dir(out, lambda staging: build_report(tree.root, out_dir=staging), kind="report",
+                         force=args.force)
     counts: dict[str, int] = {}
     for claim in result["claims"]:
         counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
     print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {out / 'report.html'}")
     for problem in result["problems"]:
         print(f"note: {problem}")
+    from .tracking import log_report
+
+    run_id = log_report(tree.root, out)
+    if run_id:
+        print(f"MLflow: the report's files logged to run {run_id} (artifact path report/)")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from .layout import claim_file
+    from .results import FORMATS, format_results, results_table
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format={args.format!r}: choose one of {', '.join(FORMATS)}")
+    if args.format == "parquet" and not args.out:
+        raise ConfigError("--format parquet writes a binary file: pass --out FILE")
+    out = claim_file(args.out, force=args.force, flag="--out") if args.out else None
+    tree = _experiment_tree(args.experiment_dir)
+    df = results_table(tree.root)
+    data = format_results(df, args.format)
+    for note in df.attrs.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if out:
+        from . import storage
+
+        storage.write_bytes(out, data)
+        print(f"{len(df)} rows -> {out}")
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_experiment
+
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
+    if not args.no_onnx:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"ONNX export needs {' and '.join(missing)}: pip install 'esdbs-ray[export]' "
+                              "(or pass --no-onnx)")
+    tree = _experiment_tree(args.experiment_dir)
+    manifest = export_experiment(tree.root, args.out, variant=args.variant, sparsity=args.sparsity, force=args.force,
+                                 onnx=not args.no_onnx)
+    e = manifest["ensemble"]
+    acc = f"; the run's test accuracy {e['test_accuracy']:.4f}" if e.get("test_accuracy") is not None else ""
+    print(f"{manifest['group']}: {len(manifest['members'])} member(s) at sparsity {e['sparsity']:g}, "
+          f"weights ({e['method']}) " + ", ".join(f"{m} {w:.3f}" for m, w in e["weights"].items()) + acc)
+    for m in manifest["members"]:
+        onnx = f", ONNX max |diff| {m['onnx_max_abs_diff']:.1e}" if "onnx_max_abs_diff" in m else ""
+        print(f"  {m['name']}: {m['model']} width {m['width']:g} {m['conv']}, {m['nonzero_weights']:,} nonzero "
+              f"weights (whole model {100 * m['model_sparsity']:.1f}% zero){onnx}")
+    print(f"-> {args.out} (use: esdbs predict {args.out} INPUT --out preds.parquet)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .ensemble import Ensemble, predict_to_parquet, read_inputs
+    from .layout import claim_file
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k={args.top_k}: must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size}: must be >= 1")
+    out = claim_file(args.out, force=args.force, flag="--out")
+    ensemble = Ensemble.load(args.export_dir, device=args.device, tune_allocator=True)
+    inputs = read_inputs(args.inputs, shape=ensemble.input_shape, class_names=ensemble.class_names,
+                         data_dir=args.data_dir)
+    meta = predict_to_parquet(ensemble, inputs, out, top_k=args.top_k, batch_size=args.batch_size)
+    print(f"{meta['images']} images ({inputs.description}) in {meta['seconds']:.2f} s on {meta['device']} -> {out}")
+    if meta["accuracy"]:
+        a = meta["accuracy"]
+        print(f"accuracy on {a['labelled']} labelled images: ensemble {a['ensemble']:.4f}; "
+              + ", ".join(f"{m} {v:.4f}" for m, v in a["members"].items()))
     return 0
 
 
@@ -496,6 +645,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .layout import OutputError
 
+    # ValueError covers ExportError, ResultsError and PredictionsError
     errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, _UsageError, FileNotFoundError,
                                          IsADirectoryError, NotADirectoryError, PermissionError, ValueError]
     try:

@@ -15,7 +15,7 @@ Models (``extra="forbid"``: an unknown key is an error that lists the valid ones
 * :class:`TrainConfig`    one trial: the settings plus the per-trial keys the pipeline fills in
                           (model, conv, schedule, dataset, seed, ...), saved in every checkpoint;
 * :class:`PipelineConfig` the whole method (members x variants, batch sweep, stacking, resources,
-                          the DBS search) with cross-field checks (stacking sparsity on the ladder,
+                          the DBS search, experiment tracking) with cross-field checks (stacking sparsity on the ladder,
                           a stacked variant needs two members, every trial's TrainConfig valid).
 
 Also here: YAML loading, ``--set KEY=VALUE``, ``--scale``, and :func:`build_config` (preset, then YAML,
@@ -38,9 +38,11 @@ from .model_names import MODEL_NAMES
 
 __all__ = [
     "ConfigError", "DBSConfig", "TrainSettings", "TrainConfig", "MemberSpec", "ResourcesConfig", "StackConfig",
-    "DBSSearchConfig", "BatchSweepConfig", "PipelineConfig", "TrialSpec", "VARIANTS", "BASE_VARIANTS",
+    "DBSSearchConfig", "BatchSweepConfig", "PipelineConfig", "TrialSpec", "TrackingConfig", "MLflowConfig",
+    "MLFLOW_SCHEMES", "VARIANTS", "BASE_VARIANTS",
     "parse_variant", "format_validation_error", "validate", "load_yaml", "set_dotted", "apply_scale",
-    "build_config", "json_schema", "PER_TRIAL_KEYS",
+    "build_config", "json_schema", "PER_TRIAL_KEYS", "AugmentConfig", "CosineConfig", "EarlyStoppingConfig",
+    "AUGMENT_OPS",
     "BasisConfig", "VARIANT_LADDERS", "variant_ladder",  # BasisConv (issue #16)
 ]
 
@@ -241,7 +243,7 @@ class DBSConfig(_Model):
 # basis_random (issue #16): every eligible conv a BasisConv2d with a fixed random orthonormal basis,
 # trained from scratch (train.basis.fraction / layers say how many basis filters and which convs).
 Conv = Literal["spatial", "winograd_relu", "basis_random"]
-Optimizer = Literal["sgd", "adam"]
+Optimizer = Literal["sgd", "adam", "adamw"]  # adamw: issue #17 (own images)
 Schedule = Literal["fixed", "dbs"]
 Device = Literal["auto", "cpu", "cuda"]
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100")
@@ -286,6 +288,85 @@ ModelName = Annotated[str, AfterValidator(_model_name)]
 Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), AfterValidator(_increasing)]
 Threshold = _float(**_range(0.0, 1.0, lo_open=True))  # (0, 1]: an eigenvalue share; 1.0 is lossless
 BasisLadder = Annotated[tuple[Threshold, ...], BeforeValidator(_ladder), AfterValidator(_decreasing)]
+
+# --------------------------------------------------------------------------------------------------
+# Own images (issue #17): augmentation, cosine schedule, early stopping
+# --------------------------------------------------------------------------------------------------
+# Augmentation ops, applied in the order listed (torchvision.transforms.v2; ``augment.py``).
+AugmentOp = Literal["random_resized_crop", "hflip", "vflip", "color_jitter", "randaugment", "trivialaugment"]
+AUGMENT_OPS: tuple[str, ...] = AugmentOp.__args__
+Probability = Annotated[Float, _range(0.0, 1.0)]
+
+
+def _augment_short_forms(v: Any) -> Any:
+    """``augment: [hflip, trivialaugment]`` or ``augment: hflip`` is ``{ops: [...]}``; none / [] is off."""
+    if v is None or v == "none" or v == []:
+        return {"ops": []}
+    if isinstance(v, str):
+        return {"ops": [v]}
+    if isinstance(v, (list, tuple)):
+        return {"ops": list(v)}
+    return v
+
+
+class AugmentConfig(_Model):
+    """Training-time augmentation (never at evaluation): the ops in the order given, each image of a
+    batch drawing its own parameters from a seeded generator that travels in the checkpoint."""
+
+    ops: tuple[AugmentOp, ...] = ()
+    crop_scale: tuple[Annotated[Float, _range(0.0, 1.0, lo_open=True)], Annotated[Float, _range(0.0, 1.0, lo_open=True)]] = (0.35, 1.0)
+    crop_ratio: tuple[PosFloat, PosFloat] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip_p: Probability = 0.5
+    vflip_p: Probability = 0.5
+    brightness: NonNegFloat = 0.2  # factor drawn from [1 - b, 1 + b], as v2.ColorJitter
+    contrast: NonNegFloat = 0.2
+    saturation: NonNegFloat = 0.2
+    hue: Annotated[Float, _range(0.0, 0.5)] = 0.0  # 0: off (v2's hue shift costs ~4x the other three together)
+    randaugment_ops: Annotated[Int, _range(1, 14)] = 2
+    randaugment_magnitude: Annotated[Int, _range(0, 30)] = 9  # of v2.RandAugment's 31 magnitude bins
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, data: Any) -> Any:
+        return _augment_short_forms(data)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ops: {list(self.ops)} names an op twice")
+        if {"randaugment", "trivialaugment"} <= set(self.ops):
+            raise ValueError("ops: randaugment and trivialaugment are two policies for the same job; choose one")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale={list(self.crop_scale)}: must be [low, high] with low <= high")
+        if self.crop_ratio[0] > self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio={list(self.crop_ratio)}: must be [low, high] with low <= high")
+        return self
+
+
+class CosineConfig(_Model):
+    """Linear warm-up then cosine decay, per optimizer step (``lr_schedule: cosine``; ``cosine.py``).
+
+    The peak is ``dbs.lr0`` and the warm-up runs from ``dbs.lr_start`` over ``dbs.warmup_frac`` of the
+    dense phase's steps, the keys every schedule reads; these two set the ends of the decay."""
+
+    final_lr_frac: Fraction = 0.0  # the decay ends at final_lr_frac * lr0
+    rung_lr_frac: Annotated[Float, _range(0.0, 1.0, lo_open=True)] = 0.1  # each rung's retraining restarts at this * lr0
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.rung_lr_frac < self.final_lr_frac:
+            raise ValueError(f"rung_lr_frac={self.rung_lr_frac}: must be >= final_lr_frac={self.final_lr_frac} "
+                             "(a rung's cosine decays from the one to the other)")
+        return self
+
+
+class EarlyStoppingConfig(_Model):
+    """Stop the dense phase when validation loss has not improved for ``patience`` epochs and go on
+    with the best epoch's weights (also when the phase ends without stopping).  0 = off."""
+
+    patience: NonNegInt = 0
+    min_delta: NonNegFloat = 0.0  # an improvement must lower validation loss by more than this
+
 
 # Keys of TrainConfig that the pipeline sets per trial; a pipeline config sets them elsewhere.
 PER_TRIAL_KEYS = ("model", "conv", "schedule", "dataset", "data_dir", "subset", "test_subset", "val_fraction",
@@ -337,6 +418,15 @@ class TrainSettings(_Model):
     amp: Bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_batch_size: PosInt = 1000
     kernel_layer: NonNegInt = 0  # which Winograd layer Fig. 5a shows
+    # --- own images (issue #17); cross-field checks in TrainConfig._own_images (overrides are partial) ---
+    # "plateau": the paper's schedules (warm-up, then lr0 with the plateau rule; DBS its own rules);
+    # "cosine": linear warm-up then cosine decay per step, for fixed-batch trials (variants without +DBS).
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    cosine: CosineConfig = CosineConfig()
+    weight_decay: NonNegFloat = 0.0  # AdamW's decoupled decay on conv and linear weights (not BN, biases)
+    label_smoothing: Fraction = 0.0  # training loss only: validation loss (early stopping) stays the plain NLL
+    augment: AugmentConfig = AugmentConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     basis: BasisConfig = BasisConfig()  # BasisConv: the eigen ladder, the random basis (issue #16)
 
     @model_validator(mode="after")
@@ -380,6 +470,24 @@ class TrainConfig(TrainSettings):
             raise ValueError("nothing to train: epochs + len(sparsity_ladder or basis.ladder) * retrain_epochs "
                              "must be >= 1")
         return self
+
+    @model_validator(mode="after")
+    def _own_images(self):
+        """Issue #17's keys against the rest of the trial."""
+        if self.lr_schedule == "cosine" and self.schedule == "dbs":
+            raise ValueError("lr_schedule='cosine' is for fixed-batch trials; DBS sets the learning rate itself "
+                             "(use a variant without +DBS, or lr_schedule: plateau for it)")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay={self.weight_decay} is AdamW's decoupled decay: set optimizer: adamw "
+                             f"(sgd and adam take the paper's l2)")
+        if self.l2 and self.optimizer == "adamw":
+            raise ValueError(f"l2={self.l2} is the paper's coupled L2 for sgd/adam; adamw takes weight_decay")
+        return self
+
+    @property
+    def schedule_kind(self) -> str:
+        """What ``dbs.build_schedule`` builds: "dbs", "fixed" (warm-up + plateau) or "cosine"."""
+        return "cosine" if self.schedule == "fixed" and self.lr_schedule == "cosine" else self.schedule
 
     @property
     def ladder_rungs(self) -> int:
@@ -585,7 +693,10 @@ class BatchSweepConfig(_Model):
 
 
 class TrialSpec(_Model):
-    """One Tune trial: which member of which group, and its whole TrainConfig."""
+    """One Tune trial: which member of which group, and its whole TrainConfig.
+
+    ``export_sparsity``: the rung whose weights the trainer keeps for ``esdbs export`` -- the rung the
+    group's stack uses (the trainer keeps only its latest checkpoints)."""
 
     member: str
     variant: Variant
@@ -593,6 +704,41 @@ class TrialSpec(_Model):
     batch_size: PosInt | None = None
     stacked: Bool
     train: TrainConfig
+    export_sparsity: Fraction | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment tracking
+# --------------------------------------------------------------------------------------------------
+# Schemes of the tracking URIs MLflow serves (its stores and its REST client); a bare path is a file store.
+MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+
+
+def _tracking_uri(v: Any) -> Any:
+    if v is None:
+        return v
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("must be a directory path or a URI such as http://HOST:5000 or file:///PATH")
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", v)
+    if m and len(m.group(1)) > 1 and m.group(1).split("+")[0].lower() not in MLFLOW_SCHEMES:
+        raise ValueError(f"unsupported scheme {m.group(1)!r}; choose a path or one of: "
+                         + ", ".join(f"{x}:" for x in MLFLOW_SCHEMES))
+    return v
+
+
+class MLflowConfig(_Model):
+    """MLflow through Ray Tune's MLflowLoggerCallback: per-trial params and per-epoch metrics; the
+    stacking, summary and report files as artifacts of the experiment's own run."""
+
+    enabled: Bool = False
+    # None: a file store in the experiment directory (OUT/mlruns); else a path or a tracking server URI
+    tracking_uri: Annotated[str, AfterValidator(_tracking_uri)] | None = None
+    experiment_name: Annotated[str, Field(min_length=1)] | None = None  # None: the config's name
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TrackingConfig(_Model):
+    mlflow: MLflowConfig = MLflowConfig()
 
 
 class PipelineConfig(_Model):
@@ -616,6 +762,7 @@ class PipelineConfig(_Model):
     resources: ResourcesConfig = ResourcesConfig()
     dbs_search: DBSSearchConfig = DBSSearchConfig()
     run_dbs_search: Bool = False
+    tracking: TrackingConfig = TrackingConfig()
     checkpoints_to_keep: PosInt = 2
     max_failures: NonNegInt = 2
 
@@ -692,6 +839,12 @@ class PipelineConfig(_Model):
         for g in groups:
             conv, schedule, stacked = parse_variant(g["variant"])
             base = g["variant"].removesuffix("+DBS")
+            # the rung this group's stack uses (run_stack's choice), else its last rung
+            export = self.stack.sparsity if g["group"] in self.variants else self.batch_sweep.sparsity
+            if export is None:
+                export = g["ladder"][-1] if g["ladder"] else 0.0
+            if g["basis_ladder"] or conv == "basis_random":
+                export = None  # BasisConv members are not exported (esdbs export refuses them): keep no weights
             for m in (self.members if stacked else self.members[:1]):
                 train = self.train.model_dump()
                 for key in (base, g["variant"]):
@@ -707,7 +860,7 @@ class PipelineConfig(_Model):
                 where = f"trial {member} (members / variant_overrides / train)"
                 specs.append(validate(TrialSpec, {"member": member, "variant": g["variant"], "group": g["group"],
                                                   "batch_size": g["batch_size"], "stacked": stacked,
-                                                  "train": train}, where))
+                                                  "train": train, "export_sparsity": export}, where))
         return specs
 
     # -- (de)serialisation -------------------------------------------------------------------------

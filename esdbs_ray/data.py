@@ -1,8 +1,9 @@
 """Datasets by name, held whole in memory, with a batch iterator whose batch size can change any time.
 
 Names: ``fashion-mnist`` (idx ``.gz`` files), ``cifar10`` / ``cifar100`` (torchvision's python pickle
-batches), ``imagefolder:<path>`` (one folder per class, JPEG/PNG, resized to ``image_size``; for
-fine-grained sets such as 10 Monkey Species).
+batches), ``imagefolder:<path>`` (one folder per class, or train/val/test folders of them; JPEG, PNG,
+..., resized to ``image_size``, decoded once and cached outside the folder; for a user's own photos
+and fine-grained sets such as 10 Monkey Species).
 
 Why in memory: the paper's datasets are small (Fashion-MNIST is 47 MB as uint8), a dynamic batch size
 changes the batch between epochs and even within one, and Ray shares one copy of numpy arrays between
@@ -10,8 +11,8 @@ trials through its object store.  So a :class:`DatasetBundle` holds uint8 numpy 
 Ray's object store), and :class:`BatchIterator` moves them once to the training device and normalises
 each batch on the fly -- no DataLoader workers, nothing re-created when the batch size changes.
 
-The validation split is carved from the training set (seeded, stratified, default 10 %); the test set
-is only for final reporting.  Every failure to read a file raises :class:`DataError` with one line
+The validation split is carved from the training set (seeded, stratified, default 10 %) unless an
+image folder brings its own; the test set is only for final reporting.  Every failure to read a file raises :class:`DataError` with one line
 naming the file and the problem.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class DataError(Exception):
@@ -117,13 +118,16 @@ def load_dataset(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    folder, given_val = None, None  # an image folder, and its own val/ split if it has one
     if name == "fashion-mnist":
         (tr_x, tr_y), (te_x, te_y), source = _load_fashion_mnist(data_dir)
         classes = FASHION_MNIST_CLASSES
     elif name in ("cifar10", "cifar100"):
         (tr_x, tr_y), (te_x, te_y), classes, source = _load_cifar(name, data_dir)
     elif name.startswith("imagefolder:"):
-        (tr_x, tr_y), (te_x, te_y), classes, source = _load_image_folder(Path(name.split(":", 1)[1]), image_size, seed)
+        folder = _load_image_folder(Path(name.split(":", 1)[1]), image_size, seed)
+        (tr_x, tr_y), (te_x, te_y), classes, source = folder["train"], folder["test"], folder["classes"], folder["source"]
+        given_val = folder["val"]
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
@@ -134,20 +138,44 @@ def load_dataset(
         train_all = train_all.take(_stratified_sample(train_all.labels, _check_subset(subset, len(train_all), "subset"), rng))
     if test_subset is not None:
         test = test.take(_stratified_sample(test.labels, _check_subset(test_subset, len(test), "test_subset"), rng))
-    val_idx = _stratified_sample(train_all.labels, max(1, int(round(val_fraction * len(train_all)))), rng)
-    train_mask = np.ones(len(train_all), dtype=bool)
-    train_mask[val_idx] = False
-    train, val = train_all.take(np.flatnonzero(train_mask)), train_all.take(val_idx)
+    if given_val is not None:  # the folder's val/ split; val_fraction does not apply
+        train = train_all
+        val = Split(given_val[0], given_val[1].astype(np.int64), np.arange(len(given_val[1]), dtype=np.int64))
+    else:
+        val_idx = _stratified_sample(train_all.labels, max(1, int(round(val_fraction * len(train_all)))), rng)
+        train_mask = np.ones(len(train_all), dtype=bool)
+        train_mask[val_idx] = False
+        train, val = train_all.take(np.flatnonzero(train_mask)), train_all.take(val_idx)
 
+    if len(train) < 2 or len(val) < 1:
+        raise DataError(f"{name}: too few images to train on: {len(train)} for training and {len(val)} for "
+                        f"validation are left after the splits (test {len(test)})")
     # Per-channel statistics of the training split only (the test set never informs training).
-    as_float = train.images.reshape(len(train), train.images.shape[1], -1).astype(np.float32) / 255.0
-    mean = tuple(float(v) for v in as_float.mean(axis=(0, 2)))
-    std = tuple(float(v) for v in as_float.std(axis=(0, 2)) + 1e-6)
+    mean, std = _channel_stats(train.images)
     return DatasetBundle(
         name=name, train=train, val=val, test=test, num_classes=len(classes), class_names=tuple(classes),
         mean=mean, std=std, source=str(source),
-        info={"val_fraction": val_fraction, "seed": seed, "subset": subset, "test_subset": test_subset},
+        info={"val_fraction": val_fraction, "seed": seed, "subset": subset, "test_subset": test_subset,
+              # image folders: the files of each source split (relative paths; a split's indices
+              # index its source's list -- a val carved from train, train's) and the cache file used
+              **({"files": folder["files"], "cache": folder["cache"]} if folder is not None else {})},
     )
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images [N, C, H, W] in [0, 1], in chunks: a
+    float copy of the whole split would take 4x its memory (1.2 GB for 2,000 images at 224 x 224)."""
+    n, c = images.shape[:2]
+    pixels = int(np.prod(images.shape[2:]))
+    total, squares = np.zeros(c), np.zeros(c)
+    for a in range(0, n, 512):
+        chunk = images[a:a + 512].reshape(-1, c, pixels).astype(np.float64) / 255.0
+        total += chunk.sum(axis=(0, 2))
+        squares += np.square(chunk).sum(axis=(0, 2))
+    count = n * pixels
+    mean = total / count
+    var = np.maximum(squares / count - mean * mean, 0.0)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in np.sqrt(var) + 1e-6)
 
 
 def _check_subset(n: int, total: int, what: str) -> int:
@@ -335,58 +363,248 @@ def _load_cifar(name: str, data_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# Image folders (one sub-folder per class)
+# Image folders (one sub-folder per class), decoded once and cached
 # --------------------------------------------------------------------------------------------------
-def _load_image_folder(root: Path, image_size: int, seed: int):
-    """``root/<class>/*.jpg``; or ``root/{train,training}/<class>`` with ``root/{test,validation}/<class>``
-    (10 Monkey Species' layout).  Without a test folder, 20 % of each class (seeded) becomes the test set."""
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found")
-    train_dir = next((root / d for d in ("train", "training") if (root / d).is_dir()), None)
-    test_dir = next((root / d for d in ("test", "validation", "val") if (root / d).is_dir()), None)
-    if train_dir is not None and test_dir is not None:
-        classes = _class_dirs(train_dir)
-        train = _read_images(train_dir, classes, image_size)
-        test = _read_images(test_dir, classes, image_size)
-    else:
-        classes = _class_dirs(root)
-        x, y = _read_images(root, classes, image_size)
-        test_idx = _stratified_sample(y, max(1, len(y) // 5), np.random.default_rng(seed + 10_007))
-        mask = np.ones(len(y), bool)
-        mask[test_idx] = False
-        train, test = (x[mask], y[mask]), (x[test_idx], y[test_idx])
-    return train, test, tuple(classes), root
+# Layouts: root/{train,val,test}/<class>/ (each split given), root/{train,training}/<class>/ with
+# root/{test,testing,val,valid,validation}/<class>/ (10 Monkey Species' training/ + validation/: the
+# second folder is the held-out test set, validation is carved from training), or root/<class>/ alone
+# (20 % of each class, seeded, becomes the test set).  Class names come from the training folder.
+_TRAIN_DIRS = ("train", "training")
+_VAL_DIRS = ("val", "valid", "validation")
+_TEST_DIRS = ("test", "testing")
+# Bumped whenever decoding changes (resize, orientation, colour conversion), so no old cache is read.
+_IMAGE_CACHE_VERSION = 1
+
+
+def image_cache_dir() -> Path:
+    """Where decoded image folders are cached: ``$ESDBS_CACHE``, else ``$XDG_CACHE_HOME/esdbs``, else
+    ``~/.cache/esdbs`` -- never inside the user's image folder (which may be read-only, shared, or
+    under version control, and whose file list keys the cache)."""
+    if os.environ.get("ESDBS_CACHE"):
+        return Path(os.environ["ESDBS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "esdbs"
+
+
+def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / d for d in names if (root / d).is_dir()), None)
+
+
+def _image_folder_parts(root: Path) -> dict[str, Path]:
+    """{"train": dir, "val": dir (optional), "test": dir (optional)} or {"all": root}."""
+    train = _first_dir(root, _TRAIN_DIRS)
+    val, test = _first_dir(root, _VAL_DIRS), _first_dir(root, _TEST_DIRS)
+    if train is not None and val is not None and test is not None:
+        return {"train": train, "val": val, "test": test}
+    if train is not None and (test or val) is not None:
+        return {"train": train, "test": test or val}
+    return {"all": root}
+
+
+def _sub_dirs(directory: Path) -> list[str]:
+    return sorted(d.name for d in directory.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
 
 
 def _class_dirs(directory: Path) -> list[str]:
-    classes = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = _sub_dirs(directory)
     if len(classes) < 2:
         raise DataError(f"{directory}: expected one sub-folder per class (at least 2), found {len(classes)}")
     return classes
 
 
-def _read_images(directory: Path, classes: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    xs, ys = [], []
+def _list_images(directory: Path, classes: list[str]) -> list[tuple[int, Path]]:
+    """(label, file) for every image in ``directory/<class>/``, sorted; hidden files (macOS's ``._x.jpg``
+    resource forks look like JPEGs) and other suffixes are left out, sub-folders are not searched."""
+    extra = sorted(set(_sub_dirs(directory)) - set(classes))
+    if extra:
+        raise DataError(f"{directory}: class folder(s) {', '.join(extra)} are not in the training folder's classes "
+                        f"({', '.join(classes)})")
+    out = []
     for label, cls in enumerate(classes):
         folder = directory / cls
         if not folder.is_dir():
             raise DataError(f"{folder}: class folder missing (classes come from the training folder)")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
         if not files:
-            raise DataError(f"{folder}: no JPEG/PNG images")
-        for path in files:
+            raise DataError(f"{folder}: empty class folder, no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        out += [(label, f) for f in files]
+    return out
+
+
+def _cache_key(root: Path, listing: dict[str, list[tuple[int, Path]]], image_size: int) -> str:
+    """sha256 of what decoding depends on: the file list (relative paths, sizes, modification times),
+    the classes' order (labels), the size and the decoder's version.  A changed, added or removed image
+    gives a new key; the folder's own location does not enter, so a moved or copied folder hits."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([_IMAGE_CACHE_VERSION, int(image_size)]).encode())
+    for part in sorted(listing):
+        for label, f in listing[part]:
+            st = f.stat()
+            h.update(json.dumps([part, label, f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()[:32]
+
+
+def _decode(path: Path, image_size: int) -> np.ndarray:
+    """One image as uint8 [3, S, S]: EXIF orientation applied (phone photos), squashed to S x S."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above ~89 M pixels (a 108-megapixel phone photo is a photo, and the draft
+            # below decodes a JPEG at a fraction of that); above twice that it refuses the file.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                # JPEG: decode at the smallest DCT scale still >= S (4-8x faster on photos, same result
+                # after the resize to S up to rounding); other formats ignore the draft.
+                im.draft("RGB", (image_size, image_size))
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("P", "PA", "LA", "La", "I;16", "I"):
+                    im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                # Squashed to a square, aspect ratio not kept (the ResNet report's practice): the whole
+                # subject stays in the picture, and random resized crops vary the aspect in training.
+                im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused, too many pixels for an image of this kind ({_reason(exc)})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable image ({_reason(exc)})") from None
+
+
+class _Progress:
+    """A one-line progress bar on a terminal's stderr (nothing when stderr is not a terminal: logs and
+    captured output get the summary line only)."""
+
+    def __init__(self, total: int, what: str):
+        import sys
+        import time
+
+        self.total, self.what, self.done = total, what, 0
+        self.stream = sys.stderr
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = self.last = time.perf_counter()
+        self._clock = time.perf_counter
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if self.live and (now - self.last > 0.1 or self.done == self.total):
+            self.last = now
+            frac = self.done / max(self.total, 1)
+            bar = "#" * int(30 * frac)
+            self.stream.write(f"\r{self.what} [{bar:<30}] {self.done}/{self.total} {now - self.t0:.1f}s")
+            self.stream.flush()
+
+    def close(self, ok: bool) -> float:
+        if self.live:  # end the bar's line, or clear it so an error line starts clean
+            self.stream.write("\n" if ok else "\r\033[K")
+            self.stream.flush()
+        return self._clock() - self.t0
+
+
+def _decode_all(files: list[Path], image_size: int, what: str) -> np.ndarray:
+    """Decode every file (threads: Pillow releases the GIL while decoding), in order, with a bar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+    bar = _Progress(len(files), what)
+    ok = False
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    try:
+        for i, arr in enumerate(pool.map(lambda f: _decode(f, image_size), files)):
+            out[i] = arr
+            bar.update()
+        ok = True
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a bad image ends the decode now, not after the rest
+        seconds = bar.close(ok)
+    print(f"[esdbs] decoded {len(files):,} images at {image_size}x{image_size} in {seconds:.1f}s", flush=True)
+    return out
+
+
+def _read_cache(path: Path, parts: list[str], classes: list[str]) -> dict | None:
+    """The cached arrays, or None when the file is absent, unreadable or not what this key expects."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if list(z["classes"]) != classes:
+                return None
+            out = {p: (z[f"{p}_images"], z[f"{p}_labels"], [str(f) for f in z[f"{p}_files"]]) for p in parts}
+    except (OSError, KeyError, ValueError, EOFError, zlib.error):
+        return None
+    for x, y, f in out.values():
+        if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y) or len(y) != len(f):
+            return None
+    return out
+
+
+def _write_cache(path: Path, arrays: dict, classes: list[str]) -> None:
+    """Write atomically (a temporary file in the cache directory, then rename); a cache that cannot
+    be written costs the next run a decode, never this run its data."""
+    import sys
+    import tempfile
+
+    payload = {"classes": np.asarray(classes)}
+    for part, (x, y, files) in arrays.items():
+        payload.update({f"{part}_images": x, f"{part}_labels": y, f"{part}_files": np.asarray(files)})
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        print(f"[esdbs] note: image cache not written ({path.parent}: {_reason(exc)}); set ESDBS_CACHE to a "
+              "writable directory to skip decoding next time", file=sys.stderr, flush=True)
+    finally:
+        if tmp is not None:
             try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                    xs.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            except Image.DecompressionBombError as exc:
-                raise DataError(f"{path}: refused, too many pixels for an image of this kind ({_reason(exc)})") from None
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-                raise DataError(f"{path}: unreadable image ({_reason(exc)})") from None
-            ys.append(label)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _load_image_folder(root: Path, image_size: int, seed: int) -> dict:
+    """Decode (or read from the cache) an image folder: {"train", "test", "val" (None unless the folder
+    has one), "classes", "source", "cache", "files"}; each split an (images, labels) pair."""
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found (point to yours with --set dataset=imagefolder:DIR)")
+    parts = _image_folder_parts(root)
+    classes = _class_dirs(parts.get("train", root))
+    listing = {part: _list_images(d, classes) for part, d in parts.items()}
+    key = _cache_key(root, listing, image_size)
+    cache = image_cache_dir() / "imagefolder" / f"{key}.npz"
+    arrays = _read_cache(cache, list(listing), classes)
+    if arrays is None:
+        files = [f for part in listing for _, f in listing[part]]
+        decoded = _decode_all(files, image_size, f"decoding {root.name or root}")
+        arrays, pos = {}, 0
+        for part, items in listing.items():
+            labels = np.asarray([label for label, _ in items], dtype=np.int64)
+            arrays[part] = (decoded[pos:pos + len(items)], labels, [f.relative_to(root).as_posix() for _, f in items])
+            pos += len(items)
+        _write_cache(cache, arrays, classes)
+    if "all" in arrays:
+        x, y, files = arrays["all"]
+        test_idx = _stratified_sample(y, max(1, len(y) // 5), np.random.default_rng(seed + 10_007))
+        mask = np.ones(len(y), bool)
+        mask[test_idx] = False
+        train, test = (x[mask], y[mask]), (x[test_idx], y[test_idx])
+        files = {"train": [files[i] for i in np.flatnonzero(mask)], "test": [files[i] for i in test_idx]}
+        val = None
+    else:
+        train, test = arrays["train"][:2], arrays["test"][:2]
+        val = arrays["val"][:2] if "val" in arrays else None
+        files = {part: arrays[part][2] for part in arrays}
+    return {"train": train, "val": val, "test": test, "classes": tuple(classes), "source": root,
+            "cache": str(cache), "files": files}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,13 +617,18 @@ class BatchIterator:
     Shuffling draws from its own ``torch.Generator`` (CPU), whose state is part of
     :meth:`state_dict`, so a resumed run sees the same batches as an uninterrupted one.  A trailing
     batch of one sample is skipped in training (batch norm cannot train on it).
+
+    ``augment`` (training only; ``augment.Augmenter``) maps each gathered uint8 batch to an augmented
+    one on the device, before normalisation; its random state travels in :meth:`state_dict` too.
     """
 
-    def __init__(self, split: Split, *, batch_size: int, mean, std, device="cpu", shuffle=False, seed=0):
+    def __init__(self, split: Split, *, batch_size: int, mean, std, device="cpu", shuffle=False, seed=0,
+                 augment=None):
         import torch
 
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.augment = augment
         self.device = torch.device(device)
         self._images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
         self._labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(self.device)
@@ -436,11 +659,22 @@ class BatchIterator:
                 idx = order[pos:end]
                 x, y = self._images[idx], self._labels[idx]
             pos = end
+            if self.augment is not None:
+                x = self.augment(x)
             yield torch.addcmul(self._shift, x.float(), self._scale), y
 
     def state_dict(self) -> dict:
-        return {"generator": self._gen.get_state(), "batch_size": self.batch_size}
+        state = {"generator": self._gen.get_state(), "batch_size": self.batch_size}
+        if self.augment is not None:
+            state["augment"] = self.augment.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if ("augment" in state) != (self.augment is not None):
+            raise ValueError("batch iterator state " + ("has" if "augment" in state else "lacks")
+                             + " an augmentation state, this iterator " + ("does not augment" if self.augment is None
+                                                                            else "augments"))
         self._gen.set_state(state["generator"])
         self.batch_size = int(state["batch_size"])
+        if self.augment is not None:
+            self.augment.load_state_dict(state["augment"])

@@ -122,7 +122,7 @@ __all__ = [
 ]
 
 PHASES = ("warmup", "lr", "momentum", "hold", "fixed")
-SCHEDULE_KINDS = ("dbs", "fixed")
+SCHEDULE_KINDS = ("dbs", "fixed")  # what dbs-plan previews; build_schedule also builds "cosine" (cosine.py)
 _STATE_VERSION = 2  # 2: fall tolerance, rung restarts, B stays on a plateau
 
 # ----------------------------------------------------------------------------------------------
@@ -482,6 +482,24 @@ class _Schedule:
     def _start_momentum(self, e: int) -> None:
         pass
 
+    # -- issue #17: per-step learning rates, early stopping --------------------------------------
+    def step_lrs(self) -> None:
+        """Per-step learning rates of the current epoch; None: the epoch runs at ``plan().lr``
+        (``cosine.CosineSchedule`` returns one value per step)."""
+        return None
+
+    def skip_to(self, epoch: int) -> None:
+        """Jump to ``epoch``: early stopping ended the dense phase (``train.py``), so the next epoch
+        trained is the first rung's, or none.  A rung start restarts the rung as :meth:`step` does."""
+        s = self._s
+        if not s["epoch"] <= epoch <= self.epochs:
+            raise ValueError(f"skip_to({epoch}): must be between the current epoch {s['epoch']} and {self.epochs}")
+        cur = (s["lr"], s["m"], s["batch"])
+        phase, lr, m, batch, decision = s["phase"], *cur, "early stopping ended the dense phase"
+        if epoch in self.rung_starts:
+            phase, lr, m, batch, decision = self._start_rung(epoch, phase, lr, m, batch, cur, decision)
+        s.update(epoch=epoch, phase=phase, lr=lr, m=m, batch=batch, increase=False, decision=decision)
+
     # -- persistence ---------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.cfg.to_dict(), "epochs": self.epochs,
@@ -681,8 +699,16 @@ class FixedSchedule(_Schedule):
 
 def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None = None,
                    rung_starts: Sequence[int] = (), batch_size: int | None = None,
-                   bmax_memory: int | None = None) -> _Schedule:
-    """``kind`` "dbs" -> :class:`DBSSchedule`; "fixed" -> :class:`FixedSchedule` (needs batch_size)."""
+                   bmax_memory: int | None = None, cosine=None) -> _Schedule:
+    """``kind`` "dbs" -> :class:`DBSSchedule`; "fixed" -> :class:`FixedSchedule` (needs batch_size);
+    "cosine" -> ``cosine.CosineSchedule`` (needs batch_size; ``cosine``: its CosineConfig)."""
+    if kind == "cosine":  # issue #17: warm-up + cosine per step, in a module of its own
+        from .cosine import CosineSchedule
+
+        if batch_size is None:
+            raise ValueError("schedule kind 'cosine' needs batch_size")
+        return CosineSchedule(cfg, cosine, epochs=epochs, train_size=train_size, batch_size=batch_size,
+                              val_size=val_size, rung_starts=rung_starts)
     if kind == "dbs":
         return DBSSchedule(cfg, epochs=epochs, train_size=train_size, val_size=val_size, rung_starts=rung_starts,
                            bmax_memory=bmax_memory)
@@ -691,7 +717,7 @@ def build_schedule(kind: str, cfg: DBSConfig, *, epochs: int, train_size: int, v
             raise ValueError("schedule kind 'fixed' needs batch_size")
         return FixedSchedule(cfg, epochs=epochs, train_size=train_size, batch_size=batch_size, val_size=val_size,
                              rung_starts=rung_starts)
-    raise ValueError(f"unknown schedule kind {kind!r}; choices: {list(SCHEDULE_KINDS)}")
+    raise ValueError(f"unknown schedule kind {kind!r}; choices: {list(SCHEDULE_KINDS) + ['cosine']}")
 
 
 # ----------------------------------------------------------------------------------------------

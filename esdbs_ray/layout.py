@@ -3,18 +3,22 @@
 :class:`ExperimentLayout` names every path of an experiment directory (local path or ``pyarrow.fs``
 URI); every module that reads or writes one asks it, so the layout is spelled here only::
 
-    OUT/.esdbs.json              marker: made by esdbs, for what (experiment, report, run, dbs-search)
+    OUT/.esdbs.json              marker: made by esdbs, for what (experiment, report, run, dbs-search, export)
     OUT/config.yaml              the resolved config (a resumed run reads it back)
     OUT/tune/base/...            Tune's experiment: results, checkpoints, per-trial TensorBoard events
     OUT/tune/dbs_search/...      the DBS-constant search (when run)
     OUT/predictions/*.parquet    every member's val/test probabilities at every pruning rung
     OUT/members/<member>.json    each member's own training summary (per-epoch history, rungs)
+    OUT/weights/<member>-tsNNNN.pt  each member's weights (masks included) at the rung its stack uses
+    OUT/mlruns/                  the MLflow file store, when tracking is on with no tracking URI
+    OUT/tracking.json            which MLflow experiment and runs hold this run
     OUT/stacking[-<group>].json  stacking weights and metrics per method
     OUT/summary.json             the final table, with provenance
     OUT/dbs_constants.json       the DBS search's best constants (+ dbs_search.png, its trade-off)
     OUT/report/                  esdbs report
 
-:class:`RunLayout` is the same for ``esdbs train-one`` (one model: checkpoint, summary, TensorBoard).
+:class:`RunLayout` is the same for ``esdbs train-one`` (one model: checkpoint, summary, TensorBoard);
+:class:`ExportLayout` for ``esdbs export`` (a self-describing ensemble: manifest, weights, ONNX graphs).
 
 **Outputs** (:func:`claim_dir`): a command writes only into a directory that is new (or empty) or that
 esdbs made for the same purpose -- the marker says so; anything else is refused with one line.
@@ -35,7 +39,7 @@ from pathlib import Path
 from . import storage
 
 MARKER = ".esdbs.json"
-KINDS = ("experiment", "dbs-search", "run", "report")
+KINDS = ("experiment", "dbs-search", "run", "report", "export")
 
 
 class OutputError(ValueError):
@@ -97,6 +101,22 @@ class ExperimentLayout:
     def member(self, member: str) -> str:
         return self._join("members", f"{safe_name(member)}.json")
 
+    @property
+    def weights(self) -> str:
+        return self._join("weights")
+
+    def rung_weights(self, member: str, target_sparsity: float) -> str:
+        """The member's weights at the end of one rung (the trainer keeps the rung its stack uses)."""
+        return self._join("weights", f"{safe_name(member)}-{_sparsity_tag(target_sparsity)}.pt")
+
+    @property
+    def mlruns(self) -> str:
+        return self._join("mlruns")
+
+    @property
+    def tracking(self) -> str:
+        return self._join("tracking.json")
+
     def stacking(self, group_slug: str | None = None) -> str:
         return self._join(f"stacking-{group_slug}.json" if group_slug else "stacking.json")
 
@@ -121,8 +141,8 @@ class ExperimentLayout:
         return self._join("report")
 
     # top-level names esdbs writes into an experiment (the rest of a directory is the user's)
-    ENTRIES = ("config.yaml", "tune", "predictions", "members", "summary.json", "dbs_constants.json",
-               "dbs_search.png", "report", MARKER)
+    ENTRIES = ("config.yaml", "tune", "predictions", "members", "weights", "summary.json", "dbs_constants.json",
+               "dbs_search.png", "report", "mlruns", "tracking.json", MARKER)
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,32 @@ class RunLayout:
     @property
     def kernels(self) -> Path:
         return self.root / "kernels.png"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """``esdbs export --out DIR``: one ensemble, self-describing (``esdbs_ray/export.py``)."""
+
+    root: Path
+    MANIFEST = "manifest.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / self.MANIFEST
+
+    @property
+    def members(self) -> Path:
+        return self.root / "members"
+
+    def member_weights(self, member: str) -> Path:
+        return self.members / f"{safe_name(member)}.safetensors"
+
+    def member_onnx(self, member: str) -> Path:
+        return self.members / f"{safe_name(member)}.onnx"
 
     @property
     def marker(self) -> Path:
@@ -267,14 +313,13 @@ def claim_file(path: str | os.PathLike, *, force: bool = False, flag: str = "--o
     return root
 
 
-def replace_dir(target: str | os.PathLike, build, *, kind: str, force: bool = False, flag: str = "--out") -> str:
-    """Build a directory output (``build(staging_dir)`` writes into a fresh temporary directory), then
-    swap it into place: a reader sees the old or the new, never half of either.  An existing ``target``
-    must be esdbs's own ``kind`` output and needs ``force``; files in it that esdbs did not write
-    (not in the new output, not the old marker's) are carried over, never deleted."""
+def check_replace(target: str | os.PathLike, *, kind: str, force: bool = False,
+                  flag: str = "--out") -> tuple[Path, dict | None]:
+    """Refuse now, writing nothing, what :func:`replace_dir` would refuse; returns the local target
+    and the marker already there (None when new or empty)."""
+    if storage.is_uri(target):  # before Path(), which would fold "s3://b" into "s3:/b"
+        raise OutputError(f"{flag} {target}: a {kind} is written to a local directory; name one")
     target = Path(storage.normalize(target))
-    if storage.is_uri(str(target)):
-        raise OutputError(f"{flag} {target}: reports are written to local directories")
     check_writable(str(target))
     empty = _is_empty(str(target))
     old_marker = None if empty else read_marker(str(target))
@@ -284,8 +329,18 @@ def replace_dir(target: str | os.PathLike, build, *, kind: str, force: bool = Fa
             raise OutputError(f"{flag} {target} holds {what}; choose a new or empty directory")
         if not force:
             raise OutputError(f"{flag} {target} already holds an esdbs {kind}; pass --force to replace it")
+    return target, old_marker
+
+
+def replace_dir(target: str | os.PathLike, build, *, kind: str, force: bool = False, flag: str = "--out") -> str:
+    """Build a directory output (``build(staging_dir)`` writes into a fresh temporary directory), then
+    swap it into place: a reader sees the old or the new, never half of either.  An existing ``target``
+    must be esdbs's own ``kind`` output and needs ``force``; files in it that esdbs did not write
+    (not in the new output, not the old marker's) are carried over, never deleted."""
+    target, old_marker = check_replace(target, kind=kind, force=force, flag=flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~storage._UMASK)  # mkdtemp makes 0700; the output is an ordinary directory
     try:
         result = build(staging)
         write_marker(str(staging), kind)

@@ -12,6 +12,9 @@
    on the last epoch of the budget; the best constants land in ``dbs_constants.json``, which
    ``esdbs run --dbs-constants`` reuses.
 
+Tracking (``tracking.py``): one TensorBoard stream per trial (the trainer's; Tune's own TBX logger is
+off) and, when ``tracking.mlflow.enabled``, MLflow runs for every trial and for the experiment.
+
 Where everything goes is :class:`~esdbs_ray.layout.ExperimentLayout` (a local path or a ``pyarrow.fs``
 URI shared by all nodes).  The dataset is loaded once by the driver and reaches the trials through
 Ray's object store (``tune.with_parameters``): trials never re-read or decompress files.  Trials cross
@@ -25,7 +28,7 @@ import time
 
 import yaml
 
-from . import storage
+from . import storage, tracking
 from .config import ConfigError, PipelineConfig, slug, validate
 from .layout import ExperimentLayout, claim_dir
 from .ray_env import cluster_capacity, gpus_per_trial, init_ray
@@ -82,6 +85,8 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 sync_config=tune.SyncConfig(sync_artifacts=True),
+                # the trainer's TensorBoard stream only; MLflow runs when tracking is on
+                callbacks=tracking.tune_callbacks(cfg, layout.root, specs),
                 verbose=1 if progress else 0,
             ),
         )
@@ -161,6 +166,7 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
     # Everything that can be refused is refused before anything is written: the output directory is
     # checked, the data loads, and only then is the directory claimed (a failed load leaves nothing).
     claim_dir(out, "experiment", resume=resume, force=force, check_only=True)
+    tracking.settings(cfg, storage.normalize(out))  # MLflow on but unusable: refused now
     data = load_data(cfg)
     layout = ExperimentLayout(claim_dir(out, "experiment", resume=resume, force=force))
     if not resume:
@@ -187,6 +193,10 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
     }
     storage.write_json(layout.summary, summary)
     print(format_summary(summary), flush=True)
+    tracked = tracking.log_experiment(cfg, layout, summary)
+    if tracked:
+        print(f"[esdbs] MLflow: experiment {tracked['experiment_name']!r} at {tracked['tracking_uri']} "
+              f"(run {tracked['run_id']}; {len(tracked['trial_runs'])} trial runs)", flush=True)
     return summary
 
 
@@ -280,6 +290,7 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
         run_config=tune.RunConfig(name="dbs_search", storage_path=layout.tune,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=tracking.tune_callbacks(cfg, layout.root),
                                   verbose=1 if progress else 0),
     )
     results = tuner.fit()

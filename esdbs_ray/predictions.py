@@ -476,8 +476,11 @@ def read_metadata(path_or_uri: str | os.PathLike) -> dict[str, Any]:
     return _decode_metadata(schema.metadata)
 
 
-def read_predictions(path_or_dir_or_uri: str | os.PathLike) -> pa.Table:
+def read_predictions(path_or_dir_or_uri: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None) -> pa.Table:
     """Read one predictions file, or every ``*.parquet`` in a directory (not recursive), as one table.
+
+    ``filesystem``: read ``path_or_dir_or_uri`` as a path on this ``pyarrow.fs`` filesystem (a
+    :class:`esdbs_ray.storage.Tree`'s) instead of resolving it as a local path or URI.
 
     Each file's schema is checked and its columns cast to the canonical types; a corrupt, truncated or
     schema-mismatched file raises :class:`PredictionsError` naming the file; an empty directory or a
@@ -485,7 +488,7 @@ def read_predictions(path_or_dir_or_uri: str | os.PathLike) -> pa.Table:
     The per-file metadata survives as :func:`prediction_sources` of the returned table.
     """
     source = str(path_or_dir_or_uri)
-    fs, p = _resolve(source)
+    fs, p = (filesystem, source) if filesystem is not None else _resolve(source)
     files = _list_parquet(fs, p, _shown(fs, p, source))
     tables, sources, num_classes = [], [], None
     for fp in files:

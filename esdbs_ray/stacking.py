@@ -62,6 +62,7 @@ __all__ = [
     "stack",
     "stack_experiment",
     "format_stacking_table",
+    "per_class_accuracy",
 ]
 
 EPS = 1e-12
@@ -749,7 +750,9 @@ def stack_experiment(
     ``variant`` / ``members`` filter the rows.  The result of :func:`stack` gains ``"sparsity"``,
     ``"rungs"`` (per member: target and achieved sparsity, epoch, model, variant), ``"provenance"``
     (per prediction file: path, members, and its metadata: config, seed, git revision, versions),
-    ``"experiment"`` and ``"created"``.  The JSON is written atomically (``output`` overrides the
+    ``"experiment"``, ``"created"``, ``"class_names"`` (from the prediction files' metadata; None when
+    absent or inconsistent) and ``"per_class"`` (:func:`per_class_accuracy` of the chosen ensemble and
+    the members on the test split).  The JSON is written atomically (``output`` overrides the
     path); the dict is returned.  Raises ``FileNotFoundError`` naming the directory when there are no
     predictions, ``ValueError`` for mismatched members or NaN probabilities.
     """
@@ -780,12 +783,42 @@ def stack_experiment(
     result["variant"] = variant
     result["rungs"] = info_v
     result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]
+    result["class_names"] = _class_names(result["provenance"], Pt.shape[2])
+    result["per_class"] = per_class_accuracy(result["ensemble"]["weights"], Pt, yt, names)
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = json.dumps(result, indent=2, allow_nan=False, default=_pred._json_default).encode()
     from .layout import ExperimentLayout
 
     _pred.atomic_write_bytes(output if output is not None else ExperimentLayout(exp).stacking(), data)
     return result
+
+
+def _class_names(sources: Sequence[Mapping[str, Any]], num_classes: int) -> list[str] | None:
+    """The class names the trainer wrote into the prediction files' metadata, when they all agree."""
+    found = {tuple(n) for n in ((s.get("metadata") or {}).get("class_names") for s in sources) if n}
+    if len(found) == 1:
+        names = list(next(iter(found)))
+        return names if len(names) == num_classes else None
+    return None
+
+
+def per_class_accuracy(weights: Mapping[str, float], P_test: Any, y_test: Any,
+                       member_names: Sequence[str]) -> dict[str, Any]:
+    """Test accuracy per true class (recall) of the weighted ensemble and of each member:
+    ``{"support": [n_c], "ensemble": [acc_c], "members": {name: [acc_c]}}`` (None for a class without
+    test images)."""
+    P, y = np.asarray(P_test), np.asarray(y_test)
+    C = P.shape[2]
+    support = np.bincount(y, minlength=C)
+
+    def recall(pred: np.ndarray) -> list[float | None]:
+        hits = np.bincount(y[pred == y], minlength=C)
+        return [float(h / n) if n else None for h, n in zip(hits, support)]
+
+    w = np.asarray([weights[n] for n in member_names], dtype=np.float64)
+    ensemble = np.tensordot(w, P.astype(np.float64), axes=1).argmax(1)
+    return {"support": support.tolist(), "ensemble": recall(ensemble),
+            "members": {n: recall(P[k].argmax(1)) for k, n in enumerate(member_names)}}
 
 
 def format_stacking_table(result: Mapping[str, Any]) -> str:

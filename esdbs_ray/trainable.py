@@ -9,7 +9,8 @@ tables and result files stay readable); the typed :class:`~esdbs_ray.config.Tria
 Artifacts: the trainer writes TensorBoard events into the trial's working directory, which Tune
 uploads to the trial directory under ``storage_path`` (``SyncConfig(sync_artifacts=True)``); Parquet
 predictions and the trainer's own summary go straight to the experiment directory through
-``pyarrow.fs``; checkpoints travel through Tune's checkpoint mechanism.  So a multi-node run needs
+``pyarrow.fs``, and so do the weights at the rung the member's stack uses (for ``esdbs export``);
+checkpoints travel through Tune's checkpoint mechanism.  So a multi-node run needs
 only a shared ``storage_path``.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ class TuneHooks:
 
 
 def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, group: str | None,
-         provenance: dict) -> dict:
+         provenance: dict, keep_weights: tuple[float, ...] = ()) -> dict:
     resources = tune.get_context().get_trial_resources().required_resources
     if not cfg.threads:
         import torch
@@ -69,14 +70,16 @@ def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, gro
             resume_from = workdir / "resume-checkpoint.pt"
             shutil.copy2(Path(d) / CHECKPOINT, resume_from)
     return train(cfg, data, workdir, hooks=TuneHooks(member), resume_from=resume_from, device=device,
-                 predictions_root=experiment_dir, member=member, variant=group, provenance=provenance)
+                 predictions_root=experiment_dir, member=member, variant=group, provenance=provenance,
+                 keep_weights=keep_weights)
 
 
 def train_member(config: dict, *, specs: dict[str, TrialSpec], data, experiment_dir: str, provenance: dict) -> None:
     """Tune entry point of the base stage: ``config = {"member": name}``."""
     spec = specs[config["member"]]
     summary = _run(spec.train, spec.member, data=data, experiment_dir=experiment_dir, group=spec.group,
-                   provenance=provenance)
+                   provenance=provenance,
+                   keep_weights=() if spec.export_sparsity is None else (spec.export_sparsity,))
     # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
     # shared experiment directory, like the predictions: the driver reads it back, not Tune's
     # flattened metrics.

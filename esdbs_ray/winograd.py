@@ -21,24 +21,49 @@ pruned directly in the Winograd domain, and the ReLU is applied *after* the inpu
 (paper eq. 2).  The layer is then no longer equivalent to any spatial conv; with ``relu=False`` and an
 unpruned U = G g G^T it is exactly ``F.conv2d(x, g, padding=1)`` up to rounding, which the tests check.
 
+Implementations (``impl=`` on the layer or :func:`winograd_relu_conv`, else ``$ESDBS_WINOGRAD_IMPL``,
+else "auto", which :func:`choose_impl` resolves):
+
+* "fused" -- the functional formulation below compiled by ``torch.compile`` (inductor: C++/OpenMP on
+  CPU, Triton on CUDA), one static graph per layer shape with the batch dimension dynamic, so the DBS
+  schedule's batch sizes and short last batches never recompile.  Inductor fuses the transforms: one
+  loop nest reads each 4x4 input tile once and writes the 16 planes of V = ReLU(B^T d B), one bmm does
+  the 16 GEMMs, one kernel writes Y = A^T M A cropped and channels-last; the backward is one kernel
+  for A dY A^T, two bmm, and one for the ReLU mask, B dV B^T and the overlap-add.  "auto" runs it for
+  training on CPU and for everything on CUDA; when compiling fails (no C++ compiler, no Triton) it
+  warns once and falls back to the reference.
+* "reference" -- a custom ``autograd.Function`` with a hand-written backward on NHWC buffers written
+  through strided ``out=`` views, saving only the post-ReLU transformed input (eager only).
+* "functional" -- the compile-friendly formulation run eagerly; inside any ``torch.compile`` trace the
+  layer always takes it, so a whole model compiles with ``fullgraph=True``, forward and backward
+  (every registry model is tested).
+
 Layout.  The weight is stored as ``(16, C_in, C_out)`` and the transformed input as
 ``(16, N * tiles_h * tiles_w, C_in)``, so the forward GEMM is ``bmm(V, U)`` and both backward GEMMs
 read the same buffers through transposed views (no copies).  Every intermediate keeps the channel
 axis innermost (NHWC): the strided tile views then still have contiguous runs of C values and the
 additions vectorise.  The layer's output is a channels-last tensor (NCHW shape, NHWC memory), which
-batch norm, pooling and the next Winograd layer consume without a layout copy.  A custom
-``autograd.Function`` with a hand-written backward keeps those layouts in the backward pass too and
-saves only the post-ReLU transformed input (4x the input's size).
+batch norm, pooling and the next Winograd layer consume without a layout copy.
+
+Evidence: ``bench/winograd.py`` (per registry layer shape, CPU and CUDA) and ``bench/throughput.py``
+(models in a bare loop and in the trainer).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
+import time
+import types
 import warnings
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._triton import has_triton
 
 from .models import ReLUConv2d
 
@@ -46,6 +71,11 @@ __all__ = [
     "BT", "G", "AT",
     "WinogradReLUConv2d",
     "winograd_relu_conv",
+    "IMPLS",
+    "IMPL_ENV",
+    "choose_impl",
+    "default_impl",
+    "fused_compile_log",
     "SparseWinogradInference",
     "to_winograd_relu",
     "winograd_layers",
@@ -243,14 +273,283 @@ class _WinogradReLUFn(torch.autograd.Function):
         return dx, du, None
 
 
+# --------------------------------------------------------------------------------------------------
+# functional formulation: what torch.compile traces (whole-model compiles, and the fused path)
+# --------------------------------------------------------------------------------------------------
+# The same F(2x2, 3x3) maths as above with no out=, no in-place and no views written into, so that
+# dynamo can trace it and inductor can fuse it.  The shapes of the expressions are chosen for
+# inductor: the 16 tile positions are separate (N, th, tw, C) tensors that one torch.stack gathers,
+# which inductor lowers to ONE loop nest writing all 16 planes (a horizontally fused ConcatKernel).
+# Tiles are read from an even/odd view of the padded image (unbind of the parity axes plus
+# contiguous slices), not from stride-2 slices: the backward of a stride-2 slice is a scatter that
+# inductor lowers to modulo-masked loads, of an unbind a stack.  The backward is written out
+# (a custom Function) rather than derived by autograd, for two measured reasons (2-core Xeon,
+# C = K = 96, 28x28, B = 128): autograd's gradient of the 16 per-position selects is a 16-way masked
+# sum (200 ms against 30 ms for the written-out stack), and with the ReLU applied per position it
+# saves 16 boolean masks, written by scalar stores, instead of reusing V (the forward kernel took 1 s
+# instead of 45 ms).  Written out, backward saves only V (post-ReLU) and U, as the reference does.
+def _bt_rows(d0, d1, d2, d3):
+    """B^T applied along one axis: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _bt_adjoint(g0, g1, g2, g3):
+    """B (the adjoint of B^T): the columns of B^T as sums."""
+    return g0, g1 - g2 + g3, g1 + g2 - g0, -g3
+
+
+def _at_rows(m0, m1, m2, m3):
+    """A^T applied along one axis: (m0 + m1 + m2, m1 - m2 - m3)."""
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+def _at_adjoint(g0, g1):
+    """A (the adjoint of A^T)."""
+    return g0, g0 + g1, g0 - g1, -g1
+
+
+def _interleave(q: list, n: int, th: int, tw: int) -> torch.Tensor:
+    """q[a][b]: (N, th, tw, C) -> (N, 2th, 2tw, C) with out[:, 2i+a, 2j+b] = q[a][b][:, i, j].
+
+    Written as a select on the parity of the output index (torch.where against a 2-element arange)
+    so that inductor emits one pointwise kernel over the output, fused with the crop and layout
+    copy that follow; nested stacks would materialise the inner stack first."""
+    c = q[0][0].shape[-1]
+    dev = q[0][0].device
+    a0 = torch.arange(2, device=dev).view(1, 1, 2, 1, 1, 1) == 0
+    b0 = torch.arange(2, device=dev).view(1, 1, 1, 1, 2, 1) == 0
+    e = [[t.view(n, th, 1, tw, 1, c) for t in row] for row in q]
+    out = torch.where(a0, torch.where(b0, e[0][0], e[0][1]), torch.where(b0, e[1][0], e[1][1]))
+    return out.reshape(n, 2 * th, 2 * tw, c)
+
+
+def _functional_forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, V (16, N*th*tw, C))."""
+    n, c, h, w = x.shape
+    k = u.shape[2]
+    th, tw = _tiles(h, w)
+    # zero-pad to whole tiles (1 before, 1 + round-up after), channels innermost
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 2 * tw + 1 - w, 1, 2 * th + 1 - h))
+    # E[p][q]: padded rows of parity p, columns of parity q, (N, th+1, tw+1, C); tile (i, j) at
+    # offset (a, b) is padded pixel (2i+a, 2j+b) = E[a%2][b%2][:, i + a//2, j + b//2].
+    E = [r.unbind(3) for r in xp.reshape(n, th + 1, 2, tw + 1, 2, c).unbind(2)]
+    d = [[E[a % 2][b % 2][:, a // 2: a // 2 + th, b // 2: b // 2 + tw] for b in range(4)] for a in range(4)]
+    rows = [_bt_rows(*(d[a][b] for a in range(4))) for b in range(4)]  # rows[b][i]
+    v = [t for i in range(4) for t in _bt_rows(*(rows[b][i] for b in range(4)))]  # v[4i + j]
+    if relu:
+        v = [torch.relu(t) for t in v]
+    V = torch.stack(v).reshape(16, n * th * tw, c)
+    M = torch.bmm(V, u).reshape(16, n, th, tw, k).unbind(0)
+    cols = [_at_rows(*(M[4 * i + j] for i in range(4))) for j in range(4)]  # cols[j][a]
+    Y = [list(_at_rows(*(cols[j][a] for j in range(4)))) for a in range(2)]  # Y[a][b]
+    y = _interleave(Y, n, th, tw)[:, :h, :w].permute(0, 3, 1, 2)
+    # a fresh tensor, not a view made inside a custom Function (in-place ops after the layer)
+    return y.clone(memory_format=torch.channels_last), V
+
+
+def _functional_backward(gy: torch.Tensor, V: torch.Tensor, u: torch.Tensor, shape, relu: bool,
+                         need_x: bool, need_u: bool):
+    """Gradients (dx, du) of _functional_forward; gy (N, K, H, W) any layout."""
+    n, c, h, w = shape
+    k = u.shape[2]
+    th, tw = _tiles(h, w)
+    g = F.pad(gy.permute(0, 2, 3, 1), (0, 0, 0, 2 * tw - w, 0, 2 * th - h))  # (N, 2th, 2tw, K)
+    G = [r.unbind(3) for r in g.reshape(n, th, 2, tw, 2, k).unbind(2)]  # G[a][b]: (N, th, tw, K)
+    s = [_at_adjoint(*G[a]) for a in range(2)]  # s[a][j]
+    cols = [_at_adjoint(*(s[a][j] for a in range(2))) for j in range(4)]  # cols[j][i]
+    dM = torch.stack([cols[j][i] for i in range(4) for j in range(4)]).reshape(16, n * th * tw, k)
+    du = torch.bmm(V.transpose(1, 2), dM) if need_u else None
+    if not need_x:
+        return None, du
+    dV = torch.bmm(dM, u.transpose(1, 2))
+    if relu:  # V holds ReLU(B^T d B): V > 0 exactly where the pre-activation was positive
+        dV = torch.where(V > 0, dV, 0.0)
+    dv = dV.reshape(16, n, th, tw, c).unbind(0)
+    r = [_bt_adjoint(*(dv[4 * i + j] for j in range(4))) for i in range(4)]  # r[i][b]
+    D = [_bt_adjoint(*(r[i][b] for i in range(4))) for b in range(4)]  # D[b][a]: tile offset (a, b)
+
+    def shift(t, a, b):  # tile i's offset-a pixel is padded row 2(i + a//2) + a%2: shift by a//2
+        return F.pad(t, (0, 0, b // 2, 1 - b // 2, a // 2, 1 - a // 2))
+
+    # overlap-add: padded pixel (2m + p, 2m' + q) collects offsets a in {p, p+2}, b in {q, q+2}
+    P = [shift(D[q][p], p, q) + shift(D[q + 2][p], p, q + 2) + shift(D[q][p + 2], p + 2, q)
+         + shift(D[q + 2][p + 2], p + 2, q + 2) for p in range(2) for q in range(2)]
+    # parity-major stack (one fused loop nest), then one copy into the cropped NHWC image; measured
+    # 80 ms against 102 ms for an interleave by torch.where (same shape as above)
+    dxp = torch.stack(P).reshape(2, 2, n, th + 1, tw + 1, c).permute(2, 3, 0, 4, 1, 5)
+    dxp = dxp.reshape(n, 2 * th + 2, 2 * tw + 2, c)
+    dx = dxp[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2).clone(memory_format=torch.channels_last)
+    return dx, du
+
+
+class _WinogradFunctionalFn(torch.autograd.Function):
+    """The layer without bias, functional: traceable by dynamo, fusable by inductor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
+        y, V = _functional_forward(x, u, relu)
+        ctx.save_for_backward(V, u)
+        ctx.shape = tuple(x.shape)
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        V, u = ctx.saved_tensors
+        dx, du = _functional_backward(grad_out, V, u, ctx.shape, ctx.relu,
+                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, du, None
+
+
+@torch.compiler.allow_in_graph
+def _winograd_traceable(x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
+    """The functional layer as one node for dynamo, traced by AOTAutograd: a training step of a
+    model compiles in half the time of dynamo tracing every addition (0.8 s against 1.5 s per
+    layer, aot_eager backend, 2-core Xeon), and no Python state of the dispatch gets into guards."""
+    return _WinogradFunctionalFn.apply(x, u, relu)
+
+
+# --------------------------------------------------------------------------------------------------
+# implementation choice: fused (compiled) / reference (hand-written, eager) / functional (eager)
+# --------------------------------------------------------------------------------------------------
+IMPLS = ("auto", "fused", "reference", "functional")
+IMPL_ENV = "ESDBS_WINOGRAD_IMPL"
+
+_fused_lock = threading.Lock()
+_fused_fns: dict[tuple, Callable] = {}
+_fused_broken: dict[str, str] = {}  # device type -> why compiling failed there (auto then falls back)
+_fused_compiles: list[dict] = []  # one record per compiled variant: its key and first-call seconds
+
+
+def default_impl() -> str:
+    """The implementation a layer with ``impl=None`` asks for: ``$ESDBS_WINOGRAD_IMPL`` or "auto"."""
+    return _check_impl(os.environ.get(IMPL_ENV, "").strip().lower() or "auto", f"${IMPL_ENV}")
+
+
+def _check_impl(impl: str, what: str = "impl") -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{what} must be one of {', '.join(IMPLS)}; got {impl!r}")
+    return impl
+
+
+def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None) -> str:
+    """What ``winograd_relu_conv(x, u, impl=impl)`` runs: "fused", "reference" or "functional".
+
+    Inside a torch.compile trace always "functional" (the caller's compile fuses it).  "auto" picks
+    "fused" (this layer compiled by inductor) where it was measured faster and its compile pays for
+    itself: training steps on CPU, everything on CUDA; "reference" for inference on CPU (one
+    compile per layer shape and mode costs 10-20 s on 2 cores, more than an evaluation pass saves),
+    for a batch of one (it would specialise the compiled graph), on other devices, and on a device
+    where compiling failed once.
+    """
+    if torch.compiler.is_compiling():
+        return "functional"
+    impl = default_impl() if impl is None else _check_impl(impl)
+    if impl != "auto":
+        return impl
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or dev in _fused_broken or x.shape[0] < 2:
+        return "reference"
+    if dev == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)):
+        return "reference"
+    return "fused"
+
+
+def fused_compile_log() -> list[dict]:
+    """One record per compiled variant so far: key fields and the seconds its first call took
+    (compile of forward and backward plus one run)."""
+    return [dict(r) for r in _fused_compiles]
+
+
+def _fused_entry(key: tuple, relu: bool, dtype: torch.dtype) -> Callable:
+    def entry(x, u):
+        return _winograd_traceable(x.to(dtype), u.to(dtype), relu)
+
+    # A fresh code object per variant: dynamo keeps compiled graphs per code object, falls back to
+    # eager after recompile_limit (8) of them, and on the second layer shape would make C, H, W
+    # dynamic -- generic kernels measured 10-30 % slower (median 1.12x against 0.89x F.conv2d over
+    # the bench shapes) and 100 s to compile.  One static graph per layer shape, batch dynamic.
+    name = "winograd_relu_fused_" + "_".join(str(v).replace("torch.", "").replace(".", "_") for v in key)
+    name = "".join(ch if ch.isalnum() else "_" for ch in name)
+    code = entry.__code__.replace(co_name=name)
+    if sys.version_info >= (3, 11):
+        code = code.replace(co_qualname=name)
+    fn = types.FunctionType(code, entry.__globals__, name, None, entry.__closure__)
+    return torch.compile(fn, fullgraph=True, dynamic=None)
+
+
+def _eager_backward_compile():
+    # Compile the backward together with the forward so that a failure shows up here, where the
+    # reference path can take over, and not in loss.backward().
+    cfg = getattr(torch._functorch, "config", None)
+    if cfg is not None and hasattr(cfg, "force_non_lazy_backward_lowering"):
+        return cfg.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def _fused(x: torch.Tensor, u: torch.Tensor, relu: bool, dtype: torch.dtype, strict: bool) -> torch.Tensor | None:
+    """Run the compiled layer; None (after one warning) when compiling fails and not ``strict``."""
+    dev = x.device.type
+    training = torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)
+    # The compiled kernels read channels-last input: an NCHW input is transposed by aten first.
+    # Inductor's own transposing loads in the input-transform kernel measured 3x slower than the
+    # transform after aten's copy (C = 96, 28x28, B = 128, 2 cores), and one layout halves compiles.
+    x = x.contiguous(memory_format=torch.channels_last)
+    key = (dev, x.device.index, str(dtype).replace("torch.", ""), "relu" if relu else "norelu",
+           *x.shape[1:], u.shape[2], "train" if training else "infer")
+    try:
+        if dev == "cuda" and not has_triton():
+            raise RuntimeError("Triton is not installed")
+        with _fused_lock:
+            fn = _fused_fns.get(key)
+            first = fn is None
+            if first:
+                fn = _fused_fns[key] = _fused_entry(key, relu, dtype)
+        if x.shape[0] >= 2:
+            torch._dynamo.mark_dynamic(x, 0)  # one graph for every batch size >= 2
+        if not first:
+            return fn(x, u)
+        t0 = time.perf_counter()
+        with _eager_backward_compile() if training else contextlib.nullcontext():
+            y = fn(x, u)
+        _fused_compiles.append({"key": key, "seconds": time.perf_counter() - t0})
+        return y
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, say so once
+        if strict:
+            raise
+        with _fused_lock:
+            _fused_fns.pop(key, None)
+            first_failure = dev not in _fused_broken
+            _fused_broken[dev] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if first_failure:
+            warnings.warn(
+                f"Winograd-ReLU: compiling the fused layer failed on {dev} ({_fused_broken[dev]}); using the "
+                f"reference implementation on {dev} from now on. Set {IMPL_ENV}=reference to skip the attempt.",
+                RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _reset_fused_state() -> None:
+    """Forget compiled variants and failures (tests)."""
+    with _fused_lock:
+        _fused_fns.clear()
+        _fused_broken.clear()
+        _fused_compiles.clear()
+
+
 def winograd_relu_conv(
-    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = True
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = True,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Functional form: x (N, C_in, H, W), u (16, C_in, C_out) -> (N, C_out, H, W).
 
     The result is channels-last in memory (NCHW shape, NHWC strides): converting back would cost a
     full copy per layer, and batch norm, pooling and the next Winograd layer all take channels-last
-    input directly.
+    input directly.  ``impl``: "auto" (default, or ``$ESDBS_WINOGRAD_IMPL``), "fused", "reference"
+    or "functional"; see :func:`choose_impl`.  Under autocast the layer computes in the autocast
+    dtype (e.g. bf16 on CUDA), all of it, like the GEMM-bound ops autocast lowers.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
@@ -258,18 +557,28 @@ def winograd_relu_conv(
         raise ValueError(f"weight must have shape (16, {x.shape[1]}, C_out), got {tuple(u.shape)}")
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
-        # The custom Function runs outside autocast; apply autocast's policy for GEMM-bound ops
-        # (compute in the autocast dtype, e.g. bf16 on CUDA) so that all buffers share one dtype.
-        dt = torch.get_autocast_dtype(dev)
-        x, u = x.to(dt), u.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        # Custom Functions run outside autocast: apply its policy for GEMM-bound ops here.
+        dtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return winograd_relu_conv(x, u, bias, relu)
+            return _winograd_run(x, u, bias, relu, impl, dtype)
     if x.dtype != u.dtype:
         raise ValueError(f"x dtype {x.dtype} differs from weight dtype {u.dtype}")
-    y = _WinogradReLUFn.apply(x, u, relu)
+    return _winograd_run(x, u, bias, relu, impl, x.dtype)
+
+
+def _winograd_run(x, u, bias, relu, impl, dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # part of the caller's graph (checked first: no env reads traced)
+        y = _winograd_traceable(x.to(dtype), u.to(dtype), relu)
+    else:
+        requested = default_impl() if impl is None else _check_impl(impl)
+        choice = choose_impl(x, u, requested)
+        y = _fused(x, u, relu, dtype, strict=requested == "fused") if choice == "fused" else None
+        if y is None:
+            x, u = x.to(dtype), u.to(dtype)
+            fn = _WinogradFunctionalFn if choice == "functional" else _WinogradReLUFn
+            y = fn.apply(x, u, relu)
     if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
+        y = y + bias.to(dtype).view(1, -1, 1, 1)
     return y
 
 
@@ -278,7 +587,9 @@ class WinogradReLUConv2d(nn.Module):
 
     ``weight`` is the Winograd-domain tensor U of shape (16, C_in, C_out) (tile position first);
     ``kernels_4x4()`` gives the (C_out, C_in, 4, 4) copy used in figures.  With ``relu=False`` this is
-    an exact re-parametrisation of a spatial 3x3 conv (when U = G g G^T).
+    an exact re-parametrisation of a spatial 3x3 conv (when U = G g G^T).  ``impl`` picks the
+    implementation (None: ``$ESDBS_WINOGRAD_IMPL`` or "auto"; see :func:`choose_impl`); it is not part
+    of the state dict.
     """
 
     kernel_size = (3, 3)
@@ -286,11 +597,12 @@ class WinogradReLUConv2d(nn.Module):
     padding = (1, 1)
 
     def __init__(self, in_channels: int, out_channels: int, relu: bool = True, bias: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, impl: str | None = None):
         super().__init__()
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"in_channels and out_channels must be > 0, got {in_channels}, {out_channels}")
         self.in_channels, self.out_channels, self.relu = in_channels, out_channels, relu
+        self.impl = None if impl is None else _check_impl(impl)
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(16, in_channels, out_channels, **fk))
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
@@ -307,14 +619,14 @@ class WinogradReLUConv2d(nn.Module):
                 self.bias.zero_()
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, relu: bool = True) -> "WinogradReLUConv2d":
+    def from_conv2d(cls, conv: nn.Conv2d, relu: bool = True, impl: str | None = None) -> "WinogradReLUConv2d":
         """Initialise U = G g G^T from a 3x3 / stride-1 / padding-1 ``nn.Conv2d`` (bias copied)."""
         why = _ineligible_reason(conv)
         if why:
             raise ValueError(f"conv: {why}")
         w = conv.weight
         layer = cls(conv.in_channels, conv.out_channels, relu=relu, bias=conv.bias is not None,
-                    device=w.device, dtype=w.dtype)
+                    device=w.device, dtype=w.dtype, impl=impl)
         with torch.no_grad():
             layer.weight.copy_(spatial_to_winograd(w.detach()))
             if conv.bias is not None:
@@ -327,11 +639,12 @@ class WinogradReLUConv2d(nn.Module):
         return self.weight.detach().permute(2, 1, 0).reshape(self.out_channels, self.in_channels, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd_relu_conv(x, self.weight, self.bias, self.relu)
+        return winograd_relu_conv(x, self.weight, self.bias, self.relu, self.impl)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), padding=(1, 1), "
-                f"relu={self.relu}, bias={self.bias is not None}, domain=winograd F(2x2,3x3)")
+                f"relu={self.relu}, bias={self.bias is not None}, domain=winograd F(2x2,3x3)"
+                + (f", impl={self.impl}" if self.impl else ""))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ import pytest
 # threads would oversubscribe a 2-core machine.  Tests with a bar on a trained model set it from runs
 # measured at both 1 and 2 threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+# The Winograd layer's default ("auto") compiles every layer shape with inductor for training, 10-30 s
+# per shape on 2 cores with a cold cache.  The suite trains with the reference implementation; the
+# tests of the compiled one (tests/test_winograd.py) ask for it explicitly.
+os.environ.setdefault("ESDBS_WINOGRAD_IMPL", "reference")
 
 # Ray reads its auth mode and node-address policy once per process: set them before any test touches
 # Ray, so every Ray the tests start or join is on loopback with token authentication.
@@ -43,6 +47,19 @@ def ray_address(tmp_path_factory):
         ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_address, tmp_path_factory):
+    """The smoke preset through real Ray Tune, with MLflow tracking on, once per session: the pipeline,
+    export/predict, results and tracking tests all read this one run."""
+    from esdbs_ray.config import build_config
+    from esdbs_ray.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("exp") / "smoke"
+    cfg = build_config("smoke", sets=["tracking.mlflow.enabled=true"])
+    summary = run_pipeline(cfg, str(out), address=ray_address, progress=False)
+    return out, summary
 
 
 @pytest.fixture

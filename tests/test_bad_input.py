@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import struct
 import sys
 import zlib
@@ -52,6 +53,26 @@ def _cifar(root: Path, batch1: object) -> None:
     d.mkdir(parents=True)
     (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
     (d / "data_batch_1").write_bytes(batch1 if isinstance(batch1, bytes) else pickle.dumps(batch1))
+
+
+def _export(root: Path) -> None:
+    """A small real export (one untrained spatial AlexNet), as esdbs export writes one."""
+    from safetensors.torch import save
+
+    from esdbs_ray.ensemble import FORMAT, FORMAT_VERSION, _sha256, build_model
+    from esdbs_ray.layout import MARKER
+
+    (root / "members").mkdir(parents=True)
+    (root / MARKER).write_text(json.dumps({"kind": "export"}))
+    member = {"name": "alexnet", "model": "alexnet", "width": 0.125, "conv": "spatial", "dropout": 0.0}
+    model = build_model(member, 10, 1, 28)
+    (root / "members" / "alexnet.safetensors").write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    member.update(weights_file="members/alexnet.safetensors", weights_sha256=_sha256(root / "members" / "alexnet.safetensors"))
+    (root / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "members": [member],
+        "ensemble": {"method": "single member", "weights": {"alexnet": 1.0}},
+        "task": {"num_classes": 10, "class_names": [f"c{i}" for i in range(10)]},
+        "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.3], "std": [0.35]}}))
 
 
 class _Evil:
@@ -97,6 +118,20 @@ def sandbox(tmp_path_factory):
     _image_folder(root / "images_corrupt", "corrupt")
     _image_folder(root / "images_bomb", "bomb")
     (root / "images_one_class" / "cats").mkdir(parents=True)
+    # own images (issue #17): an empty class folder, a corrupt image in a val/ split, a test class
+    # that training does not have
+    _image_folder(root / "images_empty_class", None)
+    (root / "images_empty_class" / "birds").mkdir()
+    for part in ("train", "val", "test"):
+        _image_folder(root / "images_split" / part, None)
+    from PIL import Image
+
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(root / "images_split" / "val" / "cats" / "broken.png")
+    (root / "images_split" / "val" / "cats" / "broken.png").write_bytes(
+        (root / "images_split" / "val" / "cats" / "broken.png").read_bytes()[:30])
+    for part in ("train", "test"):
+        _image_folder(root / "images_extra_class" / part, None)
+    (root / "images_extra_class" / "test" / "horses").mkdir()
     # train-one runs whose checkpoint is not one
     for name, payload in (("ckpt_list", [1, 2, 3]), ("ckpt_garbage", None), ("ckpt_other_config", "other")):
         d = root / name
@@ -111,6 +146,20 @@ def sandbox(tmp_path_factory):
             torch.save(payload, d / "checkpoint.pt")
     (root / "run_without_ckpt").mkdir()
     (root / "run_without_ckpt" / MARKER).write_text(json.dumps({"kind": "run"}))
+    # exports: a good one, one with a corrupt manifest, one whose weights file changed after export
+    _export(root / "export_good")
+    shutil.copytree(root / "export_good", root / "export_bad_manifest")
+    (root / "export_bad_manifest" / "manifest.json").write_text('{"format": "esdbs-ensemble", "members": [')
+    shutil.copytree(root / "export_good", root / "export_tampered")
+    w = root / "export_tampered" / "members" / "alexnet.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    shutil.copytree(root / "export_good", root / "export_no_weights")
+    (root / "export_no_weights" / "members" / "alexnet.safetensors").unlink()
+    (root / "images_gray" / "c1").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("L", (28, 28), 7).save(root / "images_gray" / "c1" / "a.png")
+    (root / "images_gray" / "c1" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     return root
 
 
@@ -195,12 +244,29 @@ CASES = [
     ("images-bomb", RUN + ["--set", "dataset=imagefolder:images_bomb"], "huge.png"),
     ("images-one-class", RUN + ["--set", "dataset=imagefolder:images_one_class"], "images_one_class"),
     ("images-missing", RUN + ["--set", "dataset=imagefolder:nowhere"], "nowhere"),
+    # own images (issue #17): folders, augmentation names, schedule and optimizer values
+    ("images-empty-class", RUN + ["--set", "dataset=imagefolder:images_empty_class"], "birds: empty class folder"),
+    ("images-corrupt-val", RUN + ["--set", "dataset=imagefolder:images_split"], "val/cats/broken.png"),
+    ("images-extra-test-class", RUN + ["--set", "dataset=imagefolder:images_extra_class"], "horses"),
+    ("fine-grained-no-folder", ["run", "--preset", "fine-grained", "--out", "new_exp"], "imagefolder:DIR"),
+    ("augment-unknown", RUN + ["--set", "train.augment=[hflip, mixup]"], "train.augment"),
+    ("augment-crop-scale", RUN + ["--set", "train.augment.crop_scale=[0.9, 0.1]"], "crop_scale"),
+    ("augment-two-policies", RUN + ["--set", "train.augment=[randaugment, trivialaugment]"], "choose one"),
+    ("lr-schedule-unknown", RUN + ["--set", "train.lr_schedule=linear"], "train.lr_schedule"),
+    ("cosine-with-dbs", RUN + ["--set", "train.lr_schedule=cosine"], "lr_schedule"),
+    ("cosine-final-frac", RUN + ["--set", "train.cosine.final_lr_frac=1.5"], "train.cosine.final_lr_frac"),
+    ("weight-decay-with-sgd", RUN + ["--set", "train.weight_decay=0.05"], "weight_decay"),
+    ("label-smoothing", RUN + ["--set", "train.label_smoothing=1"], "train.label_smoothing"),
+    ("patience-negative", RUN + ["--set", "train.early_stopping.patience=-2"], "train.early_stopping.patience"),
     # train-one: values, outputs, checkpoints
     ("train-epochs-negative", ["train-one", "--epochs", "-1", "--out", "t"], "epochs"),
     ("train-conv", T1 + ["--conv", "fft", "--out", "t"], "conv"),
     ("train-model", T1 + ["--model", "lenet", "--out", "t"], "lenet"),
     ("train-k", T1 + ["--k", "fast", "--out", "t"], "--k"),
     ("train-ladder", T1 + ["--sparsity-ladder", "0.5,0.2", "--out", "t"], "sparsity_ladder"),
+    ("train-augment", T1 + ["--augment", "hflip,mixup", "--out", "t"], "mixup"),
+    ("train-lr-schedule", T1 + ["--lr-schedule", "cyclic", "--out", "t"], "lr_schedule"),
+    ("train-smoothing", T1 + ["--label-smoothing", "-0.1", "--out", "t"], "label_smoothing"),
     ("train-out-file", T1 + ["--out", "a_file"], "a_file"),
     ("train-out-foreign", T1 + ["--out", "foreign"], "foreign"),
     ("train-out-earlier-run", T1 + ["--out", "ckpt_list"], "--resume"),
@@ -227,6 +293,38 @@ CASES = [
     ("report-into-foreign", ["report", "experiment", "--out", "foreign"], "foreign"),
     ("report-over-report", ["report", "experiment", "--out", "report_dir"], "--force"),
     ("report-out-file", ["report", "experiment", "--out", "a_file"], "a_file"),
+    # export: a directory that is no experiment, members without weights, outputs esdbs must not write
+    ("export-missing-dir", ["export", "nowhere", "--out", "e"], "nowhere"),
+    ("export-not-experiment", ["export", "empty", "--out", "e"], "config.yaml"),
+    ("export-broken-config", ["export", "broken_exp", "--out", "e"], "config.yaml"),
+    ("export-missing-members", ["export", "experiment", "--out", "e"], "alexnet"),
+    ("export-unknown-variant", ["export", "experiment", "--variant", "XYZ", "--out", "e"], "XYZ"),
+    ("export-sparsity", ["export", "experiment", "--sparsity", "1.5", "--out", "e"], "--sparsity"),
+    ("export-out-foreign", ["export", "experiment", "--out", "foreign"], "foreign"),
+    ("export-out-file", ["export", "experiment", "--out", "a_file"], "a_file"),
+    ("export-over-export", ["export", "experiment", "--out", "export_good"], "--force"),
+    # predict: wrong directory, corrupt manifest or weights, bad images and inputs, an existing output
+    ("predict-missing-dir", ["predict", "nowhere", "images_gray", "--out", "p.parquet"], "nowhere"),
+    ("predict-not-export", ["predict", "experiment", "images_gray", "--out", "p.parquet"], "not an esdbs export"),
+    ("predict-bad-manifest", ["predict", "export_bad_manifest", "images_gray", "--out", "p.parquet"], "manifest.json"),
+    ("predict-tampered", ["predict", "export_tampered", "images_gray", "--out", "p.parquet"], "SHA-256"),
+    ("predict-no-weights", ["predict", "export_no_weights", "images_gray", "--out", "p.parquet"], "alexnet.safetensors"),
+    ("predict-bad-image", ["predict", "export_good", "images_gray", "--out", "p.parquet"], "b.png"),
+    ("predict-corrupt-jpeg", ["predict", "export_good", "images_corrupt", "--out", "p.parquet"], "broken.jpg"),
+    ("predict-no-images", ["predict", "export_good", "empty", "--out", "p.parquet"], "empty"),
+    ("predict-missing-input", ["predict", "export_good", "nowhere.png", "--out", "p.parquet"], "nowhere.png"),
+    ("predict-unknown-split", ["predict", "export_good", "mnist:test", "--out", "p.parquet"], "mnist:test"),
+    ("predict-wrong-classes", ["predict", "export_good", "imagefolder:images_corrupt", "--out", "p.parquet"], "cats"),
+    ("predict-out-exists", ["predict", "export_good", "images_gray", "--out", "existing.json"], "existing.json"),
+    ("predict-top-k", ["predict", "export_good", "images_gray", "--out", "p.parquet", "--top-k", "0"], "--top-k"),
+    ("predict-device", ["predict", "export_good", "images_gray", "--out", "p.parquet", "--device", "tpu"], "tpu"),
+    # results
+    ("results-missing-dir", ["results", "nowhere"], "nowhere"),
+    ("results-no-results", ["results", "experiment"], "no esdbs results"),
+    ("results-format", ["results", "experiment", "--format", "xlsx"], "--format"),
+    ("results-parquet-stdout", ["results", "experiment", "--format", "parquet"], "--out"),
+    ("results-out-exists", ["results", "experiment", "--format", "csv", "--out", "existing.json"], "existing.json"),
+    ("report-bad-uri", ["report", "nosuch://bucket/exp"], "nosuch://"),
     # submit: refused before anything is sent
     ("submit-no-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--preset", "smoke"], "--out"),
     ("submit-relative-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--out", "rel"], "--out"),
@@ -245,6 +343,7 @@ def test_there_are_at_least_fifty_cases_across_every_sub_command():
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, sandbox, capsys, monkeypatch):
     _, argv, names = case
     monkeypatch.chdir(sandbox)
+    monkeypatch.setenv("ESDBS_CACHE", str(sandbox / "cache"))  # a decode cache written would show in the hash
     before = _tree_hash(sandbox)
     code = main(list(argv))
     err = capsys.readouterr().err

@@ -534,10 +534,11 @@ def test_config_dict_round_trip_and_unknown_keys():
 
 
 def test_build_schedule_errors():
-    with pytest.raises(ValueError, match=r"choices: \['dbs', 'fixed'\]"):
-        build_schedule("cosine", DBSConfig(), epochs=10, train_size=N)
-    with pytest.raises(ValueError, match="batch_size"):
-        build_schedule("fixed", DBSConfig(), epochs=10, train_size=N)
+    with pytest.raises(ValueError, match=r"choices: \['dbs', 'fixed', 'cosine'\]"):
+        build_schedule("cyclic", DBSConfig(), epochs=10, train_size=N)
+    for kind in ("fixed", "cosine"):
+        with pytest.raises(ValueError, match="batch_size"):
+            build_schedule(kind, DBSConfig(), epochs=10, train_size=N)
     with pytest.raises(ValueError, match="epochs"):
         DBSSchedule(DBSConfig(), epochs=0, train_size=N)
     assert isinstance(build_schedule("dbs", DBSConfig(), epochs=10, train_size=N), DBSSchedule)

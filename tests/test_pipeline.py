@@ -12,18 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from esdbs_ray.config import ConfigError, PipelineConfig, TrainConfig, build_config
-from esdbs_ray.pipeline import run_pipeline
 from esdbs_ray.presets import PRESETS
 
 pytestmark = pytest.mark.slow
 MEMBERS = ("alexnet", "convpool_cnn_c", "all_cnn_c")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(ray_address, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exp") / "smoke"
-    summary = run_pipeline(build_config("smoke"), str(out), address=ray_address, progress=False)
-    return out, summary
 
 
 def test_three_trials_finish_and_summary_is_complete(smoke_run):
@@ -75,6 +67,45 @@ def test_tensorboard_event_files_hold_the_tags(smoke_run):
                 "schedule/noise_scale", "schedule/phase", "pruning/sparsity", "rung/test_accuracy"):
         assert tag in tags, tag
     assert len(acc.Scalars("val/accuracy")) == 3  # 2 dense epochs + 1 retraining epoch
+    # one stream per trial, the trainer's: Tune's own TensorBoard logger is off
+    for trial in (out / "tune" / "base").iterdir():
+        if trial.is_dir():
+            streams = sorted(p.parent.name for p in trial.rglob("events.out.tfevents.*"))
+            assert streams == ["tb"], (trial.name, streams)
+
+
+def test_mlflow_holds_params_metrics_and_artifacts(smoke_run, capsys):
+    """tracking.mlflow.enabled: each trial's run has its whole config and every epoch's metrics, the
+    experiment's run the stacking and summary files, and `esdbs report` adds the report's files."""
+    import mlflow
+
+    from esdbs_ray.cli import main
+
+    out, summary = smoke_run
+    record = json.loads((out / "tracking.json").read_text())
+    assert record["tracking_uri"] == (out / "mlruns").as_uri() and (out / "mlruns").is_dir()
+    client = mlflow.MlflowClient(record["tracking_uri"])
+    assert client.get_experiment(record["experiment_id"]).name == "smoke"
+    assert sorted(record["trial_runs"]) == sorted(MEMBERS)
+    for m in summary["members"]:
+        run = client.get_run(record["trial_runs"][m["member"]])
+        p = run.data.params
+        assert p["member"] == m["member"] and p["variant"] == "SWR-CNN+DBS" and p["train.model"] == m["model"]
+        assert p["train.width"] == "0.125" and p["train.conv"] == "winograd_relu" and p["train.dbs.b0"] == "128"
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [h.step for h in sorted(history, key=lambda h: h.step)] == [1, 2, 3]  # one per epoch
+        assert sorted(h.value for h in history) == sorted(e["val_accuracy"] for e in json.loads(
+            (out / "members" / f"{m['member']}.json").read_text())["history"])
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f"{m['member']}.json"]
+    run = client.get_run(record["run_id"])
+    assert run.data.params["stack.choose"] == "nll_optimal" and run.data.params["train.width"] == "0.125"
+    ens = summary["ensembles"]["SWR-CNN+DBS"]
+    assert run.data.metrics["ensemble.SWR-CNN_DBS.test_accuracy"] == pytest.approx(ens["test_accuracy"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "summary.json", "stacking.json"}
+    assert main(["report", out.as_uri()]) == 0  # a file:// URI, read through pyarrow.fs
+    assert f"logged to run {record['run_id']}" in capsys.readouterr().out
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html"} <= report
 
 
 def test_unknown_yaml_key_is_refused_and_out_untouched(tmp_path):
@@ -95,7 +126,7 @@ def test_unknown_yaml_key_is_refused_and_out_untouched(tmp_path):
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"variants": ["SWR-CNN", "XYZ"]}, r"variants.1='XYZ': Input should be 'C-CNN', .* or 'SWR-CNN\+DBS'"),
+    ({"variants": ["SWR-CNN", "XYZ"]}, r"variants.1='XYZ': Input should be 'C-CNN', .* or 'SRB-CNN\+DBS'"),
     ({"members": ["alexnet"]}, "at least two members"),
     ({"members": ["alexnet", "lenet"]}, "members.1.model='lenet': unsupported model; choose one of: alexnet"),
     ({"train": {"model": "vgg16"}}, "set by the pipeline"),

@@ -1,4 +1,4 @@
-"""``analysis.report.build_report`` on a synthetic experiment directory (tests/report_fixture.py):
+"""``esdbs_ray.analysis.report.build_report`` on a synthetic experiment directory (tests/report_fixture.py):
 every section and figure, the numbers in its tables, the verdicts, "not run" for missing artifacts,
 and the HTML opened in a real headless Chromium (every figure decoded; a screenshot kept)."""
 from __future__ import annotations
@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `analysis` sits beside `esdbs_ray` at the repository root
 
 import report_fixture as F  # noqa: E402
-from analysis import paper_numbers as PN  # noqa: E402
-from analysis.report import build_report  # noqa: E402
+from esdbs_ray.analysis import paper_numbers as PN  # noqa: E402
+from esdbs_ray.analysis.report import build_report  # noqa: E402
 FIGURES = ("accuracy_vs_sparsity", "accuracy_vs_batch", "kernels", "momentum", "dbs_schedule", "speed_vs_sparsity")
 
 
@@ -55,10 +54,18 @@ def _table_rows(md: str, caption_start: str | None, after: str | None = None) ->
 
 # --------------------------------------------------------------------------------------------------
 def test_import_does_not_pull_training_code_or_ray():
-    code = ("import sys, analysis, analysis.report, analysis.figures, analysis.paper_numbers; "
+    code = ("import sys, esdbs_ray.analysis, esdbs_ray.analysis.report, esdbs_ray.analysis.figures, "
+            "esdbs_ray.analysis.paper_numbers, esdbs_ray.analysis.experiment, esdbs_ray.analysis.claims, "
+            "esdbs_ray.analysis.sections, esdbs_ray.analysis.render; "
             "bad = [m for m in ('ray', 'torch', 'esdbs_ray.train', 'esdbs_ray.pipeline', 'matplotlib') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    # installing esdbs-ray adds no top-level module `analysis` (the folder holds committed results only)
+    import tomllib
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert found["include"] == ["esdbs_ray*"]
+    assert not list((ROOT / "analysis").glob("*.py"))
 
 
 def test_paper_numbers_are_self_consistent():
@@ -199,6 +206,22 @@ def test_verdicts_follow_the_data(experiment, tmp_path):
     assert c2["A1"]["verdict"] == "not reproduced" and c2["A2"]["verdict"] == "not reproduced"
     assert "a different order" in _md(r2)
     assert r2["sections"]["figure:kernels"] == "not run" and r2["sections"]["figure:dbs_schedule"] == "not run"
+
+
+def test_report_reads_the_experiment_through_a_filesystem(experiment, tmp_path):
+    """The same report from a pyarrow filesystem view of the directory (as for s3:// or gs://): every
+    artifact, TensorBoard events and kernel images included, is read through it, none by local path."""
+    import pyarrow.fs as pafs
+
+    root, _, result = experiment
+    sub = pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
+    r = build_report("", tmp_path / "report", filesystem=sub)
+    assert r["sections"] == result["sections"] and r["problems"] == result["problems"]
+    assert [c["verdict"] for c in r["claims"]] == [c["verdict"] for c in result["claims"]]
+    local = _md(result).replace(f"`{root}`", "`ROOT`")
+    assert _md(r).replace("`` (name", "`ROOT` (name") == local
+    with pytest.raises(ValueError, match="local output directory"):
+        build_report("", filesystem=sub)  # a remote experiment's report needs an output directory
 
 
 def test_missing_artifacts_give_not_run(experiment, tmp_path):

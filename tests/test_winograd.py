@@ -1,5 +1,8 @@
-"""Winograd-ReLU layer: exactness against F.conv2d, gradients, model conversion, sparse inference."""
+"""Winograd-ReLU layer: exactness against F.conv2d, gradients, model conversion, sparse inference,
+the functional and compiled (fused) implementations and their automatic choice."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import esdbs_ray.winograd as wg
 from esdbs_ray.models import ReLUConv2d, create_model, list_models
 from esdbs_ray.winograd import (
     G,
@@ -212,10 +216,11 @@ def test_autocast_cpu_bf16():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_autocast_matches_conv():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_cuda_autocast_matches_conv(impl):
     torch.manual_seed(8)
     conv = nn.Conv2d(16, 32, 3, padding=1, bias=False).cuda()
-    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False)
+    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False, impl=impl)
     x = torch.randn(4, 16, 13, 9, device="cuda")
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-3, atol=1e-3)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -223,6 +228,18 @@ def test_cuda_autocast_matches_conv():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_matches_reference():
+    torch.manual_seed(16)
+    x = torch.randn(6, 16, 13, 9, device="cuda")
+    u = torch.randn(16, 16, 24, device="cuda") * (torch.rand(16, 16, 24, device="cuda") > 0.5)
+    gy = torch.randn(6, 24, 13, 9, device="cuda")
+    for a, b in zip(_fwd_bwd("fused", x, u, True, gy), _fwd_bwd("reference", x, u, True, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():  # "auto" runs the fused layer for inference on CUDA
+        assert wg.choose_impl(x, u, "auto") == "fused"
 
 
 def _black_pixels(img: np.ndarray) -> int:
@@ -244,3 +261,238 @@ def test_plot_winograd_kernels(tmp_path):
     assert _black_pixels(pruned_img) > _black_pixels(dense_img) + 100
     # a layer is accepted too
     assert plot_winograd_kernels(WinogradReLUConv2d(3, 2), tmp_path / "l.png").ndim == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# functional formulation (what torch.compile traces), implementation choice, the fused layer
+# ------------------------------------------------------------------------------------------------
+def _fwd_bwd(impl, x, u, relu, gy, bias=None):
+    x = x.detach().requires_grad_()
+    u = u.detach().requires_grad_()
+    y = winograd_relu_conv(x, u, bias, relu, impl)
+    dx, du = torch.autograd.grad(y, (x, u), gy)
+    return y.detach(), dx, du
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("hw", [(5, 3), (4, 4), (1, 2)])
+def test_functional_gradcheck(relu, hw):
+    # the functional path's backward is written out (not derived by autograd): check it numerically
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, *hw, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(16, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, u, b: winograd_relu_conv(x, u, b, relu, "functional"), (x, u, b))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_functional_matches_reference(shape, relu):
+    n, c, k, h, w = shape
+    torch.manual_seed(11)
+    x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    u = torch.randn(16, c, k)
+    gy = torch.randn(n, k, h, w)
+    ref = _fwd_bwd("reference", x, u, relu, gy)
+    fun = _fwd_bwd("functional", x, u, relu, gy)
+    for a, b in zip(fun, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert fun[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_choose_impl_policy(monkeypatch):
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    u = torch.randn(16, 3, 5, requires_grad=True)
+    monkeypatch.setenv(wg.IMPL_ENV, "auto")
+    assert wg.choose_impl(x, u) == "fused"  # CPU training step
+    assert wg.choose_impl(x[:1], u) == "reference"  # batch 1 would specialise the compiled graph
+    with torch.no_grad():
+        assert wg.choose_impl(x, u) == "reference"  # CPU inference: compile not worth it
+    assert wg.choose_impl(x.detach(), u.detach()) == "reference"
+    for impl in ("reference", "functional", "fused"):
+        assert wg.choose_impl(x, u, impl) == impl
+    monkeypatch.setenv(wg.IMPL_ENV, "Functional")
+    assert wg.choose_impl(x, u) == "functional" and wg.choose_impl(x, u, "auto") == "fused"
+    monkeypatch.setenv(wg.IMPL_ENV, "triton")
+    with pytest.raises(ValueError, match=wg.IMPL_ENV):
+        wg.choose_impl(x, u)
+    with pytest.raises(ValueError, match="impl"):
+        wg.choose_impl(x, u, "fast")
+    with pytest.raises(ValueError, match="impl"):
+        WinogradReLUConv2d(3, 4, impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["reference", "functional", "fused", "auto"])
+def test_bad_input_raises_for_every_impl(impl):
+    u = torch.randn(16, 3, 4)
+    with pytest.raises(ValueError, match="weight"):
+        winograd_relu_conv(torch.randn(2, 5, 4, 4), u, impl=impl)
+    with pytest.raises(ValueError, match="4-D"):
+        winograd_relu_conv(torch.randn(3, 4, 4), u, impl=impl)
+    with pytest.raises(ValueError, match="dtype"):
+        winograd_relu_conv(torch.randn(2, 3, 4, 4, dtype=torch.float64), u, impl=impl)
+
+
+@pytest.fixture
+def fresh_fused_state():
+    wg._reset_fused_state()
+    yield
+    wg._reset_fused_state()
+
+
+def test_failed_compile_falls_back_with_one_warning(monkeypatch, fresh_fused_state):
+    attempts = []
+
+    def broken_entry(key, relu, dtype):
+        attempts.append(key)
+
+        def run(x, u):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(wg, "_fused_entry", broken_entry)
+    monkeypatch.setenv(wg.IMPL_ENV, "auto")
+    torch.manual_seed(12)
+    layer = WinogradReLUConv2d(3, 4)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="reference implementation"):
+        y = layer(x)
+    torch.testing.assert_close(y, winograd_relu_conv(x, layer.weight, impl="reference"))
+    y.sum().backward()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # no second warning, no second attempt: the device is marked as failing
+    assert len(attempts) == 1
+    with pytest.raises(RuntimeError, match="InvalidCxxCompiler"):
+        winograd_relu_conv(x, layer.weight, impl="fused")  # asked for explicitly: the error surfaces
+
+
+@pytest.fixture(scope="module")
+def fused_runs():
+    """The compiled layer, two variants compiled once for the module (~20 s each on 2 cores with a cold
+    inductor cache, ~3 s warm): relu on an odd size with a pruned U and two batch sizes; relu off
+    on an even size with U = G g G^T."""
+    from torch._dynamo.utils import counters
+
+    wg._reset_fused_state()
+    torch.manual_seed(13)
+    c, k = 5, 6
+    u = torch.randn(16, c, k)
+    mask = (torch.rand_like(u) > 0.6).float()
+    mask[7] = 0  # a whole tile position pruned
+    u = u * mask
+    runs = {"pruned": []}
+    graphs0 = counters["stats"]["unique_graphs"]
+    for n in (3, 6):  # the second batch size must reuse the compiled graph
+        x = torch.randn(n, c, 7, 5)  # NCHW input, odd size
+        gy = torch.randn(n, k, 7, 5)
+        runs["pruned"].append(((x, u, gy), _fwd_bwd("fused", x, u, True, gy), _fwd_bwd("reference", x, u, True, gy)))
+    runs["graphs_for_two_batch_sizes"] = counters["stats"]["unique_graphs"] - graphs0
+    runs["compiles_for_two_batch_sizes"] = len(wg.fused_compile_log())
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(2, 8, 6, 6)
+    runs["no_relu"] = ((x, conv, layer.weight.detach(), gy),
+                       _fwd_bwd("fused", x, layer.weight, False, gy), _fwd_bwd("reference", x, layer.weight, False, gy))
+    runs["log"] = wg.fused_compile_log()
+    yield runs
+    wg._reset_fused_state()
+
+
+def test_fused_matches_reference_pruned_odd_size(fused_runs):
+    for _, fused, ref in fused_runs["pruned"]:
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert fused_runs["pruned"][0][1][0].is_contiguous(memory_format=torch.channels_last)
+    # the pruned position gets a weight gradient like any other (the mask is the trainer's business)
+    assert fused_runs["pruned"][0][1][2][7].abs().sum() > 0
+
+
+def test_fused_batch_size_change_does_not_recompile(fused_runs):
+    assert fused_runs["compiles_for_two_batch_sizes"] == 1
+    assert fused_runs["graphs_for_two_batch_sizes"] == 1
+    assert [r["key"][-1] for r in fused_runs["log"]] == ["train", "train"]
+
+
+def test_fused_without_relu_equals_conv2d(fused_runs):
+    (x, conv, u, gy), fused, ref = fused_runs["no_relu"]
+    xg = x.detach().requires_grad_()
+    y = F.conv2d(xg, conv.weight, padding=1)
+    (dx,) = torch.autograd.grad(y, (xg,), gy)
+    torch.testing.assert_close(fused[0], y.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused[1], dx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused[2], ref[2], rtol=1e-4, atol=1e-5)
+
+
+def _swr_model(name: str):
+    if name == "resnet50":
+        model = create_model(name, num_classes=10, in_channels=3, image_size=32, width=1.0)
+        shape = (4, 3, 32, 32)
+    else:
+        model = create_model(name, num_classes=10, in_channels=1, image_size=28, width=0.125)
+        shape = (4, 1, 28, 28)
+    return to_winograd_relu(model).double(), shape
+
+
+def _sgd_step(model, x, y, lr=0.05):
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        torch._foreach_add_([p for p in model.parameters()], [p.grad for p in model.parameters()], alpha=-lr)
+    return loss.detach()
+
+
+# Opt-in: torchvision's full-width ResNet-50 takes 70-100 s to trace on 2 loaded cores, and the
+# inductor compile of a whole model 30 s (warm cache) to 5 min (cold); the layer's own compiled path
+# is covered above.  ESDBS_TEST_HEAVY=1 runs them.
+HEAVY = os.environ.get("ESDBS_TEST_HEAVY") == "1"
+heavy = pytest.mark.skipif(not HEAVY, reason="heavy compile test: set ESDBS_TEST_HEAVY=1")
+# dynamo traces loss.backward() inside a fullgraph compile only with this switch (torch >= 2.9 or so)
+traces_backward = pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+                                     reason="this torch cannot trace backward() in a fullgraph compile")
+
+
+@traces_backward
+@pytest.mark.parametrize("name", [pytest.param(n, marks=heavy) if n == "resnet50" else n for n in list_models()])
+def test_training_step_compiles_fullgraph(name):
+    """forward + backward + SGD step of every SWR registry model as one graph: no graph break, no
+    functionalisation error (AOTAutograd traces forward and backward as for inductor), and the step
+    computes what the eager reference computes (float64, so only real differences show)."""
+    import copy
+
+    torch._dynamo.reset()  # each model's step gets fresh cache entries, never a recompile-limit fallback
+    torch.manual_seed(14)
+    model, shape = _swr_model(name)
+    model.train()
+    eager = copy.deepcopy(model)
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 10, (shape[0],))
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        loss = torch.compile(_sgd_step, fullgraph=True, backend="aot_eager")(model, x, y)
+    ref = _sgd_step(eager, x, y)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=n)
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10, msg=n)
+
+
+@heavy
+@traces_backward
+def test_training_step_of_small_model_compiles_with_inductor():
+    """The same step compiled for real (inductor kernels for the whole model) against eager."""
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(15)
+    model = to_winograd_relu(create_model("all_cnn_c", num_classes=10, in_channels=1, image_size=28, width=0.125))
+    model.train()
+    eager = copy.deepcopy(model)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        loss = torch.compile(_sgd_step, fullgraph=True)(model, x, y)
+    ref = _sgd_step(eager, x, y)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3 * float(q.grad.abs().max()), msg=n)

@@ -7,8 +7,9 @@ report's experiment object: ``filters``, ``conv_mults``, ``basis`` counts and ``
 accuracies, written by ``train.py`` through ``compression.rung_counts``) and the Parquet predictions
 (``table``, for ensemble accuracies and paired standard errors).  Nothing trains, Ray is not imported.
 
-It is self-contained on purpose: the functions take the report's experiment object and its ``Doc``
-by duck typing, so they work wherever the report module lives.  The experiment object needs
+The functions take the report's :class:`~esdbs_ray.analysis.experiment.Experiment` and its ``Doc``
+by duck typing; ``report.py`` calls :func:`basis_sections` for runs with BasisConv members.  The
+experiment object needs
 ``members`` (list of member records: ``member``, ``group``, ``model``, ``config``, ``rungs``),
 ``groups`` ({name: {"members": [...], "variant": ...}}), ``table`` (predictions or None) and
 ``problems`` (a list this module appends to); the document needs ``h``, ``p``, ``table``, ``img``.
@@ -22,8 +23,9 @@ stacking weights fitted on that rung's validation predictions, applied to its te
 epochs (its dense rung).  Differences carry their paired standard error over the test images (the
 noise of the test estimate; each trial trained once, so training variance is not in it).
 
-Evidence: ``tests/test_basis_pipeline.py`` builds these sections on a real smoke experiment (Ray Tune
-trials of the SC-CNN, SBC-CNN and SRB-CNN variants) and checks the figures and tables.
+Evidence: ``tests/test_report.py::test_basis_sections_on_trained_members`` builds these sections on an
+experiment directory of really trained tiny members (SC-CNN, SBC-CNN and SRB-CNN groups, trainer
+predictions and summaries) and checks the tables and figures.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["basis_sections", "section_accuracy_vs_filters", "section_targets", "section_equal_multiplications",
+__all__ = ["basis_sections", "has_basis_members", "section_accuracy_vs_filters", "section_targets", "section_equal_multiplications",
            "PAPER_TABLE2", "PAPER_SCRATCH"]
 
 NOT_RUN = "not run"
@@ -130,8 +132,8 @@ class _Accuracy:
         if table is None:
             return None
         try:
-            from .predictions import prediction_matrix
-            from .stacking import nll_optimal
+            from ..predictions import prediction_matrix
+            from ..stacking import nll_optimal
 
             ts, bt = key
             kw = dict(variant=group, basis_threshold=bt)
@@ -510,6 +512,11 @@ def _plot_mults(path, curves, by_model, exp) -> None:
 # --------------------------------------------------------------------------------------------------
 # entry point for the report
 # --------------------------------------------------------------------------------------------------
+def has_basis_members(exp) -> bool:
+    """Whether the run trained a BasisConv member (an eigen ladder or random bases)."""
+    return any(_is_basis_ladder(m) or _is_random_basis(m) for m in exp.members)
+
+
 def basis_sections(doc, exp, out_dir) -> dict[str, Any]:
     """Append the BasisConv sections to ``doc``; returns ``{"figures": {name: path or None},
     "targets": [rows], "sections": {name: "ok" | "not run"}}``."""

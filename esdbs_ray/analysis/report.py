@@ -1,0 +1,145 @@
+"""``esdbs report EXPERIMENT_DIR``: the paper's tables, figures and claims, next to ours.
+
+:func:`build_report` reads only the artifacts that ``esdbs run`` leaves in an experiment directory
+(``config.yaml``, ``summary.json``, ``members/*.json``, ``predictions/*.parquet``, ``stacking*.json``,
+``tune/base/<trial>/tb`` TensorBoard events and ``kernels.png``) -- from a local directory or a URI
+(``s3://``, ``gs://``, ``file://``, any ``pyarrow.fs`` filesystem; ``experiment.py``) -- and writes
+``<out_dir>/report.md``, a self-contained ``<out_dir>/report.html`` (figures embedded as base64 PNG
+data URIs) and the PNG figures into a local ``out_dir`` (default ``EXPERIMENT_DIR/report`` for a local
+experiment).  Module layout: ``experiment.py`` loads, ``claims.py`` judges the paper's claims,
+``sections.py`` writes the sections (``basis.py`` BasisConv's, issue #16, for runs with BasisConv
+members), ``render.py`` renders Markdown and HTML, this module ties them.  Any missing
+artifact turns the sections that need it into "not run"; nothing here trains, and Ray is never
+imported.
+
+Definitions (spec section 1): "Time" is training seconds per epoch (the trainer's ``epoch_seconds``,
+forward + backward + optimizer, no evaluation), per rung the mean over that rung's retraining epochs
+(the dense rung: its last dense epoch).  "Speed" is the baseline's time divided by it, the baseline
+being the unpruned single base model (C-CNN, rung 0.0) at batch B0 in the same run.  A stack's time
+is reported summed over its members (members trained one after another, the paper's setting) and as
+the maximum over its members (members trained in parallel trials).
+
+Ensemble accuracy of a stacked group: at the rung its ``stacking*.json`` was fitted on, the chosen
+stacking weights; at every other rung, NLL-optimal weights (``esdbs_ray.stacking.nll_optimal``)
+re-fitted on that rung's validation predictions.  Test predictions never choose weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..storage import Tree
+from . import paper_numbers as PN
+from .basis import basis_sections, has_basis_members
+from .claims import build_claims
+from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, Experiment, load_experiment
+from .render import Doc
+from .sections import (_hardware, _scale_text, _section_accuracy, _section_batch_tables, _section_claims,
+                       _section_dbs_decisions, _section_classes, _section_dbs_trace, _section_kernels,
+                       _section_members,
+                       _section_momentum, _section_provenance, _section_sparsity_accounting,
+                       _section_sparsity_tables, _section_stacking, _short_scale)
+
+__all__ = ["build_report", "load_experiment", "TIME_MARGIN", "Z"]
+
+
+def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                 filesystem=None) -> dict:
+    """Write ``report.md``, ``report.html`` (self-contained) and PNG figures for an experiment directory.
+
+    Returns ``{"out_dir", "markdown", "html", "figures": {name: path or None}, "claims": [...],
+    "sections": {name: "ok" | "not run"}, "problems": [...]}``.  Missing artifacts give "not run"
+    sections; a directory without any esdbs artifact still yields a (mostly "not run") report.
+    ``experiment_dir`` is a local path or a URI, or a path on ``filesystem`` (a ``pyarrow.fs``
+    filesystem); ``out_dir`` is local and required for an experiment that is not.
+    """
+    tree = Tree(experiment_dir, filesystem)
+    if not tree.is_dir():
+        raise FileNotFoundError(f"{tree.root}: no such experiment directory")
+    if out_dir is None:
+        if not tree.local:
+            raise ValueError(f"{tree.root} is not a local directory: name a local output directory for the report")
+        out_dir = Path(tree.path()) / "report"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    exp = Experiment(tree)
+    key = exp.dataset
+    P = PN.PAPER.get(key) if key else None
+    tno = P["tables"] if P else ("1/3/5", "2/4/6")
+    fig_no = P["figure"] if P else "2-4"
+    base, base_txt = exp.baseline()
+
+    doc = Doc()
+    title = f"esdbs report: {exp.config.get('name', tree.root.rstrip('/').rsplit('/', 1)[-1])}" + (f" -- {P['title']}" if P else "")
+    doc.h(1, title)
+    doc.p(f"Paper: *Efficient Ensemble Sparse CNNs with Dynamic Batch Size* (Zheng, Wang, Gupta), section "
+          f"{P['section'] if P else '4'}. Paper's numbers: {PN.HARDWARE}. Ours: {_hardware(exp)}; scale: {_scale_text(exp)}.")
+    claims = build_claims(exp, P)
+    figs: dict[str, str | None] = {}
+    _section_claims(doc, exp, P, claims)
+    curves = _section_sparsity_tables(doc, exp, P, base, base_txt, tno[0])
+    if curves:
+        from . import figures
+
+        figs["speed_vs_sparsity"] = figures.time_vs_sparsity(
+            str(out / "speed_vs_sparsity.png"), curves, P["sparsity_table"] if P else None,
+            title="Speed vs sparsity (summed member time for stacks)", ours_note=_short_scale(exp))
+        doc.img(figs["speed_vs_sparsity"], "speed vs sparsity", "Speed vs sparsity, ours (left) and the paper's table (right)")
+    _section_batch_tables(doc, exp, P, base, tno[1])
+    figs.update(_section_accuracy(doc, exp, P, out, fig_no))
+    figs.setdefault("accuracy_vs_sparsity", None)
+    figs.setdefault("accuracy_vs_batch", None)
+    figs["kernels"] = _section_kernels(doc, exp, out)
+    figs["momentum"] = _section_momentum(doc, exp, out)
+    figs["dbs_schedule"] = _section_dbs_trace(doc, exp, out)
+    decisions_ok = _section_dbs_decisions(doc, exp)
+    accounting_ok = _section_sparsity_accounting(doc, exp)
+    _section_stacking(doc, exp)
+    basis = None
+    if has_basis_members(exp):  # BasisConv (issue #16): only in runs that trained BasisConv members
+        basis = basis_sections(doc, exp, out)
+        figs.update(basis["figures"])
+    classes_ok = _section_classes(doc, exp)
+    _section_members(doc, exp)
+    if P:
+        doc.h(2, "Errata in the paper", "errata")
+        doc.ul(PN.PAPER_ERRATA)
+    _section_provenance(doc, exp)
+
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(doc.markdown(out))
+    html_path.write_text(doc.html(title))
+    sections = {
+        "claims": "ok" if claims else NOT_RUN,
+        "sparsity_table": "ok" if curves else NOT_RUN,
+        "batch_table": "ok" if any(exp.sweep_cell(v, b) for v in SWEEP_VARIANTS for b in [*exp.sweep_batch_sizes(), "DBS"]) else NOT_RUN,
+        "stacking": "ok" if exp.stackings else NOT_RUN,
+        "dbs_decisions": "ok" if decisions_ok else NOT_RUN,
+        "sparsity_accounting": "ok" if accounting_ok else NOT_RUN,
+        "classes": "ok" if classes_ok else NOT_RUN,
+        **{f"figure:{k}": ("ok" if v else NOT_RUN) for k, v in figs.items()},
+        **({"basis_targets": basis["sections"]["basis_targets"]} if basis else {}),
+    }
+    return {"out_dir": str(out), "markdown": str(md_path), "html": str(html_path), "figures": figs,
+            "claims": claims, "sections": sections, "problems": list(exp.problems)}
+
+
+def main(argv=None) -> int:  # python -m esdbs_ray.analysis.report EXPERIMENT_DIR [--out DIR]
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m esdbs_ray.analysis.report")
+    ap.add_argument("experiment_dir")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    r = build_report(a.experiment_dir, a.out)
+    print(f"report: {r['html']}\n        {r['markdown']}")
+    for c in r["claims"]:
+        print(f"  [{c['verdict']:>14}] {c['id']}: {c['claim']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,469 @@
+"""The report's sections: each writes its part of the document from an experiment (and the paper's
+numbers), draws its figure where it has one, and says "not run" for what the run lacks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import paper_numbers as PN
+from .claims import RULES, _fmt_pct, _overall_time, order_line
+from .experiment import (MAIN_VARIANTS, NOT_REPRODUCED, NOT_RUN, REPRODUCED, SWEEP_VARIANTS, Experiment, _f,
+                         _tb_read)
+from .render import Doc
+
+def _n(x, fmt="{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _sp(s) -> str:
+    return "dense (0%)" if s == 0 else f"{100 * s:g}%"
+
+
+def _scale_text(exp: Experiment) -> str:
+    t = exp.train_cfg
+    c = exp.config
+    ds = (exp.summary or {}).get("dataset") or c.get("dataset")
+    return (f"{ds}; subset={c.get('subset')}, test_subset={c.get('test_subset')}, width={t.get('width')}, "
+            f"dense epochs={t.get('epochs')}, retrain epochs/rung={t.get('retrain_epochs')}, "
+            f"ladder={t.get('sparsity_ladder')}, B0={(t.get('dbs') or {}).get('b0', 128)}, "
+            f"members={c.get('members')}")
+
+
+def _hardware(exp: Experiment) -> str:
+    prov = (exp.summary or {}).get("provenance") or {}
+    dev = prov.get("device") or {}
+    if not dev:
+        return "unknown (no provenance in summary.json)"
+    parts = [str(dev.get("cpu") or "cpu ?"), f"{dev.get('cpu_count')} CPUs"]
+    cpus = (exp.config.get("resources") or {}).get("cpus_per_trial")
+    if cpus and not dev.get("cuda_device"):
+        # The driver's own thread count says nothing about the trials: each runs
+        # max(1, int(cpus_per_trial)) torch threads (esdbs_ray.trainable).
+        n = max(1, int(cpus))
+        parts.append(f"Tune trials at cpus_per_trial={cpus:g} ({n} torch thread{'s' * (n > 1)} each)")
+    else:
+        parts.append(f"torch threads {dev.get('torch_threads')}")
+    if dev.get("cuda_device"):
+        parts.insert(0, str(dev["cuda_device"]))
+    return ", ".join(parts) + ", PyTorch " + str((prov.get("versions") or {}).get("torch", "?"))
+
+
+def _section_sparsity_tables(doc: Doc, exp: Experiment, P: dict | None, base, base_txt, tno) -> dict:
+    """Tables 1/3/5: time and speed vs sparsity; returns the speed curves for a figure."""
+    doc.h(2, f"Table {tno}: training time and speed vs sparsity", "table-sparsity")
+    curves = {}
+    variants = [v for v in MAIN_VARIANTS if exp.main_group(v)] + [
+        v for v in exp.main_variants if v not in MAIN_VARIANTS]
+    if not variants:
+        doc.p(f"**Ours: {NOT_RUN}** (no main variant groups in this run).")
+    else:
+        doc.p(f"Ours. Baseline: {base_txt}" + (f", {base:.3f} s/epoch." if base else ".") +
+              " Time = mean training seconds per epoch of the rung's retraining epochs; stacks: summed over members "
+              "(Σ) and the maximum over members (∥, members as parallel trials). Speed = baseline / time.")
+        rungs = sorted({s for v in variants for s in exp.rungs_of(v)})
+        headers = ["sparsity"]
+        for v in variants:
+            stacked = len(exp.groups[v]["members"]) > 1
+            headers += [f"{v} time Σ (s)", f"{v} speed Σ"] + ([f"{v} speed ∥"] if stacked else [])
+        rows = []
+        for s in rungs + ["overall"]:
+            row = [_sp(s) if s != "overall" else "overall (pruned rungs)"]
+            for v in variants:
+                stacked = len(exp.groups[v]["members"]) > 1
+                if s == "overall":
+                    t = _overall_time(exp, v, [x for x in exp.rungs_of(v) if x > 0])
+                else:
+                    t = exp.time(v, s)
+                if t is not None and s != "overall":
+                    curves.setdefault(v, {})[s] = base / t["sum"] if base else None
+                row += [_n(t["sum"], "{:.3f}") if t else "n/a",
+                        (_n(base / t["sum"]) + "x") if (t and base) else "n/a"]
+                if stacked:
+                    row.append((_n(base / t["max"]) + "x") if (t and base) else "n/a")
+            rows.append(row)
+        doc.table(headers, rows, f"Ours ({exp.config.get('name')}): seconds per epoch and speed vs sparsity "
+                                 f"[{_hardware(exp)}; {_short_scale(exp)}]")
+        dense = exp.train_cfg.get("epochs")
+        if base and isinstance(dense, int) and dense <= 1:
+            doc.p(f"**Caution:** the run has {dense} dense epoch(s), so the baseline time is the trial's *first* epoch, "
+                  "which carries start-up costs (thread pools, allocator, first-touch of the data); every speed "
+                  "against it is biased upwards.")
+        bw = _f((exp.summary or {}).get("base_wall_seconds"))
+        if bw is not None:
+            longest = max((_f(m.get("train_seconds")) or 0.0 for m in exp.members), default=0.0)
+            doc.p(f"Measured wall time of the whole base stage (all {len(exp.members)} trials as parallel Tune trials, "
+                  f"every rung and evaluation included): {bw:.0f} s."
+                  + (f" **Not usable:** it is shorter than the longest trial's own training time ({longest:.0f} s), so "
+                     "summary.json was written by a resumed run that timed only its own part." if bw < longest else ""))
+    if P:
+        t = P["sparsity_table"]
+        headers = ["sparsity"] + [x for v in MAIN_VARIANTS for x in (f"{v} time (s)", f"{v} speed")]
+        rows = [[(_sp(s) if s != "overall" else "overall")] + [x for v in MAIN_VARIANTS for x in
+                                                                (f"{t[v][s][0]:g}", f"{t[v][s][1]:.2f}x")]
+                for s in list(PN.SPARSITIES) + ["overall"]]
+        doc.table(headers, rows, f"The paper's Table {tno} ({PN.HARDWARE}; baseline {P['baseline_seconds']} s/epoch)")
+    return curves
+
+
+def _section_batch_tables(doc: Doc, exp: Experiment, P: dict | None, base, tno) -> None:
+    doc.h(2, f"Table {tno}: training time and speed vs batch size", "table-batch")
+    s = exp.sweep_sparsity(P["chosen_sparsity"] if P else None)
+    bs = exp.sweep_batch_sizes()
+    cells = {(v, b): exp.sweep_cell(v, b) for v in SWEEP_VARIANTS for b in [*bs, "DBS"]}
+    if not any(cells.values()):
+        doc.p(f"**Ours: {NOT_RUN}** (no batch-size sweep groups in this run).")
+    else:
+        doc.p(f"Ours at {100 * s:g}% sparsity (config `batch_sweep.sparsity`). A B=B0 row of a variant that also ran "
+              "as a main variant is that main group's rung (it is not re-run). Stacks: time summed over members (Σ), "
+              "speed also for parallel members (∥).")
+        headers = ["batch size"] + [x for v in SWEEP_VARIANTS for x in (f"{v} time Σ (s)", f"{v} speed Σ")
+                                    + ((f"{v} speed ∥",) if v != "C-CNN" else ())]
+        rows = []
+        for b in [*bs, "DBS"]:
+            row = [str(b) if b != "DBS" else "DBS (ours)"]
+            for v in SWEEP_VARIANTS:
+                c = cells[(v, b)]
+                t = exp.time(*c) if c else None
+                row += [_n(t["sum"], "{:.3f}") if t else "n/a", (_n(base / t["sum"]) + "x") if (t and base) else "n/a"]
+                if v != "C-CNN":
+                    row.append((_n(base / t["max"]) + "x") if (t and base) else "n/a")
+            rows.append(row)
+        doc.table(headers, rows, f"Ours: seconds per epoch and speed vs batch size [{_hardware(exp)}] (group used per cell: "
+                  + "; ".join(f"{v}/{b}: {c[0]}" for (v, b), c in cells.items() if c) + ")")
+    if P:
+        t = P["batch_table"]
+        headers = ["batch size"] + [x for v in SWEEP_VARIANTS for x in (f"{v} time (s)", f"{v} speed")]
+        rows = [[str(b) if b != "DBS" else "DBS (ours)"] + [x for v in SWEEP_VARIANTS for x in
+                                                             (f"{t[v][b][0]:g}", f"{t[v][b][1]:.2f}x")]
+                for b in [*PN.BATCH_SIZES, "DBS"]]
+        doc.table(headers, rows, f"The paper's Table {tno} at {100 * P['chosen_sparsity']:g}% sparsity ({PN.HARDWARE})")
+
+
+def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_no) -> dict:
+    figs = {}
+    doc.h(2, f"Figure {fig_no}: test accuracy", "accuracy")
+    variants = [v for v in MAIN_VARIANTS if exp.main_group(v)]
+    sources = set()
+    curves: dict[str, dict] = {}
+    rungs = sorted({s for v in variants for s in exp.rungs_of(v)})
+    for v in variants:
+        for s in exp.rungs_of(v):
+            a = exp.accuracy(v, s)
+            curves.setdefault(v, {})[s] = 100 * a["acc"] if a else None
+            if a and len(exp.groups[v]["members"]) > 1:
+                sources.add(a["source"])
+    doc.h(3, f"({fig_no}a) accuracy vs sparsity")
+    if variants:
+        doc.p("Stacked variants: ensemble accuracy from the Parquet predictions. " + "; ".join(sorted(sources)) + ".")
+        rows = [[_sp(s)] + [(_n(curves[v].get(s)) + "%") if curves[v].get(s) is not None else "n/a" for v in variants]
+                for s in rungs]
+        doc.table(["sparsity"] + variants, rows, "Ours: test accuracy")
+    else:
+        doc.p(f"**Ours: {NOT_RUN}.**")
+    if P:
+        rows = [[_sp(s)] + [f"{d[v]}%" if v in d else "" for v in MAIN_VARIANTS] for s, d in sorted(P["accuracy"].items())]
+        doc.table(["sparsity"] + list(MAIN_VARIANTS), rows,
+                  f"The paper's accuracies quoted in section {P['section']} (Fig. {fig_no}a; {PN.HARDWARE})")
+    path = out / f"fig{fig_no}a_accuracy_vs_sparsity.png"
+    from . import figures
+
+    if variants:
+        figs["accuracy_vs_sparsity"] = figures.accuracy_vs_sparsity(
+            str(path), curves, P["accuracy"] if P else None, title=f"Fig. {fig_no}a: test accuracy vs sparsity",
+            ours_note=_short_scale(exp), paper_note=PN.HARDWARE)
+    doc.img(figs.get("accuracy_vs_sparsity"), f"Figure {fig_no}a",
+            f"Fig. {fig_no}a: test accuracy vs sparsity, ours (left) and the paper's quoted values (right)")
+
+    # (b) vs batch size
+    doc.h(3, f"({fig_no}b) accuracy vs batch size")
+    bs = exp.sweep_batch_sizes()
+    s = exp.sweep_sparsity(P["chosen_sparsity"] if P else None)
+    bcurves: dict[str, dict] = {}
+    for v in SWEEP_VARIANTS:
+        for b in [*bs, "DBS"]:
+            c = exp.sweep_cell(v, b)
+            a = exp.accuracy(*c) if c else None
+            if a:
+                bcurves.setdefault(v, {})[b] = 100 * a["acc"]
+    if bcurves:
+        rows = [[str(b) if b != "DBS" else "DBS"] + [(_n(bcurves.get(v, {}).get(b)) + "%")
+                                                     if bcurves.get(v, {}).get(b) is not None else "n/a"
+                                                     for v in SWEEP_VARIANTS] for b in [*bs, "DBS"]]
+        doc.table(["batch size"] + list(SWEEP_VARIANTS), rows, f"Ours: test accuracy at {100 * s:g}% sparsity")
+    else:
+        doc.p(f"**Ours: {NOT_RUN}** (no batch-size sweep).")
+    pb = None
+    if P:
+        pb = {v: {**{b: a for b, a in P["batch_accuracy"][v].items()},
+                  128: P["accuracy"][P["chosen_sparsity"]][v]} for v in SWEEP_VARIANTS}
+        rows = [[str(b)] + [f"{pb[v][b]}%" if b in pb[v] else "" for v in SWEEP_VARIANTS]
+                for b in (64, 128, 1024, "DBS")]
+        doc.table(["batch size"] + list(SWEEP_VARIANTS), rows,
+                  f"The paper's accuracies quoted in section {P['section']} (Fig. {fig_no}b; B=128 from Fig. {fig_no}a)")
+    if bcurves:
+        figs["accuracy_vs_batch"] = figures.accuracy_vs_batch(
+            str(out / f"fig{fig_no}b_accuracy_vs_batch.png"), {v: bcurves.get(v, {}) for v in SWEEP_VARIANTS}, pb,
+            title=f"Fig. {fig_no}b: test accuracy vs batch size", ours_note=f"{100 * s:g}% sparsity; {_short_scale(exp)}",
+            paper_note=PN.HARDWARE)
+    doc.img(figs.get("accuracy_vs_batch"), f"Figure {fig_no}b",
+            f"Fig. {fig_no}b: test accuracy vs batch size, ours (left) and the paper's quoted values (right)")
+    return figs
+
+
+def _short_scale(exp: Experiment) -> str:
+    t = exp.train_cfg
+    return (f"subset {exp.config.get('subset')}, width {t.get('width')}, {t.get('epochs')}+"
+            f"{t.get('retrain_epochs')}/rung epochs")
+
+
+def _section_kernels(doc: Doc, exp: Experiment, out: Path) -> str | None:
+    doc.h(2, "Figure 5a: Winograd-domain kernels at each sparsity", "kernels")
+    order = ["SWR-CNN+DBS", "SWR-CNN", "C-CNN+DBS", "SC-CNN+DBS"]
+    cands = sorted(
+        (m for m in exp.members if ((m.get("config") or {}).get("conv") == "winograd_relu")),
+        key=lambda m: (order.index(m.get("group")) if m.get("group") in order else len(order), m["member"]))
+    # prefer the paper's choice of layer owner: the base model of the stack (first member)
+    first = (exp.config.get("members") or [None])[0]
+    first_models = [first.get("model") if isinstance(first, dict) else first]
+    cands.sort(key=lambda m: 0 if m.get("model") in first_models else 1)
+    path = out / "fig5a_kernels.png"
+    for m in cands:
+        events = exp.tb_events(m)
+        if events:
+            try:
+                _, imgs = _tb_read(events, images=True)
+            except Exception:
+                imgs = {}
+            if imgs.get("winograd_kernels"):
+                path.write_bytes(imgs["winograd_kernels"][-1])
+                doc.p(f"From the TensorBoard image `winograd_kernels` of trial {m['member']} (group {m.get('group')}, "
+                      f"model {m.get('model')}); rows: first 6 output channels, columns: first 6 input channels of its "
+                      f"Winograd layer {(m.get('config') or {}).get('kernel_layer', 0)}; pruned values in black.")
+                doc.img(str(path), "Figure 5a", "Fig. 5a: Winograd-domain kernels (ours)")
+                return str(path)
+        d = exp.trial_dir(m)
+        if d is not None and exp.tree.is_file(d, "kernels.png"):
+            path.write_bytes(exp.tree.read_bytes(d, "kernels.png"))
+            doc.p(f"From `kernels.png` of trial {m['member']} (group {m.get('group')}, model {m.get('model')}).")
+            doc.img(str(path), "Figure 5a", "Fig. 5a: Winograd-domain kernels (ours)")
+            return str(path)
+    doc.img(None, "Figure 5a", "Fig. 5a (no Winograd trial with a kernel image in this run)")
+    return None
+
+
+def _section_momentum(doc: Doc, exp: Experiment, out: Path) -> str | None:
+    doc.h(2, "Figure 5b: momentum increase for several k", "momentum")
+    dbs = exp.train_cfg.get("dbs") or {}
+    try:
+        from esdbs_ray.dbs import plot_momentum_curves
+
+        kw = {k: dbs[k] for k in ("v0", "m0", "m_max") if isinstance(dbs.get(k), (int, float))}
+        path = plot_momentum_curves(str(out / "fig5b_momentum.png"), **kw)
+    except Exception as exc:
+        doc.p(f"Could not draw the curves: {exc}")
+        doc.img(None, "Figure 5b", "Fig. 5b")
+        return None
+    doc.p("y'' y = k with y = 1 - m (spec section 4), integrated numerically by `esdbs_ray.dbs`; constants from this "
+          f"run's config ({', '.join(f'{k}={v}' for k, v in kw.items()) or 'defaults'}). The paper picks k ≈ 1.60.")
+    doc.img(path, "Figure 5b", "Fig. 5b: momentum coefficient vs proportion of epochs")
+    return path
+
+
+def _section_dbs_trace(doc: Doc, exp: Experiment, out: Path) -> str | None:
+    doc.h(2, "DBS schedule as trained (TensorBoard)", "dbs-trace")
+    traces = {}
+    for m in exp.members:
+        if (m.get("config") or {}).get("schedule") != "dbs":
+            continue
+        ev = exp.tb_events(m)
+        if not ev:
+            continue
+        try:
+            sc, _ = _tb_read(ev)
+        except Exception:
+            continue
+        if sc.get("schedule/batch_size"):
+            traces[m["member"]] = sc
+    if not traces:
+        doc.img(None, "DBS schedule", "Batch size / learning rate / momentum per epoch of the DBS trials")
+        return None
+    from . import figures
+
+    path = figures.dbs_schedule(str(out / "dbs_schedule.png"), traces, title="DBS trials: schedule per epoch")
+    doc.img(path, "DBS schedule", "Batch size, learning rate and momentum per epoch of every DBS trial "
+                                  "(TensorBoard tags schedule/*)")
+    return path
+
+
+def _section_stacking(doc: Doc, exp: Experiment) -> None:
+    doc.h(2, "Stacking", "stacking")
+    if not exp.stackings:
+        doc.p(f"**{NOT_RUN}**: no stacking*.json in the experiment directory.")
+        return
+    doc.p("Weights fitted on the validation split only; `*` marks the method the ensemble uses (chosen on "
+          "validation data).")
+    for group, st in exp.stackings.items():
+        names = list(st.get("member_names") or [])
+        rows = []
+        for meth, r in (st.get("methods") or {}).items():
+            ws = " / ".join(f"{(r.get('weights') or {}).get(n, float('nan')):.3f}" for n in names)
+            rows.append([("* " if meth == st.get("chosen") else "") + meth, ws,
+                         _fmt_pct(_f(r.get("val_accuracy"))), _n(_f(r.get("val_nll")), "{:.4f}"),
+                         _fmt_pct(_f(r.get("test_accuracy"))), _n(_f(r.get("test_nll")), "{:.4f}")])
+        for n in names:
+            r = (st.get("members") or {}).get(n) or {}
+            rows.append([f"member {n}", "", _fmt_pct(_f(r.get("val_accuracy"))), _n(_f(r.get("val_nll")), "{:.4f}"),
+                         _fmt_pct(_f(r.get("test_accuracy"))), _n(_f(r.get("test_nll")), "{:.4f}")])
+        sp = st.get("sparsity")
+        doc.table(["method", "weights (" + ", ".join(names) + ")", "val acc", "val NLL", "test acc", "test NLL"], rows,
+                  f"{group} ({st.get('_file')}; rung {'last' if sp is None else _sp(sp)}; n_val={st.get('n_val')}, "
+                  f"n_test={st.get('n_test')})")
+
+
+def _section_claims(doc: Doc, exp: Experiment, P: dict | None, claims: list[dict]) -> None:
+    doc.h(2, "The paper's claims and our verdicts", "claims")
+    if P is None:
+        doc.p(f"**{NOT_RUN}**: the dataset ({exp.config.get('dataset')}) is not one of the paper's.")
+        return
+    counts = {k: sum(c["verdict"] == k for c in claims) for k in (REPRODUCED, NOT_REPRODUCED, NOT_RUN)}
+    doc.p(f"{counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not reproduced, {counts[NOT_RUN]} not run. "
+          "Our numbers come from this run's scale and hardware (see Provenance), the paper's from full-scale "
+          f"training on {PN.HARDWARE}; a small run can only test directions, not magnitudes.")
+    doc.p(f"Every trial trained once (seed {exp.config.get('seed', '?')}). The standard errors of the accuracy "
+          "claims are those of the test sample (paired over the same images); they leave out the run-to-run "
+          "variance of training itself, which one seed cannot measure, so an accuracy verdict decided by a point "
+          "or two is provisional until more seeds agree.")
+    doc.p(order_line(exp, P))
+    cv, n = exp.timing_noise()
+    doc.p(f"Timing noise of this run: " + (f"median within-trial coefficient of variation of epoch times {100 * cv:.1f}% "
+                                         f"({n} fixed-batch trials)" if cv is not None else "unknown (no progress.csv)")
+          + f"; our speed factors count as faster/slower only beyond ±{100 * exp.time_margin:.0f}%.")
+    active, why = exp.dbs_activity()
+    if active is not None:
+        doc.p(f"DBS activity: {'the schedule acted' if active else '**the schedule never acted**'} ({why}).")
+    doc.table(["id", "claim", "paper", "ours", "verdict", "rule", "note"],
+              [[c["id"], c["claim"], c["paper"], c["ours"], c["verdict"], c["rule"], c["detail"]] for c in claims])
+    doc.p("Verdict rules:")
+    doc.ul([f"**{k}**: {v}" for k, v in RULES.items()] +
+           [f"**not run**: the run lacks a group, rung or artifact the claim needs."])
+
+
+def _section_provenance(doc: Doc, exp: Experiment) -> None:
+    doc.h(2, "Provenance", "provenance")
+    s = exp.summary or {}
+    prov = s.get("provenance") or {}
+    doc.ul([
+        f"experiment: `{exp.root}` (name {exp.config.get('name')})",
+        f"git revision: {prov.get('git_revision', 'unknown')}",
+        f"versions: {json.dumps(prov.get('versions') or {}, sort_keys=True)}",
+        f"host: {prov.get('host', 'unknown')}",
+        f"hardware (ours): {_hardware(exp)}",
+        f"hardware (paper): {PN.HARDWARE}",
+        f"scale (ours): {_scale_text(exp)}",
+        f"wall time: base stage {_n(_f(s.get('base_wall_seconds')), '{:.0f}')} s (members trained as parallel Tune "
+        f"trials), whole run {_n(_f(s.get('wall_seconds')), '{:.0f}')} s",
+    ])
+    if exp.problems:
+        doc.p("Missing or unusable artifacts:")
+        doc.ul(exp.problems)
+    import yaml
+
+    doc.p("Config (config.yaml):")
+    doc.pre(yaml.safe_dump(exp.config, sort_keys=False) if exp.config else NOT_RUN)
+
+
+def _section_sparsity_accounting(doc: Doc, exp: Experiment) -> bool:
+    """Nominal (pruned-layer) sparsity beside whole-model sparsity and nonzero counts, per main variant."""
+    doc.h(2, "Sparsity: pruned layers vs the whole model", "sparsity-accounting")
+    rows = []
+    for v in exp.main_variants:
+        g = exp.main_group(v)
+        if not g:
+            continue
+        for s in exp.rungs_of(v):
+            rs = [exp.rung(m, s) for m in g["members"]]
+            if not rs or any(r is None or _f(r.get("model_sparsity")) is None for r in rs):
+                continue
+            nz = sum(int(r.get("nonzero_weights") or 0) for r in rs)
+            tot = sum(int(r.get("total_weights") or 0) for r in rs)
+            rows.append([v, _sp(s), _sp(sum(_f(r["sparsity"]) for r in rs) / len(rs)),
+                         _sp(1 - nz / tot) if tot else "n/a", f"{nz:,}", f"{tot:,}"])
+    if not rows:
+        doc.p(f"**{NOT_RUN}** (members' rungs carry no whole-model counts: written by an older esdbs)")
+        return False
+    doc.table(["variant", "nominal", "pruned layers", "whole model", "nonzero weights", "weights"], rows,
+              "Stacks: summed over members (pruned-layer sparsity averaged). The paper states the nominal figure only.")
+    return True
+
+
+def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
+    """What the DBS schedule did in each DBS trial: the batch-size range and every logged decision."""
+    doc.h(2, "DBS decisions per trial", "dbs-decisions")
+    rows = []
+    for m in exp.members:
+        cfg = m.get("config") or {}
+        if cfg.get("schedule") != "dbs":
+            continue
+        hist = exp.history(m)
+        if not hist:
+            continue
+        bs = [int(h["batch_size"]) for h in hist]
+        top = max(bs)
+        first_top = next(h["epoch"] for h in hist if int(h["batch_size"]) == top)
+        decisions = "; ".join(f"e{h['epoch']}: {h['decision']}" for h in hist
+                              if h.get("decision") and not h["decision"].startswith(("warm-up", "lr phase: level")))
+        rows.append([m["member"], f"{bs[0]} -> {top} (epoch {first_top})", f"{max(h['lr'] for h in hist):.4g}",
+                     f"{max(h['momentum'] for h in hist):.4g}", decisions or "none"])
+    if not rows:
+        doc.p(f"**{NOT_RUN}** (no DBS trial with a per-epoch history in members/)")
+        return False
+    doc.table(["member", "B (first -> largest)", "max lr", "max m", "decisions (epoch: why)"], rows)
+    return True
+
+
+def _section_classes(doc: Doc, exp: Experiment) -> bool:
+    """Test accuracy per class, by name, of each stacked ensemble and its members (issue #17: a user's
+    own classes; the names come from the prediction files through stacking*.json)."""
+    doc.h(2, "Accuracy per class", "classes")
+    shown = False
+    for group, st in exp.stackings.items():
+        pc, names = st.get("per_class"), st.get("class_names")
+        if not pc:
+            continue
+        members = list(st.get("member_names") or [])
+        labels = names or [f"class {i}" for i in range(len(pc["support"]))]
+        rows = [[labels[c], pc["support"][c], _fmt_pct(_f(pc["ensemble"][c]))]
+                + [_fmt_pct(_f(pc["members"][m][c])) for m in members] for c in range(len(pc["support"]))]
+        doc.table(["class", "test images", f"ensemble ({st.get('chosen')})", *members], rows,
+                  f"{group}: test accuracy of each true class (recall)" + ("" if names else "; no class names recorded"))
+        shown = True
+    if not shown:
+        doc.p(f"**{NOT_RUN}** (no stacking*.json with per-class results)")
+    return shown
+
+
+def _section_members(doc: Doc, exp: Experiment) -> None:
+    doc.h(2, "Members", "members")
+    if not exp.members:
+        doc.p(f"**{NOT_RUN}**")
+        return
+    rows = []
+    for m in exp.members:
+        rungs = "; ".join(f"{_sp(float(r['target_sparsity']))}: {_fmt_pct(_f(r.get('test_accuracy')))}, "
+                          f"{_n(_f(r.get('mean_epoch_seconds')), '{:.2f}')} s"
+                          for r in m.get("rungs") or [] if _f(r.get("target_sparsity")) is not None)
+        last = (m.get("rungs") or [{}])[-1]
+        rows.append([m.get("member"), m.get("group"), m.get("model"), ((m.get("config") or {}).get("conv")),
+                     m.get("batch_size") or f"B0={((m.get('config') or {}).get('dbs') or {}).get('b0')}"
+                     + (" DBS" if (m.get("config") or {}).get("schedule") == "dbs" else ""),
+                     m.get("epochs"), _n(_f(m.get("train_seconds")), "{:.1f}"), m.get("steps"),
+                     _sp(_f(last.get("sparsity"))) if _f(last.get("sparsity")) is not None else "n/a",
+                     _sp(_f(last.get("model_sparsity"))) if _f(last.get("model_sparsity")) is not None else "n/a",
+                     f"{last['nonzero_weights']:,}" if isinstance(last.get("nonzero_weights"), int) else "n/a", rungs])
+    doc.table(["member", "group", "model", "conv", "batch", "epochs", "train s", "steps", "pruned layers",
+               "whole model", "nonzero weights", "rungs (test acc, s/epoch)"], rows,
+              "Sparsity at the last rung: of the pruned 3x3 layers (the nominal figure) and of every learnable "
+              "parameter (stem, 1x1 convs, classifier and batch norms stay dense); a Winograd layer keeps 16/9 as many "
+              "nonzeros as the spatial layer it replaces at the same nominal sparsity (spec §3).")
+
+
