@@ -418,8 +418,26 @@ def test_basis_sections_on_trained_members(tmp_path):
     (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (root / "summary.json").write_text(json.dumps({"members": members, "config": cfg.to_dict(), "ensembles": {}}))
 
+    # the SBC-CNN stack at t = 0.9, as run_stack fits it (stack.basis_threshold; no Tune search, no Ray)
+    from esdbs_ray.stacking import stack_experiment
+
+    sbc_names = sorted(m["member"] for m in members if m["group"] == "SBC-CNN")
+    st = stack_experiment(root, basis_threshold=0.9, variant="SBC-CNN", members=sbc_names,
+                          methods=("nll_optimal", "equal"), output=root / "stacking-sbc-cnn.json")
+    assert st["basis_threshold"] == 0.9 and {st["rungs"][n]["basis_threshold"] for n in sbc_names} == {0.9}
+
+    # `esdbs results`: basis rungs told apart by their t, the stack's rows matched to its members' rungs
+    from esdbs_ray.results import results_table
+
+    df = results_table(root)
+    rung = df[(df.kind == "rung") & (df.member == sbc_names[0])]
+    assert sorted(rung.basis_threshold.fillna(0).tolist()) == [0.0, 0.9, 1.0]
+    ens = df[(df.kind == "ensemble") & (df.group == "SBC-CNN")]
+    assert set(ens.basis_threshold) == {0.9} and ens.nonzero_weights.notna().all()
+
     result = build_report(root, tmp_path / "report")
     md = _md(result)
+    assert result["sections"]["stacking"] == "ok"
     for key in ("figure:basis_accuracy_vs_filters", "figure:compression_equal_mults", "basis_targets"):
         assert result["sections"][key] == "ok", (key, result["problems"])
     for name in ("basis_accuracy_vs_filters", "compression_equal_mults"):
