@@ -218,6 +218,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
+
 def build_compression(cfg, model: nn.Module) -> Compression:
     """The strategy for ``cfg`` (a TrainConfig): at most one of its ladders is set (config.py checks)."""
     if cfg.sparsity_ladder:
