@@ -1,7 +1,8 @@
 """The ``esdbs`` command line: one sub-command per stage of the method.
 
     esdbs run         the whole method on Ray Tune: base members -> stacking (-> DBS search)
-    esdbs train-one   train one CNN (spatial or Winograd-ReLU, fixed batch or DBS, with a pruning ladder)
+    esdbs train-one   train one CNN (spatial, Winograd-ReLU or random-basis BasisConv convs, fixed batch or
+                      DBS, with a pruning ladder or a BasisConv eigen ladder)
     esdbs dbs-plan    preview the learning rate / momentum / batch size schedule a run would follow
     esdbs stack       search stacking weights on an experiment's Parquet predictions
     esdbs dbs-search  Tune experiment over the DBS constants
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--l2", type=float, default=0.0, help="L2 rate on conv weights (paper's convention)")
     p.add_argument("--optimizer", default="sgd", help="sgd | adam | adamw")
-    p.add_argument("--conv", default="spatial", help="spatial | winograd_relu")
+    p.add_argument("--conv", default="spatial", help="spatial | winograd_relu | basis_random (BasisConv from scratch)")
     p.add_argument("--epochs", type=int, required=True, help="dense epochs before the sparsity ladder")
     p.add_argument("--sparsity-ladder", type=_floats, default=(), help="e.g. 0.2,0.3,0.4,0.5,0.6,0.7,0.8")
     p.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs per ladder rung")
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (new, or an earlier train-one run with --resume)")
     _add_schedule_args(p)
     _add_own_images_args(p)
+    _add_basis_args(p)
     p.set_defaults(func=cmd_train_one)
 
     p = sub.add_parser("dbs-plan", help="show the schedule a run would follow (DBS unless --schedule fixed)")
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="search stacking weights on EXPERIMENT_DIR's validation predictions")
     p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
     p.add_argument("--sparsity", type=float, default=None, help="rung to stack (a fraction, e.g. 0.3); default: last")
+    p.add_argument("--basis-threshold", type=float, default=None,
+                   help="BasisConv rung to stack, by its t (e.g. 0.9; SBC-CNN groups); default: last")
     p.add_argument("--variant", default=None)
     p.add_argument("--tune-samples", type=int, default=0, help="also run the accuracy search as a Tune search")
     p.add_argument("--choose", default="nll_optimal", help="nll_optimal | accuracy_search | best_val | ...")
@@ -245,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_basis_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("BasisConv (issue #16; config key train.basis)")
+    g.add_argument("--basis-ladder", type=_floats, default=None,
+                   help="eigen thresholds t, strictly decreasing in (0, 1], e.g. 1.0,0.95,0.9,0.85: after --epochs "
+                        "of spatial training each rung converts every conv to its truncated eigen basis and fine-tunes "
+                        "--retrain-epochs (coefficients first, then all non-basis parameters)")
+    g.add_argument("--basis-stage1-epochs", type=int, default=None,
+                   help="of each basis rung's epochs, how many train only the 1x1 coefficients (default 1)")
+    g.add_argument("--basis-stage1-lr-scale", type=float, default=None, help="step one's learning-rate factor (default 1)")
+    g.add_argument("--basis-stage2-lr-scale", type=float, default=None, help="step two's learning-rate factor (default 0.1)")
+    g.add_argument("--basis-fraction", type=float, default=None,
+                   help="--conv basis_random: Q = ceil(fraction * C_out) random basis filters per layer (default 1)")
+    g.add_argument("--basis-layers", default=None, help="all (default: every conv, the stem too) | relu (stem stays spatial)")
+
+
+_BASIS_FLAGS = {"basis_ladder": "ladder", "basis_stage1_epochs": "stage1_epochs", "basis_stage1_lr_scale": "stage1_lr_scale",
+                "basis_stage2_lr_scale": "stage2_lr_scale", "basis_fraction": "fraction", "basis_layers": "layers"}
+
+
 def _add_own_images_args(p: argparse.ArgumentParser) -> None:
     """train-one's flags for issue #17's keys (``esdbs run`` sets them as train.* config keys)."""
     g = p.add_argument_group("own images: augmentation, cosine schedule, AdamW, early stopping")
@@ -304,8 +327,9 @@ def format_trials(cfg) -> str:
             f"{'B0':>5} {'epochs':>6}  ladder"]
     for t in cfg.trials():
         tr = t.train
+        ladder = list(tr.sparsity_ladder) or (f"basis t {list(tr.basis.ladder)}" if tr.basis.ladder else [])
         rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule_kind:<8} "
-                    f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {list(tr.sparsity_ladder)}")
+                    f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {ladder}")
     return "\n".join(rows)
 
 
@@ -384,14 +408,18 @@ def cmd_stack(args) -> int:
 
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
+    if args.basis_threshold is not None and not 0.0 < args.basis_threshold <= 1.0:
+        raise ConfigError(f"--basis-threshold={args.basis_threshold}: a threshold t in (0, 1] (e.g. 0.9)")
     if args.choose not in (*STACK_METHODS, "best_val"):
         raise ConfigError(f"--choose={args.choose!r}: choose one of {', '.join((*STACK_METHODS, 'best_val'))}")
     if args.tune_samples < 0:
         raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
     layout = ExperimentLayout.at(args.experiment_dir)
     output = (claim_file(args.output, force=args.force) if args.output
-              else layout.stacking_rerun(f"{args.variant or 'all'}-s{args.sparsity if args.sparsity is not None else 'last'}"))
-    result = stack_experiment(layout.root, sparsity=args.sparsity, variant=args.variant,
+              else layout.stacking_rerun(f"{args.variant or 'all'}-s{args.sparsity if args.sparsity is not None else 'last'}"
+                                         + (f"-t{args.basis_threshold:g}" if args.basis_threshold is not None else "")))
+    result = stack_experiment(layout.root, sparsity=args.sparsity, basis_threshold=args.basis_threshold,
+                              variant=args.variant,
                               tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=output,
                               storage_path=layout.tune)
     print(format_stacking_table(result))
@@ -412,6 +440,7 @@ def cmd_train_one(args) -> int:
         optimizer=args.optimizer, l2=args.l2, epochs=args.epochs, schedule=args.schedule, dbs=_dbs_dict(args),
         sparsity_ladder=args.sparsity_ladder, retrain_epochs=args.retrain_epochs, seed=args.seed,
         threads=args.threads, device=args.device, **_own_images_dict(args),
+        basis={key: getattr(args, flag) for flag, key in _BASIS_FLAGS.items() if getattr(args, flag) is not None},
     ))
     if args.resume and args.force:
         raise ConfigError("--resume continues a run, --force replaces it: pass one of them")
@@ -425,15 +454,20 @@ def cmd_train_one(args) -> int:
     summary = train(cfg, data, run.root, hooks=PrintHooks(), resume_from=run.checkpoint if args.resume else None,
                     predictions_root=str(run.root), variant=_variant_name(cfg),
                     provenance={**provenance(), "device": device_info()})
+    rung = (f"basis t={summary['basis_threshold']:g}" if summary.get("basis_threshold") is not None
+            else f"sparsity {summary['sparsity']:.3f}")
     print(f"done: val {summary['val_accuracy']:.4f} test {summary['test_accuracy']:.4f} "
-          f"sparsity {summary['sparsity']:.3f} in {summary['train_seconds']:.1f}s training -> {run.summary}")
+          f"{rung} in {summary['train_seconds']:.1f}s training -> {run.summary}")
     return 0
 
 
 def _variant_name(cfg) -> str:
+    dbs = "+DBS" if cfg.schedule == "dbs" else ""
     if cfg.conv == "winograd_relu":
-        return "SWR-CNN+DBS" if cfg.schedule == "dbs" else "SWR-CNN"
-    return "C-CNN+DBS" if cfg.schedule == "dbs" else "C-CNN"
+        return "SWR-CNN" + dbs
+    if cfg.conv == "basis_random":  # one member of SRB-CNN / SBC-CNN: the single-model labels
+        return "RB-CNN" + dbs
+    return ("BC-CNN" if cfg.basis.ladder else "C-CNN") + dbs
 
 
 def cmd_dbs_plan(args) -> int:

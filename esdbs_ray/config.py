@@ -10,6 +10,7 @@ the value and what is allowed::
 Models (``extra="forbid"``: an unknown key is an error that lists the valid ones):
 
 * :class:`DBSConfig`      the schedule's constants (spec §4), used by ``dbs.py``;
+* :class:`BasisConfig`    BasisConv's eigen ladder and random basis (issue #16), used by ``compression.py``;
 * :class:`TrainSettings`  what a pipeline's ``train:`` block may set (every trial's template);
 * :class:`TrainConfig`    one trial: the settings plus the per-trial keys the pipeline fills in
                           (model, conv, schedule, dataset, seed, ...), saved in every checkpoint;
@@ -42,6 +43,7 @@ __all__ = [
     "parse_variant", "format_validation_error", "validate", "load_yaml", "set_dotted", "apply_scale",
     "build_config", "json_schema", "PER_TRIAL_KEYS", "AugmentConfig", "CosineConfig", "EarlyStoppingConfig",
     "AUGMENT_OPS",
+    "BasisConfig", "VARIANT_LADDERS", "variant_ladder",  # BasisConv (issue #16)
 ]
 
 
@@ -238,7 +240,9 @@ class DBSConfig(_Model):
 # --------------------------------------------------------------------------------------------------
 # One trial
 # --------------------------------------------------------------------------------------------------
-Conv = Literal["spatial", "winograd_relu"]
+# basis_random (issue #16): every eligible conv a BasisConv2d with a fixed random orthonormal basis,
+# trained from scratch (train.basis.fraction / layers say how many basis filters and which convs).
+Conv = Literal["spatial", "winograd_relu", "basis_random"]
 Optimizer = Literal["sgd", "adam", "adamw"]  # adamw: issue #17 (own images)
 Schedule = Literal["fixed", "dbs"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -273,9 +277,17 @@ def _increasing(v: tuple) -> tuple:
     return v
 
 
+def _decreasing(v: tuple) -> tuple:
+    if list(v) != sorted(set(v), reverse=True):
+        raise ValueError("must be strictly decreasing (each rung keeps at most the previous rung's basis)")
+    return v
+
+
 DatasetName = Annotated[str, AfterValidator(_dataset)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
 Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), AfterValidator(_increasing)]
+Threshold = _float(**_range(0.0, 1.0, lo_open=True))  # (0, 1]: an eigenvalue share; 1.0 is lossless
+BasisLadder = Annotated[tuple[Threshold, ...], BeforeValidator(_ladder), AfterValidator(_decreasing)]
 
 # --------------------------------------------------------------------------------------------------
 # Own images (issue #17): augmentation, cosine schedule, early stopping
@@ -361,6 +373,33 @@ PER_TRIAL_KEYS = ("model", "conv", "schedule", "dataset", "data_dir", "subset", 
                   "image_size", "seed")
 
 
+class BasisConfig(_Model):
+    """BasisConv (issue #16; Tayyab & Mahalanobis, ``esdbs_ray/basisconv.py``).
+
+    ``ladder``: the eigen ladder, thresholds t (cumulative eigenvalue share per layer, section 4.2)
+    strictly decreasing in (0, 1].  After the dense epochs each rung re-expresses every eligible conv
+    of the trained spatial model (a BasisConv layer of the previous rung: its current effective
+    filters) in its truncated eigen basis and fine-tunes for ``retrain_epochs``: the first
+    ``stage1_epochs`` train only the 1x1 coefficients (the paper's step one), the rest every non-basis
+    parameter (step two, section 4.3), at the schedule's learning rate times ``stage1_lr_scale`` /
+    ``stage2_lr_scale`` (the paper: 0.1 then 5e-4).  Each rung is evaluated, checkpointed and its
+    predictions written like a sparsity rung, identified by its t (``basis_threshold``).
+    ``fraction`` / ``layers``: for ``conv: basis_random`` Q = ceil(fraction * C_out) random basis
+    filters per layer (capped at C_in k k); which convs become BasisConv layers (``all`` the paper's
+    "each convolution layer", the image stem included; ``relu`` keeps the stem spatial) -- also for
+    the eigen ladder.
+    """
+
+    ladder: BasisLadder = ()
+    stage1_epochs: NonNegInt = 1  # of each rung's retrain_epochs: coefficients only
+    stage1_lr_scale: PosFloat = 1.0
+    # Step two moves every non-basis parameter of a model that step one already brought back close to
+    # its dense accuracy; the paper drops the rate 200-fold (0.1 -> 5e-4), bench/basisconv.py used 5x.
+    stage2_lr_scale: PosFloat = 0.1
+    fraction: _float(**_range(0.0, 1.0, lo_open=True)) = 1.0
+    layers: Literal["all", "relu"] = "all"
+
+
 class TrainSettings(_Model):
     """What a pipeline's ``train:`` block (and a member's or variant's overrides) may set."""
 
@@ -388,11 +427,17 @@ class TrainSettings(_Model):
     label_smoothing: Fraction = 0.0  # training loss only: validation loss (early stopping) stays the plain NLL
     augment: AugmentConfig = AugmentConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    basis: BasisConfig = BasisConfig()  # BasisConv: the eigen ladder, the random basis (issue #16)
 
     @model_validator(mode="after")
     def _ladder_retrains(self):
         if self.sparsity_ladder and self.retrain_epochs < 1:
             raise ValueError("retrain_epochs must be >= 1 when sparsity_ladder is set (each rung retrains)")
+        if self.basis.ladder and self.retrain_epochs < 1:
+            raise ValueError("retrain_epochs must be >= 1 when basis.ladder is set (each rung fine-tunes)")
+        if self.basis.ladder and self.basis.stage1_epochs > self.retrain_epochs:
+            raise ValueError(f"basis.stage1_epochs={self.basis.stage1_epochs}: must be <= retrain_epochs="
+                             f"{self.retrain_epochs} (step one is the first part of each basis rung)")
         return self
 
 
@@ -412,8 +457,18 @@ class TrainConfig(TrainSettings):
 
     @model_validator(mode="after")
     def _something_to_train(self):
+        if self.basis.ladder and self.sparsity_ladder:
+            raise ValueError(f"basis.ladder={list(self.basis.ladder)}: cannot be combined with sparsity_ladder="
+                             f"{list(self.sparsity_ladder)}; one compression ladder per trial")
+        if self.basis.ladder and self.conv != "spatial":
+            raise ValueError(f"basis.ladder={list(self.basis.ladder)}: needs conv='spatial' (it compresses a "
+                             f"trained spatial model), got conv={self.conv!r}")
+        if self.sparsity_ladder and self.conv == "basis_random":
+            raise ValueError(f"sparsity_ladder={list(self.sparsity_ladder)}: conv='basis_random' leaves no "
+                             "spatial 3x3 convolution to prune (every one is a BasisConv layer)")
         if self.total_epochs < 1:
-            raise ValueError("nothing to train: epochs + len(sparsity_ladder) * retrain_epochs must be >= 1")
+            raise ValueError("nothing to train: epochs + len(sparsity_ladder or basis.ladder) * retrain_epochs "
+                             "must be >= 1")
         return self
 
     @model_validator(mode="after")
@@ -435,18 +490,29 @@ class TrainConfig(TrainSettings):
         return "cosine" if self.schedule == "fixed" and self.lr_schedule == "cosine" else self.schedule
 
     @property
+    def ladder_rungs(self) -> int:
+        """Rungs after the dense epochs: the sparsity ladder's or the basis ladder's (never both)."""
+        return len(self.sparsity_ladder) or len(self.basis.ladder)
+
+    @property
     def total_epochs(self) -> int:
-        return self.epochs + len(self.sparsity_ladder) * self.retrain_epochs
+        return self.epochs + self.ladder_rungs * self.retrain_epochs
 
     def rung_starts(self) -> list[int]:
-        """First epoch of each ladder rung (where the trainer prunes and the schedule restarts)."""
-        return [self.epochs + i * self.retrain_epochs for i in range(len(self.sparsity_ladder))]
+        """First epoch of each ladder rung (where the trainer compresses and the schedule restarts)."""
+        return [self.epochs + i * self.retrain_epochs for i in range(self.ladder_rungs)]
+
+    def rung_of(self, epoch: int) -> int:
+        """The ladder rung ``epoch`` belongs to; -1 for the dense epochs."""
+        return (epoch - self.epochs) // self.retrain_epochs if epoch >= self.epochs else -1
 
     def rung_ends(self) -> dict[int, float]:
-        """Last epoch of each rung -> its target sparsity (0.0 for the dense phase, if it has epochs)."""
+        """Last epoch of each rung -> its target sparsity (0.0 for the dense phase, if it has epochs, and
+        for basis rungs, which do not prune: those are told apart by their threshold, see ``rung_of``)."""
         ends = {self.epochs - 1: 0.0} if self.epochs else {}
-        for i, s in enumerate(self.sparsity_ladder):
-            ends[self.epochs + (i + 1) * self.retrain_epochs - 1] = s
+        for i in range(self.ladder_rungs):
+            ends[self.epochs + (i + 1) * self.retrain_epochs - 1] = (
+                self.sparsity_ladder[i] if self.sparsity_ladder else 0.0)
         return ends
 
 
@@ -456,13 +522,24 @@ class TrainConfig(TrainSettings):
 # The paper's variants (section 4; spec section 1): base variant -> (conv, stacked?).  Any of them
 # takes a "+DBS" suffix for the dynamic batch size schedule ("SWR-CNN+DBS" is the paper's method;
 # "C-CNN+DBS" and "SC-CNN+DBS" are the DBS rows of its Tables 2/4/6).
+# BasisConv stacks (issue #16), stacked and weighted like the others:
+#   SBC-CNN  "stacked BasisConv CNN": the members train as spatial CNNs for train.epochs, then climb
+#            train.basis.ladder (eigen basis of each trained conv, two-step fine-tuning per rung);
+#   SRB-CNN  "stacked random-basis CNN": the members train from scratch with fixed random orthonormal
+#            bases (conv basis_random) for train.epochs; no ladder.
 BASE_VARIANTS: dict[str, tuple[str, bool]] = {
     "C-CNN": ("spatial", False),
     "SC-CNN": ("spatial", True),
     "SWR-CNN": ("winograd_relu", True),
+    "SBC-CNN": ("spatial", True),
+    "SRB-CNN": ("basis_random", True),
 }
+# Which ladder a base variant's trials climb after the dense epochs: "sparsity" (train.sparsity_ladder,
+# the default), "basis" (train.basis.ladder) or None (dense training only).
+VARIANT_LADDERS: dict[str, str | None] = {"SBC-CNN": "basis", "SRB-CNN": None}
 VARIANTS = tuple(v + s for v in BASE_VARIANTS for s in ("", "+DBS"))
-Variant = Literal["C-CNN", "C-CNN+DBS", "SC-CNN", "SC-CNN+DBS", "SWR-CNN", "SWR-CNN+DBS"]
+Variant = Literal["C-CNN", "C-CNN+DBS", "SC-CNN", "SC-CNN+DBS", "SWR-CNN", "SWR-CNN+DBS",
+                  "SBC-CNN", "SBC-CNN+DBS", "SRB-CNN", "SRB-CNN+DBS"]
 STACK_METHODS = ("nll_optimal", "accuracy_search", "equal", "best_single", "caruana")
 StackMethod = Literal["nll_optimal", "accuracy_search", "equal", "best_single", "caruana"]
 
@@ -474,6 +551,12 @@ def parse_variant(name: str) -> tuple[str, str, bool]:
         raise ConfigError(f"unsupported variant {name!r}; choose from {', '.join(VARIANTS)}")
     conv, stacked = BASE_VARIANTS[base]
     return conv, "dbs" if dbs else "fixed", stacked
+
+
+def variant_ladder(name: str) -> str | None:
+    """"sparsity", "basis" or None: the ladder the variant's trials climb (see VARIANT_LADDERS)."""
+    parse_variant(name)
+    return VARIANT_LADDERS.get(name.removesuffix("+DBS"), "sparsity")
 
 
 def _overrides(v: Any) -> dict:
@@ -535,6 +618,9 @@ class ResourcesConfig(_Model):
 
 class StackConfig(_Model):
     sparsity: Fraction | None = None  # which rung the ensemble uses; None = each member's last rung
+    # Which rung the basis-ladder groups (SBC-CNN) stack, by its threshold t; None = each member's last
+    # (most compressed) rung.  Groups of the sparsity ladder use ``sparsity``; SRB-CNN has one rung.
+    basis_threshold: Threshold | None = None
     methods: tuple[StackMethod, ...] = STACK_METHODS
     tune_samples: NonNegInt = 0  # > 0 adds the accuracy search run as a Tune experiment
     choose: Literal["nll_optimal", "accuracy_search", "equal", "best_single", "caruana", "best_val"] = "nll_optimal"
@@ -708,6 +794,14 @@ class PipelineConfig(_Model):
             raise ValueError(f"members: duplicate model names {names}; give each member a distinct model")
         if any(parse_variant(v)[2] for v in self.variants) and len(self.members) < 2:
             raise ValueError("members: a stacked variant needs at least two members")
+        for v in self.variants:
+            if variant_ladder(v) == "basis" and not self.train.basis.ladder:
+                raise ValueError(f"variants: {v} compresses its members along train.basis.ladder, which is empty; "
+                                 "set it, e.g. train.basis.ladder=[1.0, 0.95, 0.9, 0.85]")
+        bt = self.stack.basis_threshold
+        if bt is not None and bt not in self.train.basis.ladder:
+            raise ValueError(f"stack.basis_threshold={bt}: not a rung of train.basis.ladder "
+                             f"{list(self.train.basis.ladder)}")
         ladder = self.train.sparsity_ladder
         if self.stack.sparsity is not None and self.stack.sparsity not in (0.0, *ladder):
             raise ValueError(f"stack.sparsity={self.stack.sparsity} is not a rung of train.sparsity_ladder "
@@ -721,7 +815,10 @@ class PipelineConfig(_Model):
     # -- per-trial configs -------------------------------------------------------------------------
     def groups(self) -> list[dict]:
         """Each group is a set of trials stacked together: a variant, at B0 or at a swept batch size."""
-        groups = [{"group": v, "variant": v, "batch_size": None, "ladder": self.train.sparsity_ladder}
+        # A variant climbs one ladder (VARIANT_LADDERS): the sparsity ladder or train.basis.ladder.
+        groups = [{"group": v, "variant": v, "batch_size": None,
+                   "ladder": self.train.sparsity_ladder if variant_ladder(v) == "sparsity" else (),
+                   "basis_ladder": self.train.basis.ladder if variant_ladder(v) == "basis" else ()}
                   for v in self.variants]
         sweep = self.batch_sweep
         if sweep.batch_sizes:
@@ -729,9 +826,11 @@ class PipelineConfig(_Model):
             for v in sweep.variants:
                 for b in sweep.batch_sizes:
                     if not (b == self.train.dbs.b0 and v in self.variants):
-                        groups.append({"group": f"{v}@b{b}", "variant": v, "batch_size": b, "ladder": short})
+                        groups.append({"group": f"{v}@b{b}", "variant": v, "batch_size": b, "ladder": short,
+                                       "basis_ladder": ()})
                 if sweep.with_dbs and v + "+DBS" not in self.variants:
-                    groups.append({"group": v + "+DBS", "variant": v + "+DBS", "batch_size": None, "ladder": short})
+                    groups.append({"group": v + "+DBS", "variant": v + "+DBS", "batch_size": None, "ladder": short,
+                                   "basis_ladder": ()})
         return groups
 
     def trials(self) -> list[TrialSpec]:
@@ -744,6 +843,8 @@ class PipelineConfig(_Model):
             export = self.stack.sparsity if g["group"] in self.variants else self.batch_sweep.sparsity
             if export is None:
                 export = g["ladder"][-1] if g["ladder"] else 0.0
+            if g["basis_ladder"] or conv == "basis_random":
+                export = None  # BasisConv members are not exported (esdbs export refuses them): keep no weights
             for m in (self.members if stacked else self.members[:1]):
                 train = self.train.model_dump()
                 for key in (base, g["variant"]):
@@ -751,7 +852,8 @@ class PipelineConfig(_Model):
                 train.update(m.overrides)
                 train.update(model=m.model, conv=conv, schedule=schedule, dataset=self.dataset, data_dir=self.data_dir,
                              subset=self.subset, test_subset=self.test_subset, val_fraction=self.val_fraction,
-                             image_size=self.image_size, seed=self.seed, sparsity_ladder=list(g["ladder"]))
+                             image_size=self.image_size, seed=self.seed, sparsity_ladder=list(g["ladder"]),
+                             basis={**train["basis"], "ladder": list(g["basis_ladder"])})
                 if g["batch_size"] is not None:
                     train["dbs"] = {**train["dbs"], "b0": g["batch_size"]}
                 member = m.model if len(groups) == 1 else f"{slug(g['group'])}-{m.model}"

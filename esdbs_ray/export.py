@@ -354,6 +354,11 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
     group = _choose_group(cfg, variant, tree)
     specs = [t for t in cfg.trials() if t.group == group]
     names = [t.member for t in specs]
+    if specs[0].train.basis.ladder or specs[0].train.conv == "basis_random":
+        # Their layers' shapes (Q per layer) come from training, and ensemble.build_model rebuilds
+        # registry models only: exporting BasisConv members would need the shapes in the manifest.
+        raise ExportError(f"group {group!r} has BasisConv members ({specs[0].variant}): esdbs export does not "
+                          "export BasisConv models yet; choose another group with --variant")
     rung = float(sparsity if sparsity is not None else specs[0].export_sparsity)
     ladder = (0.0, *specs[0].train.sparsity_ladder) if specs[0].train.epochs else specs[0].train.sparsity_ladder
     if not any(abs(rung - s) < 1e-9 for s in ladder):

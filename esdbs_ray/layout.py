@@ -89,8 +89,10 @@ class ExperimentLayout:
     def predictions(self) -> str:
         return self._join("predictions")
 
-    def prediction(self, member: str, target_sparsity: float) -> str:
-        return self._join("predictions", f"{safe_name(member)}-{_sparsity_tag(target_sparsity)}.parquet")
+    def prediction(self, member: str, target_sparsity: float, basis_threshold: float | None = None) -> str:
+        # a basis rung (issue #16) is named by its threshold t: <member>-bt0900.parquet
+        tag = _sparsity_tag(target_sparsity) if basis_threshold is None else f"bt{round(float(basis_threshold) * 1000):04d}"
+        return self._join("predictions", f"{safe_name(member)}-{tag}.parquet")
 
     @property
     def members(self) -> str:

@@ -98,7 +98,7 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
 
 
 def _cost(spec) -> float:
-    """A trial's rough cost for ordering: epochs x (Winograd trials run slower on CPUs)."""
+    """A trial's rough cost for ordering: epochs x (Winograd trials run slower on CPUs) x width."""
     return spec.train.total_epochs * (2.0 if spec.train.conv == "winograd_relu" else 1.0) * spec.train.width
 
 
@@ -112,6 +112,7 @@ def _trial_name(trial) -> str:
 def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
     """One stacking search per group of two or more members: ``stacking.json`` when there is a single
     group, else ``stacking-<group>.json``."""
+    from .config import variant_ladder
     from .stacking import stack_experiment
 
     trials = cfg.trials()
@@ -122,8 +123,14 @@ def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
         if len(names) < 2:
             continue
         sparsity = cfg.stack.sparsity if group in cfg.variants else cfg.batch_sweep.sparsity
+        # A group's rung is on its own ladder: a basis rung by its t (SBC-CNN), SRB-CNN has only one.
+        ladder = variant_ladder(next(t.variant for t in trials if t.group == group))
+        basis_threshold = cfg.stack.basis_threshold if ladder == "basis" else None
+        if ladder != "sparsity":
+            sparsity = None
         results[group] = stack_experiment(
-            layout.root, sparsity=sparsity, variant=group, members=names, methods=cfg.stack.methods,
+            layout.root, sparsity=sparsity, basis_threshold=basis_threshold, variant=group, members=names,
+            methods=cfg.stack.methods,
             tune_samples=cfg.stack.tune_samples, seed=cfg.seed, choose=cfg.stack.choose,
             storage_path=layout.tune, output=layout.stacking(None if len(groups) == 1 else slug(group)),
         )
@@ -210,17 +217,22 @@ def _ensemble_row(stacking: dict) -> dict:
     m = stacking["methods"][chosen]
     return {"method": chosen, "weights": m["weights"], "val_accuracy": m["val_accuracy"],
             "test_accuracy": m["test_accuracy"], "val_nll": m["val_nll"], "test_nll": m["test_nll"],
-            "sparsity": stacking.get("sparsity")}
+            "sparsity": stacking.get("sparsity"), "basis_threshold": stacking.get("basis_threshold")}
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"{'member':<28} {'variant':<12} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'B':>10} {'s/epoch':>8}"]
+    stack = summary["config"]["stack"]
     for m in summary["members"]:
-        at = [r for r in m["rungs"] if r["target_sparsity"] == (summary["config"]["stack"]["sparsity"] or -1)]
+        # the rung the stack uses: by target sparsity, or by threshold t for a BasisConv ladder
+        key = "basis_threshold" if any(r.get("basis_threshold") is not None for r in m["rungs"]) else "target_sparsity"
+        want = stack.get("basis_threshold" if key == "basis_threshold" else "sparsity")
+        at = [r for r in m["rungs"] if want is not None and r.get(key) == want]
         r = at[0] if at else (m["rungs"][-1] if m["rungs"] else {})
         b = m.get("batch_size_range") or ["?", "?"]
+        shown = f"t={r['basis_threshold']:g}" if r.get("basis_threshold") is not None else f"{r.get('sparsity', 0.0):.3f}"
         lines.append(f"{m['member']:<28} {m['variant']:<12} {r.get('val_accuracy', float('nan')):8.4f} "
-                     f"{r.get('test_accuracy', float('nan')):8.4f} {r.get('sparsity', 0.0):8.3f} "
+                     f"{r.get('test_accuracy', float('nan')):8.4f} {shown:>8} "
                      f"{str(b[0]) + '-' + str(b[1]):>10} {m['mean_epoch_seconds']:8.1f}")
     for variant, e in summary["ensembles"].items():
         lines.append(f"{'ensemble (' + e['method'] + ')':<28} {variant:<12} {e['val_accuracy']:8.4f} "

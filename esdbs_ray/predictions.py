@@ -31,7 +31,16 @@ column              Arrow type                                   meaning
 ``epoch``           ``int32``                                    training epoch the predictions come from
 ``probs``           ``fixed_size_list<float32>[C]``              softmax output; rows sum to 1 (±1e-3)
                     (``pa.list_(pa.float32(), C)``)
+``basis_threshold`` ``float32``, optional                        BasisConv rungs only (issue #16): the
+                                                                 rung's eigenvalue-share threshold t in
+                                                                 (0, 1]; such a rung's target_sparsity
+                                                                 is 0.0 (it prunes nothing)
 =================== ============================================ =========================================
+
+A rung is identified by ``(target_sparsity, basis_threshold)``: sparsity rungs and the dense rung have
+no ``basis_threshold`` (the column is absent from their files, which keep the layout of every earlier
+file); :func:`read_predictions` always returns the column, null where a file lacks it, and
+:func:`prediction_matrix` selects basis rungs with ``basis_threshold=`` (see ``compression.py``).
 
 Key-value metadata of the Parquet file (each value JSON-encoded; written from ``metadata=``):
 ``config`` (dict: the trial config), ``seed``, ``git_revision``, ``versions`` (dict: torch / ray /
@@ -86,6 +95,7 @@ __all__ = [
     "prediction_sources",
     "prediction_matrix",
     "prediction_rungs",
+    "rung_order",
     "prediction_path",
     "predictions_dir",
     "atomic_write_bytes",
@@ -127,6 +137,17 @@ def prediction_schema(num_classes: int) -> pa.Schema:
 
 
 _COLUMNS = tuple(prediction_schema(1).names)
+# Optional columns: written only when given, always present (null where absent) in what is read back.
+OPTIONAL_FIELDS = (pa.field("basis_threshold", pa.float32(), nullable=True),)
+_OPTIONAL = tuple(f.name for f in OPTIONAL_FIELDS)
+
+
+def _read_schema(num_classes: int) -> pa.Schema:
+    """The schema of tables returned by :func:`read_predictions`: the canonical one plus the optional columns."""
+    schema = prediction_schema(num_classes)
+    for f in OPTIONAL_FIELDS:
+        schema = schema.append(f)
+    return schema
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,8 +172,10 @@ def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", str(s))
 
 
-def prediction_path(experiment_dir: str | os.PathLike, member: str, target_sparsity: float) -> str:
-    """Canonical file for one member's rung: ``<dir>/predictions/<member>-ts0800.parquet``.
+def prediction_path(experiment_dir: str | os.PathLike, member: str, target_sparsity: float,
+                    basis_threshold: float | None = None) -> str:
+    """Canonical file for one member's rung: ``<dir>/predictions/<member>-ts0800.parquet``, or
+    ``<member>-bt0900.parquet`` for the basis rung at t = 0.9.
 
     One file per (member, rung) holding both splits; a later epoch of the same rung overwrites it
     (atomically), so the file always holds the rung's latest predictions.
@@ -162,7 +185,9 @@ def prediction_path(experiment_dir: str | os.PathLike, member: str, target_spars
     ts = float(target_sparsity)
     if not 0.0 <= ts <= 1.0:
         raise PredictionsError(f"target_sparsity must be a fraction in [0, 1], got {target_sparsity}")
-    return ExperimentLayout(str(experiment_dir)).prediction(member, ts)
+    if basis_threshold is not None and not 0.0 < float(basis_threshold) <= 1.0:
+        raise PredictionsError(f"basis_threshold must be in (0, 1], got {basis_threshold}")
+    return ExperimentLayout(str(experiment_dir)).prediction(member, ts, basis_threshold)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +316,11 @@ def _validate_part(part: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not np.issubdtype(ep.dtype, np.integer) or ep.min() < 0:
         raise PredictionsError(f"{where}: epoch must be a non-negative integer, got {part['epoch']!r}")
     out["epoch"] = ep.astype(np.int32)
+    if part.get("basis_threshold") is not None:
+        bt = np.asarray(_broadcast("basis_threshold", part["basis_threshold"], n, "num"), dtype=np.float64)
+        if not np.all(np.isfinite(bt)) or np.any(bt <= 0) or np.any(bt > 1):
+            raise PredictionsError(f"{where}: basis_threshold must be in (0, 1], got {part['basis_threshold']!r}")
+        out["basis_threshold"] = bt.astype(np.float32)
     return out
 
 
@@ -317,11 +347,19 @@ def build_table(
         if v["probs"].shape[1] != c:
             raise PredictionsError(f"part {i}: {v['probs'].shape[1]} classes, part 0 has {c}")
     cols = {k: np.concatenate([v[k] for v in validated]) for k in _COLUMNS}
+    optional = [k for k in _OPTIONAL if any(k in v for v in validated)]
+    for k in optional:
+        if not all(k in v for v in validated):
+            raise PredictionsError(f"{k} given for some parts but not all")
+        cols[k] = np.concatenate([v[k] for v in validated])
     # the same (split, member, rung, index) twice across parts would be ambiguous
     key = np.rec.fromarrays([cols["split"], cols["member"], cols["target_sparsity"], cols["epoch"], cols["index"]])
     if np.unique(key).size != key.size:
         raise PredictionsError("duplicate (split, member, target_sparsity, epoch, index) rows across parts")
     schema = prediction_schema(c)
+    for f in OPTIONAL_FIELDS:
+        if f.name in optional:
+            schema = schema.append(f)
     arrays = []
     for f in schema:
         if f.name == "probs":
@@ -348,6 +386,7 @@ def write_predictions(
     target_sparsity: float | None = None,
     epoch: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    basis_threshold: float | None = None,
 ) -> str:
     """Validate and atomically write one predictions Parquet file; returns the path/URI written.
 
@@ -360,14 +399,14 @@ def write_predictions(
       part, overriding the top-level value.
 
     ``model``, ``member``, ``variant``, ``sparsity``, ``target_sparsity``, ``epoch`` are scalars (or
-    per-row arrays).  ``metadata`` holds ``config``, ``seed``, ``git_revision``, ``versions`` (and
+    per-row arrays); ``basis_threshold`` likewise, given only by a BasisConv rung (adds the column).  ``metadata`` holds ``config``, ``seed``, ``git_revision``, ``versions`` (and
     anything else JSON-serialisable).  Raises :class:`PredictionsError` (a ``ValueError``) naming the
     problem before touching the filesystem.
     """
     table = build_table(
         parts=parts, metadata=metadata, probs=probs, labels=labels, indices=indices, split=split,
         model=model, member=member, variant=variant, sparsity=sparsity,
-        target_sparsity=target_sparsity, epoch=epoch,
+        target_sparsity=target_sparsity, epoch=epoch, basis_threshold=basis_threshold,
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -465,7 +504,11 @@ def read_predictions(path_or_dir_or_uri: str | os.PathLike, *, filesystem: pafs.
             raise PredictionsError(f"{shown}: {c} classes, but {_shown(fs, files[0], source)} has {num_classes}")
         meta = _decode_metadata(t.schema.metadata)
         try:
-            t = t.select(list(_COLUMNS)).replace_schema_metadata(None).cast(prediction_schema(c))
+            t = t.select(list(_COLUMNS) + [k for k in _OPTIONAL if k in t.schema.names]).replace_schema_metadata(None)
+            for f in OPTIONAL_FIELDS:
+                if f.name not in t.schema.names:
+                    t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+            t = t.cast(_read_schema(c))
         except (pa.ArrowException, ValueError) as e:
             raise PredictionsError(f"{shown}: columns cannot be cast to the predictions schema: {e}") from None
         if t.num_rows and pc.any(pc.is_null(t["probs"])).as_py():
@@ -491,6 +534,10 @@ def prediction_sources(table: pa.Table) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 def _columns_np(table: pa.Table) -> dict[str, np.ndarray]:
     cols = {}
+    if "basis_threshold" in table.schema.names:  # null -> NaN: "not a basis rung"
+        cols["basis_threshold"] = table["basis_threshold"].to_numpy(zero_copy_only=False).astype(np.float64)
+    else:
+        cols["basis_threshold"] = np.full(table.num_rows, np.nan)
     for name in _COLUMNS:
         if name == "probs":
             c = table.schema.field("probs").type.list_size
@@ -504,14 +551,31 @@ def _columns_np(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def prediction_rungs(table: pa.Table, split: str | None = None) -> list[dict[str, Any]]:
-    """Distinct (member, model, variant, split, target_sparsity, epoch) groups with their row counts."""
+    """Distinct (member, model, variant, split, target_sparsity, basis_threshold, epoch) groups with their
+    row counts (``basis_threshold`` None for sparsity and dense rungs)."""
     keys = ["member", "model", "variant", "split", "target_sparsity", "epoch"]
+    if "basis_threshold" in table.schema.names:
+        keys.insert(5, "basis_threshold")
     t = table if split is None else table.filter(pc.equal(table["split"], split))
     g = t.group_by(keys).aggregate([("index", "count")]).to_pylist()
     for r in g:
         r["num_rows"] = r.pop("index_count")
         r["target_sparsity"] = round(float(r["target_sparsity"]), 6)
-    return sorted(g, key=lambda r: (r["member"], r["split"], r["target_sparsity"], r["epoch"]))
+        bt = r.get("basis_threshold")
+        r["basis_threshold"] = None if bt is None else round(float(bt), 6)
+    return sorted(g, key=lambda r: (r["member"], r["split"], rung_order(r["target_sparsity"], r["basis_threshold"]),
+                                    r["epoch"]))
+
+
+def rung_order(target_sparsity: float, basis_threshold: float | None) -> tuple:
+    """Sort key from the least to the most compressed rung: the dense rung, then the sparsity rungs by
+    target, or the basis rungs by decreasing t (a member climbs one ladder, never both)."""
+    return (float(target_sparsity), 0.0 if basis_threshold is None else 2.0 - float(basis_threshold))
+
+
+def _rung_text(key: tuple) -> str:
+    ts, bt = key
+    return f"basis t={bt:g}" if bt is not None else f"sparsity {ts:g}"
 
 
 def prediction_matrix(
@@ -522,19 +586,23 @@ def prediction_matrix(
     *,
     variant: str | None = None,
     return_info: bool = False,
+    basis_threshold: float | None = None,
 ):
     """Stack the members' predictions on one split, aligned by ``index``.
 
     Returns ``(probs [K, N, C] float32, labels [N] int64, member_names)`` with rows sorted by
     ``index`` (and, when ``return_info``, a 4th item: per member the rung used).  ``members`` defaults
     to every member present, sorted by name.  Rung: with ``sparsity=None`` each member's last rung
-    (highest ``target_sparsity``); otherwise the rung whose ``target_sparsity`` equals ``sparsity``
-    (a fraction; error listing the available ones if absent).  Within a rung the latest ``epoch`` is
-    used.  ``variant`` filters rows first (required when a member appears under several variants).
+    (highest ``target_sparsity``; for a BasisConv member its smallest ``basis_threshold``: see
+    :func:`rung_order`); otherwise the rung whose ``target_sparsity`` equals ``sparsity`` and which is
+    not a basis rung, or, with ``basis_threshold``, the basis rung of that t (and of ``sparsity`` when
+    given); an error lists the available rungs.  Within a rung the latest ``epoch`` is used.  ``variant`` filters rows first (required when a member appears under several variants).
     Errors name the members whose index sets or labels differ.
     """
     if sparsity is not None and not 0.0 <= float(sparsity) <= 1.0:
         raise PredictionsError(f"sparsity must be a fraction in [0, 1] (e.g. 0.8 for 80 %), got {sparsity}")
+    if basis_threshold is not None and not 0.0 < float(basis_threshold) <= 1.0:
+        raise PredictionsError(f"basis_threshold must be in (0, 1], got {basis_threshold}")
     t = table
     if variant is not None:
         t = t.filter(pc.equal(t["variant"], variant))
@@ -564,19 +632,28 @@ def prediction_matrix(
         variants = sorted(set(cols["variant"][sel].tolist()))
         if len(variants) > 1:
             raise PredictionsError(f"member {m!r} appears under several variants {variants}; pass variant=")
-        ts = cols["target_sparsity"][sel].astype(np.float64)
-        rungs = sorted(set(np.round(ts, 6).tolist()))
-        if sparsity is None:
+        ts = np.round(cols["target_sparsity"][sel].astype(np.float64), 6)
+        bts = np.round(cols["basis_threshold"][sel], 6)
+        rungs = sorted({(t, None if np.isnan(b) else b) for t, b in zip(ts.tolist(), bts.tolist())},
+                       key=lambda k: rung_order(*k))
+        if sparsity is None and basis_threshold is None:
             want = rungs[-1]
         else:
-            hits = [r for r in rungs if abs(r - float(sparsity)) < 1e-5]
+            hits = [(t, b) for t, b in rungs
+                    if (sparsity is None or abs(t - float(sparsity)) < 1e-5)
+                    and (b is None if basis_threshold is None else (b is not None and abs(b - basis_threshold) < 1e-5))]
             if not hits:
+                asked = " and ".join(x for x in (f"target_sparsity {sparsity}" if sparsity is not None else "",
+                                                 f"basis_threshold {basis_threshold}" if basis_threshold is not None
+                                                 else "") if x)
                 raise PredictionsError(
-                    f"member {m!r} has no rung with target_sparsity {sparsity} on split {split!r}; "
-                    f"available: {rungs}"
+                    f"member {m!r} has no rung with {asked} on split {split!r}; "
+                    f"available: {[_rung_text(k) for k in rungs]}"
                 )
             want = hits[0]
-        sel &= np.abs(cols["target_sparsity"].astype(np.float64) - want) < 1e-5
+        bt_rows = cols["basis_threshold"]
+        sel &= np.abs(cols["target_sparsity"].astype(np.float64) - want[0]) < 1e-5
+        sel &= np.isnan(bt_rows) if want[1] is None else np.abs(bt_rows - want[1]) < 1e-5
         last_epoch = int(cols["epoch"][sel].max())
         sel &= cols["epoch"] == last_epoch
         idx = cols["index"][sel]
@@ -584,7 +661,7 @@ def prediction_matrix(
         idx = idx[order]
         if np.unique(idx).size != idx.size:
             raise PredictionsError(
-                f"member {m!r}: duplicate indices on split {split!r} at target_sparsity {want}, epoch {last_epoch} "
+                f"member {m!r}: duplicate indices on split {split!r} at {_rung_text(want)}, epoch {last_epoch} "
                 "(two files for the same rung?)"
             )
         lab = cols["label"][sel][order]
@@ -605,7 +682,8 @@ def prediction_matrix(
                 )
         probs_list.append(p)
         info[m] = {
-            "target_sparsity": want,
+            "target_sparsity": want[0],
+            "basis_threshold": want[1],
             "sparsity": round(float(np.mean(cols["sparsity"][sel])), 6),
             "epoch": last_epoch,
             "model": str(cols["model"][sel][0]),

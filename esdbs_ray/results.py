@@ -29,11 +29,12 @@ from .storage import Tree
 
 COLUMNS = (
     "kind", "group", "variant", "member", "model", "conv", "schedule", "batch_size", "method", "chosen",
-    "trial_id", "status", "iterations", "epoch", "target_sparsity", "sparsity", "model_sparsity",
+    "trial_id", "status", "iterations", "epoch", "target_sparsity", "basis_threshold", "sparsity", "model_sparsity",
     "nonzero_weights", "total_weights", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "steps",
     "train_seconds", "mean_epoch_seconds", "wall_seconds", "batch_min", "batch_max", "weights", "source",
 )
-TABLE_COLUMNS = ("kind", "group", "member", "method", "target_sparsity", "val_accuracy", "test_accuracy", "test_loss",
+TABLE_COLUMNS = ("kind", "group", "member", "method", "target_sparsity", "basis_threshold", "val_accuracy",
+                 "test_accuracy", "test_loss",
                  "sparsity", "model_sparsity", "nonzero_weights", "steps", "wall_seconds", "batch_min", "batch_max")
 FORMATS = ("table", "csv", "parquet")
 
@@ -129,7 +130,8 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
         lo, hi = _batch_range(history) if history else tuple(m.get("batch_size_range") or (None, None))
         rows.append({**common, "kind": "trial", "iterations": t.get("iterations"),
                      "epoch": (history[-1]["epoch"] if history else (m.get("epochs") or 0) - 1),
-                     "target_sparsity": final.get("target_sparsity"), "sparsity": m.get("sparsity"),
+                     "target_sparsity": final.get("target_sparsity"), "basis_threshold": final.get("basis_threshold"),
+                     "sparsity": m.get("sparsity"),
                      "model_sparsity": m.get("model_sparsity"), "nonzero_weights": m.get("nonzero_weights"),
                      "total_weights": m.get("total_weights"), "val_accuracy": m.get("val_accuracy"),
                      "val_loss": history[-1].get("val_loss") if history else None,
@@ -141,12 +143,14 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
             end = int(r.get("epoch", first))
             lo, hi = _batch_range(history, range(first, end + 1))
             rows.append({**common, "kind": "rung", "epoch": end,
-                         **{k: r.get(k) for k in ("target_sparsity", "sparsity", "model_sparsity", "nonzero_weights",
+                         **{k: r.get(k) for k in ("target_sparsity", "basis_threshold", "sparsity", "model_sparsity",
+                                                  "nonzero_weights",
                                                   "total_weights", "val_accuracy", "val_loss", "test_accuracy",
                                                   "test_loss", "steps", "train_seconds", "mean_epoch_seconds")},
                          "wall_seconds": (t.get("wall_by_epoch") or {}).get(end), "batch_min": lo, "batch_max": hi})
             first = end + 1
-    rung_rows = {(r["member"], round(float(r["target_sparsity"]), 6)): r for r in rows
+    # a rung is (target sparsity, basis threshold): BasisConv rungs (issue #16) all have target 0
+    rung_rows = {(r["member"], *_rung_key(r)): r for r in rows
                  if r["kind"] == "rung" and r.get("target_sparsity") is not None}
     for name in tree.listdir(pattern="stacking*.json", kind="file") + tree.listdir(pattern="stack-*.json", kind="file"):
         try:
@@ -160,10 +164,11 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
         names = list(st.get("member_names") or [])
         info = st.get("rungs") or {}
         group = st.get("variant") or next((by_member[n].get("group") for n in names if n in by_member), None)
-        parts = [rung_rows.get((n, round(float((info.get(n) or {}).get("target_sparsity", -1)), 6))) for n in names]
+        keys = [_rung_key({"target_sparsity": -1, **(info.get(n) or {})}) for n in names]
+        parts = [rung_rows.get((n, *k)) for n, k in zip(names, keys)]
         have = all(p is not None for p in parts)
-        ts = {round(float((info.get(n) or {}).get("target_sparsity", -1)), 6) for n in names}
-        agg: dict[str, Any] = {"target_sparsity": ts.pop() if len(ts) == 1 else None}
+        one = names and len(set(keys)) == 1  # every member stacked at the same rung
+        agg: dict[str, Any] = dict(zip(("target_sparsity", "basis_threshold"), keys[0] if one else (None, None)))
         if have and parts:
             nz = sum(int(p["nonzero_weights"] or 0) for p in parts)
             tot = sum(int(p["total_weights"] or 0) for p in parts)
@@ -184,11 +189,13 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
     order = {"trial": 0, "rung": 1, "ensemble": 2}
     rows.sort(key=lambda r: (str(r.get("group")), order[r["kind"]], str(r.get("member")),
                              -1.0 if r.get("target_sparsity") is None else float(r["target_sparsity"]),
+                             0.0 if r.get("basis_threshold") is None else 2.0 - float(r["basis_threshold"]),
                              str(r.get("source")), str(r.get("method"))))
     df = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
     for c in ("batch_size", "iterations", "epoch", "nonzero_weights", "total_weights", "steps", "batch_min", "batch_max"):
         df[c] = df[c].astype("Int64")
-    for c in ("target_sparsity", "sparsity", "model_sparsity", "val_accuracy", "val_loss", "test_accuracy",
+    for c in ("target_sparsity", "basis_threshold", "sparsity", "model_sparsity", "val_accuracy", "val_loss",
+              "test_accuracy",
               "test_loss", "train_seconds", "mean_epoch_seconds", "wall_seconds"):
         df[c] = df[c].astype("float64")
     df["chosen"] = df["chosen"].astype("boolean")
@@ -213,9 +220,16 @@ def format_results(df, fmt: str) -> bytes:
     import pandas as pd
 
     shown = df[list(TABLE_COLUMNS)].copy()
-    for c in ("target_sparsity", "val_accuracy", "test_accuracy", "test_loss", "sparsity", "model_sparsity"):
+    for c in ("target_sparsity", "basis_threshold", "val_accuracy", "test_accuracy", "test_loss", "sparsity",
+              "model_sparsity"):
         shown[c] = shown[c].map(lambda v: "" if v != v or v is None else f"{v:.4f}")
     shown["wall_seconds"] = shown["wall_seconds"].map(lambda v: "" if v != v or v is None else f"{v:.1f}")
     shown["method"] = [("* " if c is not None and c is not pd.NA and bool(c) else "") + (m if isinstance(m, str) else "")
                        for m, c in zip(df["method"], df["chosen"].astype(object))]
     return (shown.fillna("").astype(str).to_string(index=False) + "\n").encode()
+
+
+def _rung_key(r: dict) -> tuple:
+    """(target sparsity, basis threshold or None), rounded: how a rung is named (compression.py)."""
+    bt = r.get("basis_threshold")
+    return round(float(r["target_sparsity"]), 6), None if bt is None else round(float(bt), 6)

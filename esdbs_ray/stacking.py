@@ -741,10 +741,12 @@ def stack_experiment(
     storage_path: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     ray_init_kwargs: Mapping[str, Any] | None = None,
+    basis_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Stack the members found in ``<experiment>/predictions/*.parquet``; write ``<experiment>/stacking.json``.
 
     ``sparsity`` picks the rung (a target-sparsity fraction; None = each member's last rung),
+    ``basis_threshold`` a BasisConv rung by its t (``predictions.prediction_matrix``),
     ``variant`` / ``members`` filter the rows.  The result of :func:`stack` gains ``"sparsity"``,
     ``"rungs"`` (per member: target and achieved sparsity, epoch, model, variant), ``"provenance"``
     (per prediction file: path, members, and its metadata: config, seed, git revision, versions),
@@ -757,14 +759,18 @@ def stack_experiment(
     exp = storage.normalize(experiment_dir_or_uri)
     pdir = _pred.predictions_dir(exp)
     table = _pred.read_predictions(pdir)
-    Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True)
-    Pt, yt, names_t, info_t = _pred.prediction_matrix(table, "test", names, sparsity, variant=variant, return_info=True)
+    Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True,
+                                                    basis_threshold=basis_threshold)
+    Pt, yt, names_t, info_t = _pred.prediction_matrix(table, "test", names, sparsity, variant=variant, return_info=True,
+                                                      basis_threshold=basis_threshold)
     for n in names:
         a, b = info_v[n], info_t[n]
-        if (a["target_sparsity"], a["epoch"]) != (b["target_sparsity"], b["epoch"]):
+        rung = ("target_sparsity", "basis_threshold", "epoch")
+        if tuple(a[k] for k in rung) != tuple(b[k] for k in rung):
             raise ValueError(
-                f"member {n!r}: validation predictions are from rung {a['target_sparsity']} epoch {a['epoch']} but "
-                f"test predictions from rung {b['target_sparsity']} epoch {b['epoch']}"
+                f"member {n!r}: validation predictions are from rung {a['target_sparsity']} (basis t "
+                f"{a['basis_threshold']}) epoch {a['epoch']} but test predictions from rung {b['target_sparsity']} "
+                f"(basis t {b['basis_threshold']}) epoch {b['epoch']}"
             )
     result = stack(
         Pv, yv, Pt, yt, names, methods=methods, tune_samples=tune_samples, storage_path=storage_path,
@@ -773,6 +779,7 @@ def stack_experiment(
     used = set(names)
     result["experiment"] = exp
     result["sparsity"] = None if sparsity is None else float(sparsity)
+    result["basis_threshold"] = None if basis_threshold is None else float(basis_threshold)
     result["variant"] = variant
     result["rungs"] = info_v
     result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]

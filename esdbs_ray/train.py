@@ -5,13 +5,15 @@ Pure PyTorch -- this module never imports Ray; ``trainable.py`` adapts it to Tun
 
     epochs 0 .. E-1                       dense training                (rung "0 %")
     then for each sparsity s in the ladder: prune to s, retrain R epochs  (rung "s")
+    or, for each threshold t of a basis ladder: BasisConv at t, fine-tune R epochs  (rung "t")
 
-and each rung ends with validation + test evaluation, predictions and a kernel snapshot.  The
-schedule (``dbs.py``) decides learning rate, momentum and batch size per epoch -- the cosine schedule
-(``cosine.py``) the learning rate of every step; the trainer keeps a snapshot before every increase
-and restores it when the schedule's divergence guard fires.  Early stopping (on validation loss)
-may end the dense phase early with its best epoch's weights; training batches may be augmented
-(``augment.py``), evaluation batches never are.
+and each rung ends with validation + test evaluation, predictions and a kernel snapshot.  What a rung
+does to the model is a :class:`~esdbs_ray.compression.Compression` (pruning or BasisConv, issue #16);
+this loop only calls its hooks.  The schedule (``dbs.py``) decides learning rate, momentum and batch
+size per epoch -- the cosine schedule (``cosine.py``) the learning rate of every step; the trainer
+keeps a snapshot before every increase and restores it when the schedule's divergence guard fires.
+Early stopping (on validation loss) may end the dense phase early with its best epoch's weights;
+training batches may be augmented (``augment.py``), evaluation batches never are.
 
 Every epoch writes an atomic checkpoint (model with its pruning masks, optimizer, schedule, batch
 iterator and RNG states, config, history); resuming from it continues exactly as an uninterrupted run
@@ -42,6 +44,7 @@ from .data import BatchIterator, DatasetBundle
 from .cosine import CosineSchedule
 from .dbs import build_schedule
 from .layout import RunLayout
+from .compression import build_compression, rung_counts
 from .models import create_model
 from .pruning import sparsity_accounting
 
@@ -77,6 +80,13 @@ class PrintHooks:
         )
 
     def on_rung(self, rung: dict) -> None:
+        if rung.get("basis_threshold") is not None:
+            b = rung["basis"]
+            print(f"{self.prefix}rung basis t={rung['basis_threshold']:g} ({b['retained_filters']}/"
+                  f"{b['original_filters']} filters, conv mults x{b['mult_ratio']:.3f}, conv learnable "
+                  f"/{b['conv_learnable_reduction']:.2f}): before fine-tuning val {rung['before_finetune']['val_accuracy']:.4f}"
+                  f" | val {rung['val_accuracy']:.4f} test {rung['test_accuracy']:.4f}", flush=True)
+            return
         print(
             f"{self.prefix}rung sparsity {rung['target_sparsity']:.2f} (pruned layers {rung['sparsity']:.3f}, "
             f"whole model {rung['model_sparsity']:.3f}, {rung['nonzero_weights']:,} nonzero weights): "
@@ -97,7 +107,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, data: DatasetBundle) -> tuple[nn.Module, Any]:
-    """The registry model, converted to Winograd-ReLU if asked, with pruning masks when a ladder is set."""
+    """The registry model, converted to Winograd-ReLU or random-basis BasisConv if asked, and its
+    compression strategy (pruning masks are registered now, before any checkpoint is loaded)."""
     model = create_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
         image_size=data.image_size, dropout=cfg.dropout, width=cfg.width,
@@ -106,12 +117,11 @@ def build_model(cfg: TrainConfig, data: DatasetBundle) -> tuple[nn.Module, Any]:
         from .winograd import to_winograd_relu
 
         to_winograd_relu(model)
-    pruner = None
-    if cfg.sparsity_ladder:
-        from .pruning import Pruner
+    elif cfg.conv == "basis_random":
+        from .basisconv import to_basisconv_random
 
-        pruner = Pruner(model)
-    return model, pruner
+        to_basisconv_random(model, fraction=cfg.basis.fraction, which=cfg.basis.layers, seed=cfg.seed)
+    return model, build_compression(cfg, model)
 
 
 def _is_conv_weight(module: nn.Module) -> bool:
@@ -241,7 +251,10 @@ def train(
         from .winograd import tune_cpu_allocator
 
         tune_cpu_allocator()  # reuse the transforms' large buffers instead of page-faulting each step
-    model, pruner = build_model(cfg, data)
+    model, compression = build_model(cfg, data)
+    ckpt = _load_checkpoint(resume_from, cfg) if resume_from is not None else None
+    if ckpt is not None:  # basis layers of the checkpoint's shapes, before the optimizer sees the parameters
+        compression.restore_structure(model, ckpt["model"])
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     train_batches = BatchIterator(data.train, batch_size=cfg.dbs.b0, mean=data.mean, std=data.std,
@@ -262,22 +275,14 @@ def train(
     state = {"epoch": 0, "history": [], "rungs": [], "steps": 0, "train_seconds": 0.0, "kernels": {}, "snapshot": None}
 
     # --- resume: everything that decides the future comes back from the checkpoint
-    if resume_from is not None:
-        ckpt_path = Path(resume_from)
-        ckpt_path = ckpt_path / CHECKPOINT if ckpt_path.is_dir() else ckpt_path
-        ckpt = storage.load_torch(ckpt_path)
-        missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else None
-        if missing is None or missing:
-            raise ValueError(f"{ckpt_path}: not an esdbs checkpoint ("
-                             + (f"a {type(ckpt).__name__}, not a dict" if missing is None else f"lacks {missing}") + ")")
-        if ckpt.get("config") != cfg.to_dict():
-            raise ValueError(f"{ckpt_path}: checkpoint was written by a different config; refusing to resume")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         train_batches.load_state_dict(ckpt["train_batches"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
+        compression.load_state_dict(state.get("compression"))
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -287,15 +292,23 @@ def train(
     for epoch in range(state["epoch"], cfg.total_epochs):
         if epoch < state["epoch"]:  # early stopping ended the dense phase: on to the first rung, or done
             continue
-        # --- prune at the first epoch of each ladder rung (masks only shrink)
-        rung_index = (epoch - cfg.epochs) // cfg.retrain_epochs if epoch >= cfg.epochs else -1
-        if pruner is not None and rung_index >= 0 and (epoch - cfg.epochs) % cfg.retrain_epochs == 0:
-            pruner.prune_to(cfg.sparsity_ladder[rung_index])
-            pruner.apply_(optimizer)
+        # --- compress at the first epoch of each ladder rung (prune, or BasisConv at the rung's t)
+        rung_index = cfg.rung_of(epoch)
+        if rung_index >= 0 and epoch == cfg.rung_starts()[rung_index]:
+            if compression.start_rung(model, rung_index, optimizer):
+                # New parameter objects: a new optimizer (a compressed model is fine-tuned afresh, as
+                # the paper does), and the guard's snapshot must be of the new structure.
+                optimizer = build_optimizer(cfg, model)
+                state["snapshot"] = None
+            if compression.evaluate_at_start:  # the rung's operating point before fine-tuning
+                state["rung_start"] = compression.start_metrics(model, rung_index, lambda m: {
+                    f"{k}_accuracy": evaluate(m, b, amp=amp)["accuracy"] for k, b in (("val", val_batches),
+                                                                                      ("test", test_batches))})
+        lr_scale = compression.begin_epoch(model, epoch)  # which parameters train (basis: step one / two)
 
         # --- schedule: lr, momentum, batch size for this epoch; snapshot before an increase
         plan = schedule.plan()
-        set_hyperparameters(optimizer, plan.lr, plan.momentum)
+        set_hyperparameters(optimizer, plan.lr * lr_scale, plan.momentum)
         train_batches.batch_size = plan.batch_size
         if plan.increase or state.get("snapshot") is None:
             state["snapshot"] = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
@@ -310,15 +323,14 @@ def train(
         for x, y in train_batches:
             if step_lrs is not None:
                 for g in optimizer.param_groups:
-                    g["lr"] = step_lrs[steps]
+                    g["lr"] = step_lrs[steps] * lr_scale
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if pruner is not None:
-                pruner.apply_(optimizer)
+            compression.after_step(optimizer)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -355,10 +367,11 @@ def train(
             "epoch_seconds": epoch_seconds, "samples_per_second": seen / max(epoch_seconds, 1e-9),
             "steps": steps, "total_steps": state["steps"], "train_seconds": state["train_seconds"],
             "sparsity": sparsity["sparsity"], "model_sparsity": sparsity["model_sparsity"],
-            "nonzero_weights": sparsity["nonzero_weights"],
-            "target_sparsity": cfg.sparsity_ladder[rung_index] if rung_index >= 0 else 0.0,
+            "nonzero_weights": sparsity["nonzero_weights"], **compression.epoch_fields(epoch),
             "restored": bool(restored), "decision": plan.decision,
         }
+        if lr_scale != 1.0:  # "lr" is the schedule's; the optimizer ran at lr * lr_scale
+            record["lr_scale"] = lr_scale
         if early is not None:
             record["early_stopping"] = early["note"]
             if early["restored"]:
@@ -380,17 +393,19 @@ def train(
         # --- end of a rung: test evaluation, predictions, kernels
         if epoch in rung_ends or stopped:
             rung_sparsity = rung_ends.get(epoch, 0.0)
-            rung = _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch,
-                                rung_sparsity, record, writer, state, predictions_root, member, variant,
-                                provenance)
+            rung = _finish_rung(cfg, data, model, compression, val_batches, test_batches, amp, epoch, rung_index,
+                                record, writer, state, predictions_root, member, variant, provenance)
             hooks.on_rung(rung)
-            if predictions_root is not None and any(abs(rung_sparsity - k) < 1e-9 for k in keep_weights):
+            # weights are kept by target sparsity: a basis rung (target 0, named by its t) is not one
+            if (predictions_root is not None and rung.get("basis_threshold") is None
+                    and any(abs(rung_sparsity - k) < 1e-9 for k in keep_weights)):
                 _save_rung_weights(predictions_root, member, cfg, data, model, epoch, rung_sparsity)
             if next_epoch == cfg.total_epochs and state["kernels"]:
                 _kernel_figure(run.kernels, state["kernels"], writer, epoch)
 
         # --- checkpoint (atomic), then tell the caller
         state["epoch"] = next_epoch
+        state["compression"] = compression.state_dict()
         ckpt_path = run.checkpoint
         storage.save_torch(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -404,7 +419,7 @@ def train(
             return {"interrupted_after_epoch": epoch}
 
     # --- final: summary.json and the kernel figure
-    summary = _summary(cfg, data, state, pruner, provenance, member, variant, device)
+    summary = _summary(cfg, data, state, compression, provenance, member, variant, device)
     summary["bmax"] = getattr(schedule, "bmax", None)  # DBS: the largest batch the schedule may reach
     writer.close()
     storage.write_json(run.summary, summary)
@@ -454,28 +469,52 @@ def _early_stopping(cfg: TrainConfig, state: dict, model: nn.Module, epoch: int,
             "note": why + (f"; weights of epoch {e['best_epoch']} (best val loss) restored" if restored else "")}
 
 
-def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch, target, record, writer, state,
-                 predictions_root, member, variant, provenance) -> dict:
+def _load_checkpoint(resume_from, cfg: TrainConfig) -> dict:
+    ckpt_path = Path(resume_from)
+    ckpt_path = ckpt_path / CHECKPOINT if ckpt_path.is_dir() else ckpt_path
+    ckpt = storage.load_torch(ckpt_path)
+    missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else None
+    if missing is None or missing:
+        raise ValueError(f"{ckpt_path}: not an esdbs checkpoint ("
+                         + (f"a {type(ckpt).__name__}, not a dict" if missing is None else f"lacks {missing}") + ")")
+    if ckpt.get("config") != cfg.to_dict():
+        raise ValueError(f"{ckpt_path}: checkpoint was written by a different config; refusing to resume")
+    return ckpt
+
+
+def _finish_rung(cfg, data, model, compression, val_batches, test_batches, amp, epoch, rung_index, record, writer,
+                 state, predictions_root, member, variant, provenance) -> dict:
     val = evaluate(model, val_batches, keep_probs=predictions_root is not None, amp=amp)
     test = evaluate(model, test_batches, keep_probs=predictions_root is not None, amp=amp)
-    layers = pruner.report()["layers"] if pruner is not None else {}
+    layers = compression.layer_sparsity() if rung_index >= 0 else {}
     counts = sparsity_accounting(model)
+    key = compression.rung_key(rung_index)
+    target, threshold = key["target_sparsity"], key["basis_threshold"]
     rung = {
-        "target_sparsity": target, "sparsity": counts["sparsity"], "model_sparsity": counts["model_sparsity"],
+        **key, "sparsity": counts["sparsity"], "model_sparsity": counts["model_sparsity"],
         "nonzero_weights": counts["nonzero_weights"], "total_weights": counts["total_weights"],
         "pruned_layer_weights": counts["pruned_layer_weights"], "layer_sparsity": layers,
         "epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "train_seconds": state["train_seconds"], "steps": state["steps"],
         # the dense rung comes first, so all epochs so far are its own (fewer than cfg.epochs after a stop)
-        "mean_epoch_seconds": _rung_epoch_seconds(state["history"], len(state["history"]) if target == 0.0
-                                                  else cfg.retrain_epochs, skip_first=target == 0.0),
+        "mean_epoch_seconds": _rung_epoch_seconds(state["history"], len(state["history"]) if rung_index < 0
+                                                  else cfg.retrain_epochs, skip_first=rung_index < 0),
+        # multiplications, weights and filters beside the dense spatial network (compression.py)
+        **rung_counts(model, (data.in_channels, data.image_size, data.image_size)),
     }
+    rung.update(state.pop("rung_start", None) or {})  # basis: accuracy before fine-tuning, direct conversion
     state["rungs"].append(rung)
-    writer.add_scalar("rung/val_accuracy", val["accuracy"], int(round(target * 100)))
-    writer.add_scalar("rung/test_accuracy", test["accuracy"], int(round(target * 100)))
-    writer.add_scalar("rung/sparsity", counts["sparsity"], int(round(target * 100)))
-    writer.add_scalar("rung/model_sparsity", counts["model_sparsity"], int(round(target * 100)))
+    if threshold is None:
+        writer.add_scalar("rung/val_accuracy", val["accuracy"], int(round(target * 100)))
+        writer.add_scalar("rung/test_accuracy", test["accuracy"], int(round(target * 100)))
+        writer.add_scalar("rung/sparsity", counts["sparsity"], int(round(target * 100)))
+        writer.add_scalar("rung/model_sparsity", counts["model_sparsity"], int(round(target * 100)))
+    else:  # basis rungs all have target sparsity 0: step = the rung's number (1, 2, ...), t a scalar of its own
+        for tag, v in (("threshold", threshold), ("val_accuracy", val["accuracy"]), ("test_accuracy", test["accuracy"]),
+                       ("filter_ratio", rung["basis"]["filter_ratio"]), ("mult_ratio", rung["basis"]["mult_ratio"]),
+                       ("conv_learnable_reduction", rung["basis"]["conv_learnable_reduction"])):
+            writer.add_scalar(f"basis_rung/{tag}", v, rung_index + 1)
     if predictions_root is not None:
         from .predictions import prediction_path, write_predictions
 
@@ -484,10 +523,12 @@ def _finish_rung(cfg, data, model, pruner, val_batches, test_batches, amp, epoch
             {"split": "test", "probs": test["probs"], "labels": data.test.labels, "indices": data.test.indices},
         ]
         write_predictions(
-            prediction_path(predictions_root, member, target), parts=parts, model=cfg.model, member=member,
-            variant=variant or "", sparsity=counts["sparsity"], target_sparsity=target, epoch=epoch,
+            prediction_path(predictions_root, member, target, basis_threshold=threshold), parts=parts, model=cfg.model,
+            member=member, variant=variant or "", sparsity=counts["sparsity"], target_sparsity=target,
+            basis_threshold=threshold, epoch=epoch,
             metadata={"config": cfg.to_dict(), "seed": cfg.seed, "sparsity_accounting": counts,
-                      "class_names": list(data.class_names), **provenance},
+                      "class_names": list(data.class_names),
+                      **({"basis": rung["basis"]} if rung["basis"] else {}), **provenance},
         )
     if cfg.conv == "winograd_relu":
         from .winograd import winograd_layers
@@ -528,7 +569,7 @@ def _kernel_figure(path: Path, kernels: dict, writer, step: int) -> None:
     writer.add_image("winograd_kernels", image, step, dataformats="HWC")
 
 
-def _summary(cfg, data, state, pruner, provenance, member, variant, device) -> dict:
+def _summary(cfg, data, state, compression, provenance, member, variant, device) -> dict:
     history, rungs = state["history"], state["rungs"]
     final = rungs[-1] if rungs else {}
     return {
@@ -538,7 +579,8 @@ def _summary(cfg, data, state, pruner, provenance, member, variant, device) -> d
         "val_accuracy": final.get("val_accuracy", history[-1]["val_accuracy"]), "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"), "sparsity": final.get("sparsity", 0.0),
         "model_sparsity": final.get("model_sparsity", 0.0), "nonzero_weights": final.get("nonzero_weights"),
-        "total_weights": final.get("total_weights"),
+        "total_weights": final.get("total_weights"), "compression": compression.kind,
+        "basis_threshold": final.get("basis_threshold"), "basis": final.get("basis"),
         "batch_size_range": [min(h["batch_size"] for h in history), max(h["batch_size"] for h in history)],
         "train_seconds": state["train_seconds"], "steps": state["steps"],
         "mean_epoch_seconds": state["train_seconds"] / max(len(history), 1),

@@ -126,7 +126,7 @@ def test_unknown_yaml_key_is_refused_and_out_untouched(tmp_path):
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"variants": ["SWR-CNN", "XYZ"]}, r"variants.1='XYZ': Input should be 'C-CNN', .* or 'SWR-CNN\+DBS'"),
+    ({"variants": ["SWR-CNN", "XYZ"]}, r"variants.1='XYZ': Input should be 'C-CNN', .* or 'SRB-CNN\+DBS'"),
     ({"members": ["alexnet"]}, "at least two members"),
     ({"members": ["alexnet", "lenet"]}, "members.1.model='lenet': unsupported model; choose one of: alexnet"),
     ({"train": {"model": "vgg16"}}, "set by the pipeline"),
@@ -278,3 +278,24 @@ def test_dbs_plan_cli_json_and_figure(tmp_path):
     r = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "dbs-plan", "--epochs", "8", "--train-size", "54000",
                         "--figure", str(tmp_path / "m.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_basis_variants_build_their_trials():
+    """Issue #16's variants: SBC-CNN climbs train.basis.ladder (and no sparsity ladder), SRB-CNN trains
+    random bases without a ladder, the pruning variants keep the sparsity ladder; +DBS works for both."""
+    cfg = build_config("basisconv-fashion-mnist-cpu", sets=["variants=[SC-CNN, SBC-CNN, SRB-CNN+DBS]"])
+    trials = {}
+    for t in cfg.trials():
+        trials.setdefault(t.group, []).append(t)
+    assert set(trials) == {"SC-CNN", "SBC-CNN", "SRB-CNN+DBS"} and all(len(v) == 3 for v in trials.values())
+    for t in trials["SBC-CNN"]:
+        tr = t.train
+        assert (tr.conv, tr.schedule, tr.sparsity_ladder) == ("spatial", "fixed", ())
+        assert tr.basis.ladder == (1.0, 0.95, 0.9, 0.85) and tr.total_epochs == tr.epochs + 4 * tr.retrain_epochs
+        assert t.export_sparsity is None  # BasisConv members keep no export weights (esdbs export refuses them)
+    for t in trials["SRB-CNN+DBS"]:
+        tr = t.train
+        assert (tr.conv, tr.schedule, tr.sparsity_ladder, tr.basis.ladder) == ("basis_random", "dbs", (), ())
+        assert tr.total_epochs == tr.epochs
+    for t in trials["SC-CNN"]:
+        assert t.train.sparsity_ladder == (0.3, 0.6, 0.8) and t.train.basis.ladder == ()

@@ -379,3 +379,86 @@ def test_dbs_claims_are_not_run_when_the_schedule_never_acted(experiment, tmp_pa
         assert c2[i]["verdict"] == "not run" and "DBS never acted" in c2[i]["detail"], c2[i]
     assert c2["A1"]["verdict"] == by_id["A1"]["verdict"] and "DBS never acted" in c2["A1"]["detail"]
     assert "**the schedule never acted**" in _md(r)
+
+
+# --------------------------------------------------------------------------------------------------
+# BasisConv (issue #16): the sections on really trained tiny members
+# --------------------------------------------------------------------------------------------------
+def test_basis_sections_on_trained_members(tmp_path):
+    """SC-CNN, SBC-CNN (eigen ladder) and SRB-CNN (random bases) groups of two tiny members, trained by
+    the real trainer into an experiment directory laid out as ``esdbs run`` leaves it (config.yaml,
+    summary.json members, Parquet predictions); the report then has the BasisConv sections: our rows
+    beside the paper's Table 2, the random-basis table, the issue's targets, the methods side by side
+    at equal multiplications, and both figures."""
+    import yaml
+
+    from esdbs_ray.config import build_config
+    from esdbs_ray.data import load_dataset
+    from esdbs_ray.train import train
+
+    class Silent:
+        def on_epoch(self, record, checkpoint_path):
+            pass
+
+        def on_rung(self, rung):
+            pass
+
+    cfg = build_config("basisconv-fashion-mnist-cpu", None, {"subset": 600, "test_subset": 200}, sets=[
+        "members=[convpool_cnn_c, all_cnn_c]", "variants=[SC-CNN, SBC-CNN, SRB-CNN]", "train.width=0.125",
+        "train.epochs=1", "train.sparsity_ladder=[0.5]", "train.basis.ladder=[1.0, 0.9]", "stack.sparsity=0.5",
+        "stack.basis_threshold=0.9", "train.dbs.b0=64"])
+    data = load_dataset(cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed, subset=600, test_subset=200)
+    root = tmp_path / "exp"
+    members = []
+    for t in cfg.trials():
+        s = train(t.train, data, tmp_path / "trials" / t.member, hooks=Silent(), predictions_root=str(root),
+                  member=t.member, variant=t.group)
+        s.update(variant=t.variant, group=t.group, batch_size=t.batch_size, config=t.train.to_dict())
+        members.append(s)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (root / "summary.json").write_text(json.dumps({"members": members, "config": cfg.to_dict(), "ensembles": {}}))
+
+    # the SBC-CNN stack at t = 0.9, as run_stack fits it (stack.basis_threshold; no Tune search, no Ray)
+    from esdbs_ray.stacking import stack_experiment
+
+    sbc_names = sorted(m["member"] for m in members if m["group"] == "SBC-CNN")
+    st = stack_experiment(root, basis_threshold=0.9, variant="SBC-CNN", members=sbc_names,
+                          methods=("nll_optimal", "equal"), output=root / "stacking-sbc-cnn.json")
+    assert st["basis_threshold"] == 0.9 and {st["rungs"][n]["basis_threshold"] for n in sbc_names} == {0.9}
+
+    # `esdbs results`: basis rungs told apart by their t, the stack's rows matched to its members' rungs
+    from esdbs_ray.results import results_table
+
+    df = results_table(root)
+    rung = df[(df.kind == "rung") & (df.member == sbc_names[0])]
+    assert sorted(rung.basis_threshold.fillna(0).tolist()) == [0.0, 0.9, 1.0]
+    ens = df[(df.kind == "ensemble") & (df.group == "SBC-CNN")]
+    assert set(ens.basis_threshold) == {0.9} and ens.nonzero_weights.notna().all()
+
+    result = build_report(root, tmp_path / "report")
+    md = _md(result)
+    assert result["sections"]["stacking"] == "ok"
+    for key in ("figure:basis_accuracy_vs_filters", "figure:compression_equal_mults", "basis_targets"):
+        assert result["sections"][key] == "ok", (key, result["problems"])
+    for name in ("basis_accuracy_vs_filters", "compression_equal_mults"):
+        assert Path(result["figures"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the paper's Table 2 row beside ours: each SBC-CNN member at the stack's t, then the ensemble
+    rows = _table_rows(md, "Table 2 of Tayyab & Mahalanobis")
+    assert ["paper: AlexNet (CIFAR-100)", "1,152", "240", "43.9%", "0.85", "358", "85", "7.1%", "42.5%",
+            "3.22x", "2.82x"] in rows
+    ours = {r[0]: r for r in rows if not r[0].startswith("paper")}
+    sbc = {m["member"]: m for m in members if m["group"] == "SBC-CNN"}
+    assert set(sbc) <= set(ours) and any(k.startswith("SBC-CNN ensemble") for k in ours)
+    for name, m in sbc.items():
+        r = next(r for r in m["rungs"] if r["basis_threshold"] == 0.9)
+        assert ours[name][4] == "0.9" and ours[name][5] == f"{r['basis']['retained_filters']:,}"
+        assert ours[name][8] == f"{100 * r['test_accuracy']:.2f}%"
+    # random bases against their spatial twins (the SBC-CNN members' dense rungs), and the targets
+    rnd = _table_rows(md, "Trained from scratch with fixed random orthonormal bases")
+    assert {r[0] for r in rnd} >= {m["member"] for m in members if m["group"] == "SRB-CNN"}
+    targets = _table_rows(md, None, after="### BasisConv targets (issue #16)")
+    assert len(targets) == 4 and all(r[-1] in ("held", "not held") for r in targets)
+    # the methods side by side at equal multiplications: each BasisConv operating point, SC-CNN beside it
+    assert "## Compression methods at equal multiplications" in md
+    assert "SC-CNN: magnitude pruning" in md and "SBC-CNN: BasisConv eigen ladder" in md
+    assert "SRB-CNN: random basis (from scratch)" in md

@@ -33,23 +33,34 @@ def tiny_data():
     return load_dataset("fashion-mnist", subset=600, test_subset=200, seed=3)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(schedule="dbs", conv="winograd_relu", sparsity_ladder=(0.4,), retrain_epochs=1, dropout=0.2),
-    dict(schedule="fixed", conv="spatial"),
-])
-def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw):
+@pytest.mark.parametrize("kw,stop", [
+    (dict(schedule="dbs", conv="winograd_relu", sparsity_ladder=(0.4,), retrain_epochs=1, dropout=0.2), 0),
+    (dict(schedule="fixed", conv="spatial"), 0),
+    # BasisConv eigen ladder (issue #16), cut after step one of the first basis rung: the resumed run
+    # must rebuild the basis layers of the checkpoint's shapes, freeze what step two freezes (nothing)
+    # and go on with the same optimizer, schedule and batches; the second rung then recompresses.
+    (dict(schedule="dbs", epochs=1, basis={"ladder": (1.0, 0.8)}, retrain_epochs=2, dropout=0.2), 1),
+], ids=["swr-dbs-pruned", "spatial-fixed", "basis-ladder"])
+def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw, stop):
     cfg = _cfg(**kw)
     full = train(cfg, tiny_data, tmp_path / "full", hooks=Silent())
-    partial = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=0)
-    assert partial == {"interrupted_after_epoch": 0}
+    partial = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=stop)
+    assert partial == {"interrupted_after_epoch": stop}
     resumed = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), resume_from=tmp_path / "cut")
     keys = ("train_loss", "val_loss", "val_accuracy", "lr", "momentum", "batch_size", "sparsity")
     for a, b in zip(full["history"], resumed["history"]):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     assert len(resumed["history"]) == cfg.total_epochs
+    timing = ("train_seconds", "mean_epoch_seconds")  # rung records equal but for the machine's timings
+    assert [{k: v for k, v in r.items() if k not in timing} for r in full["rungs"]] == [
+        {k: v for k, v in r.items() if k not in timing} for r in resumed["rungs"]]
     wa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # tensors, and a BasisConv layer's extra state (its basis kind, t, kept energy: plain values)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) if torch.is_tensor(wa[k]) else wa[k] == wb[k]
+                                          for k in wa)
+    if cfg.basis.ladder:  # the run did climb the ladder: the last rung's bases are in the model
+        assert any(k.endswith(".basis") for k in wa) and resumed["rungs"][-1]["basis_threshold"] == 0.8
 
 
 def test_resume_refuses_another_config(tmp_path, tiny_data):
@@ -137,7 +148,7 @@ def test_swr_training_runs_the_fused_layer_by_default(tmp_path, tiny_data, monke
 
 
 def test_config_validation_names_the_problem():
-    with pytest.raises(ConfigError, match=r"^conv='fft': Input should be 'spatial' or 'winograd_relu'$"):
+    with pytest.raises(ConfigError, match=r"^conv='fft': Input should be 'spatial', 'winograd_relu' or 'basis_random'$"):
         TrainConfig.from_dict({"conv": "fft"})
     with pytest.raises(ConfigError, match=r"sparsity_ladder=\[0.5, 0.3\]: must be strictly increasing"):
         TrainConfig.from_dict({"sparsity_ladder": [0.5, 0.3]})
@@ -171,3 +182,78 @@ def test_train_one_cli_done_when(tmp_path):
     again = subprocess.run([sys.executable, "-m", "esdbs_ray.cli", "train-one", "--epochs", "1", "--out", str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already holds an esdbs run" in again.stderr and "--resume" in again.stderr
+
+
+def test_basis_ladder_rungs_predictions_and_counts(tmp_path, tiny_data):
+    """Issue #16: one trial climbs the eigen ladder; each rung is evaluated, counted and predicted."""
+    from esdbs_ray.predictions import prediction_matrix, read_predictions
+
+    cfg = _cfg(epochs=1, basis={"ladder": (1.0, 0.9, 0.7), "stage1_epochs": 1}, retrain_epochs=2)
+    s = train(cfg, tiny_data, tmp_path, hooks=Silent(), predictions_root=str(tmp_path), variant="SBC-CNN")
+    assert [(r["target_sparsity"], r["basis_threshold"]) for r in s["rungs"]] == [
+        (0.0, None), (0.0, 1.0), (0.0, 0.9), (0.0, 0.7)]
+    dense, *rungs = s["rungs"]
+    assert dense["basis"] is None and dense["mult_ratio"] == 1.0
+    # t = 1.0 loses nothing: right after the conversion the model classifies as the trained one did
+    assert rungs[0]["before_finetune"]["test_accuracy"] == dense["test_accuracy"]
+    assert rungs[0]["direct_conversion"]["test_accuracy"] == dense["test_accuracy"]
+    filters = [r["basis"]["retained_filters"] for r in rungs]
+    assert filters == sorted(filters, reverse=True) and filters[-1] < filters[0]
+    for r in rungs:
+        b = r["basis"]
+        assert b["original_filters"] == dense["filters"] and b["conv_mults"] == r["conv_mults"]
+        assert b["conv_learnable"] < b["original_conv_learnable"] or r["basis_threshold"] == 1.0
+        assert all(layer["energy"] >= r["basis_threshold"] - 1e-6 for layer in b["layers"].values())
+    assert rungs[-1]["mult_ratio"] < rungs[0]["mult_ratio"]
+    # the paper's two steps per rung: coefficients at stage1_lr_scale, then everything at stage2_lr_scale
+    assert [h["fine_tuning_stage"] for h in s["history"]] == [None, 1, 2, 1, 2, 1, 2]
+    assert [h.get("lr_scale", 1.0) for h in s["history"]] == [1.0, 1.0, 0.1, 1.0, 0.1, 1.0, 0.1]
+    assert s["compression"] == "basis" and s["basis_threshold"] == 0.7 and s["basis"] == rungs[-1]["basis"]
+    # predictions: one file per rung, a basis rung named and selected by its t
+    names = sorted(p.name for p in (tmp_path / "predictions").glob("*.parquet"))
+    assert names == ["convpool_cnn_c-bt0700.parquet", "convpool_cnn_c-bt0900.parquet",
+                     "convpool_cnn_c-bt1000.parquet", "convpool_cnn_c-ts0000.parquet"]
+    table = read_predictions(tmp_path / "predictions")
+    _, _, _, info = prediction_matrix(table, "test", None, None, return_info=True)
+    assert info["convpool_cnn_c"]["basis_threshold"] == 0.7  # the last rung: the smallest t
+    P, y, _ = prediction_matrix(table, "test", None, 0.0, basis_threshold=0.9)
+    assert abs(float((P[0].argmax(1) == y).mean()) - rungs[1]["test_accuracy"]) < 1e-9
+
+
+def test_basis_random_trains_with_fixed_bases(tmp_path, tiny_data):
+    """`conv: basis_random` trains from scratch: bases never move, the rest does; counts recorded."""
+    from esdbs_ray.basisconv import basis_layers
+
+    cfg = _cfg(epochs=2, conv="basis_random", basis={"fraction": 0.5})
+    s = train(cfg, tiny_data, tmp_path, hooks=Silent())
+    fresh, _ = build_model(cfg, tiny_data)  # same seed: the bases the run started from
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    layers = basis_layers(fresh)
+    assert layers and all(m.bn is not None for _, m in layers)  # batch norm before the 1x1 (section 4.5)
+    for name, m in layers:
+        assert torch.equal(trained[f"{name}.basis"], m.basis)
+        assert not torch.equal(trained[f"{name}.projection.weight"], m.projection.weight)
+    (rung,) = s["rungs"]
+    b = rung["basis"]
+    assert s["compression"] == "dense" and b["basis_layers"] == len(layers)
+    assert b["retained_filters"] < b["original_filters"] and b["conv_learnable_reduction"] > 2.0
+    assert rung["conv_mults"] == b["conv_mults"] < rung["dense_conv_mults"]
+
+
+@pytest.mark.parametrize("flags,want", [
+    (["--conv", "basis_random", "--basis-fraction", "0.5", "--basis-layers", "relu"],
+     {"conv": "basis_random", "basis": {"fraction": 0.5, "layers": "relu"}}),
+    (["--basis-ladder", "1.0,0.8", "--retrain-epochs", "2", "--basis-stage2-lr-scale", "0.01"],
+     {"conv": "spatial", "basis": {"ladder": [1.0, 0.8], "stage2_lr_scale": 0.01}}),
+], ids=["random", "ladder"])
+def test_train_one_basis_flags(tmp_path, flags, want):
+    from esdbs_ray.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train-one", "--dataset", "fashion-mnist", "--model", "convpool_cnn_c", "--width", "0.125",
+                 "--epochs", "1", "--subset", "300", "--test-subset", "100", "--batch-size", "64", "--out", str(out), *flags])
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["conv"] == want["conv"]
+    assert {k: s["config"]["basis"][k] for k in want["basis"]} == want["basis"]
+    assert len(s["rungs"]) == 1 + len(want["basis"].get("ladder", ())) and s["basis"]

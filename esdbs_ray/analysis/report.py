@@ -7,7 +7,8 @@
 ``<out_dir>/report.md``, a self-contained ``<out_dir>/report.html`` (figures embedded as base64 PNG
 data URIs) and the PNG figures into a local ``out_dir`` (default ``EXPERIMENT_DIR/report`` for a local
 experiment).  Module layout: ``experiment.py`` loads, ``claims.py`` judges the paper's claims,
-``sections.py`` writes the sections, ``render.py`` renders Markdown and HTML, this module ties them.  Any missing
+``sections.py`` writes the sections (``basis.py`` BasisConv's, issue #16, for runs with BasisConv
+members), ``render.py`` renders Markdown and HTML, this module ties them.  Any missing
 artifact turns the sections that need it into "not run"; nothing here trains, and Ray is never
 imported.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from ..storage import Tree
 from . import paper_numbers as PN
+from .basis import basis_sections, has_basis_members
 from .claims import build_claims
 from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, Experiment, load_experiment
 from .render import Doc
@@ -95,6 +97,10 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     decisions_ok = _section_dbs_decisions(doc, exp)
     accounting_ok = _section_sparsity_accounting(doc, exp)
     _section_stacking(doc, exp)
+    basis = None
+    if has_basis_members(exp):  # BasisConv (issue #16): only in runs that trained BasisConv members
+        basis = basis_sections(doc, exp, out)
+        figs.update(basis["figures"])
     classes_ok = _section_classes(doc, exp)
     _section_members(doc, exp)
     if P:
@@ -114,6 +120,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "sparsity_accounting": "ok" if accounting_ok else NOT_RUN,
         "classes": "ok" if classes_ok else NOT_RUN,
         **{f"figure:{k}": ("ok" if v else NOT_RUN) for k, v in figs.items()},
+        **({"basis_targets": basis["sections"]["basis_targets"]} if basis else {}),
     }
     return {"out_dir": str(out), "markdown": str(md_path), "html": str(html_path), "figures": figs,
             "claims": claims, "sections": sections, "problems": list(exp.problems)}
