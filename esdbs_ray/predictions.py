@@ -648,7 +648,7 @@ def prediction_matrix(
                                                  else "") if x)
                 raise PredictionsError(
                     f"member {m!r} has no rung with {asked} on split {split!r}; "
-                    f"available: {[_rung_text(k) for k in rungs]}"
+                    f"available: {', '.join(_rung_text(k) for k in rungs)}"
                 )
             want = hits[0]
         bt_rows = cols["basis_threshold"]
