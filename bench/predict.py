@@ -5,6 +5,9 @@ What it measures, on the machine it runs on:
 * the wall time of ``esdbs predict``'s prediction step (``Ensemble.member_proba`` + the stacking's
   weighted average over all three members, batches of ``--batch-size``) for the whole test split,
   median of ``--repeats`` timed runs after one warm-up batch; the target is under 10 s on 2 CPU cores;
+* the same with the compiled (fused) Winograd-ReLU layer (``ESDBS_WINOGRAD_IMPL=fused``; ``auto`` keeps
+  the eager reference for inference on CPU), and the first batch's seconds, which include the compile
+  (or loading it from inductor's on-disk cache);
 * the same with onnxruntime on the exported ONNX graphs (the graphs a consumer without torch uses);
 * that the export reproduces the run: the ensemble's test accuracy against ``stacking.json``'s (the
   quick preset has no test subset, so both are on the same 10,000 images) and the largest difference
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime timing")
+    ap.add_argument("--no-fused", action="store_true", help="skip the compiled Winograd layer's timing")
     ap.add_argument("--images", type=int, default=None, help="only the first N test images (a sanity run)")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/predict.json)")
     a = ap.parse_args(argv)
@@ -101,6 +105,25 @@ def main(argv=None) -> int:
         if m["ensemble"].get("test_accuracy") is not None and m["ensemble"].get("n_test") == len(images) else None,
         "export_seconds": export_seconds,
     }
+    if any(x.get("conv") == "winograd_relu" for x in m["members"]) and not a.no_fused:
+        # The compiled (fused) Winograd-ReLU layer for inference: "auto" runs the reference forward on
+        # CPU because a one-off prediction does not pay back the per-shape compile; a long-lived
+        # predictor (or ESDBS_WINOGRAD_IMPL=fused) does.  First call = compile (or a cache load).
+        import os
+
+        from esdbs_ray.winograd import IMPL_ENV
+
+        before = os.environ.get(IMPL_ENV)
+        os.environ[IMPL_ENV] = "fused"
+        with Timer() as t:
+            ensemble.member_proba(images[: a.batch_size], batch_size=a.batch_size)
+        f = _time(run, a.repeats)
+        doc.update(fused_first_batch_seconds=t.seconds, fused_seconds=f, fused_seconds_median=statistics.median(f),
+                   fused_accuracy=float(np.mean(result["probs"].argmax(1) == labels)))
+        if before is None:
+            os.environ.pop(IMPL_ENV)
+        else:
+            os.environ[IMPL_ENV] = before
     if a.experiment:  # the members' own test probabilities from the run
         from esdbs_ray.predictions import prediction_matrix, read_predictions
 

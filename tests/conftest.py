@@ -82,3 +82,15 @@ def _disconnect_ray_after_module():
     ray = _sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+# `make test` runs two pytest-xdist workers with --dist loadgroup: every test file is one group (its
+# module-scoped clusters and runs stay in one process, as with --dist loadfile), except that the files
+# reading the session's smoke run share one group, so the smoke pipeline runs once, not once per worker.
+_SMOKE_RUN_FILES = {"test_pipeline.py", "test_export.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("smoke_run" if name in _SMOKE_RUN_FILES else name))
