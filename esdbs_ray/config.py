@@ -486,7 +486,8 @@ class TrainConfig(TrainSettings):
 
     @property
     def schedule_kind(self) -> str:
-        """What ``dbs.build_schedule`` builds: "dbs", "fixed" (warm-up + plateau) or "cosine"."""
+        """The trainer's schedule: "dbs", "fixed" (warm-up + plateau; ``dbs.build_schedule``) or "cosine"
+        (``cosine.CosineSchedule``)."""
         return "cosine" if self.schedule == "fixed" and self.lr_schedule == "cosine" else self.schedule
 
     @property

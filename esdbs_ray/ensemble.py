@@ -320,11 +320,17 @@ def _pil_to_array(im, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _read_image(path: Path, shape) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if shape[0] == 3 and shape[1] == shape[2]:
+        # an RGB model at S x S is what image folders train: decode exactly as training did (EXIF
+        # orientation, JPEG draft, palette and alpha handling, the same resize)
+        from .data import _decode
+
+        return _decode(path, shape[1])
     try:
         with Image.open(path) as im:
-            return _pil_to_array(im, shape)
+            return _pil_to_array(ImageOps.exif_transpose(im), shape)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: refused, too many pixels for an image ({exc})") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
@@ -335,7 +341,7 @@ def _image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise DataError(f"{folder}: no JPEG/PNG/BMP images in this folder")
+        raise DataError(f"{folder}: no images (JPEG, PNG, BMP, WebP, TIFF) in this folder")
     return files
 
 

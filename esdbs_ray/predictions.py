@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
@@ -166,10 +165,6 @@ def predictions_dir(experiment_dir: str | os.PathLike) -> str:
     from .layout import ExperimentLayout
 
     return ExperimentLayout(str(experiment_dir)).predictions
-
-
-def _safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(s))
 
 
 def prediction_path(experiment_dir: str | os.PathLike, member: str, target_sparsity: float,

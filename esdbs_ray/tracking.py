@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import storage
 from .config import ConfigError, PipelineConfig
+from .layout import safe_name
 
 _FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
@@ -205,8 +206,9 @@ def log_experiment(cfg: PipelineConfig, layout, summary: dict) -> dict | None:
         member = r.data.tags.get("esdbs.member")
         if member and member not in trial_runs:  # newest first: a resumed trial's latest run
             trial_runs[member] = r.info.run_id
-            if tree.is_file("members", f"{member}.json"):
-                client.log_artifact(r.info.run_id, tree.local_path("members", f"{member}.json"))
+            name = f"{safe_name(member)}.json"  # as ExperimentLayout.member() names the file
+            if tree.is_file("members", name):
+                client.log_artifact(r.info.run_id, tree.local_path("members", name))
     client.set_terminated(run_id)
     record = {"tracking_uri": s["tracking_uri"], "experiment_name": s["experiment_name"], "experiment_id": exp_id,
               "run_id": run_id, "trial_runs": trial_runs}

@@ -463,8 +463,9 @@ def _early_stopping(cfg: TrainConfig, state: dict, model: nn.Module, epoch: int,
     if stop:
         e["stopped_epoch"] = epoch
     e["weights"] = None  # the phase is over: the copy is no longer needed in checkpoints
-    why = (f"no val loss below {e['best_val_loss']:.4f} - {es.min_delta:g} for {es.patience} epochs: dense phase "
-           f"stopped after epoch {epoch}" if stop else "dense phase ended")
+    best = "no finite val loss" if e["best_val_loss"] is None else f"no val loss below {e['best_val_loss']:.4f}"
+    why = (f"{best} - {es.min_delta:g} for {es.patience} epochs: dense phase stopped after epoch {epoch}"
+           if stop else "dense phase ended")
     return {"stop": stop, "restored": restored, "best_epoch": e["best_epoch"],
             "note": why + (f"; weights of epoch {e['best_epoch']} (best val loss) restored" if restored else "")}
 

@@ -404,7 +404,7 @@ def test_basis_sections_on_trained_members(tmp_path):
             pass
 
     cfg = build_config("basisconv-fashion-mnist-cpu", None, {"subset": 600, "test_subset": 200}, sets=[
-        "members=[convpool_cnn_c, all_cnn_c]", "variants=[SC-CNN, SBC-CNN, SRB-CNN]", "train.width=0.125",
+        "members=[alexnet, all_cnn_c]", "variants=[SC-CNN, SBC-CNN, SRB-CNN]", "train.width=0.125",
         "train.epochs=1", "train.sparsity_ladder=[0.5]", "train.basis.ladder=[1.0, 0.9]", "stack.sparsity=0.5",
         "stack.basis_threshold=0.9", "train.dbs.b0=64"])
     data = load_dataset(cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed, subset=600, test_subset=200)

@@ -1,4 +1,4 @@
-"""Figures of the report (matplotlib, Agg backend; imported lazily so that ``import analysis`` is cheap).
+"""Figures of the report (matplotlib, Agg backend; imported lazily so that ``import esdbs_ray.analysis`` is cheap).
 
 Every function takes plain data (dicts of numbers) and a path, writes one PNG and returns the path.
 """
