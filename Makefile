@@ -37,10 +37,10 @@ data: $(STAMP)
 demo: setup
 	$(VENV)/bin/esdbs run --preset quick --out runs/demo
 
-# Two pytest-xdist workers; a test file stays in one worker (tests/conftest.py groups them: a file's Ray
-# clusters and the shared smoke run stay in one process); each worker trains on one thread.
+# Two pytest-xdist workers, a test file per worker (--dist loadfile: its module-scoped Ray clusters stay
+# in one process); the workers share one smoke run (tests/conftest.py); each trains on one thread.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations 15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations 15
 
 bench: setup
 	$(PY) bench/throughput.py

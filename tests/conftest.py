@@ -15,6 +15,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WOR
 # per shape on 2 cores with a cold cache.  The suite trains with the reference implementation; the
 # tests of the compiled one (tests/test_winograd.py) ask for it explicitly.
 os.environ.setdefault("ESDBS_WINOGRAD_IMPL", "reference")
+# Inductor compiles in a pool of one subprocess per core by default: beside a second xdist worker and
+# the Ray trials of another test that oversubscribes the 2 cores; the compiling tests compile serially.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 # Ray reads its auth mode and node-address policy once per process: set them before any test touches
 # Ray, so every Ray the tests start or join is on loopback with token authentication.
@@ -50,16 +53,26 @@ def ray_address(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(ray_address, tmp_path_factory):
-    """The smoke preset through real Ray Tune, with MLflow tracking on, once per session: the pipeline,
-    export/predict, results and tracking tests all read this one run."""
+def smoke_run(ray_address, tmp_path_factory, request):
+    """The smoke preset through real Ray Tune, with MLflow tracking on, once per test run: the pipeline,
+    export/predict, results and tracking tests all read this one run.  Under pytest-xdist the workers
+    share it: the first to ask runs it (on its own Ray), the others wait on a file lock and read it."""
+    import json
+
+    from filelock import FileLock
+
     from esdbs_ray.config import build_config
     from esdbs_ray.pipeline import run_pipeline
 
-    out = tmp_path_factory.mktemp("exp") / "smoke"
-    cfg = build_config("smoke", sets=["tracking.mlflow.enabled=true"])
-    summary = run_pipeline(cfg, str(out), address=ray_address, progress=False)
-    return out, summary
+    shared = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: the session's common parent
+        shared = shared.parent
+    out = shared / "smoke-run" / "smoke"
+    with FileLock(str(shared / "smoke-run.lock")):
+        if not (out / "summary.json").is_file():
+            cfg = build_config("smoke", sets=["tracking.mlflow.enabled=true"])
+            run_pipeline(cfg, str(out), address=ray_address, progress=False)
+    return out, json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture
@@ -83,14 +96,3 @@ def _disconnect_ray_after_module():
     if ray is not None and ray.is_initialized():
         ray.shutdown()
 
-
-# `make test` runs two pytest-xdist workers with --dist loadgroup: every test file is one group (its
-# module-scoped clusters and runs stay in one process, as with --dist loadfile), except that the files
-# reading the session's smoke run share one group, so the smoke pipeline runs once, not once per worker.
-_SMOKE_RUN_FILES = {"test_pipeline.py", "test_export.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("smoke_run" if name in _SMOKE_RUN_FILES else name))
