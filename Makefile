@@ -16,7 +16,6 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml
 	@echo "setup: $(VENV) with esdbs-ray and its dependencies (the first time takes ~2-3 min: torch is large)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -qq --upgrade pip
 	@$(PY) -m pip install -qq -e '.[test]'
 	@touch $(STAMP)
 	@echo "setup: done"
