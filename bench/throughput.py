@@ -29,34 +29,22 @@ Hardware: whatever it runs on, recorded in the JSON.
     .venv/bin/python bench/throughput.py           # all models, 5 batch sizes
     .venv/bin/python bench/throughput.py --geometry cifar --include-resnet50 --width 0.5
 
-Result (see ``bench/results/throughput.json``; filled in from the latest full run):
-Latest full run (2026-11-21, ``python bench/throughput.py``: width 0.25, 1x28x28, threads 2, 1 warm-up
-+ 2 timed steps per cell; 10.6 min wall at load average ~5-6 from other users' jobs):
+Result (``bench/results/throughput.json``): the latest run is ``--quick`` (2026-11-23, width 0.25,
+1x28x28, 2 threads, 2 timed steps per cell, load average 0.1-1.1, the Winograd layer's default:
+compiled), on a 2-vCPU Intel Xeon VM:
 
-    model           conv              B=64   B=128  B=256  B=512  B=1024
-    alexnet         spatial           57.4   112.5  203.3  346.0  538.4
-    alexnet         winograd_relu     26.0   49.8   90.9   146.4  194.5
-    alexnet         winograd/spatial  x0.45  x0.44  x0.45  x0.42  x0.36
-    all_cnn_c       spatial           50.4   96.2   167.5  250.9  251.0
-    all_cnn_c       winograd_relu     25.7   47.7   78.6   117.4  121.1
-    all_cnn_c       winograd/spatial  x0.51  x0.50  x0.47  x0.47  x0.48
-    convpool_cnn_c  spatial           48.8   90.2   169.6  263.4  196.7
-    convpool_cnn_c  winograd_relu     19.8   35.5   81.4   80.2   77.6
-    convpool_cnn_c  winograd/spatial  x0.41  x0.39  x0.48  x0.30  x0.39
-    resnet32        spatial           739.8  782.6  84.0   102.4  160.5
-    resnet32        winograd_relu     279.8  241.8  24.6   34.6   50.0
-    resnet32        winograd/spatial  x0.38  x0.31  x0.29  x0.34  x0.31
-    vgg16           spatial           29.6   62.5   116.4  174.3  285.6
-    vgg16           winograd_relu     13.5   27.6   41.7   72.6   92.5
-    vgg16           winograd/spatial  x0.46  x0.44  x0.36  x0.42  x0.32
+    model     conv              B=64    B=256   trainer B=128 (bare loop)
+    alexnet   spatial           1662.4  2119.3  1908.4 (1998.6)
+    alexnet   winograd_relu     1544.6  2046.0  1885.8 (2175.4)    SWR epoch / SC epoch x1.01
+    resnet32  spatial            765.8   952.2   923.9  (687.2)
+    resnet32  winograd_relu      415.9   491.5   476.4  (494.7)    SWR epoch / SC epoch x1.93
 
-Winograd-ReLU training runs at 0.29-0.51x the spatial samples/s (median 0.42x) on this CPU -- a
-stable ratio (an earlier run at load ~10 gave median 0.46x).  Absolute samples/s are dominated by
-the machine's load, not by the model: samples/s grows ~linearly with B, i.e. a near-constant ~1 s
-per step, and resnet32's B=64/128 cells (740-780/s) ran in a quiet moment.  Thread check (alexnet
-spatial B=128, steps alternating in one process): 1 thread 996.7/s vs 2 threads 112.7/s -- on this
-shared 2-vCPU VM, 2 OpenMP threads are ~9x *slower* than 1 (each parallel region waits for a
-descheduled thread); use ``--threads 1`` for figures that reflect compute.
+With the compiled layer an SWR AlexNet trains at the spatial speed; ResNet-32 at width 0.25 (4-16
+channels) stays at ~0.5x, where the transforms' memory traffic outweighs the GEMMs.  Before the
+compiled layer (2026-11-21, full run at load 5-6, eager reference layer) Winograd-ReLU ran at
+0.29-0.51x the spatial samples/s (median 0.42x) across all five models.  On this shared VM 2 OpenMP
+threads were once measured ~9x slower than 1 (a descheduled thread stalls every parallel region); the
+thread check in the JSON says which way it goes on the machine at hand.
 """
 from __future__ import annotations
 

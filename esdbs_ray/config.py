@@ -834,18 +834,30 @@ class PipelineConfig(_Model):
                                    "basis_ladder": ()})
         return groups
 
+    def stack_rung(self, group: str, variant: str) -> tuple[float | None, float | None]:
+        """The rung a group's stack uses, ``(target sparsity, basis threshold t)``, None meaning "the
+        last rung": the stacking stage and the trainer's kept weights (``esdbs export``) both ask here,
+        so the weights kept are those of the rung that was stacked."""
+        ladder = variant_ladder(variant)
+        if ladder == "basis":
+            return None, self.stack.basis_threshold
+        if ladder != "sparsity":
+            return None, None
+        return (self.stack.sparsity if group in self.variants else self.batch_sweep.sparsity), None
+
     def trials(self) -> list[TrialSpec]:
         specs = []
         groups = self.groups()
         for g in groups:
             conv, schedule, stacked = parse_variant(g["variant"])
             base = g["variant"].removesuffix("+DBS")
-            # the rung this group's stack uses (run_stack's choice), else its last rung
-            export = self.stack.sparsity if g["group"] in self.variants else self.batch_sweep.sparsity
+            # keep the weights of the rung this group's stack uses (None there: the last rung); BasisConv
+            # members are not exported (esdbs export refuses them), so they keep none
+            export, _ = self.stack_rung(g["group"], g["variant"])
             if export is None:
                 export = g["ladder"][-1] if g["ladder"] else 0.0
             if g["basis_ladder"] or conv == "basis_random":
-                export = None  # BasisConv members are not exported (esdbs export refuses them): keep no weights
+                export = None
             for m in (self.members if stacked else self.members[:1]):
                 train = self.train.model_dump()
                 for key in (base, g["variant"]):

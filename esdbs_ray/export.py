@@ -43,7 +43,7 @@ import numpy as np
 from . import storage
 from .config import ConfigError, PipelineConfig, slug, validate
 from .ensemble import FORMAT, FORMAT_VERSION, ExportError, build_model, fold_masks
-from .layout import ExperimentLayout, ExportLayout, check_replace, replace_dir, safe_name
+from .layout import ExperimentLayout, ExportLayout, check_replace, replace_dir
 
 OPSET = 17
 ONNX_TOLERANCE = 1e-4
@@ -217,7 +217,7 @@ def _config(tree: storage.Tree) -> PipelineConfig:
     if not tree.is_dir():
         raise ExportError(f"{tree.root}: no such experiment directory")
     try:
-        d = yaml.safe_load(tree.read_text("config.yaml"))
+        d = yaml.safe_load(tree.read_text(ExperimentLayout.CONFIG))
     except FileNotFoundError:
         raise ExportError(f"{tree.uri('config.yaml')}: missing; is {tree.root} an esdbs experiment?") from None
     except (yaml.YAMLError, ValueError) as exc:
@@ -254,17 +254,17 @@ def _load_torch(tree: storage.Tree, *parts: str):
 def _member_weights(tree: storage.Tree, spec, sparsity: float) -> dict:
     """{"state", "input" (or None), "source", "epoch"} of one member at rung ``sparsity``."""
     train = spec.train
-    name = ExperimentLayout(tree.root).rung_weights(spec.member, sparsity).rsplit("/", 1)[-1]
-    if tree.is_file("weights", name):
-        w = _load_torch(tree, "weights", name)
+    name = ExperimentLayout.rung_weights_name(spec.member, sparsity)
+    if tree.is_file(ExperimentLayout.WEIGHTS, name):
+        w = _load_torch(tree, ExperimentLayout.WEIGHTS, name)
         if not isinstance(w, dict) or not {"model", "config", "input"} <= set(w):
-            raise ExportError(f"{tree.uri('weights', name)}: not an esdbs weights file")
+            raise ExportError(f"{tree.uri(ExperimentLayout.WEIGHTS, name)}: not an esdbs weights file")
         if w["config"] != train.to_dict():
             raise ExportError(f"{tree.uri('weights', name)}: written by a different config than {spec.member}'s")
         return {"state": w["model"], "input": w["input"], "source": f"weights/{name}", "epoch": w.get("epoch")}
     # An experiment from before the trainer kept rung weights: the last Tune checkpoint, last rung only.
     last = train.sparsity_ladder[-1] if train.sparsity_ladder else 0.0
-    trials = [d for d in tree.listdir("tune", "base", kind="dir") if d.startswith(f"{spec.member}_")]
+    trials = [d for d in tree.listdir(*ExperimentLayout.TUNE_BASE, kind="dir") if d.startswith(f"{spec.member}_")]
     checkpoints = sorted((c for d in trials for c in (f"tune/base/{d}/{x}" for x in
                                                       tree.listdir("tune", "base", d, pattern="checkpoint_*",
                                                                    kind="dir"))),
@@ -303,8 +303,8 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
     re-run, or the NLL optimum fitted now on the rung's validation predictions."""
     if len(names) == 1:
         return {"method": "single member", "weights": {names[0]: 1.0}, "source": None}
-    own = ExperimentLayout(tree.root).stacking(None if len(cfg.groups()) == 1 else slug(group)).rsplit("/", 1)[-1]
-    candidates = [own] + sorted(tree.listdir(pattern="stack-*.json", kind="file"), reverse=True)
+    own = ExperimentLayout.stacking_name(None if len(cfg.groups()) == 1 else slug(group))
+    candidates = [own] + sorted(tree.listdir(pattern=ExperimentLayout.RESTACK_GLOB, kind="file"), reverse=True)
     for name in candidates:
         try:
             st = tree.read_json(name)
@@ -327,7 +327,7 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
     from .predictions import prediction_matrix, read_predictions
     from .stacking import evaluate, nll_optimal
 
-    table = read_predictions(tree.path("predictions"), filesystem=tree.fs)
+    table = read_predictions(tree.path(ExperimentLayout.PREDICTIONS), filesystem=tree.fs)
     Pv, yv, _ = prediction_matrix(table, "val", names, sparsity, variant=group)
     Pt, yt, _ = prediction_matrix(table, "test", names, sparsity, variant=group)
     w = nll_optimal(Pv, yv)
@@ -387,7 +387,7 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
         entry.update(model_sparsity=counts["model_sparsity"], nonzero_weights=counts["nonzero_weights"],
                      total_weights=counts["total_weights"])
         try:
-            rec = next(r for r in tree.read_json("members", f"{safe_name(t.member)}.json").get("rungs", [])
+            rec = next(r for r in tree.read_json(ExperimentLayout.MEMBERS, ExperimentLayout.member_name(t.member)).get("rungs", [])
                        if abs(float(r["target_sparsity"]) - rung) < 1e-9)
             entry.update({k: rec.get(k) for k in ("sparsity", "val_accuracy", "test_accuracy")})
         except (OSError, ValueError, StopIteration, AttributeError, TypeError, KeyError):
@@ -395,7 +395,7 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
         models[t.member] = model
         members.append(entry)
     try:
-        summary = tree.read_json("summary.json")
+        summary = tree.read_json(ExperimentLayout.SUMMARY)
     except (OSError, ValueError):
         summary = {}
     from .provenance import provenance

@@ -58,6 +58,30 @@ def safe_name(s: str) -> str:
 class ExperimentLayout:
     root: str  # a normalised local path or URI
 
+    # Names inside an experiment directory, relative to its root: the properties below join them to the
+    # root; readers that walk an experiment through ``storage.Tree`` (results, export, tracking, the
+    # report) take them as they are.
+    CONFIG = "config.yaml"
+    SUMMARY = "summary.json"
+    TUNE_BASE = ("tune", "base")
+    PREDICTIONS = "predictions"
+    MEMBERS = "members"
+    WEIGHTS = "weights"
+    STACKING_GLOB = "stacking*.json"  # the run's own stacking files
+    RESTACK_GLOB = "stack-*.json"  # esdbs stack's re-runs, newest last by name
+
+    @staticmethod
+    def member_name(member: str) -> str:
+        return f"{safe_name(member)}.json"
+
+    @staticmethod
+    def rung_weights_name(member: str, target_sparsity: float) -> str:
+        return f"{safe_name(member)}-{_sparsity_tag(target_sparsity)}.pt"
+
+    @staticmethod
+    def stacking_name(group_slug: str | None = None) -> str:
+        return f"stacking-{group_slug}.json" if group_slug else "stacking.json"
+
     @classmethod
     def at(cls, path: str | os.PathLike) -> "ExperimentLayout":
         return cls(storage.normalize(path))
@@ -71,7 +95,7 @@ class ExperimentLayout:
 
     @property
     def config(self) -> str:
-        return self._join("config.yaml")
+        return self._join(self.CONFIG)
 
     @property
     def tune(self) -> str:
@@ -79,7 +103,7 @@ class ExperimentLayout:
 
     @property
     def base(self) -> str:
-        return self._join("tune", "base")
+        return self._join(*self.TUNE_BASE)
 
     @property
     def dbs_search(self) -> str:
@@ -87,7 +111,7 @@ class ExperimentLayout:
 
     @property
     def predictions(self) -> str:
-        return self._join("predictions")
+        return self._join(self.PREDICTIONS)
 
     def prediction(self, member: str, target_sparsity: float, basis_threshold: float | None = None) -> str:
         # a basis rung (issue #16) is named by its threshold t: <member>-bt0900.parquet
@@ -96,18 +120,18 @@ class ExperimentLayout:
 
     @property
     def members(self) -> str:
-        return self._join("members")
+        return self._join(self.MEMBERS)
 
     def member(self, member: str) -> str:
-        return self._join("members", f"{safe_name(member)}.json")
+        return self._join(self.MEMBERS, self.member_name(member))
 
     @property
     def weights(self) -> str:
-        return self._join("weights")
+        return self._join(self.WEIGHTS)
 
     def rung_weights(self, member: str, target_sparsity: float) -> str:
         """The member's weights at the end of one rung (the trainer keeps the rung its stack uses)."""
-        return self._join("weights", f"{safe_name(member)}-{_sparsity_tag(target_sparsity)}.pt")
+        return self._join(self.WEIGHTS, self.rung_weights_name(member, target_sparsity))
 
     @property
     def mlruns(self) -> str:
@@ -118,7 +142,7 @@ class ExperimentLayout:
         return self._join("tracking.json")
 
     def stacking(self, group_slug: str | None = None) -> str:
-        return self._join(f"stacking-{group_slug}.json" if group_slug else "stacking.json")
+        return self._join(self.stacking_name(group_slug))
 
     def stacking_rerun(self, tag: str) -> str:
         """A new file per ``esdbs stack`` call (the run's own stacking.json is never rewritten)."""
@@ -126,7 +150,7 @@ class ExperimentLayout:
 
     @property
     def summary(self) -> str:
-        return self._join("summary.json")
+        return self._join(self.SUMMARY)
 
     @property
     def dbs_constants(self) -> str:

@@ -112,7 +112,6 @@ def _trial_name(trial) -> str:
 def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
     """One stacking search per group of two or more members: ``stacking.json`` when there is a single
     group, else ``stacking-<group>.json``."""
-    from .config import variant_ladder
     from .stacking import stack_experiment
 
     trials = cfg.trials()
@@ -122,12 +121,8 @@ def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
         names = [t.member for t in trials if t.group == group]
         if len(names) < 2:
             continue
-        sparsity = cfg.stack.sparsity if group in cfg.variants else cfg.batch_sweep.sparsity
-        # A group's rung is on its own ladder: a basis rung by its t (SBC-CNN), SRB-CNN has only one.
-        ladder = variant_ladder(next(t.variant for t in trials if t.group == group))
-        basis_threshold = cfg.stack.basis_threshold if ladder == "basis" else None
-        if ladder != "sparsity":
-            sparsity = None
+        # a group's rung is on its own ladder: a basis rung by its t (SBC-CNN), SRB-CNN has only one
+        sparsity, basis_threshold = cfg.stack_rung(group, next(t.variant for t in trials if t.group == group))
         results[group] = stack_experiment(
             layout.root, sparsity=sparsity, basis_threshold=basis_threshold, variant=group, members=names,
             methods=cfg.stack.methods,

@@ -50,9 +50,10 @@ PRESETS: dict[str, dict] = {
                   "eval_batch_size": 500},
         "resources": {"cpus_per_trial": 0.5},
     },
-    # quick: the demo on a 2-core CPU machine. Winograd-ReLU layers run at ~0.45x the speed of
-    # F.conv2d there (bench/results/throughput.json), and ConvPool-CNN-C keeps three convs at full
-    # 28x28 resolution, so it trains one dense epoch fewer than its partners.
+    # quick: the demo on a 2-core CPU machine. ConvPool-CNN-C keeps three convs at full 28x28
+    # resolution (its SWR epoch is the slowest of the three, and at width 0.25 the compiled
+    # Winograd-ReLU layer does not beat F.conv2d on its small shapes: bench/results/winograd.json), so
+    # it trains one dense epoch fewer than its partners.
     "quick": {
         "name": "quick", "subset": 20000,
         "members": ["alexnet", {"model": "convpool_cnn_c", "epochs": 2}, "all_cnn_c"],

@@ -25,6 +25,7 @@ import json
 import os
 from typing import Any
 
+from .layout import ExperimentLayout as L
 from .storage import Tree
 
 COLUMNS = (
@@ -48,12 +49,12 @@ class ResultsError(ValueError):
 def _tune(tree: Tree) -> tuple[dict[str, dict], list[str]]:
     """member -> {trial_id, status, iterations, wall_seconds, wall_by_epoch, trial_dir} from Tune's
     experiment analysis (its JSON state and result files), and notes on what was missing."""
-    if not tree.is_dir("tune", "base"):
+    if not tree.is_dir(*L.TUNE_BASE):
         return {}, [f"{tree.uri('tune', 'base')}: no Tune experiment (trial ids and wall times left empty)"]
     from ray.tune import ExperimentAnalysis
 
     try:
-        analysis = ExperimentAnalysis(tree.path("tune", "base"), storage_filesystem=tree.fs)
+        analysis = ExperimentAnalysis(tree.path(*L.TUNE_BASE), storage_filesystem=tree.fs)
         frames = analysis.trial_dataframes
     except Exception as exc:  # Tune's own error types; the JSON still gives every other column
         return {}, [f"{tree.uri('tune', 'base')}: Tune's experiment analysis failed ({str(exc).splitlines()[0][:200]})"]
@@ -79,9 +80,9 @@ def _tune(tree: Tree) -> tuple[dict[str, dict], list[str]]:
 
 def _members(tree: Tree) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
-    for name in tree.listdir("members", pattern="*.json", kind="file"):
+    for name in tree.listdir(L.MEMBERS, pattern="*.json", kind="file"):
         try:
-            m = tree.read_json("members", name)
+            m = tree.read_json(L.MEMBERS, name)
         except (OSError, ValueError) as exc:
             notes.append(f"{tree.uri('members', name)}: unreadable ({exc})")
             continue
@@ -89,7 +90,7 @@ def _members(tree: Tree) -> tuple[list[dict], list[str]]:
             rows.append(m)
     if not rows:  # an experiment copied without members/: summary.json has the rows, not the history
         try:
-            rows = [m for m in (tree.read_json("summary.json").get("members") or []) if isinstance(m, dict)]
+            rows = [m for m in (tree.read_json(L.SUMMARY).get("members") or []) if isinstance(m, dict)]
             if rows:
                 notes.append("members/ missing: rows from summary.json (no per-rung batch sizes)")
         except (OSError, ValueError, AttributeError):
@@ -152,7 +153,7 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
     # a rung is (target sparsity, basis threshold): BasisConv rungs (issue #16) all have target 0
     rung_rows = {(r["member"], *_rung_key(r)): r for r in rows
                  if r["kind"] == "rung" and r.get("target_sparsity") is not None}
-    for name in tree.listdir(pattern="stacking*.json", kind="file") + tree.listdir(pattern="stack-*.json", kind="file"):
+    for name in tree.listdir(pattern=L.STACKING_GLOB, kind="file") + tree.listdir(pattern=L.RESTACK_GLOB, kind="file"):
         try:
             st = tree.read_json(name)
         except (OSError, ValueError) as exc:

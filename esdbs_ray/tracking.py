@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import storage
 from .config import ConfigError, PipelineConfig
-from .layout import safe_name
+from .layout import ExperimentLayout as L
 
 _FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
@@ -195,7 +195,7 @@ def log_experiment(cfg: PipelineConfig, layout, summary: dict) -> dict | None:
     for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's batch limits
         client.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100])
     tree = storage.Tree(layout.root)
-    names = ["config.yaml", "summary.json"] + tree.listdir(pattern="stacking*.json", kind="file")
+    names = [L.CONFIG, L.SUMMARY] + tree.listdir(pattern=L.STACKING_GLOB, kind="file")
     for name in names:
         if tree.is_file(name):
             client.log_artifact(run_id, tree.local_path(name))
@@ -206,9 +206,9 @@ def log_experiment(cfg: PipelineConfig, layout, summary: dict) -> dict | None:
         member = r.data.tags.get("esdbs.member")
         if member and member not in trial_runs:  # newest first: a resumed trial's latest run
             trial_runs[member] = r.info.run_id
-            name = f"{safe_name(member)}.json"  # as ExperimentLayout.member() names the file
-            if tree.is_file("members", name):
-                client.log_artifact(r.info.run_id, tree.local_path("members", name))
+            name = L.member_name(member)
+            if tree.is_file(L.MEMBERS, name):
+                client.log_artifact(r.info.run_id, tree.local_path(L.MEMBERS, name))
     client.set_terminated(run_id)
     record = {"tracking_uri": s["tracking_uri"], "experiment_name": s["experiment_name"], "experiment_id": exp_id,
               "run_id": run_id, "trial_runs": trial_runs}

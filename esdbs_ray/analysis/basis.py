@@ -33,6 +33,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .experiment import _f
+
 __all__ = ["basis_sections", "has_basis_members", "section_accuracy_vs_filters", "section_targets", "section_equal_multiplications",
            "PAPER_TABLE2", "PAPER_SCRATCH"]
 
@@ -55,14 +57,6 @@ PAPER_TABLE2 = {
 PAPER_SCRATCH = {"AlexNet": {"acc": 43.9, "basis_acc": 42.5, "learnable_reduction": 7.2},
                  "VGG16": {"acc": 68.7, "basis_acc": 66.3, "learnable_reduction": 7.9}}
 TARGETS = {"random_reduction": 5.0, "random_points": 2.0, "eigen_t": 0.9, "eigen_points": 1.0}
-
-
-def _f(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _pct(a) -> str:

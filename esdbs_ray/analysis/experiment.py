@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any
 
+from ..layout import ExperimentLayout as L
 from ..storage import Tree
 from . import paper_numbers as PN
 
@@ -58,7 +59,7 @@ class Experiment:
         self.root = tree.root  # as given: a local path or a URI
         self.problems: list[str] = []  # what was missing or unreadable (shown in the report)
         self.config = self._config()
-        self.summary = _read_json(tree, "summary.json")
+        self.summary = _read_json(tree, L.SUMMARY)
         if self.summary is None:
             self.problems.append("summary.json missing or unreadable")
         self.members = self._members()
@@ -73,19 +74,19 @@ class Experiment:
         import yaml
 
         try:
-            d = yaml.safe_load(self.tree.read_text("config.yaml"))
+            d = yaml.safe_load(self.tree.read_text(L.CONFIG))
             if isinstance(d, dict):
                 return d
         except (OSError, ValueError, yaml.YAMLError):
             pass
         self.problems.append("config.yaml missing or unreadable")
-        s = _read_json(self.tree, "summary.json")
+        s = _read_json(self.tree, L.SUMMARY)
         return (s or {}).get("config") or {}
 
     def _members(self) -> list[dict]:
         rows = list((self.summary or {}).get("members") or [])
         if not rows:
-            for name in self.tree.listdir("members", pattern="*.json", kind="file"):
+            for name in self.tree.listdir(L.MEMBERS, pattern="*.json", kind="file"):
                 m = _read_json(self.tree, "members", name)
                 if isinstance(m, dict) and "member" in m:
                     rows.append(m)
@@ -114,7 +115,7 @@ class Experiment:
 
     def _stackings(self) -> dict[str, dict]:
         out = {}
-        for name in self.tree.listdir(pattern="stacking*.json", kind="file"):
+        for name in self.tree.listdir(pattern=L.STACKING_GLOB, kind="file"):
             d = _read_json(self.tree, name)
             if not isinstance(d, dict) or "methods" not in d:
                 self.problems.append(f"{name} unreadable")
@@ -171,14 +172,14 @@ class Experiment:
     def table(self):
         if not self._table_loaded:
             self._table_loaded = True
-            if not self.tree.listdir("predictions", pattern="*.parquet", kind="file"):
+            if not self.tree.listdir(L.PREDICTIONS, pattern="*.parquet", kind="file"):
                 self.problems.append("no predictions/*.parquet: ensemble accuracies only where stacking*.json has them, "
                                      "no paired standard errors")
             else:
                 try:
                     from esdbs_ray.predictions import read_predictions
 
-                    self._table = read_predictions(self.tree.path("predictions"), filesystem=self.tree.fs)
+                    self._table = read_predictions(self.tree.path(L.PREDICTIONS), filesystem=self.tree.fs)
                 except Exception as exc:  # a corrupt file must not stop the report
                     self.problems.append(f"predictions unreadable: {str(exc).splitlines()[0]}")
         return self._table
@@ -314,7 +315,7 @@ class Experiment:
 
         Looked up inside the experiment, never through ``trial_path``, which names the directory the
         run wrote (another machine's path, or a bucket the reader may not see)."""
-        hits = [n for n in self.tree.listdir("tune", "base", kind="dir") if n.startswith(f"{member['member']}_")]
+        hits = [n for n in self.tree.listdir(*L.TUNE_BASE, kind="dir") if n.startswith(f"{member['member']}_")]
         return f"tune/base/{hits[0]}" if hits else None
 
     def progress(self, member: dict) -> list[dict]:
