@@ -41,7 +41,7 @@ import math
 from typing import Any, Sequence
 
 from .config import CosineConfig, DBSConfig
-from .dbs import EpochPlan, _round_half_up
+from .dbs import EpochPlan, _round_half_up, check_schedule_args
 
 __all__ = ["CosineSchedule", "cosine_lr", "train_steps"]
 
@@ -72,19 +72,11 @@ class CosineSchedule:
 
     def __init__(self, cfg: DBSConfig, cosine: CosineConfig | None = None, *, epochs: int, train_size: int,
                  batch_size: int, val_size: int | None = None, rung_starts: Sequence[int] = ()) -> None:
-        if not isinstance(cfg, DBSConfig):
-            raise ValueError(f"cfg must be a DBSConfig, got {type(cfg).__name__}")
+        starts = check_schedule_args(cfg, epochs=epochs, train_size=train_size, val_size=val_size,
+                                     rung_starts=rung_starts, batch_size=batch_size)
         cosine = CosineConfig() if cosine is None else cosine
         if not isinstance(cosine, CosineConfig):
             raise ValueError(f"cosine must be a CosineConfig, got {type(cosine).__name__}")
-        for name, v in (("epochs", epochs), ("train_size", train_size), ("batch_size", batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: must be an integer >= 1")
-        if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
-            raise ValueError(f"val_size={val_size!r}: must be None or an integer >= 1")
-        starts = [int(e) for e in rung_starts]
-        if starts != sorted(set(starts)) or any(not 0 <= e < epochs for e in starts):
-            raise ValueError(f"rung_starts={list(rung_starts)!r}: must be increasing epochs in [0, {epochs})")
         if train_steps(train_size, batch_size) < 1:
             raise ValueError(f"batch_size={batch_size} leaves no training step on {train_size} images")
         self.cfg, self.cosine = cfg, cosine

@@ -334,6 +334,23 @@ def val_standard_error(accuracy: float, val_size: int | None) -> float:
     return math.sqrt(a * (1.0 - a) / val_size)
 
 
+def check_schedule_args(cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None,
+                        rung_starts: Sequence[int], **positive: int) -> list[int]:
+    """The checks every schedule kind makes of its arguments (``positive``: more integers >= 1, e.g. a
+    fixed batch size); returns the rung starts as a list of ints."""
+    if not isinstance(cfg, DBSConfig):
+        raise ValueError(f"cfg must be a DBSConfig, got {type(cfg).__name__}")
+    for name, v in (("epochs", epochs), ("train_size", train_size), *positive.items()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: must be an integer >= 1")
+    if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
+        raise ValueError(f"val_size={val_size!r}: must be None or an integer >= 1")
+    starts = [int(e) for e in rung_starts]
+    if starts != sorted(set(starts)) or any(not 0 <= e < epochs for e in starts):
+        raise ValueError(f"rung_starts={list(rung_starts)!r}: must be increasing epochs in [0, {epochs})")
+    return starts
+
+
 class _Schedule:
     """Shared machinery: warm-up, rung restarts, plateau rule, divergence guard, state dict.
 
@@ -347,16 +364,8 @@ class _Schedule:
 
     def __init__(self, cfg: DBSConfig, *, epochs: int, train_size: int, val_size: int | None = None,
                  rung_starts: Sequence[int] = ()) -> None:
-        if not isinstance(cfg, DBSConfig):
-            raise ValueError(f"cfg must be a DBSConfig, got {type(cfg).__name__}")
-        for name, v in (("epochs", epochs), ("train_size", train_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: must be an integer >= 1")
-        if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
-            raise ValueError(f"val_size={val_size!r}: must be None or an integer >= 1")
-        starts = [int(e) for e in rung_starts]
-        if starts != sorted(set(starts)) or any(not 0 <= e < epochs for e in starts):
-            raise ValueError(f"rung_starts={list(rung_starts)!r}: must be increasing epochs in [0, {epochs})")
+        starts = check_schedule_args(cfg, epochs=epochs, train_size=train_size, val_size=val_size,
+                                     rung_starts=rung_starts)
         self.cfg = cfg
         self.epochs = epochs
         self.train_size = train_size
