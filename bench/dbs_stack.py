@@ -18,6 +18,11 @@ accuracy gap (DBS ensemble - fixed ensemble, test).
     python bench/dbs_stack.py --quick                           # CPU smoke: tiny subset (~3 min)
     python bench/dbs_stack.py --preset paper-fashion-mnist \\
         --set 'train.sparsity_ladder=[0.2,0.3]'                  # paper scale (a GPU job: ~10 min on an H100)
+    python bench/dbs_stack.py ... --fall-noise binomial,observed  # the DBS stack once per fall rule
+                                                                  # (train.dbs.fall_noise), one fixed twin
+
+With several ``--fall-noise`` modes the DBS stack runs once per mode (labelled ``SWR-CNN+DBS
+[observed]``, ...) beside one fixed-B0 run, and ``verdict`` holds one entry per DBS label.
 
 Targets (reported, not asserted): stage speed-up >= 1.55x, ensemble test accuracy no more than 0.2
 points below the fixed-B0 stack, B reaches Bmax in every DBS member.  Results:
@@ -53,7 +58,7 @@ def _member_row(member: dict) -> dict:
 
 
 def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, workdir: Path,
-              num_cpus: int | None) -> dict:
+              num_cpus: int | None, label: str | None = None) -> dict:
     import ray
 
     from esdbs_ray.config import build_config
@@ -61,7 +66,8 @@ def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, w
 
     cfg = build_config(preset, None, None, scale=scale,
                        sets=[*sets, f"variants=[{variant}]", "batch_sweep.batch_sizes=[]"])
-    out = workdir / variant.lower().replace("+", "-")
+    label = label or variant
+    out = workdir / "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
     if ray.is_initialized():
         ray.shutdown()
     t0 = time.perf_counter()
@@ -76,13 +82,18 @@ def run_stack(preset: str, sets: list[str], variant: str, scale: float | None, w
         full = json.loads(Path(layout.member(m["member"])).read_text())
         members.append(_member_row(full))
     ens = next(iter(summary["ensembles"].values()), {})
-    return {"variant": variant, "base_stage_seconds": summary["base_wall_seconds"], "run_seconds": wall,
+    return {"variant": label, "base_stage_seconds": summary["base_wall_seconds"], "run_seconds": wall,
             "ensemble_test_accuracy": ens.get("test_accuracy"), "ensemble_val_accuracy": ens.get("val_accuracy"),
             "members": members, "summed_member_train_seconds": sum(m["train_seconds"] for m in members),
             "experiment_dir": str(out)}
 
 
-def _document(config: dict, runs: list[dict], dbs_variant: str, fixed_variant: str) -> dict:
+def _document(config: dict, runs: list[dict], dbs_labels: list[str], fixed_variant: str) -> dict:
+    return {"provenance": provenance_block(config), "runs": runs,
+            "verdict": {label: _verdict(runs, label, fixed_variant) for label in dbs_labels}}
+
+
+def _verdict(runs: list[dict], dbs_variant: str, fixed_variant: str) -> dict:
     def mean(variant, key):
         vals = [x[key] for x in runs if x["variant"] == variant and x[key] is not None]
         return sum(vals) / len(vals) if vals else None
@@ -92,7 +103,7 @@ def _document(config: dict, runs: list[dict], dbs_variant: str, fixed_variant: s
     dbs_sum, fixed_sum = (mean(dbs_variant, "summed_member_train_seconds"),
                           mean(fixed_variant, "summed_member_train_seconds"))
     dbs_members = [m for x in runs if x["variant"] == dbs_variant for m in x["members"]]
-    verdict = {
+    return {
         "stage_speedup": fixed_s / dbs_s if dbs_s and fixed_s else None,
         "summed_member_speedup": fixed_sum / dbs_sum if dbs_sum and fixed_sum else None,
         "ensemble_test_gap_points": None if dbs_acc is None or fixed_acc is None else 100 * (dbs_acc - fixed_acc),
@@ -102,7 +113,6 @@ def _document(config: dict, runs: list[dict], dbs_variant: str, fixed_variant: s
         if dbs_members else None,
         "targets": {"stage_speedup": ">= 1.55", "ensemble_test_gap_points": ">= -0.2", "bmax": "every DBS member"},
     }
-    return {"provenance": provenance_block(config), "runs": runs, "verdict": verdict}
 
 
 def main(argv=None) -> int:
@@ -116,30 +126,39 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 3,000 images, width 0.125, 3+1 epochs")
     ap.add_argument("--keep", default=None, help="keep the experiment directories here (default: deleted)")
     ap.add_argument("--result", default=None, help="JSON path (default bench/results/dbs_stack.json)")
+    ap.add_argument("--fall-noise", default="binomial",
+                    help="comma-separated train.dbs.fall_noise modes; the DBS stack runs once per mode")
     a = ap.parse_args(argv)
+    modes = [m.strip() for m in a.fall_noise.split(",") if m.strip()]
+    if not modes or any(m not in ("binomial", "observed") for m in modes) or len(set(modes)) < len(modes):
+        ap.error(f"--fall-noise {a.fall_noise!r}: a comma-separated list of distinct binomial, observed")
     sets = list(a.set)
     if a.quick:
         sets = ["subset=3000", "train.width=0.125", "train.epochs=3", "train.sparsity_ladder=[0.3]",
                 "train.retrain_epochs=1", "train.dbs.double_every=1", "train.dbs.warmup_frac=0.0",
                 "resources.cpus_per_trial=0.66", *sets]
     dbs_variant, fixed_variant = a.variants.split(",")
+    # (label, variant, extra sets) per run of one repeat; a single mode keeps the plain variant name
+    jobs = [(dbs_variant if len(modes) == 1 else f"{dbs_variant} [{m}]", dbs_variant,
+             [f"train.dbs.fall_noise={m}"]) for m in modes] + [(fixed_variant, fixed_variant, [])]
+    dbs_labels = [j[0] for j in jobs[:-1]]
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dbs-stack-"))
     config = {"preset": a.preset, "sets": sets, "scale": a.scale, "variants": [dbs_variant, fixed_variant],
-              "repeats": a.repeats}
+              "repeats": a.repeats, "fall_noise": modes}
     runs: list[dict] = []
     path = None
     try:
         for r in range(a.repeats):
-            order = (dbs_variant, fixed_variant) if r % 2 == 0 else (fixed_variant, dbs_variant)
-            for v in order:
-                print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {v}", flush=True)
-                runs.append({"repeat": r, **run_stack(a.preset, sets, v, a.scale, workdir / f"r{r}", a.num_cpus)})
+            for label, variant, extra in (jobs if r % 2 == 0 else jobs[::-1]):
+                print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {label}", flush=True)
+                runs.append({"repeat": r, **run_stack(a.preset, [*sets, *extra], variant, a.scale, workdir / f"r{r}",
+                                                      a.num_cpus, label=label)})
                 # written after every run: a run cut short by a time limit keeps what finished
-                path = write_result("dbs_stack", _document(config, runs, dbs_variant, fixed_variant), a.result)
+                path = write_result("dbs_stack", _document(config, runs, dbs_labels, fixed_variant), a.result)
     finally:
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    doc = _document(config, runs, dbs_variant, fixed_variant)
+    doc = _document(config, runs, dbs_labels, fixed_variant)
     verdict = doc["verdict"]
     rows = [{"variant": x["variant"], "repeat": x["repeat"], "stage s": x["base_stage_seconds"],
              "sum member s": x["summed_member_train_seconds"], "ensemble test": x["ensemble_test_accuracy"],

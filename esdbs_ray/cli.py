@@ -92,12 +92,16 @@ def _add_schedule_args(p: argparse.ArgumentParser, default_schedule: str = "fixe
     g.add_argument("--bmax-cap", type=int, default=None)
     g.add_argument("--fall-z", type=float, default=None,
                    help="DBS: a fall must exceed this many standard errors of val accuracy (default 2)")
+    g.add_argument("--fall-noise", choices=["binomial", "observed"], default=None,
+                   help="DBS: one standard error is the binomial SE of the val estimate (default, spec "
+                        "§4.2) or the larger of it and the run's own epoch-to-epoch noise")
     g.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
 
 
 _SCHEDULE_FLAGS = {"batch_size": "b0", "lr": "lr0", "lr_start": "lr_start", "momentum": "m0",
                    "warmup_frac": "warmup_frac", "double_every": "double_every", "k": "k", "v0": "v0",
-                   "m_max": "m_max", "bmax_cap": "bmax_cap", "fall_z": "fall_z"}
+                   "m_max": "m_max", "bmax_cap": "bmax_cap", "fall_z": "fall_z",
+                   "fall_noise": "fall_noise"}
 
 
 def _dbs_dict(args) -> dict:
@@ -504,7 +508,7 @@ def cmd_dbs_plan(args) -> int:
             print(json.dumps(r))
     else:
         print(f"{kind} schedule: {total} epochs, N = {args.train_size}, {val_size} validation images "
-              f"(a fall must exceed {cfg.fall_z:g} SE), k = {cfg.k_value:.4g}")
+              f"(a fall must exceed {cfg.fall_z:g} SE, {cfg.fall_noise}), k = {cfg.k_value:.4g}")
         print(format_plan(rows))
     if figure:
         from .dbs import plot_plan

@@ -212,6 +212,11 @@ class DBSConfig(_Model):
     step: PosInt = 32  # Stepwise multiple
     collapse_drop: _float(**_range(0.0, 1.0, lo_open=True)) = 0.1  # val drop right after an increase
     fall_z: NonNegFloat = 2.0  # a fall must exceed this many standard errors of the val estimate (spec §4.2)
+    # What "one standard error" is: "binomial" (spec §4.2) sqrt(a (1 - a) / n_val), the test-sample noise
+    # of one accuracy; "observed" the larger of that and the epoch-to-epoch noise the run itself shows
+    # before its first doubling (dbs.DBSSchedule._se): on an H100 at paper scale that noise was 2-9x
+    # the binomial SE and ended the LR phase of two of three members on noise (issue #12).
+    fall_noise: Literal["binomial", "observed"] = "binomial"
 
     @model_validator(mode="after")
     def _cross(self) -> "DBSConfig":
