@@ -24,6 +24,14 @@ accuracy gap (DBS ensemble - fixed ensemble, test).
 With several ``--fall-noise`` modes the DBS stack runs once per mode (labelled ``SWR-CNN+DBS
 [observed]``, ...) beside one fixed-B0 run, and ``verdict`` holds one entry per DBS label.
 
+``--resume`` keeps the runs already in the result file (same preset, overrides, scale, variants,
+repeats and modes, else an error says which differs) and runs only the missing ones: a machine whose
+commands are cut at 10 minutes runs the paper-scale comparison one stack per call, e.g. on the lent
+GPU (``../shared/gpu/README.md``)::
+
+    for i in 1 2 3; do python bench/dbs_stack.py --preset paper-fashion-mnist \\
+        --set 'train.sparsity_ladder=[0.2,0.3]' --fall-noise binomial,observed --resume --max-runs 1; done
+
 Targets (reported, not asserted): stage speed-up >= 1.55x, ensemble test accuracy no more than 0.2
 points below the fixed-B0 stack, B reaches Bmax in every DBS member.  Results:
 ``bench/results/dbs_stack.json`` (or ``--result PATH``), with provenance and hardware.
@@ -41,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import format_table, hardware_line, provenance_block, write_result  # noqa: E402
+from esdbs_ray.provenance import git_revision  # noqa: E402
 
 
 def _member_row(member: dict) -> dict:
@@ -115,6 +124,26 @@ def _verdict(runs: list[dict], dbs_variant: str, fixed_variant: str) -> dict:
     }
 
 
+def _resumed_runs(result: str | None, config: dict) -> list[dict]:
+    """The finished runs of an earlier call with the same settings (``--resume``)."""
+    from bench.common import RESULTS
+
+    path = Path(result) if result else RESULTS / "dbs_stack.json"
+    if not path.exists():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+        theirs = doc["provenance"]["config"]
+        runs = list(doc["runs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"dbs_stack: --resume: {path} is not a dbs_stack result ({e}); move it or drop --resume")
+    for key, mine in config.items():
+        if theirs.get(key) != mine:
+            raise SystemExit(f"dbs_stack: --resume: {path} has {key}={theirs.get(key)!r}, this call {mine!r}: "
+                             "the runs would not compare; use --result for a new file")
+    return runs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="paper-fashion-mnist")
@@ -126,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 3,000 images, width 0.125, 3+1 epochs")
     ap.add_argument("--keep", default=None, help="keep the experiment directories here (default: deleted)")
     ap.add_argument("--result", default=None, help="JSON path (default bench/results/dbs_stack.json)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished runs of the result file (same settings) and run the rest")
+    ap.add_argument("--max-runs", type=int, default=None, help="run at most this many stacks now (with --resume)")
     ap.add_argument("--fall-noise", default="binomial",
                     help="comma-separated train.dbs.fall_noise modes; the DBS stack runs once per mode")
     a = ap.parse_args(argv)
@@ -145,13 +177,22 @@ def main(argv=None) -> int:
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dbs-stack-"))
     config = {"preset": a.preset, "sets": sets, "scale": a.scale, "variants": [dbs_variant, fixed_variant],
               "repeats": a.repeats, "fall_noise": modes}
-    runs: list[dict] = []
+    runs: list[dict] = _resumed_runs(a.result, config) if a.resume else []
+    done = {(x["repeat"], x["variant"]) for x in runs}
+    budget = a.max_runs
     path = None
     try:
         for r in range(a.repeats):
             for label, variant, extra in (jobs if r % 2 == 0 else jobs[::-1]):
+                if (r, label) in done:
+                    print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {label} (kept from the result file)", flush=True)
+                    continue
+                if budget is not None and budget <= 0:
+                    continue
+                budget = None if budget is None else budget - 1
                 print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {label}", flush=True)
-                runs.append({"repeat": r, **run_stack(a.preset, [*sets, *extra], variant, a.scale, workdir / f"r{r}",
+                # each run carries its own revision and device: with --resume they may come from several calls
+                runs.append({"repeat": r, "git_revision": git_revision(), "device": hardware_line(), **run_stack(a.preset, [*sets, *extra], variant, a.scale, workdir / f"r{r}",
                                                       a.num_cpus, label=label)})
                 # written after every run: a run cut short by a time limit keeps what finished
                 path = write_result("dbs_stack", _document(config, runs, dbs_labels, fixed_variant), a.result)
@@ -159,6 +200,8 @@ def main(argv=None) -> int:
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     doc = _document(config, runs, dbs_labels, fixed_variant)
+    if path is None:  # nothing ran now (all kept, or --max-runs 0): the file still gets today's verdict
+        path = write_result("dbs_stack", doc, a.result)
     verdict = doc["verdict"]
     rows = [{"variant": x["variant"], "repeat": x["repeat"], "stage s": x["base_stage_seconds"],
              "sum member s": x["summed_member_train_seconds"], "ensemble test": x["ensemble_test_accuracy"],

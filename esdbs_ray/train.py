@@ -342,18 +342,21 @@ def train(
         if step_lrs is not None and steps != len(step_lrs):  # the schedule's step count is the iterator's rule
             raise RuntimeError(f"epoch {epoch} ran {steps} steps, the schedule planned {len(step_lrs)}")
 
-        # --- validate; the schedule's guard may restore the pre-increase snapshot
-        val = evaluate(model, val_batches, amp=amp)
+        # --- validate; the schedule's guard may restore the pre-increase snapshot.  At a rung's end the
+        # probabilities are kept for its predictions, so the rung does not evaluate the same weights again.
+        keep = predictions_root is not None and (epoch in rung_ends or cfg.early_stopping.patience > 0)
+        val = evaluate(model, val_batches, keep_probs=keep, amp=amp)
         restored = schedule.step(val["accuracy"], math.isfinite(train_loss) and math.isfinite(val["loss"]))
         if restored:  # the latest pre-increase snapshot stays valid: after a restore nothing increases
             model.load_state_dict(state["snapshot"]["model"])
             optimizer.load_state_dict(state["snapshot"]["optimizer"])
-            val = evaluate(model, val_batches, amp=amp)
+            val = evaluate(model, val_batches, keep_probs=keep, amp=amp)
+        val_now = val  # of the weights the model holds now
 
         # --- early stopping (dense phase): may restore the best epoch's weights and end the phase here
         early = _early_stopping(cfg, state, model, epoch, val["loss"]) if cfg.early_stopping.patience else None
         if early is not None and early["restored"]:
-            val_restored = evaluate(model, val_batches, amp=amp)
+            val_restored = val_now = evaluate(model, val_batches, keep_probs=keep, amp=amp)
 
         # --- record and log
         sparsity = sparsity_accounting(model)
@@ -393,7 +396,7 @@ def train(
         # --- end of a rung: test evaluation, predictions, kernels
         if epoch in rung_ends or stopped:
             rung_sparsity = rung_ends.get(epoch, 0.0)
-            rung = _finish_rung(cfg, data, model, compression, val_batches, test_batches, amp, epoch, rung_index,
+            rung = _finish_rung(cfg, data, model, compression, val_now, test_batches, amp, epoch, rung_index,
                                 record, writer, state, predictions_root, member, variant, provenance)
             hooks.on_rung(rung)
             # weights are kept by target sparsity: a basis rung (target 0, named by its t) is not one
@@ -483,9 +486,10 @@ def _load_checkpoint(resume_from, cfg: TrainConfig) -> dict:
     return ckpt
 
 
-def _finish_rung(cfg, data, model, compression, val_batches, test_batches, amp, epoch, rung_index, record, writer,
+def _finish_rung(cfg, data, model, compression, val, test_batches, amp, epoch, rung_index, record, writer,
                  state, predictions_root, member, variant, provenance) -> dict:
-    val = evaluate(model, val_batches, keep_probs=predictions_root is not None, amp=amp)
+    """``val``: the evaluation of the model's current weights on the validation split (with ``probs``
+    when predictions are written)."""
     test = evaluate(model, test_batches, keep_probs=predictions_root is not None, amp=amp)
     layers = compression.layer_sparsity() if rung_index >= 0 else {}
     counts = sparsity_accounting(model)

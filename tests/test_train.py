@@ -83,19 +83,31 @@ def test_guard_restores_the_snapshot_on_nan_loss(tmp_path, tiny_data):
         assert torch.equal(after[k], v), k
 
 
-def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data):
+def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import esdbs_ray.train as train_mod
     from esdbs_ray.predictions import read_predictions
 
+    evaluated = []  # which split each evaluation ran on: the val split once per epoch, rung ends included
+    real_evaluate = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda m, b, **kw: (
+        evaluated.append("val" if len(b) == len(tiny_data.val) else "test"), real_evaluate(m, b, **kw))[1])
     cfg = _cfg(epochs=1, conv="winograd_relu", sparsity_ladder=(0.3, 0.6), retrain_epochs=1, schedule="dbs")
     s = train(cfg, tiny_data, tmp_path, hooks=Silent(), predictions_root=str(tmp_path), variant="SWR-CNN+DBS")
+    assert evaluated == ["val", "test"] * 3 and not any(h["restored"] for h in s["history"])
     assert [r["target_sparsity"] for r in s["rungs"]] == [0.0, 0.3, 0.6]
     for r in s["rungs"]:
         assert abs(r["sparsity"] - r["target_sparsity"]) <= 0.005
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["layer_sparsity"] if r["target_sparsity"] else True
     table = read_predictions(tmp_path / "predictions")
     assert table.num_rows == 3 * (len(tiny_data.val) + len(tiny_data.test))
+    from esdbs_ray.predictions import prediction_matrix
+
+    # the val probabilities written are those of the epoch's own evaluation
+    for r, h in zip(s["rungs"], s["history"]):
+        probs, labels, _ = prediction_matrix(table, "val", sparsity=r["target_sparsity"])
+        assert r["val_accuracy"] == h["val_accuracy"] == pytest.approx(float((probs[0].argmax(1) == labels).mean()))
     # whole-model sparsity and nonzero counts beside the pruned layers' (spec §3), also in Parquet metadata
     for r in s["rungs"][1:]:
         assert 0 < r["model_sparsity"] < r["sparsity"] and r["nonzero_weights"] < r["total_weights"]
