@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "Split",
     "DatasetBundle",
+    "normalizer",
     "DATASETS",
     "load_dataset",
     "fashion_mnist_search_path",
@@ -610,6 +611,18 @@ def _load_image_folder(root: Path, image_size: int, seed: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Batch iterator
 # --------------------------------------------------------------------------------------------------
+def normalizer(mean, std, device="cpu"):
+    """(scale, shift), (1, C, 1, 1) float32 tensors on ``device``, with normalised = pixels * scale +
+    shift for uint8 pixels: the trainer's batches, ``esdbs predict`` and the ONNX export all use these,
+    so their inputs are bit-identical."""
+    import torch
+
+    std_t = torch.tensor(list(std), dtype=torch.float32)
+    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(device)
+    shift = (-torch.tensor(list(mean), dtype=torch.float32) / std_t).view(1, -1, 1, 1).to(device)
+    return scale, shift
+
+
 class BatchIterator:
     """Normalised batches from an in-memory split; ``batch_size`` may change between or within epochs.
 
@@ -632,9 +645,7 @@ class BatchIterator:
         self.device = torch.device(device)
         self._images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
         self._labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(self.device)
-        shape = (1, -1, 1, 1)
-        self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
-        self._shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(shape).to(self.device)
+        self._scale, self._shift = normalizer(mean, std, self.device)
         self._gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:

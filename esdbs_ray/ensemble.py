@@ -49,16 +49,13 @@ class ExportError(ValueError):
 # Members: registry model + folded weights
 # --------------------------------------------------------------------------------------------------
 def build_model(member: dict, num_classes: int, in_channels: int, image_size: int):
-    """The registry model of a manifest (or TrainConfig) entry, Winograd-ReLU where it was, no masks."""
-    from .models import create_model
+    """The registry model of a manifest (or TrainConfig) entry, Winograd-ReLU where it was, no masks
+    (export refuses BasisConv members, so a manifest names spatial or winograd_relu)."""
+    from .train import build_network
 
-    model = create_model(member["model"], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                         dropout=float(member.get("dropout", 0.0)), width=float(member.get("width", 1.0)))
-    if member.get("conv") == "winograd_relu":
-        from .winograd import to_winograd_relu
-
-        to_winograd_relu(model)
-    return model.eval()
+    return build_network(member["model"], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                         dropout=float(member.get("dropout", 0.0)), width=float(member.get("width", 1.0)),
+                         conv=member.get("conv") or "spatial").eval()
 
 
 def fold_masks(state: dict) -> dict:
@@ -86,15 +83,10 @@ def _sha256(path: Path) -> str:
 
 
 def _normalizer(mean: Sequence[float], std: Sequence[float], device):
-    """(scale, shift) with x = pixels * scale + shift, computed as data.BatchIterator computes them, so
-    the normalised inputs are bit-identical to the trainer's."""
-    import torch
+    """(scale, shift) of the trainer's input normalisation (``data.normalizer``): bit-identical inputs."""
+    from .data import normalizer
 
-    shape = (1, -1, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32)
-    scale = (1.0 / (255.0 * std_t)).view(shape).to(device)
-    shift = (-torch.tensor(list(mean), dtype=torch.float32) / std_t).view(shape).to(device)
-    return scale, shift
+    return normalizer(mean, std, device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from .pruning import sparsity_accounting
 
 CHECKPOINT = RunLayout.CHECKPOINT
 _CHECKPOINT_KEYS = {"model", "optimizer", "schedule", "train_batches", "rng", "config", "state"}
-__all__ = ["TrainConfig", "train", "evaluate", "build_model", "build_optimizer", "PrintHooks", "Hooks", "CHECKPOINT"]
+__all__ = ["TrainConfig", "train", "evaluate", "build_model", "build_network", "build_optimizer", "PrintHooks", "Hooks", "CHECKPOINT"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,21 +106,34 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrainConfig, data: DatasetBundle) -> tuple[nn.Module, Any]:
-    """The registry model, converted to Winograd-ReLU or random-basis BasisConv if asked, and its
-    compression strategy (pruning masks are registered now, before any checkpoint is loaded)."""
-    model = create_model(
-        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
-        image_size=data.image_size, dropout=cfg.dropout, width=cfg.width,
-    )
-    if cfg.conv == "winograd_relu":
+def build_network(model: str, *, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.0,
+                  width: float = 1.0, conv: str = "spatial", basis: Any = None, seed: int = 0) -> nn.Module:
+    """The registry model with its convolutions in the form ``conv`` names: "spatial", "winograd_relu"
+    (every eligible conv a Winograd-ReLU layer) or "basis_random" (``basis``: a BasisConfig).  The one
+    place a member's network is built: training here, ``esdbs predict`` / ``export`` (ensemble.py)."""
+    net = create_model(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                       dropout=dropout, width=width)
+    if conv == "winograd_relu":
         from .winograd import to_winograd_relu
 
-        to_winograd_relu(model)
-    elif cfg.conv == "basis_random":
+        to_winograd_relu(net)
+    elif conv == "basis_random":
         from .basisconv import to_basisconv_random
 
-        to_basisconv_random(model, fraction=cfg.basis.fraction, which=cfg.basis.layers, seed=cfg.seed)
+        if basis is None:
+            raise ValueError("conv 'basis_random' needs the basis settings (train.basis)")
+        to_basisconv_random(net, fraction=basis.fraction, which=basis.layers, seed=seed)
+    elif conv != "spatial":
+        raise ValueError(f"conv {conv!r}: choose one of spatial, winograd_relu, basis_random")
+    return net
+
+
+def build_model(cfg: TrainConfig, data: DatasetBundle) -> tuple[nn.Module, Any]:
+    """The member's network (:func:`build_network`) and its compression strategy (pruning masks are
+    registered now, before any checkpoint is loaded)."""
+    model = build_network(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                          image_size=data.image_size, dropout=cfg.dropout, width=cfg.width, conv=cfg.conv,
+                          basis=cfg.basis, seed=cfg.seed)
     return model, build_compression(cfg, model)
 
 

@@ -269,3 +269,17 @@ def test_train_one_basis_flags(tmp_path, flags, want):
     assert s["config"]["conv"] == want["conv"]
     assert {k: s["config"]["basis"][k] for k in want["basis"]} == want["basis"]
     assert len(s["rungs"]) == 1 + len(want["basis"].get("ladder", ())) and s["basis"]
+
+
+def test_build_network_names_the_conv_it_cannot_build():
+    from esdbs_ray.train import build_network
+
+    shape = dict(num_classes=10, in_channels=1, image_size=28, width=0.125)
+    with pytest.raises(ValueError, match="conv 'winograd'.*spatial, winograd_relu, basis_random"):
+        build_network("alexnet", conv="winograd", **shape)
+    with pytest.raises(ValueError, match="needs the basis settings"):
+        build_network("alexnet", conv="basis_random", **shape)
+    from esdbs_ray.winograd import winograd_layers
+
+    assert winograd_layers(build_network("alexnet", conv="winograd_relu", **shape))
+    assert not winograd_layers(build_network("alexnet", **shape))
