@@ -165,7 +165,9 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
                     "batch_size": 128 * 2 ** e if dbs else (t["batch_size"] or 128),
                     "decision": (f"lr x2 -> {0.02 * 2 ** e:g}, B {128 * 2 ** e}" if dbs and e else "")}
                    for e in range(len(rungs))]
-        (root / "members" / f"{t['member']}.json").write_text(json.dumps({**m, "history": history}, indent=2))
+        # the trainer's record also carries the schedule's Bmax (DBS) and the split sizes
+        record = {**m, "history": history, "bmax": 1024 if dbs else None, "val_size": n_val}
+        (root / "members" / f"{t['member']}.json").write_text(json.dumps(record, indent=2))
         members.append(m)
 
     groups = cfg.groups()

@@ -114,6 +114,9 @@ def test_report_has_every_section_and_figure(experiment):
     assert int(swr[4].replace(",", "")) > int(sc[4].replace(",", ""))
     dec = _table_rows(md, None, after="## DBS decisions per trial")
     assert dec and all("lr x2" in r[-1] for r in dec) and all(r[1].startswith("128 -> ") for r in dec)
+    # how long each member held Bmax, and the fall rule it was judged by
+    assert all(r[2].isdigit() and re.fullmatch(r"\d+ of \d+", r[3]) for r in dec), dec
+    assert "Fall rule: a dip must exceed 2 SE, binomial (binomial SE of " in md
     # the paper's tables beside ours, labelled with its hardware
     assert "The paper's Table 1 (1x Nvidia RTX 2080 Ti, TensorFlow" in md
     assert "| overall | 11.42 | 1.49x | 36.71 | 0.46x | 16.43 | 1.03x | 10.57 | 1.61x |" in md

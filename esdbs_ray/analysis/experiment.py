@@ -383,10 +383,14 @@ class Experiment:
         return False, (f"no DBS trial ({len(details)}) ever raised its learning rate above lr0, its momentum above m0 "
                        "or its batch size away from B0 (too few epochs for the schedule to act)")
 
+    def member_record(self, member: dict) -> dict:
+        """The trainer's whole summary of a member, members/<member>.json ({} when absent)."""
+        d = _read_json(self.tree, "members", f"{member.get('member')}.json")
+        return d if isinstance(d, dict) else {}
+
     def history(self, member: dict) -> list[dict]:
         """The member's per-epoch history from members/<member>.json ([] when absent)."""
-        d = _read_json(self.tree, "members", f"{member.get('member')}.json")
-        h = (d or {}).get("history") if isinstance(d, dict) else None
+        h = self.member_record(member).get("history")
         return h if isinstance(h, list) else []
 
     def tb_events(self, member: dict) -> list[str]:

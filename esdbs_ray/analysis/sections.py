@@ -399,25 +399,36 @@ def _section_sparsity_accounting(doc: Doc, exp: Experiment) -> bool:
 def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
     """What the DBS schedule did in each DBS trial: the batch-size range and every logged decision."""
     doc.h(2, "DBS decisions per trial", "dbs-decisions")
-    rows = []
+    rows, rules = [], set()
     for m in exp.members:
         cfg = m.get("config") or {}
         if cfg.get("schedule") != "dbs":
             continue
-        hist = exp.history(m)
+        record = exp.member_record(m)
+        hist = record.get("history") if isinstance(record.get("history"), list) else []
         if not hist:
             continue
+        dbs = cfg.get("dbs") or {}
+        # runs written before fall_noise existed judged falls against the binomial SE
+        rules.add((dbs.get("fall_z", 2.0), dbs.get("fall_noise", "binomial"), record.get("val_size")))
         bs = [int(h["batch_size"]) for h in hist]
         top = max(bs)
         first_top = next(h["epoch"] for h in hist if int(h["batch_size"]) == top)
+        bmax = record.get("bmax")
+        at_bmax = f"{sum(b >= bmax for b in bs)} of {len(bs)}" if bmax else "?"
         decisions = "; ".join(f"e{h['epoch']}: {h['decision']}" for h in hist
                               if h.get("decision") and not h["decision"].startswith(("warm-up", "lr phase: level")))
-        rows.append([m["member"], f"{bs[0]} -> {top} (epoch {first_top})", f"{max(h['lr'] for h in hist):.4g}",
-                     f"{max(h['momentum'] for h in hist):.4g}", decisions or "none"])
+        rows.append([m["member"], f"{bs[0]} -> {top} (epoch {first_top})", str(bmax or "?"), at_bmax,
+                     f"{max(h['lr'] for h in hist):.4g}", f"{max(h['momentum'] for h in hist):.4g}",
+                     decisions or "none"])
     if not rows:
         doc.p(f"**{NOT_RUN}** (no DBS trial with a per-epoch history in members/)")
         return False
-    doc.table(["member", "B (first -> largest)", "max lr", "max m", "decisions (epoch: why)"], rows)
+    doc.p("Fall rule: " + "; ".join(
+        f"a dip must exceed {z:g} SE, {noise} ({'binomial SE of ' + str(n) + ' validation images' if noise == 'binomial' else 'the larger of the binomial SE and the run' + chr(39) + 's own epoch-to-epoch noise'})"
+        for z, noise, n in sorted(rules, key=str)) + " (spec §4.2; `train.dbs.fall_z`, `train.dbs.fall_noise`).")
+    doc.table(["member", "B (first -> largest)", "Bmax", "epochs at Bmax", "max lr", "max m", "decisions (epoch: why)"],
+              rows)
     return True
 
 
