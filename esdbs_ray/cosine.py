@@ -41,7 +41,7 @@ import math
 from typing import Any, Sequence
 
 from .config import CosineConfig, DBSConfig
-from .dbs import EpochPlan, _round_half_up, check_schedule_args
+from .dbs import EpochPlan, _round_half_up, check_schedule_args, load_schedule_state
 
 __all__ = ["CosineSchedule", "cosine_lr", "train_steps"]
 
@@ -175,22 +175,10 @@ class CosineSchedule:
         return {**self._identity(), "version": _STATE_VERSION, "state": dict(self._s), "notes": list(self.notes)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        if d.get("version") != _STATE_VERSION:
-            raise ValueError(f"cosine schedule state version {d.get('version')!r}, expected {_STATE_VERSION}")
-        for key, value in self._identity().items():
-            theirs = d.get(key)
-            if key == "config":
-                theirs = DBSConfig.from_dict(theirs).to_dict()
-            elif key == "cosine":
-                theirs = CosineConfig.from_dict(theirs).to_dict()
-            if theirs != value:
-                raise ValueError(f"schedule state has {key}={theirs!r}, this schedule has {value!r}: "
-                                 "build the schedule with the checkpoint's settings")
-        state = dict(d["state"])
-        missing = sorted(set(self._s) - set(state))
-        if missing:
-            raise ValueError(f"schedule state lacks key(s) {missing}")
-        self._s = state
+        self._s = load_schedule_state(d, identity=self._identity(), keys=list(self._s), versions=(_STATE_VERSION,),
+                                      what="cosine schedule",
+                                      normalise={"config": lambda c: DBSConfig.from_dict(c).to_dict(),
+                                                 "cosine": lambda c: CosineConfig.from_dict(c).to_dict()})
         self.notes = list(d.get("notes", []))
 
     def __repr__(self) -> str:

@@ -375,6 +375,29 @@ def check_schedule_args(cfg: DBSConfig, *, epochs: int, train_size: int, val_siz
     return starts
 
 
+def load_schedule_state(d: dict[str, Any], *, identity: dict[str, Any], keys: Sequence[str],
+                        versions: Sequence[int], normalise: dict[str, Any], what: str = "schedule") -> dict[str, Any]:
+    """The checks every schedule kind makes of a saved state ``d`` before taking it: a version it reads,
+    the same identity (kind, settings, sizes; ``normalise``: key -> function bringing a saved value
+    into today's form, e.g. a config dict with new defaults), and every state key present.  Returns the
+    state dict (a copy)."""
+    if d.get("version") not in versions:
+        raise ValueError(f"{what} state version {d.get('version')!r}, expected {versions[-1]} "
+                         "(written by an older esdbs: start the run again)")
+    for key, value in identity.items():
+        theirs = d.get(key)
+        if key in normalise:
+            theirs = normalise[key](theirs)
+        if theirs != value:
+            raise ValueError(f"schedule state has {key}={theirs!r}, this schedule has {value!r}: "
+                             "build the schedule with the checkpoint's settings")
+    state = dict(d["state"])
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise ValueError(f"schedule state lacks key(s) {missing}")
+    return state
+
+
 class _Schedule:
     """Shared machinery: warm-up, rung restarts, plateau rule, divergence guard, state dict.
 
@@ -553,23 +576,10 @@ class _Schedule:
         return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        if d.get("version") not in _READABLE_VERSIONS:
-            raise ValueError(f"schedule state version {d.get('version')!r}, expected {_STATE_VERSION} "
-                             "(written by an older esdbs: start the run again)")
-        mine = self._identity()
-        for key, value in mine.items():
-            theirs = d.get(key)
-            if key == "config":
-                theirs = DBSConfig.from_dict(theirs).to_dict()  # normalised like ours
-            if theirs != value:
-                raise ValueError(f"schedule state has {key}={theirs!r}, this schedule has {value!r}: "
-                                 "build the schedule with the checkpoint's settings")
-        state = dict(d["state"])
-        if d["version"] == 2 and self.kind == "dbs":
-            state.setdefault("ref_vals", [])
-        missing = sorted(set(self._s) - set(state))
-        if missing:
-            raise ValueError(f"schedule state lacks key(s) {missing}")
+        if d.get("version") == 2 and self.kind == "dbs" and isinstance(d.get("state"), dict):
+            d = {**d, "state": {"ref_vals": [], **d["state"]}}  # v2 had no observed values
+        state = load_schedule_state(d, identity=self._identity(), keys=list(self._s), versions=_READABLE_VERSIONS,
+                                    normalise={"config": lambda c: DBSConfig.from_dict(c).to_dict()})
         if state["phase"] not in PHASES:
             raise ValueError(f"schedule state has unknown phase {state['phase']!r}; phases: {PHASES}")
         self._s = state
