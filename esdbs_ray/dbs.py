@@ -348,9 +348,10 @@ def run_noise(values: Sequence[float]) -> float | None:
     noise; a trend still left inflates sigma a little, i.e. errs towards tolerance.  None below 3 values.
 
     Why not the binomial SE alone: it measures which 900 or 6,000 images were drawn, not where SGD's
-    iterate happens to be at the end of an epoch.  At constant η on an H100 (paper scale, 6,000 val
-    images) the val accuracy of AlexNet / All-CNN-C / ConvPool-CNN-C moved 0.76 / 1.48 / 3.42 pt from
-    epoch to epoch against a binomial SE of 0.39 pt, and those dips ended the LR phase."""
+    iterate happens to be at the end of an epoch.  On an H100 at paper scale (6,000 val images) this
+    estimate over the warm-up and the first level gives 0.84 / 1.33 / 3.14 pt for AlexNet / All-CNN-C /
+    ConvPool-CNN-C against a binomial SE of 0.37-0.40 pt, and dips of that size ended their scaling
+    (tests/test_dbs.py replays them)."""
     vals = [float(v) for v in values if not math.isnan(float(v))]
     if len(vals) < 3:
         return None
