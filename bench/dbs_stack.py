@@ -24,6 +24,11 @@ accuracy gap (DBS ensemble - fixed ensemble, test).
 With several ``--fall-noise`` modes the DBS stack runs once per mode (labelled ``SWR-CNN+DBS
 [observed]``, ...) beside one fixed-B0 run, and ``verdict`` holds one entry per DBS label.
 
+Before the timed runs a warm-up stack (the DBS variant on 1,000 images, one epoch per phase) fills the
+on-disk compile caches every trial process reads (inductor's FX graphs; Triton's kernels on CUDA):
+without it the first timed stack pays every Winograd-ReLU layer's compile and the second none (on
+2 CPU cores 144 s against 76 s for the same stack).  ``--no-warmup`` skips it.
+
 ``--resume`` keeps the runs already in the result file (same preset, overrides, scale, variants,
 repeats and modes, else an error says which differs) and runs only the missing ones: a machine whose
 commands are cut at 10 minutes runs the paper-scale comparison one stack per call, e.g. on the lent
@@ -155,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 3,000 images, width 0.125, 3+1 epochs")
     ap.add_argument("--keep", default=None, help="keep the experiment directories here (default: deleted)")
     ap.add_argument("--result", default=None, help="JSON path (default bench/results/dbs_stack.json)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed warm-up stack that fills the compile caches first")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished runs of the result file (same settings) and run the rest")
     ap.add_argument("--max-runs", type=int, default=None, help="run at most this many stacks now (with --resume)")
@@ -181,7 +188,15 @@ def main(argv=None) -> int:
     done = {(x["repeat"], x["variant"]) for x in runs}
     budget = a.max_runs
     path = None
+    warmup_s = None
     try:
+        todo = [(r, j[0]) for r in range(a.repeats) for j in jobs if (r, j[0]) not in done]
+        if a.warmup and todo and (budget is None or budget > 0):
+            print(f"[dbs_stack] warm-up: {dbs_variant} on 1,000 images, untimed", flush=True)
+            t0 = time.perf_counter()
+            run_stack(a.preset, [*sets, "subset=1000", "test_subset=500", "train.epochs=1", "train.retrain_epochs=1"],
+                      dbs_variant, a.scale, workdir / "warmup", a.num_cpus)
+            warmup_s = time.perf_counter() - t0
         for r in range(a.repeats):
             for label, variant, extra in (jobs if r % 2 == 0 else jobs[::-1]):
                 if (r, label) in done:
@@ -192,7 +207,8 @@ def main(argv=None) -> int:
                 budget = None if budget is None else budget - 1
                 print(f"[dbs_stack] repeat {r + 1}/{a.repeats}: {label}", flush=True)
                 # each run carries its own revision and device: with --resume they may come from several calls
-                runs.append({"repeat": r, "git_revision": git_revision(), "device": hardware_line(), **run_stack(a.preset, [*sets, *extra], variant, a.scale, workdir / f"r{r}",
+                runs.append({"repeat": r, "git_revision": git_revision(), "device": hardware_line(),
+                             "after_warmup_seconds": warmup_s, **run_stack(a.preset, [*sets, *extra], variant, a.scale, workdir / f"r{r}",
                                                       a.num_cpus, label=label)})
                 # written after every run: a run cut short by a time limit keeps what finished
                 path = write_result("dbs_stack", _document(config, runs, dbs_labels, fixed_variant), a.result)

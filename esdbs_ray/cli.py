@@ -95,13 +95,16 @@ def _add_schedule_args(p: argparse.ArgumentParser, default_schedule: str = "fixe
     g.add_argument("--fall-noise", choices=["binomial", "observed"], default=None,
                    help="DBS: one standard error is the binomial SE of the val estimate (default, spec "
                         "§4.2) or the larger of it and the run's own epoch-to-epoch noise")
+    g.add_argument("--rung-lr", choices=["dense_end", "lr0"], default=None,
+                   help="DBS: pruning rungs retrain at the dense phase's last learning rate (default, spec "
+                        "§4.5) or at most at lr0")
     g.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
 
 
 _SCHEDULE_FLAGS = {"batch_size": "b0", "lr": "lr0", "lr_start": "lr_start", "momentum": "m0",
                    "warmup_frac": "warmup_frac", "double_every": "double_every", "k": "k", "v0": "v0",
                    "m_max": "m_max", "bmax_cap": "bmax_cap", "fall_z": "fall_z",
-                   "fall_noise": "fall_noise"}
+                   "fall_noise": "fall_noise", "rung_lr": "rung_lr"}
 
 
 def _dbs_dict(args) -> dict:

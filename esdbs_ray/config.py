@@ -217,6 +217,10 @@ class DBSConfig(_Model):
     # before its first doubling (dbs.DBSSchedule._se): on an H100 at paper scale that noise was 2-9x
     # the binomial SE and ended the LR phase of two of three members on noise (issue #12).
     fall_noise: Literal["binomial", "observed"] = "binomial"
+    # The learning rate every pruning rung retrains at: "dense_end" (spec §4.5) the dense phase's last
+    # η -- its peak when the dense phase is too short to plateau (CPU presets: 3 epochs) -- or "lr0",
+    # at most the reference η0 (B stays, so the noise scale falls as on a plateau).
+    rung_lr: Literal["dense_end", "lr0"] = "dense_end"
 
     @model_validator(mode="after")
     def _cross(self) -> "DBSConfig":

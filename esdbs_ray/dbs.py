@@ -75,8 +75,9 @@ Decisions where the spec leaves room (each also marked in the code):
   after a decay would undo it.
 * **Pruning rungs** (``rung_starts``, spec §4.5): scaling happens in the dense phase only -- at the
   first rung anything still rising stops where it is (a pruning step's dip would read as a fall) --
-  and every rung starts at the same η, the one the dense phase ended with, with the plateau's best
-  and patience restarted: a pruned model is compared with itself, not with the dense best.
+  and every rung starts at the same η, the one the dense phase ended with (``rung_lr: lr0``, ours: at
+  most η0), with the plateau's best and patience restarted: a pruned model is compared with itself,
+  not with the dense best.
 * **Divergence guard** (ours, spec §4.6): :meth:`step` returns True — restore the snapshot — when the
   loss was non-finite (any epoch: the weights are unusable), when the val accuracy is NaN, or when the
   epoch ran with raised values (``increase``) and its val accuracy is ≥ ``collapse_drop`` below the
@@ -538,8 +539,8 @@ class _Schedule:
         was_raising = phase in _RAISING
         if was_raising:
             lr, m, batch, phase = min(lr, cur[0]), min(m, cur[1]), min(batch, cur[2]), self._settled
-        if s["rung_lr"] is None:
-            s["rung_lr"] = lr
+        if s["rung_lr"] is None:  # fixed for the whole ladder at the first rung
+            s["rung_lr"] = lr if self.cfg.rung_lr == "dense_end" else min(lr, self.cfg.lr0)
         s.update(rung=i, best=None, bad_epochs=0)
         note = (f"rung {i + 1}: {'scaling over, ' if was_raising else ''}plateau restarted, "
                 f"lr {s['rung_lr']:.4g}, m {m:.4g}, B {batch}")

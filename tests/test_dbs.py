@@ -271,6 +271,23 @@ def test_rung_start_restarts_the_plateau_and_the_lr():
     assert all(p.lr >= plans[8].lr * 0.1 for p in plans[8:])
 
 
+def test_rung_lr_lr0_retrains_every_rung_at_most_at_lr0():
+    # the same run with rung_lr: lr0 -- the dense phase peaks at 0.16 (B 1024); the rungs retrain at
+    # 0.02 with B kept at 1024, and still all at one η
+    cfg = DBSConfig(warmup_frac=0.0, double_every=1, plateau_patience=2, k=0.0, rung_lr="lr0")
+    sched = DBSSchedule(cfg, epochs=20, train_size=N, val_size=6000, rung_starts=[8, 12, 16])
+    plans, _ = run(sched, [0.80, 0.82, 0.84, 0.86, 0.87, 0.88, 0.89, 0.90] + [0.70] * 12)
+    assert plans[7].lr == pytest.approx(0.16) and plans[7].batch_size == 1024
+    assert [plans[e].lr for e in (8, 12, 16)] == [0.02] * 3 and all(p.batch_size == 1024 for p in plans[8:])
+    assert "lr 0.02" in plans[8].decision
+    # a dense phase that ended below η0 (decayed) keeps its own η
+    sched = DBSSchedule(cfg.model_copy(update={"plateau_patience": 1}), epochs=8, train_size=N, val_size=6000,
+                        rung_starts=[6])
+    plans, _ = run(sched, [0.80, 0.79, 0.79, 0.79, 0.79, 0.79, 0.79])
+    assert plans[2].decision.startswith("plateau") and plans[5].lr == pytest.approx(4e-6)
+    assert plans[6].lr == pytest.approx(4e-7) and plans[6].batch_size == 256  # the decay at epoch 6 stands
+
+
 def test_scaling_stops_at_the_first_rung():
     # n = 1 with 3 dense epochs: 0.02, 0.04, 0.08; the doubling planned for epoch 3 is cancelled
     cfg = DBSConfig(warmup_frac=0.0, double_every=1, k=0.0)
