@@ -616,7 +616,7 @@ def test_plan_continues_improving_after_short_sequence():
     ("b0", 100), ("b0", 0), ("bmin", 48), ("bmin", 256), ("bmax_cap", 0), ("warmup_frac", 1.0),
     ("double_every", 0), ("k", -0.1), ("v0", -0.5), ("plateau_patience", 0), ("plateau_factor", 0.0),
     ("plateau_factor", 1.5), ("step", 0), ("collapse_drop", 0.0), ("b0", 128.5), ("b0", True),
-    ("lr0", "0.02"), ("k", float("nan")), ("fall_z", -1.0), ("fall_noise", "loud"), ("k", "fast"),
+    ("lr0", "0.02"), ("k", float("nan")), ("fall_z", -1.0), ("fall_noise", "loud"), ("rung_lr", "peak"), ("k", "fast"),
 ])
 def test_bad_config_names_the_field(field, value):
     from esdbs_ray.config import ConfigError
