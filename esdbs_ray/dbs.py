@@ -578,8 +578,7 @@ class _Schedule:
         return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        if d.get("version") == 2 and self.kind == "dbs" and isinstance(d.get("state"), dict):
-            d = {**d, "state": {"ref_vals": [], **d["state"]}}  # v2 had no observed values
+        d = self._upgrade(d)
         state = load_schedule_state(d, identity=self._identity(), keys=list(self._s), versions=_READABLE_VERSIONS,
                                     normalise={"config": lambda c: DBSConfig.from_dict(c).to_dict()})
         if state["phase"] not in PHASES:
@@ -590,6 +589,10 @@ class _Schedule:
 
     def _after_load(self) -> None:
         pass
+
+    def _upgrade(self, d: dict[str, Any]) -> dict[str, Any]:
+        """A saved state of an older readable version in today's form (nothing to do by default)."""
+        return d
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.plan()})"
@@ -626,6 +629,11 @@ class DBSSchedule(_Schedule):
 
     def _after_load(self) -> None:
         self.bmax = int(self._s["bmax"])  # the run keeps the Bmax it started with
+
+    def _upgrade(self, d: dict[str, Any]) -> dict[str, Any]:
+        if d.get("version") == 2 and isinstance(d.get("state"), dict):  # v2 had no observed values
+            d = {**d, "state": {"ref_vals": [], **d["state"]}}
+        return d
 
     def _formula(self, lr: float, m: float) -> int:
         return formula_batch(self.cfg, lr, m, self.bmax)

@@ -357,7 +357,8 @@ def train(
 
         # --- validate; the schedule's guard may restore the pre-increase snapshot.  At a rung's end the
         # probabilities are kept for its predictions, so the rung does not evaluate the same weights again.
-        keep = predictions_root is not None and (epoch in rung_ends or cfg.early_stopping.patience > 0)
+        keep = predictions_root is not None and (
+            epoch in rung_ends or (cfg.early_stopping.patience > 0 and epoch < cfg.epochs))  # a stop ends the dense phase
         val = evaluate(model, val_batches, keep_probs=keep, amp=amp)
         restored = schedule.step(val["accuracy"], math.isfinite(train_loss) and math.isfinite(val["loss"]))
         if restored:  # the latest pre-increase snapshot stays valid: after a restore nothing increases

@@ -424,9 +424,11 @@ def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
     if not rows:
         doc.p(f"**{NOT_RUN}** (no DBS trial with a per-epoch history in members/)")
         return False
-    doc.p("Fall rule: " + "; ".join(
-        f"a dip must exceed {z:g} SE, {noise} ({'binomial SE of ' + str(n) + ' validation images' if noise == 'binomial' else 'the larger of the binomial SE and the run' + chr(39) + 's own epoch-to-epoch noise'})"
-        for z, noise, n in sorted(rules, key=str)) + " (spec §4.2; `train.dbs.fall_z`, `train.dbs.fall_noise`).")
+    what = {"binomial": "binomial SE of {n} validation images",
+            "observed": "the larger of the binomial SE and the run's own epoch-to-epoch noise"}
+    doc.p("Fall rule: " + "; ".join(f"a dip must exceed {z:g} SE, {noise} ({what[noise].format(n=n)})"
+                                    for z, noise, n in sorted(rules, key=str))
+          + " (spec §4.2; `train.dbs.fall_z`, `train.dbs.fall_noise`).")
     doc.table(["member", "B (first -> largest)", "Bmax", "epochs at Bmax", "max lr", "max m", "decisions (epoch: why)"],
               rows)
     return True
