@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--devices", nargs="*", default=None, help="cpu and/or cuda (default: cpu, and cuda if present)")
+    ap.add_argument("--cuda-dtypes", nargs="*", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                    help="on CUDA: fp32 and/or bf16 autocast (the trainer's setting)")
     ap.add_argument("--no-inference", action="store_true", help="skip the CPU sparse-inference section")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="leave glibc malloc as is (fresh mmap pages for big buffers on every call)")
@@ -228,14 +230,14 @@ def main(argv=None) -> int:
     names = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     devices = [torch.device(d) for d in names]
     config = {"batch": args.batch, "repeats": repeats, "threads": args.threads, "quick": args.quick,
-              "devices": names, "shapes": [s[0] for s in shapes], "malloc_tuned": tuned,
+              "devices": names, "cuda_dtypes": args.cuda_dtypes, "shapes": [s[0] for s in shapes], "malloc_tuned": tuned,
               "inference": not (args.quick or args.no_inference)}
     print(f"winograd bench: {hardware_line()}; devices {names}, batch {args.batch}, {repeats} repeats", flush=True)
 
     t0 = time.perf_counter()
     rows, inference = [], []
     for device in devices:
-        for amp in ((False, True) if device.type == "cuda" else (False,)):
+        for amp in ([d == "bf16" for d in args.cuda_dtypes] if device.type == "cuda" else (False,)):
             for label, c, k, hw in shapes:
                 r = bench_training(label, c, k, hw, args.batch, repeats, device, amp)
                 rows.append(r)
