@@ -899,6 +899,21 @@ def slug(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # YAML, --set, --scale, building a config
 # --------------------------------------------------------------------------------------------------
+def parse_yaml_mapping(text: str, where: str) -> dict:
+    """YAML text whose top level is a mapping (empty text: ``{}``); errors name ``where`` and the line."""
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{line} ({getattr(exc, 'problem', None) or exc})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(d).__name__}")
+    return d
+
+
 def load_yaml(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
@@ -909,17 +924,19 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
+    return parse_yaml_mapping(text, path)
+
+
+def parse_saved_config(text: str, where: str) -> PipelineConfig:
+    """An experiment's saved ``config.yaml`` (what ``esdbs run`` wrote) as the validated config: the one
+    reader behind ``--resume`` and ``esdbs export``; every error names ``where`` (the file's path)."""
+    d = parse_yaml_mapping(text, where)
+    if not d:
+        raise ConfigError(f"{where}: empty; an experiment's config.yaml holds the whole resolved config")
     try:
-        d = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
-    return d
+        return validate(PipelineConfig, d)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 _TRAIN_SIZES = {"fashion-mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
-from .config import ConfigError, PipelineConfig, slug, validate
+from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .ensemble import FORMAT, FORMAT_VERSION, ExportError, build_model, fold_masks
 from .layout import ExperimentLayout, ExportLayout, check_replace, replace_dir
 
@@ -212,20 +212,21 @@ def _to_onnx(model, mean, std, shape) -> tuple[bytes, float]:
 # Reading the experiment
 # --------------------------------------------------------------------------------------------------
 def _config(tree: storage.Tree) -> PipelineConfig:
-    import yaml
-
     if not tree.is_dir():
         raise ExportError(f"{tree.root}: no such experiment directory")
+    where = tree.uri(ExperimentLayout.CONFIG)
     try:
-        d = yaml.safe_load(tree.read_text(ExperimentLayout.CONFIG))
+        text = tree.read_text(ExperimentLayout.CONFIG)
     except FileNotFoundError:
-        raise ExportError(f"{tree.uri('config.yaml')}: missing; is {tree.root} an esdbs experiment?") from None
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ExportError(f"{tree.uri('config.yaml')}: not a valid config ({type(exc).__name__})") from None
+        raise ExportError(f"{where}: missing; is {tree.root} an esdbs experiment?") from None
+    except ValueError as exc:  # not UTF-8
+        raise ExportError(str(exc)) from None
+    except OSError as exc:  # a directory, no permission
+        raise ExportError(f"{where}: cannot read it ({exc.__class__.__name__})") from None
     try:
-        return validate(PipelineConfig, d, "config.yaml")
+        return parse_saved_config(text, where)
     except ConfigError as exc:
-        raise ExportError(f"{tree.uri('config.yaml')}: {exc}") from None
+        raise ExportError(str(exc)) from None
 
 
 def _choose_group(cfg: PipelineConfig, variant: str | None, tree: storage.Tree) -> str:

@@ -29,7 +29,7 @@ import time
 import yaml
 
 from . import storage, tracking
-from .config import ConfigError, PipelineConfig, slug, validate
+from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .layout import ExperimentLayout, claim_dir
 from .ray_env import cluster_capacity, gpus_per_trial, init_ray
 
@@ -138,12 +138,17 @@ def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
 def load_resumed_config(out: str) -> PipelineConfig:
     layout = ExperimentLayout.at(out)
     try:
-        d = yaml.safe_load(storage.read_bytes(layout.config).decode())
+        text = storage.read_bytes(layout.config).decode()
     except FileNotFoundError:
         raise ConfigError(f"--resume {out}: no config.yaml there; is it an esdbs experiment directory?") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--resume {out}: config.yaml is not valid YAML ({exc.__class__.__name__})") from None
-    return validate(PipelineConfig, d, "config.yaml")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--resume {out}: config.yaml is not text (not UTF-8)") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"--resume {out}: cannot read config.yaml ({exc.__class__.__name__})") from None
+    try:
+        return parse_saved_config(text, "config.yaml")
+    except ConfigError as exc:
+        raise ConfigError(f"--resume {out}: {exc}") from None
 
 
 def load_data(cfg: PipelineConfig):

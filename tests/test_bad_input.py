@@ -105,6 +105,12 @@ def sandbox(tmp_path_factory):
     (root / "broken_exp").mkdir()
     (root / "broken_exp" / MARKER).write_text(json.dumps({"kind": "experiment"}))
     (root / "broken_exp" / "config.yaml").write_text("members: [alexnet\n")
+    # saved configs that are no config: a directory, an empty file, a key this version does not know
+    for name, make in (("dir_config_exp", lambda p: p.mkdir()), ("empty_config_exp", lambda p: p.write_text("")),
+                       ("unknown_key_exp", lambda p: p.write_text("members: [alexnet]\ntrain: {epochz: 3}\n"))):
+        (root / name).mkdir()
+        (root / name / MARKER).write_text(json.dumps({"kind": "experiment"}))
+        make(root / name / "config.yaml")
     # Fashion-MNIST with a truncated training file
     fm = root / "fmnist_truncated"
     fm.mkdir()
@@ -234,7 +240,10 @@ CASES = [
     ("out-a-report", ["run", "--preset", "smoke", "--out", "report_dir"], "report_dir"),
     ("out-bad-uri", ["run", "--preset", "smoke", "--out", "nosuch://bucket/x"], "nosuch://"),
     ("resume-nothing", ["run", "--resume", "empty"], "--resume"),
-    ("resume-broken-config", ["run", "--resume", "broken_exp"], "config.yaml"),
+    ("resume-broken-config", ["run", "--resume", "broken_exp"], "config.yaml: not valid YAML at line 2"),
+    ("resume-config-is-a-dir", ["run", "--resume", "dir_config_exp"], "cannot read config.yaml"),
+    ("resume-empty-config", ["run", "--resume", "empty_config_exp"], "config.yaml: empty"),
+    ("resume-unknown-key", ["run", "--resume", "unknown_key_exp"], "config.yaml: train: unknown key(s) 'epochz'"),
     ("resume-with-preset", ["run", "--resume", "experiment", "--preset", "smoke"], "--resume"),
     # run: data files of every format
     ("fmnist-truncated", RUN + ["--data-dir", "fmnist_truncated"], "fmnist_truncated"),
@@ -317,7 +326,10 @@ CASES = [
     # export: a directory that is no experiment, members without weights, outputs esdbs must not write
     ("export-missing-dir", ["export", "nowhere", "--out", "e"], "nowhere"),
     ("export-not-experiment", ["export", "empty", "--out", "e"], "config.yaml"),
-    ("export-broken-config", ["export", "broken_exp", "--out", "e"], "config.yaml"),
+    ("export-broken-config", ["export", "broken_exp", "--out", "e"], "config.yaml: not valid YAML at line 2"),
+    ("export-config-is-a-dir", ["export", "dir_config_exp", "--out", "e"], "config.yaml: cannot read it"),
+    ("export-empty-config", ["export", "empty_config_exp", "--out", "e"], "config.yaml: empty"),
+    ("export-unknown-key", ["export", "unknown_key_exp", "--out", "e"], "config.yaml: train: unknown key(s) 'epochz'"),
     ("export-missing-members", ["export", "experiment", "--out", "e"], "alexnet"),
     ("export-unknown-variant", ["export", "experiment", "--variant", "XYZ", "--out", "e"], "XYZ"),
     ("export-sparsity", ["export", "experiment", "--sparsity", "1.5", "--out", "e"], "--sparsity"),
