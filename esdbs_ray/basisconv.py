@@ -65,6 +65,8 @@ __all__ = [
     "set_fine_tuning_stage",
     "layer_counts",
     "compression_report",
+    "conv_units",
+    "output_sizes",
     "WHICH",
 ]
 
@@ -689,14 +691,40 @@ _SUMMED = ("retained_filters", "original_filters", "mults", "original_mults", "l
            "original_learnable", "paper_learnable", "stored")
 
 
-def _conv_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """BasisConv2d layers and the spatial convs outside them, in module order."""
+def conv_units(model: nn.Module, kinds: tuple[type, ...] = (BasisConv2d, nn.Conv2d)) -> list[tuple[str, nn.Module]]:
+    """The modules of ``kinds`` in module order, BasisConv2d layers whole (not the convs inside them)."""
     inside = set()
     for name, m in model.named_modules():
         if isinstance(m, BasisConv2d):
             inside.update(f"{name}.{sub}" if name else sub for sub, _ in m.named_modules() if sub)
-    return [(n, m) for n, m in model.named_modules()
-            if n not in inside and isinstance(m, (BasisConv2d, nn.Conv2d))]
+    return [(n, m) for n, m in model.named_modules() if n not in inside and isinstance(m, kinds)]
+
+
+@torch.no_grad()
+def output_sizes(model: nn.Module, units: list[tuple[str, nn.Module]], input_shape) -> dict[str, tuple[int, int]]:
+    """Output (H, W) of each unit for one zero image of ``input_shape`` ((C, H, W) or (1, C, H, W)),
+    from forward hooks in eval mode; the model's train/eval flags are restored.  A unit the forward
+    pass does not reach is absent."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) or (1, C, H, W), got {tuple(input_shape)}")
+    out_hw: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: out_hw.__setitem__(n, tuple(out.shape[-2:])))
+             for n, m in units]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        ref = next(iter(model.parameters()), None)
+        model(torch.zeros(shape, device=ref.device if ref is not None else None,
+                          dtype=ref.dtype if ref is not None else None))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, t in flags.items():
+            m.train(t)
+    return out_hw
 
 
 @torch.no_grad()
@@ -709,27 +737,8 @@ def compression_report(model: nn.Module, input_shape: Iterable[int]) -> dict:
     ``model`` counts all learnable parameters (basis excluded: it is a buffer) against the same model
     with every BasisConv2d replaced by the conv it stands for.
     """
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) or (1, C, H, W), got {tuple(input_shape)}")
-    units = _conv_units(model)
-    out_hw: dict[str, tuple[int, int]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: out_hw.__setitem__(n, tuple(out.shape[-2:])))
-             for n, m in units]
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        ref = next(iter(model.parameters()), None)
-        x = torch.zeros(shape, device=ref.device if ref is not None else None,
-                        dtype=ref.dtype if ref is not None else None)
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, t in flags.items():
-            m.train(t)
+    units = conv_units(model)
+    out_hw = output_sizes(model, units, input_shape)
     layers = {n: layer_counts(m, out_hw[n]) for n, m in units if n in out_hw}
 
     def total(rows) -> dict:
@@ -747,7 +756,7 @@ def compression_report(model: nn.Module, input_shape: Iterable[int]) -> dict:
     replaced = sum(r["learnable"] for r in basis_rows)
     original = learnable - replaced + sum(r["original_learnable"] for r in basis_rows)
     return {
-        "input_shape": list(shape[1:]),
+        "input_shape": [int(v) for v in input_shape][-3:],
         "layers": layers,
         "totals": total(list(layers.values())),
         "basis_totals": total(basis_rows),

@@ -48,8 +48,9 @@ import math
 import torch
 from torch import nn
 
-from .basisconv import (BasisConv2d, basis_layers, compression_report, filter_spectrum, is_basis_eligible,
-                        layer_counts, retained_count, set_fine_tuning_stage, to_basisconv, to_basisconv_like)
+from .basisconv import (BasisConv2d, basis_layers, compression_report, conv_units, filter_spectrum,
+                        is_basis_eligible, layer_counts, output_sizes, retained_count, set_fine_tuning_stage,
+                        to_basisconv, to_basisconv_like)
 
 __all__ = ["Compression", "Dense", "SparsityLadder", "BasisLadder", "build_compression", "conv_cost",
            "rung_counts"]
@@ -231,37 +232,6 @@ def build_compression(cfg, model: nn.Module) -> Compression:
 # --------------------------------------------------------------------------------------------------
 # counts
 # --------------------------------------------------------------------------------------------------
-def _conv_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from .winograd import WinogradReLUConv2d
-
-    inside = set()
-    for name, m in model.named_modules():
-        if isinstance(m, BasisConv2d):
-            inside.update(f"{name}.{sub}" if name else sub for sub, _ in m.named_modules() if sub)
-    return [(n, m) for n, m in model.named_modules()
-            if n not in inside and isinstance(m, (BasisConv2d, WinogradReLUConv2d, nn.Conv2d))]
-
-
-def _output_sizes(model: nn.Module, units, input_shape) -> dict[str, tuple[int, int]]:
-    """Output (H, W) of each unit for one zero image, in eval mode (train flags restored)."""
-    shape = tuple(int(s) for s in input_shape)
-    shape = (1, *shape) if len(shape) == 3 else shape
-    out_hw: dict[str, tuple[int, int]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: out_hw.__setitem__(n, tuple(out.shape[-2:])))
-             for n, m in units]
-    flags = {m: m.training for m in model.modules()}
-    ref = next(iter(model.parameters()))
-    try:
-        model.eval()
-        model(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, t in flags.items():
-            m.train(t)
-    return out_hw
-
-
 @torch.no_grad()
 def conv_cost(model: nn.Module, input_shape) -> dict:
     """Per image, summed over every convolution (see the module docstring for what is counted):
@@ -271,8 +241,8 @@ def conv_cost(model: nn.Module, input_shape) -> dict:
     model stands for; ``mult_ratio`` = conv_mults / dense_conv_mults."""
     from .winograd import WinogradReLUConv2d
 
-    units = _conv_units(model)
-    out_hw = _output_sizes(model, units, input_shape)
+    units = conv_units(model, (BasisConv2d, WinogradReLUConv2d, nn.Conv2d))
+    out_hw = output_sizes(model, units, input_shape)
     t = dict.fromkeys(("conv_mults", "dense_conv_mults", "conv_weights", "dense_conv_weights", "filters",
                        "dense_filters"), 0)
     for name, m in units:
