@@ -37,10 +37,9 @@ demo: setup
 	$(VENV)/bin/esdbs run --preset quick --out runs/demo
 
 # Two pytest-xdist workers, a test file per worker (--dist loadfile: its module-scoped Ray clusters stay
-# in one process), longest file first (tests/conftest.py orders them; xdist keeps that order with
-# --no-loadscope-reorder); the workers share one smoke run; each trains on one thread.
+# in one process); the workers share one smoke run (tests/conftest.py); each trains on one thread.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations 15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations 15
 
 bench: setup
 	$(PY) bench/throughput.py

@@ -26,20 +26,6 @@ import ray_local  # noqa: E402
 os.environ.update(ray_local.LOOPBACK_ENV)
 
 
-# `make test` runs two xdist workers with a test file per worker, handed out in collection order
-# (--no-loadscope-reorder; xdist's default order is by test count, which queued test_cluster's 9 slow
-# tests last, so one worker ran them alone at the end).  Longest file first balances the two
-# workers.  The seconds are one `--durations 0` run on a 2-core Xeon (2026-11-23); a stale figure
-# costs balance, never a result.  Files not listed follow in their usual order.
-FILE_SECONDS = {"test_cluster.py": 248, "test_pipeline.py": 207, "test_report.py": 137, "test_train.py": 130,
-                "test_pruning.py": 125, "test_winograd.py": 76, "test_export.py": 53, "test_placement.py": 28,
-                "test_own_images.py": 23, "test_models.py": 23, "test_stacking.py": 19, "test_bad_input.py": 13}
-
-
-def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: order within a file kept
-
-
 @pytest.fixture(scope="session")
 def fmnist_small():
     """A small stratified Fashion-MNIST bundle (the real data, read once per session)."""
