@@ -76,6 +76,14 @@ def write_result(name: str, doc: dict[str, Any], out: str | os.PathLike | None =
     return storage.write_json(path, doc)
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); a no-op on CPU."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 class Timer:
     """``with Timer() as t: ...``; ``t.seconds`` afterwards (perf_counter)."""
 

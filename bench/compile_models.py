@@ -44,14 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import format_table, hardware_line, median, provenance_block, write_result  # noqa: E402
+from bench.common import format_table, hardware_line, median, provenance_block, sync, write_result  # noqa: E402
 from esdbs_ray.models import create_model, list_models  # noqa: E402
 from esdbs_ray.winograd import IMPL_ENV, to_winograd_relu, tune_cpu_allocator, winograd_layers  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _geometry(name: str) -> tuple[int, int]:
@@ -91,7 +86,7 @@ def check_equal(name: str, width: float, device, batch: int, dtype: torch.dtype 
     y = torch.randint(0, 10, (batch,), device=device)
     t = time.perf_counter()
     loss_c = _step(compiled, x, y, amp=False).detach()
-    _sync(device)
+    sync(device)
     compile_s = time.perf_counter() - t
     saved = os.environ.get(IMPL_ENV)
     os.environ[IMPL_ENV] = "reference"  # the eager side: the hand-written layer, nothing compiled
@@ -130,19 +125,19 @@ def time_variants(name: str, width: float, device, batch: int, repeats: int) -> 
                 "swr_eager": swr, "swr_compiled": torch.compile(copy.deepcopy(swr), fullgraph=True)}
     first = {}
     for k, m in variants.items():  # first call compiles; the second settles allocations
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         _step(m, x, y, amp)
-        _sync(device)
+        sync(device)
         first[k] = time.perf_counter() - t
         _step(m, x, y, amp)
     times = {k: [] for k in variants}
     for r in range(repeats):
         for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             _step(variants[k], x, y, amp)
-            _sync(device)
+            sync(device)
             times[k].append(time.perf_counter() - t)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"ms": ms, "first_call_s": first, "winograd_layers": len(winograd_layers(swr)),

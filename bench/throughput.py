@@ -63,7 +63,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    SilentHooks, Timer, format_table, hardware_line, load_average, median, provenance_block, write_result,
+    SilentHooks, Timer, format_table, hardware_line, load_average, median, provenance_block, sync, write_result,
 )
 from esdbs_ray.models import create_model, list_models  # noqa: E402
 from esdbs_ray.winograd import fused_compile_log, to_winograd_relu, tune_cpu_allocator, winograd_layers  # noqa: E402
@@ -83,11 +83,6 @@ def build(name: str, conv: str, in_ch: int, size: int, width: float, device, see
     return model, opt
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 class StepRunner:
     """One model's training step on batches drawn from a uint8 pool on the device, as the trainer runs it."""
 
@@ -101,7 +96,7 @@ class StepRunner:
         self.amp = device.type == "cuda"  # the trainer's default on CUDA: bf16 autocast
 
     def step(self) -> float:
-        _sync(self.device)
+        sync(self.device)
         t = time.perf_counter()
         idx = torch.randint(0, len(self.pool_y), (self.batch,), generator=self.gen).to(self.device)
         x = torch.addcmul(self.shift, self.pool_x[idx].float(), self.scale)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import format_table, hardware_line, median, provenance_block, write_result  # noqa: E402
+from bench.common import format_table, hardware_line, median, provenance_block, sync, write_result  # noqa: E402
 from esdbs_ray.winograd import (  # noqa: E402
     SparseWinogradInference,
     WinogradReLUConv2d,
@@ -69,23 +69,18 @@ SPARSITIES = (0.0, 0.4, 0.8)
 TARGETS = {"cpu": 1.0, "cuda": 1.5}  # fused training step / conv (NCHW), median over shapes
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time_round_robin(fns: dict, repeats: int, device) -> dict:
     """Median ms per function; one warm-up call each (compiles, fills caches)."""
     for f in fns.values():
         f()
-    _sync(device)
+    sync(device)
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             f()
-            _sync(device)
+            sync(device)
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
