@@ -51,6 +51,8 @@ Evidence: ``bench/winograd.py`` (per registry layer shape, CPU and CUDA) and ``b
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import os
 import sys
 import threading
@@ -401,12 +403,61 @@ class _WinogradFunctionalFn(torch.autograd.Function):
         return dx, du, None
 
 
-@torch.compiler.allow_in_graph
 def _winograd_traceable(x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
     """The functional layer as one node for dynamo, traced by AOTAutograd: a training step of a
     model compiles in half the time of dynamo tracing every addition (0.8 s against 1.5 s per
-    layer, aot_eager backend, 2-core Xeon), and no Python state of the dispatch gets into guards."""
+    layer, aot_eager backend, 2-core Xeon), and no Python state of the dispatch gets into guards.
+    Registered with dynamo (``allow_in_graph``) by :func:`_when_dynamo_imported`."""
     return _WinogradFunctionalFn.apply(x, u, relu)
+
+
+def _allow_traceable_in_graph() -> None:
+    torch.compiler.allow_in_graph(_winograd_traceable)
+
+
+class _DynamoImportHook(importlib.abc.MetaPathFinder):
+    """Runs ``_allow_traceable_in_graph`` right after ``torch._dynamo`` is imported, by whoever.
+
+    ``allow_in_graph`` imports dynamo, 1.6 s of CPU (2-core Xeon): every process that imports this
+    module paid it, also those that never compile -- each Ray trial worker and each ``esdbs`` command
+    (the test suite starts ~45 of them).  Dynamo's registry is keyed by the function's id, so the
+    registration only has to happen before dynamo first traces a model, and every compile imports
+    dynamo first: the hook wraps its loader once and then leaves ``sys.meta_path``."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "torch._dynamo":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterExec(spec.loader)
+        return spec
+
+
+class _RegisterAfterExec(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _allow_traceable_in_graph()
+
+    def __getattr__(self, name):  # get_source, get_resource_reader, ... of the real loader
+        return getattr(self._loader, name)
+
+
+def _when_dynamo_imported() -> None:
+    if "torch._dynamo" in sys.modules:
+        _allow_traceable_in_graph()
+    elif not any(isinstance(f, _DynamoImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DynamoImportHook())
+
+
+_when_dynamo_imported()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -481,6 +481,30 @@ def test_training_step_compiles_fullgraph(name):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10, msg=n)
 
 
+def test_layer_is_one_graph_node_though_dynamo_is_imported_after_the_package():
+    """Importing the package leaves dynamo unimported (1.6 s of every Ray worker's and CLI's start),
+    and a later compile still sees the layer as one node (allow_in_graph), not traced through."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import esdbs_ray.winograd as wg, esdbs_ray.trainable\n"
+        "assert 'torch._dynamo' not in sys.modules, 'importing the package imported dynamo'\n"
+        "graphs = []\n"
+        "def backend(gm, inputs):\n"
+        "    graphs.append(gm)\n"
+        "    return gm.forward\n"
+        "layer = wg.WinogradReLUConv2d(3, 4, impl='functional')\n"
+        "torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(2, 3, 6, 6))\n"
+        "print(sorted(getattr(n.target, '__name__', str(n.target)) for n in graphs[0].graph.nodes\n"
+        "             if n.op == 'call_function'))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "'_winograd_traceable'" in r.stdout, r.stdout
+
+
 @heavy
 @traces_backward
 def test_training_step_of_small_model_compiles_with_inductor():
