@@ -418,9 +418,10 @@ def _allow_traceable_in_graph() -> None:
 class _DynamoImportHook(importlib.abc.MetaPathFinder):
     """Runs ``_allow_traceable_in_graph`` right after ``torch._dynamo`` is imported, by whoever.
 
-    ``allow_in_graph`` imports dynamo, 1.6 s of CPU (2-core Xeon): every process that imports this
-    module paid it, also those that never compile -- each Ray trial worker and each ``esdbs`` command
-    (the test suite starts ~45 of them).  Dynamo's registry is keyed by the function's id, so the
+    ``allow_in_graph`` imports dynamo, 1.6-2 s of CPU (2-core Xeon): every process that imports this
+    module paid it, also those that neither compile nor train -- the ``esdbs run`` driver, which
+    imports the trainable (a process that trains imports dynamo anyway: torch.optim's
+    ``Optimizer.__init__`` does).  Dynamo's registry is keyed by the function's id, so the
     registration only has to happen before dynamo first traces a model, and every compile imports
     dynamo first: the hook wraps its loader once and then leaves ``sys.meta_path``."""
 
