@@ -13,10 +13,15 @@ setup: $(STAMP) data
 # Reinstall when the dependencies change. pip takes torch/torchvision from the range in
 # pyproject.toml (on our machines: the 2.14.1 / 0.29.1 wheels on local disk).
 # pip runs with -qq: errors still show, but not the machine's index warnings or setuptools' notes.
+# pip byte-compiles the 17,000 files it installs one after another; compileall -j 0 does it on every
+# core (fresh venv, 2 cores: 137.6 s for pip alone against 78.6 + 30.9 s).  Byte-compiling is only a
+# speed-up, so its one expected failure (torch/testing/_internal/py312_intrinsics.py, Python 3.12
+# syntax, which pip skips the same way) does not fail the set-up.
 $(STAMP): pyproject.toml
-	@echo "setup: $(VENV) with esdbs-ray and its dependencies (the first time takes ~2-3 min: torch is large)"
+	@echo "setup: $(VENV) with esdbs-ray and its dependencies (the first time takes ~2 min: torch is large)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -qq -e '.[test]'
+	@$(PY) -m pip install -qq --no-compile -e '.[test]'
+	@$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	@touch $(STAMP)
 	@echo "setup: done"
 
