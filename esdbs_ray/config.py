@@ -672,6 +672,9 @@ class DBSSearchConfig(_Model):
     num_samples: PosInt = 8
     epochs: PosInt = 6
     grace_period: PosInt = 2
+    # A finished sample's Ray actor trains the next one, keeping its imports and compiled layers
+    # (bench/dbs_search_reuse.py); false starts a fresh process per sample.
+    reuse_actors: bool = True
     # spec section 6: (k, v0, n, warm-up fraction, B0, Bmax cap, eta0)
     space: Annotated[dict[str, Any], BeforeValidator(_search_space)] = Field(default_factory=lambda: {
         "k": {"loguniform": [0.005, 2.0]},

@@ -254,6 +254,19 @@ def _search_space(space: dict) -> dict:
             for key, spec in space.items() for kind, args in spec.items()}
 
 
+def dbs_search_points(space: dict, n: int, seed: int) -> list[dict]:
+    """The ``n`` DBS-constant samples of a search, drawn from ``space`` with ``seed``.
+
+    Drawn here and handed to Tune as the points to evaluate: Tune's own sampling draws from an
+    unseeded generator, so the same config searched twice tried different constants."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = np.random.RandomState(seed)
+    domains = _search_space(space)
+    return [dict(spec) for _ in range(n) for _, spec in generate_variants(domains, random_state=rng)]
+
+
 def _pareto(trials: list[dict]) -> list[int]:
     """Indices of the time-to-accuracy front: no other trial is both faster and more accurate at the
     end of the budget."""
@@ -266,6 +279,7 @@ def _pareto(trials: list[dict]) -> list[int]:
 def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progress: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .dbs import plot_search
     from .provenance import provenance
@@ -280,12 +294,18 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
         tune.with_parameters(train_dbs_trial, data=data, base=base, provenance=provenance()),
         _resources(cfg, s.num_samples),
     )
+    points = dbs_search_points(s.space, s.num_samples, cfg.seed)
     tuner = tune.Tuner(
         trainable,
         param_space=_search_space(s.space),
         tune_config=tune.TuneConfig(
             metric="val_accuracy", mode="max", num_samples=s.num_samples,
+            search_alg=BasicVariantGenerator(points_to_evaluate=points),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=s.epochs, grace_period=s.grace_period),
+            # Every sample trains the same model: a finished (or ASHA-stopped) trial's actor takes
+            # the next sample and keeps its compiled Winograd layers and imports
+            # (bench/dbs_search_reuse.py measures it).
+            reuse_actors=s.reuse_actors,
         ),
         run_config=tune.RunConfig(name="dbs_search", storage_path=layout.tune,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -316,7 +336,7 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
     record = {"constants": constants, "best_val_accuracy": best["val_accuracy"], "objective":
               "validation accuracy at the last epoch of the budget (trials ASHA stopped early excluded)",
               "best_train_seconds": best["train_seconds"], "best_total_steps": best["total_steps"],
-              "model": s.model, "epochs": s.epochs, "trials": trials, "provenance": provenance()}
+              "model": s.model, "epochs": s.epochs, "seed": cfg.seed, "trials": trials, "provenance": provenance()}
     plot_search(trials, best, layout.dbs_search_figure)
     storage.write_json(layout.dbs_constants, record)
     return record

@@ -228,15 +228,20 @@ def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
     from esdbs_ray.cli import load_dbs_constants
     from esdbs_ray.data import load_dataset
     from esdbs_ray.layout import ExperimentLayout
-    from esdbs_ray.pipeline import run_dbs_search
+    from esdbs_ray.pipeline import dbs_search_points, run_dbs_search
     from esdbs_ray.ray_env import init_ray
 
+    # one CPU per trial on the 2-CPU Ray: the third sample runs in an actor a finished one leaves
     cfg = build_config("smoke", None, {"dbs_search": {"model": "alexnet", "num_samples": 3, "epochs": 2,
-                                                      "grace_period": 1}})
+                                                      "grace_period": 1}, "resources": {"cpus_per_trial": 1}})
     data = load_dataset(cfg.dataset, subset=cfg.subset, test_subset=cfg.test_subset, seed=cfg.seed)
     init_ray(ray_address)
     record = run_dbs_search(cfg, ExperimentLayout.at(tmp_path), data, progress=False)
     assert len(record["trials"]) == 3 and all(t["val_accuracy"] is not None for t in record["trials"])
+    # the samples are the seeded draws: the same config searches the same constants again
+    points = dbs_search_points(cfg.dbs_search.space, 3, cfg.seed)
+    assert sorted(json.dumps(t["config"], sort_keys=True) for t in record["trials"]) == sorted(
+        json.dumps(p, sort_keys=True) for p in points) and record["seed"] == cfg.seed
     # the objective is the last epoch of the budget, among the trials that ran all of it (spec §6)
     finished = [t for t in record["trials"] if t["completed"]]
     assert finished and all(t["epochs"] == 2 for t in finished)
@@ -256,6 +261,22 @@ def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
     reused = build_config("smoke", None, {"train": {"dbs": constants}})
     assert reused.train.dbs.k == constants["k"] and reused.train.dbs.b0 == constants["b0"]
     yaml.safe_dump(reused.to_dict())  # and it serialises into config.yaml
+
+
+def test_dbs_search_points_are_seeded_draws_from_the_space():
+    from esdbs_ray.pipeline import dbs_search_points
+
+    space = build_config("smoke").dbs_search.space
+    a, b, c = (dbs_search_points(space, 6, seed) for seed in (0, 0, 1))
+    assert a == b and a != c and len(a) == 6 and len({json.dumps(p, sort_keys=True) for p in a}) == 6
+    for p in a + c:
+        assert set(p) == set(space)
+        for key, spec in space.items():
+            (kind, args), = spec.items()
+            if kind == "choice":
+                assert p[key] in args, (key, p[key])
+            else:
+                assert args[0] <= p[key] <= args[1], (key, p[key])
 
 
 def test_dbs_plan_cli_json_and_figure(tmp_path):

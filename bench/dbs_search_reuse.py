@@ -1,0 +1,102 @@
+"""Benchmark: the DBS-constant search with Ray actors reused between samples, against a fresh process each.
+
+What it measures: ``pipeline.run_dbs_search`` (spec section 6) on a local Ray started on loopback
+(``num_cpus=2``), the smoke preset's data (540 train / 60 val images) and an SWR AlexNet at width 0.125,
+``--samples`` samples of ``--epochs`` epochs, one CPU per trial (two run at once), the Winograd layer's
+default implementation ("auto": compiled per layer shape for training on CPU), run with
+``dbs_search.reuse_actors`` true and false alternately, ``--rounds`` times each, in one Ray session.
+The searched constants are the same seeded draws in every run (``pipeline.dbs_search_points``).
+
+Figure: wall seconds of the whole search (``Tuner.fit`` and the record), and reused / fresh.
+Where the time goes without reuse: every sample's process imports torch and Ray Tune and traces and
+compiles its Winograd layers again (inductor's on-disk cache spares only the code generation).
+
+    .venv/bin/python bench/dbs_search_reuse.py             # 6 samples x 2 epochs, 2 rounds (~5 min)
+    .venv/bin/python bench/dbs_search_reuse.py --quick     # 4 samples, 1 round
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported anywhere
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Timer, hardware_line, load_average, provenance_block, write_result  # noqa: E402
+from esdbs_ray.config import build_config  # noqa: E402
+from esdbs_ray.data import load_dataset  # noqa: E402
+from esdbs_ray.layout import ExperimentLayout  # noqa: E402
+from esdbs_ray.pipeline import run_dbs_search  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 samples, 1 round")
+    ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None, help="default bench/results/dbs_search_reuse.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.rounds = 4, 1
+
+    import ray
+
+    t_all = time.perf_counter()
+    load_start = load_average()
+    overrides = {"resources": {"cpus_per_trial": 1},
+                 "dbs_search": {"model": "alexnet", "num_samples": args.samples, "epochs": args.epochs,
+                                "grace_period": args.epochs}}
+    base = build_config("smoke", None, overrides)
+    data = load_dataset(base.dataset, subset=base.subset, test_subset=base.test_subset, seed=base.seed)
+    print(f"dbs_search_reuse: {hardware_line()}\n  {data.describe()}\n  {args.samples} samples x {args.epochs} "
+          f"epochs, 1 CPU per trial on a 2-CPU Ray", flush=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    runs: list[dict] = []
+    root = Path(tempfile.mkdtemp(prefix="esdbs-bench-dbs-reuse-"))
+    try:
+        for r in range(args.rounds):
+            for reuse in (False, True):  # fresh first: inductor's disk cache is warm for both after round 0
+                cfg = build_config("smoke", None, overrides, sets=[f"dbs_search.reuse_actors={str(reuse).lower()}"])
+                load0 = load_average()
+                with Timer() as t:
+                    record = run_dbs_search(cfg, ExperimentLayout.at(root / f"r{r}-{reuse}"), data, progress=False)
+                runs.append({"round": r, "reuse_actors": reuse, "wall_s": t.seconds, "load_average": load0,
+                             "best_val_accuracy": record["best_val_accuracy"],
+                             "configs": [t_["config"] for t_ in record["trials"]]})
+                print(f"  round {r} reuse_actors={reuse!s:5}: {t.seconds:6.1f} s  best val {record['best_val_accuracy']:.4f}",
+                      flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+    fresh = [x["wall_s"] for x in runs if not x["reuse_actors"]]
+    reused = [x["wall_s"] for x in runs if x["reuse_actors"]]
+    summary = {"fresh_wall_s": fresh, "reused_wall_s": reused,
+               "reused_over_fresh": statistics.mean(reused) / statistics.mean(fresh),
+               "same_configs_in_every_run": all(x["configs"] == runs[0]["configs"] for x in runs)}
+    print(f"\nreused / fresh wall: {summary['reused_over_fresh']:.2f} (mean {statistics.mean(reused):.1f} s against "
+          f"{statistics.mean(fresh):.1f} s); same searched constants in every run: {summary['same_configs_in_every_run']}")
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config.update(preset="smoke", overrides=overrides, dataset=data.describe(), winograd_impl=os.environ.get("ESDBS_WINOGRAD_IMPL", "auto"),
+                  ray_init='ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")',
+                  load_average_start=load_start)
+    doc = {"benchmark": "dbs_search_reuse",
+           "what": "wall time of pipeline.run_dbs_search with Tune reusing trial actors vs a fresh actor per sample",
+           "wall_s": time.perf_counter() - t_all, "provenance": provenance_block(config), "summary": summary, "runs": runs}
+    path = write_result("dbs_search_reuse", doc, args.out)
+    print(f"wrote {path} in {doc['wall_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
