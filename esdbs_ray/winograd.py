@@ -445,7 +445,11 @@ class _RegisterAfterExec(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _allow_traceable_in_graph()
+        try:
+            _allow_traceable_in_graph()
+        except Exception as e:  # noqa: BLE001 - never fail the caller's import of dynamo over this
+            warnings.warn(f"Winograd-ReLU: registering the layer with dynamo failed ({type(e).__name__}: {e}); "
+                          "a compiled model traces through it instead (slower to compile)", RuntimeWarning)
 
     def __getattr__(self, name):  # get_source, get_resource_reader, ... of the real loader
         return getattr(self._loader, name)

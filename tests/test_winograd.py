@@ -504,6 +504,19 @@ def test_layer_is_one_graph_node_though_dynamo_is_imported_after_the_package():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "'_winograd_traceable'" in r.stdout, r.stdout
 
+    # a registration that fails costs a warning, never the caller's import of dynamo
+    code = (
+        "import warnings, esdbs_ray.winograd as wg\n"
+        "def broken(): raise RuntimeError('registry moved')\n"
+        "wg._allow_traceable_in_graph = broken\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch._dynamo\n"
+        "print([str(x.message) for x in w if 'registry moved' in str(x.message)])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "registering the layer with dynamo failed" in r.stdout, r.stdout + r.stderr[-3000:]
+
 
 @heavy
 @traces_backward
