@@ -1,22 +1,24 @@
-"""Benchmark: the DBS-constant search with Ray actors reused between samples, against a fresh process each.
+"""Benchmark: Tune stages with Ray actors reused between trials (``resources.reuse_actors``) against a
+fresh process per trial.
 
-What it measures: ``pipeline.run_dbs_search`` (spec section 6) on a local Ray started on loopback
-(``num_cpus=2``), the smoke preset's data (540 train / 60 val images) and an SWR AlexNet at width 0.125,
-``--samples`` samples of ``--epochs`` epochs, one CPU per trial (two run at once), the Winograd layer's
-default implementation ("auto": compiled per layer shape for training on CPU), run with
-``dbs_search.reuse_actors`` true and false alternately, ``--rounds`` times each, in one Ray session.
-The searched constants are the same seeded draws in every run (``pipeline.dbs_search_points``).
+What it measures, on a local Ray started on loopback (``num_cpus=2``), the smoke preset's data (540
+train / 60 val images), one CPU per trial (two run at once), the Winograd layer's default
+implementation ("auto": compiled per layer shape for training on CPU):
 
-Figure: wall seconds of the whole search (``Tuner.fit`` and the record), and reused / fresh.
-Where the time goes without reuse: every sample's process imports torch and Ray Tune and traces and
-compiles its Winograd layers again (inductor's on-disk cache spares only the code generation).
+* **dbs_search** -- ``pipeline.run_dbs_search`` (spec section 6): an SWR AlexNet at width 0.125,
+  ``--samples`` samples of ``--epochs`` epochs; the searched constants are the same seeded draws in
+  every run (``pipeline.dbs_search_points``);
+* **base** -- ``pipeline.run_base``: the smoke members (AlexNet, ConvPool-CNN-C, All-CNN-C at width
+  0.125) as SWR-CNN and SWR-CNN+DBS, six trials, two at a time;
 
-    .venv/bin/python bench/dbs_search_reuse.py             # 6 samples x 2 epochs, 2 rounds (~4 min)
+each with reuse on and off alternately (off first), ``--rounds`` times, in one Ray session.
+
+Figure: wall seconds of each stage call and reused / fresh.  Where the time goes without reuse:
+every trial's process imports torch and Ray Tune and traces and compiles its Winograd layers again
+(inductor's on-disk cache spares only the code generation).
+
+    .venv/bin/python bench/dbs_search_reuse.py             # both stages, 2 rounds (~8 min)
     .venv/bin/python bench/dbs_search_reuse.py --quick     # 4 samples, 1 round
-
-Result (``bench/results/dbs_search_reuse.json``, 2026-11-23, 2-core Intel Xeon VM, torch 2.14.1, Ray
-2.60, load average ~1): fresh 88.9 / 79.8 s, reused 29.9 / 27.3 s -- **reused / fresh 0.34**; the
-same six constants and the same best validation accuracy (0.5000) in all four runs.
 """
 from __future__ import annotations
 
@@ -39,12 +41,21 @@ from bench.common import Timer, hardware_line, load_average, provenance_block, w
 from esdbs_ray.config import build_config  # noqa: E402
 from esdbs_ray.data import load_dataset  # noqa: E402
 from esdbs_ray.layout import ExperimentLayout  # noqa: E402
-from esdbs_ray.pipeline import run_dbs_search  # noqa: E402
+from esdbs_ray.pipeline import run_base, run_dbs_search  # noqa: E402
+
+
+def run_stage(stage: str, cfg, layout, data) -> dict:
+    if stage == "dbs_search":
+        record = run_dbs_search(cfg, layout, data, progress=False)
+        return {"best_val_accuracy": record["best_val_accuracy"], "configs": [t["config"] for t in record["trials"]]}
+    results = run_base(cfg, layout, data, progress=False)
+    return {"val_accuracy": {r.config["member"]: r.metrics.get("val_accuracy") for r in results}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 samples, 1 round")
+    ap.add_argument("--stages", nargs="+", choices=("dbs_search", "base"), default=["dbs_search", "base"])
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
@@ -57,45 +68,50 @@ def main(argv=None) -> int:
 
     t_all = time.perf_counter()
     load_start = load_average()
-    overrides = {"resources": {"cpus_per_trial": 1},
+    overrides = {"resources": {"cpus_per_trial": 1}, "variants": ["SWR-CNN", "SWR-CNN+DBS"],
                  "dbs_search": {"model": "alexnet", "num_samples": args.samples, "epochs": args.epochs,
                                 "grace_period": args.epochs}}
     base = build_config("smoke", None, overrides)
     data = load_dataset(base.dataset, subset=base.subset, test_subset=base.test_subset, seed=base.seed)
-    print(f"dbs_search_reuse: {hardware_line()}\n  {data.describe()}\n  {args.samples} samples x {args.epochs} "
-          f"epochs, 1 CPU per trial on a 2-CPU Ray", flush=True)
+    print(f"dbs_search_reuse: {hardware_line()}\n  {data.describe()}\n  stages {args.stages}: DBS search {args.samples} "
+          f"samples x {args.epochs} epochs; base {len(base.trials())} trials; 1 CPU per trial on a 2-CPU Ray", flush=True)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     runs: list[dict] = []
-    root = Path(tempfile.mkdtemp(prefix="esdbs-bench-dbs-reuse-"))
+    root = Path(tempfile.mkdtemp(prefix="esdbs-bench-reuse-"))
     try:
         for r in range(args.rounds):
-            for reuse in (False, True):  # fresh first: inductor's disk cache is warm for both after round 0
-                cfg = build_config("smoke", None, overrides, sets=[f"dbs_search.reuse_actors={str(reuse).lower()}"])
-                load0 = load_average()
-                with Timer() as t:
-                    record = run_dbs_search(cfg, ExperimentLayout.at(root / f"r{r}-{reuse}"), data, progress=False)
-                runs.append({"round": r, "reuse_actors": reuse, "wall_s": t.seconds, "load_average": load0,
-                             "best_val_accuracy": record["best_val_accuracy"],
-                             "configs": [t_["config"] for t_ in record["trials"]]})
-                print(f"  round {r} reuse_actors={reuse!s:5}: {t.seconds:6.1f} s  best val {record['best_val_accuracy']:.4f}",
-                      flush=True)
+            for stage in args.stages:
+                for reuse in (False, True):  # fresh first: inductor's disk cache is warm for both after round 0
+                    cfg = build_config("smoke", None, overrides, sets=[f"resources.reuse_actors={str(reuse).lower()}"])
+                    load0 = load_average()
+                    with Timer() as t:
+                        out = run_stage(stage, cfg, ExperimentLayout.at(root / f"{stage}-r{r}-{reuse}"), data)
+                    runs.append({"stage": stage, "round": r, "reuse_actors": reuse, "wall_s": t.seconds,
+                                 "load_average": load0, **out})
+                    print(f"  {stage:10s} round {r} reuse_actors={reuse!s:5}: {t.seconds:6.1f} s", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
 
-    fresh = [x["wall_s"] for x in runs if not x["reuse_actors"]]
-    reused = [x["wall_s"] for x in runs if x["reuse_actors"]]
-    summary = {"fresh_wall_s": fresh, "reused_wall_s": reused,
-               "reused_over_fresh": statistics.mean(reused) / statistics.mean(fresh),
-               "same_configs_in_every_run": all(x["configs"] == runs[0]["configs"] for x in runs)}
-    print(f"\nreused / fresh wall: {summary['reused_over_fresh']:.2f} (mean {statistics.mean(reused):.1f} s against "
-          f"{statistics.mean(fresh):.1f} s); same searched constants in every run: {summary['same_configs_in_every_run']}")
+    summary = {}
+    for stage in args.stages:
+        fresh = [x["wall_s"] for x in runs if x["stage"] == stage and not x["reuse_actors"]]
+        reused = [x["wall_s"] for x in runs if x["stage"] == stage and x["reuse_actors"]]
+        mine = [x for x in runs if x["stage"] == stage]
+        key = "configs" if stage == "dbs_search" else "val_accuracy"
+        summary[stage] = {"fresh_wall_s": fresh, "reused_wall_s": reused,
+                          "reused_over_fresh": statistics.mean(reused) / statistics.mean(fresh),
+                          "same_results_in_every_run": all(x[key] == mine[0][key] for x in mine)}
+        s = summary[stage]
+        print(f"{stage}: reused / fresh wall {s['reused_over_fresh']:.2f} (mean {statistics.mean(reused):.1f} s against "
+              f"{statistics.mean(fresh):.1f} s); same {key} in every run: {s['same_results_in_every_run']}")
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    config.update(preset="smoke", overrides=overrides, dataset=data.describe(), winograd_impl=os.environ.get("ESDBS_WINOGRAD_IMPL", "auto"),
+    config.update(preset="smoke", overrides=overrides, dataset=data.describe(),
+                  winograd_impl=os.environ.get("ESDBS_WINOGRAD_IMPL", "auto"),
                   ray_init='ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")',
                   load_average_start=load_start)
     doc = {"benchmark": "dbs_search_reuse",
-           "what": "wall time of pipeline.run_dbs_search with Tune reusing trial actors vs a fresh actor per sample",
+           "what": "wall time of pipeline.run_dbs_search and run_base with Tune reusing trial actors vs a fresh actor per trial",
            "wall_s": time.perf_counter() - t_all, "provenance": provenance_block(config), "summary": summary, "runs": runs}
     path = write_result("dbs_search_reuse", doc, args.out)
     print(f"wrote {path} in {doc['wall_s']:.0f}s")

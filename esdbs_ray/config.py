@@ -624,6 +624,10 @@ class ResourcesConfig(_Model):
     # "auto": trials share the GPUs so that fractions pack (1 / ceil(trials per GPU)); 0 forces CPU.
     gpus_per_trial: Annotated[Union[Literal["auto"], NonNegFloat], AutoOr] = "auto"
     max_concurrent_trials: NonNegInt = 0  # 0 = as many as resources allow
+    # A finished trial's Ray actor runs the next pending trial of the same resources (base stage and
+    # DBS search), keeping its imports, CUDA context and compiled Winograd layers
+    # (bench/dbs_search_reuse.py); false starts a fresh process per trial.
+    reuse_actors: bool = True
 
 
 class StackConfig(_Model):
@@ -672,9 +676,6 @@ class DBSSearchConfig(_Model):
     num_samples: PosInt = 8
     epochs: PosInt = 6
     grace_period: PosInt = 2
-    # A finished sample's Ray actor trains the next one, keeping its imports and compiled layers
-    # (bench/dbs_search_reuse.py); false starts a fresh process per sample.
-    reuse_actors: bool = True
     # spec section 6: (k, v0, n, warm-up fraction, B0, Bmax cap, eta0)
     space: Annotated[dict[str, Any], BeforeValidator(_search_space)] = Field(default_factory=lambda: {
         "k": {"loguniform": [0.005, 2.0]},

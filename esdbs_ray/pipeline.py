@@ -79,6 +79,7 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=cfg.resources.max_concurrent_trials or None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                reuse_actors=cfg.resources.reuse_actors,
             ),
             run_config=tune.RunConfig(
                 name="base", storage_path=layout.tune,
@@ -302,10 +303,8 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
             metric="val_accuracy", mode="max", num_samples=s.num_samples,
             search_alg=BasicVariantGenerator(points_to_evaluate=points),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=s.epochs, grace_period=s.grace_period),
-            # Every sample trains the same model: a finished (or ASHA-stopped) trial's actor takes
-            # the next sample and keeps its compiled Winograd layers and imports
-            # (bench/dbs_search_reuse.py measures it).
-            reuse_actors=s.reuse_actors,
+            # every sample trains the same model: a reused actor keeps its compiled layers
+            reuse_actors=cfg.resources.reuse_actors,
         ),
         run_config=tune.RunConfig(name="dbs_search", storage_path=layout.tune,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
