@@ -504,18 +504,29 @@ def test_layer_is_one_graph_node_though_dynamo_is_imported_after_the_package():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "'_winograd_traceable'" in r.stdout, r.stdout
 
-    # a registration that fails costs a warning, never the caller's import of dynamo
-    code = (
-        "import warnings, esdbs_ray.winograd as wg\n"
-        "def broken(): raise RuntimeError('registry moved')\n"
-        "wg._allow_traceable_in_graph = broken\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import torch._dynamo\n"
-        "print([str(x.message) for x in w if 'registry moved' in str(x.message)])\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "registering the layer with dynamo failed" in r.stdout, r.stdout + r.stderr[-3000:]
+
+def test_failed_dynamo_registration_warns_and_the_import_goes_on(monkeypatch):
+    """The hook's loader runs the real loader, then registers; a registration that fails costs a
+    warning, never the caller's import of dynamo."""
+    import types
+
+    ran = []
+
+    class Loader:
+        def exec_module(self, module):
+            ran.append(module.__name__)
+
+        def get_source(self, name):
+            return "# source"
+
+    def broken():
+        raise RuntimeError("registry moved")
+
+    monkeypatch.setattr(wg, "_allow_traceable_in_graph", broken)
+    loader = wg._RegisterAfterExec(Loader())
+    with pytest.warns(RuntimeWarning, match="registering the layer with dynamo failed.*registry moved"):
+        loader.exec_module(types.ModuleType("fake_dynamo"))
+    assert ran == ["fake_dynamo"] and loader.get_source("x") == "# source"  # the real loader's methods
 
 
 @heavy
