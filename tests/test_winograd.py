@@ -482,8 +482,9 @@ def test_training_step_compiles_fullgraph(name):
 
 
 def test_layer_is_one_graph_node_though_dynamo_is_imported_after_the_package():
-    """Importing the package leaves dynamo unimported (1.6 s of every Ray worker's and CLI's start),
-    and a later compile still sees the layer as one node (allow_in_graph), not traced through."""
+    """Importing the package leaves dynamo unimported (1.6-2 s of the start of every process that
+    neither compiles nor trains, such as the `esdbs run` driver), and a later compile still sees the
+    layer as one node (allow_in_graph), not traced through."""
     import subprocess
     import sys
 
