@@ -1,16 +1,18 @@
-"""Benchmark: the Winograd-ReLU F(2x2,3x3) layer -- reference and fused -- vs the spatial 3x3 conv it replaces.
+"""Benchmark: the Winograd-ReLU F(2x2,3x3) layer -- native, reference, fused -- vs the spatial 3x3 conv it replaces.
 
 What it measures, per eligible layer shape of the registry models (batch 128):
 
 * training step (forward + backward, weight and input gradients) of ``winograd_relu_conv`` with
-  ``impl="reference"`` (hand-written autograd Function, eager) and ``impl="fused"`` (the functional
-  formulation compiled by inductor per layer shape: C++/OpenMP on CPU, Triton on CUDA) against
-  ``F.conv2d(F.relu(x), g, padding=1)`` (oneDNN on CPU, cuDNN on CUDA).  Every variant runs on the same
-  input twice: NCHW-contiguous (how a spatial model feeds its convs; the headline ratio) and
-  channels-last (how a Winograd layer is fed by the Winograd layer before it, and cuDNN's fast
-  layout), each ratio against the conv on the same layout and against the NCHW conv;
-* forward time (no grad) of the conv and the reference (and, on CUDA, the fused layer, which "auto"
-  uses there for inference too);
+  ``impl="native"`` (CPU only: the C++ transform kernels of ``esdbs_ray/winograd_native.cpp`` around
+  ``torch.bmm``, what "auto" runs on CPU), ``impl="reference"`` (hand-written autograd Function,
+  eager) and ``impl="fused"`` (the functional formulation compiled by inductor per layer shape:
+  C++/OpenMP on CPU, Triton on CUDA) against ``F.conv2d(F.relu(x), g, padding=1)`` (oneDNN on CPU,
+  cuDNN on CUDA).  Every variant runs on the same input twice: NCHW-contiguous (how a spatial model
+  feeds its convs; the headline ratio) and channels-last (how a Winograd layer is fed by the Winograd
+  layer before it, and cuDNN's fast layout), each ratio against the conv on the same layout and
+  against the NCHW conv;
+* forward time (no grad) of the conv, the reference and what "auto" runs for inference (native on
+  CPU, fused on CUDA);
 * the compile time of the fused layer per shape (first call: forward and backward graphs);
 * on CPU, inference at sparsity 0 / 40 / 80 %: ``F.conv2d`` vs dense Winograd vs the sparse path
   (``SparseWinogradInference``: per tile position a CSR matrix of the nonzero weights), unless
@@ -21,7 +23,8 @@ present, fp32 and bf16 autocast (the trainer's CUDA setting), all in one JSON,
 ``bench/results/winograd.json``, with provenance (git revision, versions, CPU/GPU, load average).
 Timings are medians of ``--repeats`` round-robin rounds (every variant once per round, so a change
 in machine load hits all alike) after a warm-up call that also compiles.  Targets (reported, not
-asserted): CPU training step <= 1.0x F.conv2d (median over shapes); CUDA <= 1.5x cuDNN.
+asserted), for what "auto" runs: CPU training step <= 1.0x F.conv2d (median over shapes); CUDA <= 1.5x
+cuDNN.
 
     python bench/winograd.py                      # CPU (+ CUDA if present), ~15 min on 2 loaded cores
     python bench/winograd.py --quick              # 3 shapes, 3 repeats, no sparse inference
@@ -66,7 +69,13 @@ SHAPES = [
 ]
 QUICK = ["alexnet28 w1 conv2", "vgg16-32 w1 conv2_2", "convpool28 w0.5 conv5"]
 SPARSITIES = (0.0, 0.4, 0.8)
-TARGETS = {"cpu": 1.0, "cuda": 1.5}  # fused training step / conv (NCHW), median over shapes
+TARGETS = {"cpu": 1.0, "cuda": 1.5}  # "auto"'s training step / conv (NCHW), median over shapes
+AUTO = {"cpu": "native", "cuda": "fused"}  # what "auto" runs on each device (float32)
+
+
+def impls(device: torch.device) -> tuple[str, ...]:
+    """The implementations timed on a device: the native kernels exist on CPU only."""
+    return ("native", "reference", "fused") if device.type == "cpu" else ("reference", "fused")
 
 
 def _time_round_robin(fns: dict, repeats: int, device) -> dict:
@@ -129,17 +138,16 @@ def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
         return run
 
     conv_fn = lambda t: F.conv2d(F.relu(t), g, padding=1)  # noqa: E731
-    ref_fn = lambda t: winograd_relu_conv(t, u, impl="reference")  # noqa: E731
-    fused_fn = lambda t: winograd_relu_conv(t, u, impl="fused")  # noqa: E731
+    impl_fns = {impl: (lambda t, impl=impl: winograd_relu_conv(t, u, impl=impl)) for impl in impls(device)}
     fns = {}
     for layout in ("nchw", "nhwc"):
         fns[f"conv_{layout}"] = step(conv_fn, layout)
-        fns[f"reference_{layout}"] = step(ref_fn, layout)
-        fns[f"fused_{layout}"] = step(fused_fn, layout)
+        for impl, fn in impl_fns.items():
+            fns[f"{impl}_{layout}"] = step(fn, layout)
     fns["conv_fwd"] = fwd(conv_fn)
-    fns["reference_fwd"] = fwd(ref_fn)
-    if device.type == "cuda":  # "auto" runs the fused layer for inference on CUDA only
-        fns["fused_fwd"] = fwd(fused_fn)
+    fns["reference_fwd"] = fwd(impl_fns["reference"])
+    # what "auto" runs for inference: the native kernels on CPU, the fused layer on CUDA
+    fns[f"{AUTO[device.type]}_fwd"] = fwd(impl_fns[AUTO[device.type]])
     n_compiles = len(fused_compile_log())
     ms = _time_round_robin(fns, repeats, device)
     compiles = fused_compile_log()[n_compiles:]
@@ -147,13 +155,14 @@ def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
            "dtype": "bf16-autocast" if amp else "fp32", "ms": ms,
            "compile_s": {str(r["key"][-1]): r["seconds"] for r in compiles},
            "compile_s_total": sum(r["seconds"] for r in compiles)}
-    for impl in ("reference", "fused"):
+    for impl in impl_fns:
         out[f"{impl}_step_ratio"] = ms[f"{impl}_nchw"] / ms["conv_nchw"]
         out[f"{impl}_step_ratio_nhwc"] = ms[f"{impl}_nhwc"] / ms["conv_nhwc"]
         out[f"{impl}_nhwc_vs_conv_nchw"] = ms[f"{impl}_nhwc"] / ms["conv_nchw"]
-    out["reference_fwd_ratio"] = ms["reference_fwd"] / ms["conv_fwd"]
-    if "fused_fwd" in ms:
-        out["fused_fwd_ratio"] = ms["fused_fwd"] / ms["conv_fwd"]
+    for impl in ("reference", AUTO[device.type]):
+        out[f"{impl}_fwd_ratio"] = ms[f"{impl}_fwd"] / ms["conv_fwd"]
+    if "native_nchw" in ms:
+        out["native_over_fused_step"] = ms["native_nchw"] / ms["fused_nchw"]
     return out
 
 
@@ -187,18 +196,18 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for dev, dt in sorted({(r["device"], r["dtype"]) for r in rows}):
         rs = [r for r in rows if (r["device"], r["dtype"]) == (dev, dt)]
-        target = TARGETS[dev]
-        s = {key: median(r[key] for r in rs) for key in (
-            "fused_step_ratio", "reference_step_ratio", "fused_step_ratio_nhwc", "reference_step_ratio_nhwc",
-            "fused_nhwc_vs_conv_nchw", "reference_fwd_ratio")}
-        if any("fused_fwd_ratio" in r for r in rs):
-            s["fused_fwd_ratio"] = median(r["fused_fwd_ratio"] for r in rs)
+        target, auto = TARGETS[dev], AUTO[dev]
+        keys = [f"{impl}_{what}" for impl in impls(torch.device(dev))
+                for what in ("step_ratio", "step_ratio_nhwc", "nhwc_vs_conv_nchw")]
+        keys += [k for k in ("reference_fwd_ratio", f"{auto}_fwd_ratio", "native_over_fused_step") if k in rs[0]]
+        s = {key: median(r[key] for r in rs) for key in dict.fromkeys(keys)}
         s["fused_over_reference_step"] = median(r["ms"]["fused_nchw"] / r["ms"]["reference_nchw"] for r in rs)
-        s["compile_s_per_shape_median"] = median(r["compile_s_total"] for r in rs)
-        s["compile_s_total"] = sum(r["compile_s_total"] for r in rs)
-        s[f"target_fused_step_le_{target}x_conv"] = {
-            "reached": s["fused_step_ratio"] <= target,
-            "shapes_reaching": sum(r["fused_step_ratio"] <= target for r in rs), "of": len(rs)}
+        s["fused_compile_s_per_shape_median"] = median(r["compile_s_total"] for r in rs)
+        s["fused_compile_s_total"] = sum(r["compile_s_total"] for r in rs)
+        s["auto_impl"] = auto
+        s[f"target_{auto}_step_le_{target}x_conv"] = {
+            "reached": s[f"{auto}_step_ratio"] <= target,
+            "shapes_reaching": sum(r[f"{auto}_step_ratio"] <= target for r in rs), "of": len(rs)}
         out[f"{dev}_{dt}"] = s
     return out
 
@@ -236,11 +245,12 @@ def main(argv=None) -> int:
             for label, c, k, hw in shapes:
                 r = bench_training(label, c, k, hw, args.batch, repeats, device, amp)
                 rows.append(r)
+                native = f"native x{r['native_step_ratio']:.2f} " if "native_step_ratio" in r else ""
                 print(f"{device.type:4s} {r['dtype']:13s} {label:22s} C{c:<4d}K{k:<4d}{hw:>3d}px | conv step "
-                      f"{r['ms']['conv_nchw']:7.1f} ms | step/conv: reference x{r['reference_step_ratio']:.2f} "
+                      f"{r['ms']['conv_nchw']:7.1f} ms | step/conv: {native}reference x{r['reference_step_ratio']:.2f} "
                       f"fused x{r['fused_step_ratio']:.2f} (NHWC: x{r['reference_step_ratio_nhwc']:.2f} "
                       f"x{r['fused_step_ratio_nhwc']:.2f}) | fwd ref x{r['reference_fwd_ratio']:.2f} | "
-                      f"compile {r['compile_s_total']:.0f}s", flush=True)
+                      f"fused compile {r['compile_s_total']:.0f}s", flush=True)
         if device.type == "cpu" and config["inference"]:
             for label, c, k, hw in shapes:
                 r = bench_inference(label, c, k, hw, args.batch, repeats, device)
@@ -260,18 +270,19 @@ def main(argv=None) -> int:
                 "shapes_csr_faster_at_80": sum(r["sparsity"]["0.8"]["csr_ratio"] < 1.0 for r in inference),
                 "of": len(inference)}}
     table = [{"device": f"{r['device']} {r['dtype']}", "shape": r["label"], "conv_ms": r["ms"]["conv_nchw"],
-              "ref": r["reference_step_ratio"], "fused": r["fused_step_ratio"],
-              "ref_nhwc": r["reference_step_ratio_nhwc"], "fused_nhwc": r["fused_step_ratio_nhwc"],
-              "compile_s": r["compile_s_total"]} for r in rows]
+              "native": r.get("native_step_ratio", float("nan")), "ref": r["reference_step_ratio"],
+              "fused": r["fused_step_ratio"], "native_nhwc": r.get("native_step_ratio_nhwc", float("nan")),
+              "fused_nhwc": r["fused_step_ratio_nhwc"], "compile_s": r["compile_s_total"]} for r in rows]
     print()
     print(format_table(table, [("device", "device", ""), ("shape", "shape", ""), ("conv step ms", "conv_ms", ".1f"),
-                               ("reference/conv", "ref", ".2f"), ("fused/conv", "fused", ".2f"),
-                               ("NHWC ref/conv", "ref_nhwc", ".2f"), ("NHWC fused/conv", "fused_nhwc", ".2f"),
-                               ("compile s", "compile_s", ".1f")]))
+                               ("native/conv", "native", ".2f"), ("reference/conv", "ref", ".2f"),
+                               ("fused/conv", "fused", ".2f"), ("NHWC native/conv", "native_nhwc", ".2f"),
+                               ("NHWC fused/conv", "fused_nhwc", ".2f"), ("fused compile s", "compile_s", ".1f")]))
     doc = {
         "benchmark": "winograd",
-        "what": "training step (fwd+bwd) of winograd_relu_conv, reference and fused, vs F.conv2d(relu(x)) per "
-                "eligible layer shape; ratios are winograd / conv time, medians of interleaved repeats",
+        "what": "training step (fwd+bwd) of winograd_relu_conv -- native (CPU), reference and fused -- vs "
+                "F.conv2d(relu(x)) per eligible layer shape; ratios are winograd / conv time, medians of "
+                "interleaved repeats",
         "wall_s": time.perf_counter() - t0,
         "provenance": provenance_block(config),
         "summary": summary,

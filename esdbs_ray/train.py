@@ -438,6 +438,10 @@ def train(
     # --- final: summary.json and the kernel figure
     summary = _summary(cfg, data, state, compression, provenance, member, variant, device)
     summary["bmax"] = getattr(schedule, "bmax", None)  # DBS: the largest batch the schedule may reach
+    if cfg.conv == "winograd_relu":  # which implementation of the layer trained and evaluated it
+        from .winograd import resolved_impls
+
+        summary["winograd_impl"] = resolved_impls(device, torch.bfloat16 if amp else torch.float32)
     writer.close()
     storage.write_json(run.summary, summary)
     return summary

@@ -24,14 +24,18 @@ unpruned U = G g G^T it is exactly ``F.conv2d(x, g, padding=1)`` up to rounding,
 Implementations (``impl=`` on the layer or :func:`winograd_relu_conv`, else ``$ESDBS_WINOGRAD_IMPL``,
 else "auto", which :func:`choose_impl` resolves):
 
+* "native" -- CPU, float32 / float64: the four transform passes as shape-generic C++ loops
+  (:mod:`esdbs_ray.winograd_native`, built once per machine in ~1 s and cached on disk) around
+  ``torch.bmm``; nothing is compiled per layer shape.  "auto" runs it for training and inference on
+  CPU; where it cannot be built (no C++ compiler) it warns once and "auto" takes the rules below.
 * "fused" -- the functional formulation below compiled by ``torch.compile`` (inductor: C++/OpenMP on
   CPU, Triton on CUDA), one static graph per layer shape with the batch dimension dynamic, so the DBS
   schedule's batch sizes and short last batches never recompile.  Inductor fuses the transforms: one
   loop nest reads each 4x4 input tile once and writes the 16 planes of V = ReLU(B^T d B), one bmm does
   the 16 GEMMs, one kernel writes Y = A^T M A cropped and channels-last; the backward is one kernel
-  for A dY A^T, two bmm, and one for the ReLU mask, B dV B^T and the overlap-add.  "auto" runs it for
-  training on CPU and for everything on CUDA; when compiling fails (no C++ compiler, no Triton) it
-  warns once and falls back to the reference.
+  for A dY A^T, two bmm, and one for the ReLU mask, B dV B^T and the overlap-add.  "auto" runs it on
+  CUDA, and for CPU training without the native kernels or in other dtypes; when compiling fails (no
+  C++ compiler, no Triton) it warns once and falls back to the reference.
 * "reference" -- a custom ``autograd.Function`` with a hand-written backward on NHWC buffers written
   through strided ``out=`` views, saving only the post-ReLU transformed input (eager only).
 * "functional" -- the compile-friendly formulation run eagerly; inside any ``torch.compile`` trace the
@@ -67,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._triton import has_triton
 
+from . import winograd_native as native
 from .models import ReLUConv2d
 
 __all__ = [
@@ -78,6 +83,7 @@ __all__ = [
     "choose_impl",
     "default_impl",
     "fused_compile_log",
+    "resolved_impls",
     "SparseWinogradInference",
     "to_winograd_relu",
     "winograd_layers",
@@ -403,6 +409,25 @@ class _WinogradFunctionalFn(torch.autograd.Function):
         return dx, du, None
 
 
+class _WinogradNativeFn(torch.autograd.Function):
+    """The layer without bias on the native CPU kernels (:mod:`esdbs_ray.winograd_native`): the same
+    passes and saved tensors as the reference (V post-ReLU, U), each pass one loop over memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
+        y, V = native.forward(x, u, relu)
+        ctx.save_for_backward(V, u)
+        ctx.shape = tuple(x.shape)
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        V, u = ctx.saved_tensors
+        dx, du = native.backward(grad_out, V, u, ctx.shape, ctx.relu, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, du, None
+
+
 def _winograd_traceable(x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
     """The functional layer as one node for dynamo, traced by AOTAutograd: a training step of a
     model compiles in half the time of dynamo tracing every addition (0.8 s against 1.5 s per
@@ -466,15 +491,17 @@ _when_dynamo_imported()
 
 
 # --------------------------------------------------------------------------------------------------
-# implementation choice: fused (compiled) / reference (hand-written, eager) / functional (eager)
+# implementation choice: native (C++ kernels, CPU) / fused (compiled) / reference (hand-written,
+# eager) / functional (eager)
 # --------------------------------------------------------------------------------------------------
-IMPLS = ("auto", "fused", "reference", "functional")
+IMPLS = ("auto", "native", "fused", "reference", "functional")
 IMPL_ENV = "ESDBS_WINOGRAD_IMPL"
 
 _fused_lock = threading.Lock()
 _fused_fns: dict[tuple, Callable] = {}
 _fused_broken: dict[str, str] = {}  # device type -> why compiling failed there (auto then falls back)
 _fused_compiles: list[dict] = []  # one record per compiled variant: its key and first-call seconds
+_native_warned: list[bool] = []  # the one warning that the native kernels are unavailable was given
 
 
 def default_impl() -> str:
@@ -488,14 +515,31 @@ def _check_impl(impl: str, what: str = "impl") -> str:
     return impl
 
 
-def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None) -> str:
-    """What ``winograd_relu_conv(x, u, impl=impl)`` runs: "fused", "reference" or "functional".
+def _native_available() -> bool:
+    """Whether the native kernels load here (built on first use); warns once when they do not."""
+    try:
+        native.library()
+        return True
+    except native.NativeUnavailable as e:
+        if not _native_warned:
+            _native_warned.append(True)
+            first = str(e).strip().splitlines()[0]
+            warnings.warn(f"Winograd-ReLU: the native CPU kernels are unavailable ({first}); training on CPU "
+                          f"compiles the layer per shape instead (fused), inference runs the reference. "
+                          f"Set {IMPL_ENV}=reference to skip both attempts.", RuntimeWarning, stacklevel=4)
+        return False
 
-    Inside a torch.compile trace always "functional" (the caller's compile fuses it).  "auto" picks
-    "fused" (this layer compiled by inductor) where it was measured faster and its compile pays for
-    itself: training steps on CPU, everything on CUDA; "reference" for inference on CPU (one
-    compile per layer shape and mode costs 10-20 s on 2 cores, more than an evaluation pass saves),
-    for a batch of one (it would specialise the compiled graph), on other devices, and on a device
+
+def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """What ``winograd_relu_conv(x, u, impl=impl)`` runs: "native", "fused", "reference" or "functional".
+
+    ``dtype``: the dtype the layer computes in (autocast's; default ``x.dtype``).  Inside a
+    torch.compile trace always "functional" (the caller's compile fuses it).  "auto" picks "native"
+    (the C++ kernels, no per-shape compile) on CPU in float32 / float64, for training and inference;
+    "fused" (this layer compiled by inductor) on CUDA, and for CPU training steps in other dtypes or
+    where the native kernels cannot be built; "reference" otherwise: CPU inference without the native
+    kernels (one compile per layer shape and mode costs 10-20 s on 2 cores, more than an evaluation
+    pass saves), a batch of one (it would specialise the compiled graph), other devices, and a device
     where compiling failed once.
     """
     if torch.compiler.is_compiling():
@@ -504,11 +548,32 @@ def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None) -> st
     if impl != "auto":
         return impl
     dev = x.device.type
+    compute = x.dtype if dtype is None else dtype
+    if dev == "cpu" and compute in (torch.float32, torch.float64) and _native_available():
+        return "native"
     if dev not in ("cpu", "cuda") or dev in _fused_broken or x.shape[0] < 2:
         return "reference"
     if dev == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)):
         return "reference"
     return "fused"
+
+
+def resolved_impls(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """What a layer with the default ``impl`` runs on ``device`` computing in ``dtype``, for a training
+    step and for inference, and the native kernels' state: stamped on every SWR member's summary, so
+    a result says which implementation made it."""
+    dev = torch.device(device)
+    x = torch.zeros(2, 1, 2, 2, device=dev)
+    u = torch.zeros(16, 1, 1, device=dev, requires_grad=True)
+    with torch.enable_grad():
+        training = choose_impl(x, u, dtype=dtype)
+    with torch.no_grad():
+        inference = choose_impl(x, u, dtype=dtype)
+    out = {"training": training, "inference": inference, "dtype": str(dtype).replace("torch.", "")}
+    if "native" in (training, inference):
+        st = native.status()
+        out["native"] = {"binary": st["path"], "built_here_s": st["build_seconds"]}
+    return out
 
 
 def fused_compile_log() -> list[dict]:
@@ -588,11 +653,12 @@ def _fused(x: torch.Tensor, u: torch.Tensor, relu: bool, dtype: torch.dtype, str
 
 
 def _reset_fused_state() -> None:
-    """Forget compiled variants and failures (tests)."""
+    """Forget compiled variants and failures, and the native kernels' warning (tests)."""
     with _fused_lock:
         _fused_fns.clear()
         _fused_broken.clear()
         _fused_compiles.clear()
+        _native_warned.clear()
 
 
 def winograd_relu_conv(
@@ -627,11 +693,13 @@ def _winograd_run(x, u, bias, relu, impl, dtype) -> torch.Tensor:
         y = _winograd_traceable(x.to(dtype), u.to(dtype), relu)
     else:
         requested = default_impl() if impl is None else _check_impl(impl)
-        choice = choose_impl(x, u, requested)
+        choice = choose_impl(x, u, requested, dtype)
         y = _fused(x, u, relu, dtype, strict=requested == "fused") if choice == "fused" else None
         if y is None:
             x, u = x.to(dtype), u.to(dtype)
-            fn = _WinogradFunctionalFn if choice == "functional" else _WinogradReLUFn
+            if choice == "native" and not native.supports(x, u):
+                raise ValueError(f"impl 'native' runs float32 / float64 on CPU; got {dtype} on {x.device.type}")
+            fn = {"native": _WinogradNativeFn, "functional": _WinogradFunctionalFn}.get(choice, _WinogradReLUFn)
             y = fn.apply(x, u, relu)
     if bias is not None:
         y = y + bias.to(dtype).view(1, -1, 1, 1)

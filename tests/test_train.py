@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,31 +131,35 @@ def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data, monkeypa
     assert [e.value for e in acc.Scalars("schedule/batch_size")] == [h["batch_size"] for h in s["history"]]
 
 
-def test_swr_training_runs_the_fused_layer_by_default(tmp_path, tiny_data, monkeypatch):
-    # The trainer does nothing special: under "auto" every WinogradReLUConv2d runs its compiled (fused)
-    # implementation in training steps on CPU, and the reference one in evaluation.  The compiled
-    # entry is replaced by an eager one to keep this fast; tests/test_winograd.py compiles for real.
+def test_swr_training_runs_the_native_layer_by_default(tmp_path, tiny_data, monkeypatch):
+    # The trainer does nothing special: under "auto" every WinogradReLUConv2d runs the native CPU
+    # kernels, in training steps and in evaluation, and nothing is compiled per layer shape.
     import esdbs_ray.winograd as wg
 
-    keys = []
+    calls = []
+    real_apply = wg._WinogradNativeFn.apply
 
-    def entry(key, relu, dtype):
-        keys.append(key)
-        return lambda x, u: wg._WinogradReLUFn.apply(x.to(dtype), u.to(dtype), relu)
+    def apply(x, u, relu):
+        calls.append(((*x.shape[1:], u.shape[2]), torch.is_grad_enabled()))
+        return real_apply(x, u, relu)
 
-    monkeypatch.setattr(wg, "_fused_entry", entry)
+    monkeypatch.setattr(wg._WinogradNativeFn, "apply", staticmethod(apply))
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
     wg._reset_fused_state()
     try:
         cfg = _cfg(epochs=1, conv="winograd_relu")
-        train(cfg, tiny_data, tmp_path, hooks=Silent())
+        summary = train(cfg, tiny_data, tmp_path, hooks=Silent())
+        impl = summary["winograd_impl"]  # the summary says what ran
+        assert (impl["training"], impl["inference"], impl["dtype"]) == ("native", "native", "float32")
+        assert Path(impl["native"]["binary"]).is_file()
         model, _ = build_model(cfg, tiny_data)
         shapes = set()
         for _, layer in wg.winograd_layers(model):
             layer.register_forward_hook(lambda m, inp, out: shapes.add((*inp[0].shape[1:], m.out_channels)))
         model(torch.zeros(2, 1, 28, 28))
-        assert shapes and {k[4:8] for k in keys} == shapes
-        assert all(k[-1] == "train" for k in keys)
+        assert shapes and {s for s, grad in calls if grad} == shapes  # training steps
+        assert {s for s, grad in calls if not grad} == shapes  # evaluation
+        assert wg.fused_compile_log() == []
     finally:
         wg._reset_fused_state()
 

@@ -23,6 +23,10 @@ from esdbs_ray.winograd import (
     winograd_relu_conv,
 )
 
+# the implementations that run eagerly without compiling: the C++ kernels (the CPU default) and the
+# hand-written reference
+EAGER_IMPLS = ["native", "reference"]
+
 SHAPES = [  # (N, C_in, C_out, H, W): odd, degenerate and typical sizes
     (1, 3, 4, 5, 7),
     (1, 2, 3, 1, 1),
@@ -33,12 +37,13 @@ SHAPES = [  # (N, C_in, C_out, H, W): odd, degenerate and typical sizes
 ]
 
 
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_no_relu_equals_conv2d(shape):
+def test_no_relu_equals_conv2d(shape, impl):
     n, c, k, h, w = shape
     torch.manual_seed(0)
     conv = nn.Conv2d(c, k, 3, padding=1, bias=False)
-    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False)
+    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False, impl=impl)
     x = torch.randn(n, c, h, w)
     torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight, padding=1), rtol=1e-4, atol=1e-5)
 
@@ -81,28 +86,31 @@ def test_kernels_4x4_is_G_g_GT():
     assert layer.weight.shape == (16, 3, 2)
 
 
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("hw", [(5, 3), (4, 4), (1, 2)])
-def test_gradcheck(relu, hw):
+def test_gradcheck(relu, hw, impl):
     torch.manual_seed(3)
     x = torch.randn(2, 2, *hw, dtype=torch.float64, requires_grad=True)
     u = torch.randn(16, 2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, u, b: winograd_relu_conv(x, u, b, relu), (x, u, b))
+    assert torch.autograd.gradcheck(lambda x, u, b: winograd_relu_conv(x, u, b, relu, impl), (x, u, b))
 
 
-def test_gradcheck_channels_last_input():
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_gradcheck_channels_last_input(impl):
     torch.manual_seed(4)
     x = torch.randn(1, 3, 3, 5, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
     u = torch.randn(16, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, u: winograd_relu_conv(x, u, None, True), (x, u))
+    assert torch.autograd.gradcheck(lambda x, u: winograd_relu_conv(x, u, None, True, impl), (x, u))
 
 
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
 @pytest.mark.parametrize("hw", [(4, 6), (5, 7)])
-def test_output_allows_inplace_ops(hw):
+def test_output_allows_inplace_ops(hw, impl):
     # e.g. nn.ReLU(inplace=True) right after the layer: the output must not be a Function-made view
     torch.manual_seed(10)
-    layer = WinogradReLUConv2d(3, 4)
+    layer = WinogradReLUConv2d(3, 4, impl=impl)
     x = torch.randn(2, 3, *hw, requires_grad=True)
     y = layer(x)
     y.relu_().sum().backward()
@@ -205,7 +213,8 @@ def test_sparse_inference_matches_layer(shape):
 def test_autocast_cpu_bf16():
     torch.manual_seed(7)
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False)
+    # (the reference: "auto" would compile the layer for bf16 training on CPU, 10 s for this test)
+    layer = WinogradReLUConv2d.from_conv2d(conv, relu=False, impl="reference")
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -285,34 +294,101 @@ def test_functional_gradcheck(relu, hw):
     assert torch.autograd.gradcheck(lambda x, u, b: winograd_relu_conv(x, u, b, relu, "functional"), (x, u, b))
 
 
+@pytest.mark.parametrize("impl", ["functional", "native"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_functional_matches_reference(shape, relu):
+def test_impl_matches_reference(shape, relu, impl):
     n, c, k, h, w = shape
     torch.manual_seed(11)
     x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
     u = torch.randn(16, c, k)
     gy = torch.randn(n, k, h, w)
     ref = _fwd_bwd("reference", x, u, relu, gy)
-    fun = _fwd_bwd("functional", x, u, relu, gy)
-    for a, b in zip(fun, ref):
+    out = _fwd_bwd(impl, x, u, relu, gy)
+    for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert fun[0].is_contiguous(memory_format=torch.channels_last)
+    assert out[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_choose_impl_policy(monkeypatch):
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 17, 19, 9, 11), (2, 1, 2, 4, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_native_matches_reference_in_float64(shape, relu):
+    """float64, so only real differences show: NCHW input, a pruned U with a whole tile position at 0,
+    a bias, and channel counts off the vector width (17, 19)."""
+    n, c, k, h, w = shape
+    torch.manual_seed(17)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    u = torch.randn(16, c, k, dtype=torch.float64) * (torch.rand(16, c, k, dtype=torch.float64) > 0.5)
+    u[3] = 0
+    b = torch.randn(k, dtype=torch.float64)
+    gy = torch.randn(n, k, h, w, dtype=torch.float64)
+    for a, r in zip(_fwd_bwd("native", x, u, relu, gy, b), _fwd_bwd("reference", x, u, relu, gy, b)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_native_takes_any_incoming_gradient_layout():
+    # y.sum().backward() hands the layer an expanded (stride-0) gradient; a spatial layer after it an
+    # NCHW one: both are copied into the layout the kernels read, never read wrongly
+    torch.manual_seed(18)
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
+    u = torch.randn(16, 4, 7, requires_grad=True)
+    for impl in ("native", "reference"):
+        x.grad = u.grad = None
+        winograd_relu_conv(x, u, impl=impl).sum().backward()
+        if impl == "native":
+            got = (x.grad.clone(), u.grad.clone())
+    torch.testing.assert_close(got[0], x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], u.grad, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(3, 7, 5, 6).transpose(2, 3).contiguous().transpose(2, 3)  # neither NCHW nor NHWC
+    for a, r in zip(_fwd_bwd("native", x, u, True, gy), _fwd_bwd("reference", x, u, True, gy)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_native_result_does_not_depend_on_the_thread_count():
+    torch.manual_seed(19)
+    x = torch.randn(5, 8, 9, 9)
+    u = torch.randn(16, 8, 6)
+    gy = torch.randn(5, 6, 9, 9)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append(_fwd_bwd("native", x, u, True, gy))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(other, outs[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_native_refuses_what_it_does_not_compute():
+    x = torch.randn(2, 3, 4, 4)
+    u = torch.randn(16, 3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="impl 'native' runs float32 / float64 on CPU; got torch.bfloat16"):
+            winograd_relu_conv(x, u, impl="native")
+        assert winograd_relu_conv(x, u, impl="auto").dtype == torch.bfloat16  # auto takes another impl
+    with pytest.raises(ValueError, match="native"):
+        winograd_relu_conv(x.half(), u.half(), impl="native")
+
+
+def test_choose_impl_policy(monkeypatch, fresh_fused_state):
     x = torch.randn(4, 3, 6, 6, requires_grad=True)
     u = torch.randn(16, 3, 5, requires_grad=True)
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
-    assert wg.choose_impl(x, u) == "fused"  # CPU training step
-    assert wg.choose_impl(x[:1], u) == "reference"  # batch 1 would specialise the compiled graph
+    assert wg.choose_impl(x, u) == "native"  # CPU training step
+    assert wg.choose_impl(x[:1], u) == "native"  # no compiled graph to specialise
     with torch.no_grad():
-        assert wg.choose_impl(x, u) == "reference"  # CPU inference: compile not worth it
-    assert wg.choose_impl(x.detach(), u.detach()) == "reference"
-    for impl in ("reference", "functional", "fused"):
+        assert wg.choose_impl(x, u) == "native"  # CPU inference: nothing to compile either
+    assert wg.choose_impl(x.double(), u.double()) == "native"
+    # other dtypes (CPU autocast's bf16): the compiled layer for training, the reference for inference
+    assert wg.choose_impl(x, u, dtype=torch.bfloat16) == "fused"
+    assert wg.choose_impl(x.detach(), u.detach(), dtype=torch.bfloat16) == "reference"
+    for impl in ("native", "reference", "functional", "fused"):
         assert wg.choose_impl(x, u, impl) == impl
     monkeypatch.setenv(wg.IMPL_ENV, "Functional")
-    assert wg.choose_impl(x, u) == "functional" and wg.choose_impl(x, u, "auto") == "fused"
+    assert wg.choose_impl(x, u) == "functional" and wg.choose_impl(x, u, "auto") == "native"
     monkeypatch.setenv(wg.IMPL_ENV, "triton")
     with pytest.raises(ValueError, match=wg.IMPL_ENV):
         wg.choose_impl(x, u)
@@ -322,7 +398,30 @@ def test_choose_impl_policy(monkeypatch):
         WinogradReLUConv2d(3, 4, impl="fast")
 
 
-@pytest.mark.parametrize("impl", ["reference", "functional", "fused", "auto"])
+def test_choose_impl_without_the_native_kernels(monkeypatch, fresh_fused_state):
+    """No C++ compiler for the native kernels: one warning, then the compiled layer for CPU training
+    and the reference for inference and a batch of one, as before the native kernels existed."""
+    def unavailable():
+        raise wg.native.NativeUnavailable("no C++ compiler found (set $CXX, or install g++)")
+
+    monkeypatch.setattr(wg.native, "library", unavailable)
+    monkeypatch.setenv(wg.IMPL_ENV, "auto")
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    u = torch.randn(16, 3, 5, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable .no C.. compiler found"):
+        assert wg.choose_impl(x, u) == "fused"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert wg.choose_impl(x[:1], u) == "reference"
+        with torch.no_grad():
+            assert wg.choose_impl(x, u) == "reference"
+        with pytest.raises(wg.native.NativeUnavailable, match="compiler"):
+            winograd_relu_conv(x, u, impl="native")  # asked for explicitly: the reason surfaces
+
+
+@pytest.mark.parametrize("impl", ["native", "reference", "functional", "fused", "auto"])
 def test_bad_input_raises_for_every_impl(impl):
     u = torch.randn(16, 3, 4)
     with pytest.raises(ValueError, match="weight"):
@@ -351,6 +450,7 @@ def test_failed_compile_falls_back_with_one_warning(monkeypatch, fresh_fused_sta
         return run
 
     monkeypatch.setattr(wg, "_fused_entry", broken_entry)
+    monkeypatch.setattr(wg, "_native_available", lambda: False)  # auto trains on the compiled layer
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
     torch.manual_seed(12)
     layer = WinogradReLUConv2d(3, 4)

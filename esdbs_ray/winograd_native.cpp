@@ -1,0 +1,260 @@
+// Winograd-ReLU F(2x2, 3x3) transforms for the CPU, shape-generic: the four passes over memory of a
+// training step that are not GEMMs (the 16 GEMMs stay torch.bmm: MKL / oneDNN).  Built once per
+// machine by esdbs_ray/winograd_native.py with the system C++ compiler (no torch headers: ~2 s), and
+// called through ctypes on raw pointers.  The maths and the layouts are those of winograd.py:
+//
+//   activations NHWC (a channels-last tensor's memory), tile grid th x tw = ceil(H/2) x ceil(W/2),
+//   tile t = (n * th + i) * tw + j, tile position k = 4 p + q (p: row / H transform index, q: column),
+//   V, M, dM, dV: (16, N * th * tw, C or K) -- plane k, then tile, then channel.
+//
+// Every kernel walks tiles with the channel loop innermost (contiguous, vectorised by `omp simd`), so
+// each 4x4 input tile is read once and the 16 planes are written once.  B^T, A^T hold only 0 and +-1:
+// the transforms are additions, written out below as in Lavin & Gray (paper eq. 1 and 2).
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+typedef int64_t i64;
+
+namespace {
+
+// ReLU and its mask as compile-time choices: a runtime flag inside the channel loop keeps gcc from
+// vectorising it.
+template <bool RELU, typename T>
+inline T clip(T v) { return RELU ? (v > T(0) ? v : T(0)) : v; }
+
+template <bool RELU, typename T>
+inline T mask(T g, T v) { return RELU ? (v > T(0) ? g : T(0)) : g; }
+
+// ---------------------------------------------------------------------------------------------------
+// forward: V = [ReLU](B^T d B) from the zero-padded input (padding 1, rounded up to whole tiles)
+// ---------------------------------------------------------------------------------------------------
+template <typename T, bool RELU>
+void input_transform(const T* __restrict x, T* __restrict V, i64 N, i64 H, i64 W, i64 C, int nt) {
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, ps = N * th * tw * C;  // ps: one plane of V
+  std::vector<T> zeros(C, T(0));
+  const T* z = zeros.data();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+  for (i64 n = 0; n < N; ++n) {
+    for (i64 i = 0; i < th; ++i) {
+      const T* row[4];
+      bool rin[4];
+      for (int a = 0; a < 4; ++a) {
+        const i64 h = 2 * i + a - 1;
+        rin[a] = h >= 0 && h < H;
+        row[a] = x + (n * H + (rin[a] ? h : 0)) * W * C;
+      }
+      for (i64 j = 0; j < tw; ++j) {
+        // the tile's 16 input rows of C values (a zero row outside the image), as named restrict
+        // pointers: held in an array, gcc cannot prove the stores below leave them alone and does
+        // not vectorise the channel loop
+        auto at = [=](int a, int b) -> const T* {
+          const i64 w = 2 * j + b - 1;
+          return rin[a] && w >= 0 && w < W ? row[a] + w * C : z;
+        };
+        const T *__restrict d00 = at(0, 0), *__restrict d01 = at(0, 1), *__restrict d02 = at(0, 2), *__restrict d03 = at(0, 3);
+        const T *__restrict d10 = at(1, 0), *__restrict d11 = at(1, 1), *__restrict d12 = at(1, 2), *__restrict d13 = at(1, 3);
+        const T *__restrict d20 = at(2, 0), *__restrict d21 = at(2, 1), *__restrict d22 = at(2, 2), *__restrict d23 = at(2, 3);
+        const T *__restrict d30 = at(3, 0), *__restrict d31 = at(3, 1), *__restrict d32 = at(3, 2), *__restrict d33 = at(3, 3);
+        T* __restrict out = V + ((n * th + i) * tw + j) * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) {
+          // B^T along the columns of each input row a: r[a][q]
+          const T r00 = d00[c] - d02[c], r01 = d01[c] + d02[c], r02 = d02[c] - d01[c], r03 = d01[c] - d03[c];
+          const T r10 = d10[c] - d12[c], r11 = d11[c] + d12[c], r12 = d12[c] - d11[c], r13 = d11[c] - d13[c];
+          const T r20 = d20[c] - d22[c], r21 = d21[c] + d22[c], r22 = d22[c] - d21[c], r23 = d21[c] - d23[c];
+          const T r30 = d30[c] - d32[c], r31 = d31[c] + d32[c], r32 = d32[c] - d31[c], r33 = d31[c] - d33[c];
+          // then along the rows: plane 4p + q (stores written out: gcc leaves a 16-step loop inside
+          // the channel loop rolled, and then vectorises nothing)
+          T* __restrict o = out + c;
+          o[0 * ps] = clip<RELU>(r00 - r20); o[1 * ps] = clip<RELU>(r01 - r21);
+          o[2 * ps] = clip<RELU>(r02 - r22); o[3 * ps] = clip<RELU>(r03 - r23);
+          o[4 * ps] = clip<RELU>(r10 + r20); o[5 * ps] = clip<RELU>(r11 + r21);
+          o[6 * ps] = clip<RELU>(r12 + r22); o[7 * ps] = clip<RELU>(r13 + r23);
+          o[8 * ps] = clip<RELU>(r20 - r10); o[9 * ps] = clip<RELU>(r21 - r11);
+          o[10 * ps] = clip<RELU>(r22 - r12); o[11 * ps] = clip<RELU>(r23 - r13);
+          o[12 * ps] = clip<RELU>(r10 - r30); o[13 * ps] = clip<RELU>(r11 - r31);
+          o[14 * ps] = clip<RELU>(r12 - r32); o[15 * ps] = clip<RELU>(r13 - r33);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// forward: Y = A^T M A per tile, cropped to H x W, written NHWC
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+void output_transform(const T* __restrict M, T* __restrict y, i64 N, i64 H, i64 W, i64 K, int nt) {
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, ps = N * th * tw * K;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+  for (i64 n = 0; n < N; ++n) {
+    for (i64 i = 0; i < th; ++i) {
+      const bool h1 = 2 * i + 1 < H;
+      T* y0 = y + (n * H + 2 * i) * W * K;
+      T* y1 = y0 + W * K;
+      for (i64 j = 0; j < tw; ++j) {
+        const bool w1 = 2 * j + 1 < W;
+        const T* m = M + ((n * th + i) * tw + j) * K;
+        T* o00 = y0 + 2 * j * K;
+#pragma omp simd
+        for (i64 k = 0; k < K; ++k) {
+          T t[4][2];  // t[p][b]: A^T along the columns of M's row p
+          for (int p = 0; p < 4; ++p) {
+            const T m0 = m[(4 * p + 0) * ps + k], m1 = m[(4 * p + 1) * ps + k];
+            const T m2 = m[(4 * p + 2) * ps + k], m3 = m[(4 * p + 3) * ps + k];
+            t[p][0] = m0 + m1 + m2; t[p][1] = m1 - m2 - m3;
+          }
+          o00[k] = t[0][0] + t[1][0] + t[2][0];
+          if (w1) o00[K + k] = t[0][1] + t[1][1] + t[2][1];
+          if (h1) {
+            T* o10 = y1 + 2 * j * K;
+            o10[k] = t[1][0] - t[2][0] - t[3][0];
+            if (w1) o10[K + k] = t[1][1] - t[2][1] - t[3][1];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// backward: dM = A dY A^T per tile (the adjoint of output_transform; rows / columns past H, W are 0)
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+void output_transform_adjoint(const T* __restrict gy, T* __restrict dM, i64 N, i64 H, i64 W, i64 K, int nt) {
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, ps = N * th * tw * K;
+  std::vector<T> zeros(K, T(0));
+  const T* z = zeros.data();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+  for (i64 n = 0; n < N; ++n) {
+    for (i64 i = 0; i < th; ++i) {
+      const bool h1 = 2 * i + 1 < H;
+      const T* g0 = gy + (n * H + 2 * i) * W * K;
+      const T* g1 = h1 ? g0 + W * K : nullptr;
+      for (i64 j = 0; j < tw; ++j) {
+        const bool w1 = 2 * j + 1 < W;
+        const T* g00 = g0 + 2 * j * K;
+        const T* g01 = w1 ? g00 + K : z;
+        const T* g10 = h1 ? g1 + 2 * j * K : z;
+        const T* g11 = h1 && w1 ? g10 + K : z;
+        T* out = dM + ((n * th + i) * tw + j) * K;
+#pragma omp simd
+        for (i64 k = 0; k < K; ++k) {
+          // A = (A^T)^T sends (g0, g1) to (g0, g0 + g1, g0 - g1, -g1), along columns, then rows
+          const T a0 = g00[k], a1 = g01[k], b0 = g10[k], b1 = g11[k];
+          const T s0[4] = {a0, a0 + a1, a0 - a1, -a1};
+          const T s1[4] = {b0, b0 + b1, b0 - b1, -b1};
+          for (int q = 0; q < 4; ++q) {
+            out[(0 + q) * ps + k] = s0[q];
+            out[(4 + q) * ps + k] = s0[q] + s1[q];
+            out[(8 + q) * ps + k] = s0[q] - s1[q];
+            out[(12 + q) * ps + k] = -s1[q];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// backward: dx = B [dV masked by V > 0] B^T per tile, overlap-added into the (unpadded) image
+// ---------------------------------------------------------------------------------------------------
+// Tiles overlap by two pixels in each direction, so images are the unit of parallel work (no two
+// threads add into one pixel); within an image the tiles of a row are added left to right.
+template <typename T, bool RELU>
+void input_transform_adjoint(const T* __restrict dV, const T* __restrict V, T* __restrict dx, i64 N, i64 H,
+                             i64 W, i64 C, int nt) {
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, ps = N * th * tw * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (i64 n = 0; n < N; ++n) {
+    T* img = dx + n * H * W * C;
+    std::fill(img, img + H * W * C, T(0));
+    std::vector<T> scratch(C);
+    T* sink = scratch.data();
+    for (i64 i = 0; i < th; ++i) {
+      T* row[4];
+      for (int a = 0; a < 4; ++a) {
+        const i64 h = 2 * i + a - 1;
+        row[a] = h >= 0 && h < H ? img + h * W * C : nullptr;
+      }
+      for (i64 j = 0; j < tw; ++j) {
+        const i64 t = ((n * th + i) * tw + j) * C;
+        const T* __restrict g = dV + t;
+        const T* __restrict v = V + t;
+        // the 16 destination rows; pixels outside the image (padding) go to a scratch row, so the
+        // channel loop has no branches
+        auto at = [=](int a, int b) -> T* {
+          const i64 w = 2 * j + b - 1;
+          return row[a] && w >= 0 && w < W ? row[a] + w * C : sink;
+        };
+        T *__restrict o00 = at(0, 0), *__restrict o01 = at(0, 1), *__restrict o02 = at(0, 2), *__restrict o03 = at(0, 3);
+        T *__restrict o10 = at(1, 0), *__restrict o11 = at(1, 1), *__restrict o12 = at(1, 2), *__restrict o13 = at(1, 3);
+        T *__restrict o20 = at(2, 0), *__restrict o21 = at(2, 1), *__restrict o22 = at(2, 2), *__restrict o23 = at(2, 3);
+        T *__restrict o30 = at(3, 0), *__restrict o31 = at(3, 1), *__restrict o32 = at(3, 2), *__restrict o33 = at(3, 3);
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) {
+          // V holds ReLU(B^T d B): V > 0 exactly where the pre-activation was positive
+          const T* __restrict gc = g + c;
+          const T* __restrict vc = v + c;
+          T e[4][4];  // e[p][b]: B along the columns of row p, (g0, g1 - g2 + g3, g1 + g2 - g0, -g3)
+#define ESDBS_ROW(p)                                                                              \
+  {                                                                                              \
+    const T g0 = mask<RELU>(gc[(4 * p + 0) * ps], vc[(4 * p + 0) * ps]);                          \
+    const T g1 = mask<RELU>(gc[(4 * p + 1) * ps], vc[(4 * p + 1) * ps]);                          \
+    const T g2 = mask<RELU>(gc[(4 * p + 2) * ps], vc[(4 * p + 2) * ps]);                          \
+    const T g3 = mask<RELU>(gc[(4 * p + 3) * ps], vc[(4 * p + 3) * ps]);                          \
+    e[p][0] = g0; e[p][1] = g1 - g2 + g3; e[p][2] = g1 + g2 - g0; e[p][3] = -g3;                 \
+  }
+          ESDBS_ROW(0) ESDBS_ROW(1) ESDBS_ROW(2) ESDBS_ROW(3)
+#undef ESDBS_ROW
+          // then along the rows, added into the overlapping tile pixels
+          o00[c] += e[0][0]; o01[c] += e[0][1]; o02[c] += e[0][2]; o03[c] += e[0][3];
+          o10[c] += e[1][0] - e[2][0] + e[3][0]; o11[c] += e[1][1] - e[2][1] + e[3][1];
+          o12[c] += e[1][2] - e[2][2] + e[3][2]; o13[c] += e[1][3] - e[2][3] + e[3][3];
+          o20[c] += e[1][0] + e[2][0] - e[0][0]; o21[c] += e[1][1] + e[2][1] - e[0][1];
+          o22[c] += e[1][2] + e[2][2] - e[0][2]; o23[c] += e[1][3] + e[2][3] - e[0][3];
+          o30[c] -= e[3][0]; o31[c] -= e[3][1]; o32[c] -= e[3][2]; o33[c] -= e[3][3];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// C entry points (ctypes): dtype 0 = float32, 1 = float64; relu 0 / 1.  Pointers are the tensors' data.
+extern "C" {
+
+int esdbs_wino_abi_version() { return 1; }
+
+void esdbs_wino_input_transform(int dtype, const void* x, void* V, i64 N, i64 H, i64 W, i64 C, int relu, int nt) {
+  if (dtype == 0 && relu) input_transform<float, true>((const float*)x, (float*)V, N, H, W, C, nt);
+  else if (dtype == 0) input_transform<float, false>((const float*)x, (float*)V, N, H, W, C, nt);
+  else if (relu) input_transform<double, true>((const double*)x, (double*)V, N, H, W, C, nt);
+  else input_transform<double, false>((const double*)x, (double*)V, N, H, W, C, nt);
+}
+
+void esdbs_wino_output_transform(int dtype, const void* M, void* y, i64 N, i64 H, i64 W, i64 K, int nt) {
+  if (dtype == 0) output_transform((const float*)M, (float*)y, N, H, W, K, nt);
+  else output_transform((const double*)M, (double*)y, N, H, W, K, nt);
+}
+
+void esdbs_wino_output_transform_adjoint(int dtype, const void* gy, void* dM, i64 N, i64 H, i64 W, i64 K, int nt) {
+  if (dtype == 0) output_transform_adjoint((const float*)gy, (float*)dM, N, H, W, K, nt);
+  else output_transform_adjoint((const double*)gy, (double*)dM, N, H, W, K, nt);
+}
+
+void esdbs_wino_input_transform_adjoint(int dtype, const void* dV, const void* V, void* dx, i64 N, i64 H, i64 W,
+                                        i64 C, int relu, int nt) {
+  if (dtype == 0 && relu)
+    input_transform_adjoint<float, true>((const float*)dV, (const float*)V, (float*)dx, N, H, W, C, nt);
+  else if (dtype == 0)
+    input_transform_adjoint<float, false>((const float*)dV, (const float*)V, (float*)dx, N, H, W, C, nt);
+  else if (relu)
+    input_transform_adjoint<double, true>((const double*)dV, (const double*)V, (double*)dx, N, H, W, C, nt);
+  else
+    input_transform_adjoint<double, false>((const double*)dV, (const double*)V, (double*)dx, N, H, W, C, nt);
+}
+
+}  // extern "C"
