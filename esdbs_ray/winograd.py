@@ -24,10 +24,11 @@ unpruned U = G g G^T it is exactly ``F.conv2d(x, g, padding=1)`` up to rounding,
 Implementations (``impl=`` on the layer or :func:`winograd_relu_conv`, else ``$ESDBS_WINOGRAD_IMPL``,
 else "auto", which :func:`choose_impl` resolves):
 
-* "native" -- CPU, float32 / float64: the four transform passes as shape-generic C++ loops
-  (:mod:`esdbs_ray.winograd_native`, built once per machine in ~1 s and cached on disk) around
-  ``torch.bmm``; nothing is compiled per layer shape.  "auto" runs it for training and inference on
-  CPU; where it cannot be built (no C++ compiler) it warns once and "auto" takes the rules below.
+* "native" -- CPU, float32 / float64: the four transform passes, and on AVX-512 CPUs the 16 GEMMs,
+  as shape-generic C++ loops (:mod:`esdbs_ray.winograd_native`, built once per machine in ~2 s and
+  cached on disk; elsewhere the GEMMs are ``torch.bmm``); nothing is compiled per layer shape.
+  "auto" runs it for training and inference on CPU; where it cannot be built (no C++ compiler) it
+  warns once and "auto" takes the rules below.
 * "fused" -- the functional formulation below compiled by ``torch.compile`` (inductor: C++/OpenMP on
   CPU, Triton on CUDA), one static graph per layer shape with the batch dimension dynamic, so the DBS
   schedule's batch sizes and short last batches never recompile.  Inductor fuses the transforms: one

@@ -1,13 +1,21 @@
 """The Winograd-ReLU layer's CPU kernels: ``winograd_native.cpp``, built once per machine, no per-shape compile.
 
-What this gives the project: the layer's CPU path ("native" in :mod:`esdbs_ray.winograd`) as four
-shape-generic C++ loops -- input transform with ReLU, output transform, and their adjoints -- around
-torch's batched GEMM.  The inductor-compiled layer ("fused") does the same four passes, but compiles
-them per layer shape: ~8 s of CPU per shape and ~7 s per process with a cold cache (2-core AMD EPYC,
-torch 2.14), so a 4-layer SWR member paid ~45 CPU-s before its first step and 3 trials sharing 2 cores
-lost ~65 s of their first epoch.  This library compiles in ~1 s, once per machine and compiler,
-whatever the shapes, and is cached on disk for every later process.  Its training step measured
-0.69-0.95x the compiled layer's time over the registry's layer shapes (``bench/winograd.py``).
+What this gives the project: the layer's CPU path ("native" in :mod:`esdbs_ray.winograd`) as
+shape-generic C++ loops -- input transform with ReLU, output transform, their adjoints, and on
+AVX-512 CPUs the 16 GEMMs -- called from a custom autograd Function.  Two costs go away:
+
+* compiling.  The inductor-compiled layer ("fused") does the same passes, compiled per layer shape:
+  ~8 s of CPU per shape and ~7 s per process with a cold cache (2-core AMD EPYC, torch 2.14), so a
+  4-layer SWR member paid ~45 CPU-s before its first step and the demo's 3 trials sharing 2 cores lost
+  ~65 s of their first epoch.  This library compiles in ~2 s, once per machine and compiler, whatever
+  the shapes, and is cached on disk for every later process.
+* MKL on CPUs it does not run AVX-512 code on.  On an AMD EPYC core MKL's sgemm peaks at 99 GF/s
+  (2048^2) while oneDNN's 3x3 conv reaches 200 GF/s, and the 16 GEMMs were 80 % of the layer's step;
+  the library's register-blocked AVX-512 GEMMs run them at 100-225 GF/s.  ``$ESDBS_NATIVE_GEMM=torch``
+  hands them back to ``torch.bmm`` (also what runs without AVX-512, and in float64).
+
+Evidence: ``bench/winograd.py`` (training step per registry layer shape against F.conv2d and the
+compiled layer) and ``bench/throughput.py`` (models in the trainer).
 
 How it is built: the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++`` on PATH), ``-O3``
 with the vector ISA torch itself dispatches to (AVX-512 / AVX2 flags named explicitly, not
@@ -15,13 +23,16 @@ with the vector ISA torch itself dispatches to (AVX-512 / AVX2 flags named expli
 runtime torch ships (its ``libgomp``: one thread pool per process, sized by ``torch.get_num_threads()``
 at every call).  The binary's name carries a hash of the source, the command and the compiler's
 version; it is written to a temporary file and renamed, so concurrent processes (Ray trials starting
-together) never see a partial file, at worst each compiles once.  Where: ``$ESDBS_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/esdbs_ray`` (``~/.cache/esdbs_ray``), else a directory in the system temp dir.
+together) never see a partial file, at worst each compiles once; a cached file that does not load is
+built again.  Where: ``$ESDBS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/esdbs_ray``
+(``~/.cache/esdbs_ray``), else a directory in the system temp dir.
 
 Calls go through ctypes on raw data pointers (the GIL is released while they run); the wrappers below
 make every operand contiguous in the layout the kernels assume, and the kernels take float32 or
-float64.  A missing compiler or a failed build raises :class:`NativeUnavailable` with the reason (and
-the compiler's output), which :mod:`esdbs_ray.winograd` turns into one warning and a fallback.
+float64.  Every output element is computed by one thread in one order, so with the library's GEMMs a
+step gives the same bits at any thread count.  A missing compiler or a failed build raises
+:class:`NativeUnavailable` with the reason (and the compiler's output), which
+:mod:`esdbs_ray.winograd` turns into one warning and a fallback.
 """
 from __future__ import annotations
 
@@ -39,11 +50,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeUnavailable", "CACHE_ENV", "SOURCE", "library", "status", "forward", "backward", "supports"]
+__all__ = ["NativeUnavailable", "CACHE_ENV", "GEMM_ENV", "SOURCE", "library", "status", "gemm_backend", "forward",
+           "backward", "supports"]
 
 SOURCE = Path(__file__).with_name("winograd_native.cpp")
 CACHE_ENV = "ESDBS_KERNEL_CACHE"
-_ABI = 1  # esdbs_wino_abi_version() of the source this module calls
+_ABI = 2  # esdbs_wino_abi_version() of the source this module calls
+GEMM_ENV = "ESDBS_NATIVE_GEMM"  # "auto" (the library's GEMMs where compiled: AVX-512) or "torch" (torch.bmm)
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -169,8 +182,13 @@ def _load(path: Path) -> ctypes.CDLL:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.esdbs_wino_abi_version.restype = ci
-    lib.esdbs_wino_abi_version.argtypes = []
+    for fn in ("esdbs_wino_abi_version", "esdbs_wino_has_gemm"):
+        getattr(lib, fn).restype = ci
+        getattr(lib, fn).argtypes = []
+    if lib.esdbs_wino_has_gemm():
+        for fn in ("esdbs_wino_gemm_nn", "esdbs_wino_gemm_tn"):
+            getattr(lib, fn).argtypes = [vp, vp, vp, i64, i64, i64, i64, ci]
+            getattr(lib, fn).restype = None
     for fn, args in (("esdbs_wino_input_transform", [ci, vp, vp, i64, i64, i64, i64, ci, ci]),
                      ("esdbs_wino_output_transform", [ci, vp, vp, i64, i64, i64, i64, ci]),
                      ("esdbs_wino_output_transform_adjoint", [ci, vp, vp, i64, i64, i64, i64, ci]),
@@ -233,6 +251,37 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return h if h.is_contiguous() else h.contiguous()
 
 
+def _own_gemm(lib, dtype: torch.dtype) -> bool:
+    """Whether the library's GEMMs run: compiled (AVX-512), float32, and not turned off."""
+    choice = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"${GEMM_ENV} must be 'auto' or 'torch'; got {choice!r}")
+    return choice == "auto" and dtype == torch.float32 and bool(lib.esdbs_wino_has_gemm())
+
+
+def gemm_backend(dtype: torch.dtype = torch.float32) -> str:
+    """Who runs the layer's 16 GEMMs for ``dtype``: "native" (this library, AVX-512) or "torch.bmm"."""
+    return "native" if _own_gemm(library(), dtype) else "torch.bmm"
+
+
+def _bmm(lib, nt: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (16, T, n) @ b (16, n, K), both contiguous."""
+    if not _own_gemm(lib, a.dtype):
+        return torch.bmm(a, b)
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+    lib.esdbs_wino_gemm_nn(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], a.shape[2], b.shape[2], nt)
+    return out
+
+
+def _bmm_tn(lib, nt: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (16, T, C)^T @ b (16, T, K) -> (16, C, K), both contiguous."""
+    if not _own_gemm(lib, a.dtype):
+        return torch.bmm(a.transpose(1, 2), b)
+    out = a.new_empty((a.shape[0], a.shape[2], b.shape[2]))
+    lib.esdbs_wino_gemm_tn(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], a.shape[2], b.shape[2], nt)
+    return out
+
+
 def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, V = [ReLU](B^T d B) (16, N*th*tw, C))."""
     lib = library()
@@ -243,7 +292,7 @@ def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor,
     xh = _nhwc(x)
     V = x.new_empty((16, n * th * tw, c))
     lib.esdbs_wino_input_transform(dt, xh.data_ptr(), V.data_ptr(), n, h, w, c, int(relu), nt)
-    M = torch.bmm(V, u)
+    M = _bmm(lib, nt, V, u.contiguous())
     # a base tensor, not a view: autograd forbids in-place ops on views made inside a custom Function
     y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
     lib.esdbs_wino_output_transform(dt, M.data_ptr(), y.data_ptr(), n, h, w, k, nt)
@@ -261,10 +310,10 @@ def backward(gy: torch.Tensor, V: torch.Tensor, u: torch.Tensor, shape, relu: bo
     gh = _nhwc(gy.to(V.dtype))
     dM = V.new_empty((16, n * th * tw, k))
     lib.esdbs_wino_output_transform_adjoint(dt, gh.data_ptr(), dM.data_ptr(), n, h, w, k, nt)
-    du = torch.bmm(V.transpose(1, 2), dM) if need_u else None
+    du = _bmm_tn(lib, nt, V, dM) if need_u else None
     if not need_x:
         return None, du
-    dV = torch.bmm(dM, u.transpose(1, 2))
+    dV = _bmm(lib, nt, dM, u.transpose(1, 2).contiguous())
     del dM
     dx = torch.empty((n, c, h, w), dtype=V.dtype, memory_format=torch.channels_last)
     lib.esdbs_wino_input_transform_adjoint(dt, dV.data_ptr(), V.data_ptr(), dx.data_ptr(), n, h, w, c, int(relu), nt)

@@ -23,6 +23,13 @@ from esdbs_ray.winograd import (
     winograd_relu_conv,
 )
 
+def _native_gemm() -> bool:
+    try:
+        return bool(wg.native.library().esdbs_wino_has_gemm())
+    except wg.native.NativeUnavailable:
+        return False
+
+
 # the implementations that run eagerly without compiling: the C++ kernels (the CPU default) and the
 # hand-written reference
 EAGER_IMPLS = ["native", "reference"]
@@ -306,7 +313,9 @@ def test_impl_matches_reference(shape, relu, impl):
     ref = _fwd_bwd("reference", x, u, relu, gy)
     out = _fwd_bwd(impl, x, u, relu, gy)
     for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # float32 sums of up to N * tiles terms in another order (the native GEMMs): tolerance relative
+        # to the tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
     assert out[0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -345,21 +354,66 @@ def test_native_takes_any_incoming_gradient_layout():
 
 
 def test_native_result_does_not_depend_on_the_thread_count():
+    """Every output element of every pass is computed by one thread in one order (images, rows of
+    tiles, output blocks of the GEMMs are the units of work), so with the library's own GEMMs the
+    layer gives the same bits at any thread count; with torch.bmm the same up to MKL's rounding."""
     torch.manual_seed(19)
     x = torch.randn(5, 8, 9, 9)
-    u = torch.randn(16, 8, 6)
-    gy = torch.randn(5, 6, 9, 9)
+    u = torch.randn(16, 8, 70)  # 70 output channels: two GEMM column blocks, a masked tail
+    gy = torch.randn(5, 70, 9, 9)
     before = torch.get_num_threads()
     try:
         outs = []
         for nt in (1, 2, 3):
             torch.set_num_threads(nt)
             outs.append(_fwd_bwd("native", x, u, True, gy))
+            assert torch.equal(outs[-1][2], _fwd_bwd("native", x, u, True, gy)[2])  # and run to run
     finally:
         torch.set_num_threads(before)
     for other in outs[1:]:
         for a, b in zip(other, outs[0]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            if wg.native.gemm_backend() == "native":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+needs_native_gemm = pytest.mark.skipif(not (wg.native.supports(torch.zeros(1), torch.zeros(1)) and _native_gemm()),
+                                       reason="the native GEMMs are compiled for AVX-512 CPUs only")
+
+
+@needs_native_gemm
+@pytest.mark.parametrize("t, n, k", [(1, 1, 1), (5, 3, 7), (239, 17, 16), (241, 24, 33), (487, 48, 48),
+                                     (100, 64, 49), (50, 96, 96), (13, 130, 65), (300, 8, 129)])
+def test_native_gemms_match_float64(t, n, k):
+    """Both GEMMs against float64: row counts off the micro-tile heights (tails of 8/4/2/1 rows),
+    widths across the 16/32/48/64-column block shapes and past one block, reductions of 1 to 130."""
+    torch.manual_seed(20)
+    lib = wg.native.library()
+    a, b, g = torch.randn(16, t, n), torch.randn(16, n, k), torch.randn(16, t, k)
+    nn_ = wg.native._bmm(lib, 2, a, b)
+    tn = wg.native._bmm_tn(lib, 2, a, g)
+    eps = torch.finfo(torch.float32).eps
+    for got, exact, bound, terms in ((nn_, a.double() @ b.double(), a.double().abs() @ b.double().abs(), n),
+                                     (tn, a.double().transpose(1, 2) @ g.double(),
+                                      a.double().abs().transpose(1, 2) @ g.double().abs(), t)):
+        # float32 summation of `terms` products: |error| <= terms * eps * sum |products| (any order);
+        # a wrong element (a missed or doubled term, a masked lane) is off by a whole product
+        err = (got.double() - exact).abs()
+        assert float((err - terms * eps * bound).max()) <= 0, float((err / bound.clamp_min(1e-30)).max())
+
+
+def test_native_gemm_switch(monkeypatch):
+    torch.manual_seed(21)
+    x, u, gy = torch.randn(3, 5, 6, 7), torch.randn(16, 5, 9), torch.randn(3, 9, 6, 7)
+    auto = _fwd_bwd("native", x, u, True, gy)
+    monkeypatch.setenv(wg.native.GEMM_ENV, "torch")
+    assert wg.native.gemm_backend() == "torch.bmm"
+    for a, b in zip(_fwd_bwd("native", x, u, True, gy), auto):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(wg.native.GEMM_ENV, "mkl")
+    with pytest.raises(ValueError, match="ESDBS_NATIVE_GEMM must be 'auto' or 'torch'; got 'mkl'"):
+        _fwd_bwd("native", x, u, True, gy)
 
 
 def test_native_refuses_what_it_does_not_compute():
