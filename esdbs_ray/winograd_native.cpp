@@ -288,7 +288,14 @@ void rows(const float* A, i64 lda, const float* B, i64 ldb, float* C, i64 ldc, i
   const __mmask16 last = rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1);
   const i64 step = AT ? 1 : lda;  // from one output row's A to the next
   i64 r = 0;
-  for (; r + MR <= m; r += MR) micro<MR, NV, ACC, AT>(A + r * step, lda, B, ldb, C + r * ldc, ldc, n, last);
+  for (; r + MR <= m; r += MR) {
+    if constexpr (!AT) if (n >= 48) {  // A's next MR rows: fetched while this tile computes (above)
+      const char* next = (const char*)(A + (r + MR) * lda);
+      const i64 bytes = std::min<i64>(MR, m - r - MR) * lda * (i64)sizeof(float);
+      for (i64 o = 0; o < bytes; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
+    }
+    micro<MR, NV, ACC, AT>(A + r * step, lda, B, ldb, C + r * ldc, ldc, n, last);
+  }
 #define ESDBS_TAIL(k)                                                                                \
   if constexpr (k < MR)                                                                              \
     if (m - r >= k) {                                                                                \
