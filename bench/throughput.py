@@ -9,7 +9,7 @@ What it measures, per device:
   (gather + normalise a uint8 batch as ``BatchIterator`` does, forward, cross-entropy, zero_grad,
   backward, SGD momentum step; bf16 autocast on CUDA) with spatial convolutions and after
   ``esdbs_ray.winograd.to_winograd_relu`` (the layer's default implementation: "auto", i.e. the
-  fused, compiled layer for training).  After warm-up steps (which compile), the spatial and the
+  native C++ kernels on CPU, the compiled layer on CUDA).  After warm-up steps (which compile), the spatial and the
   Winograd model of the same (model, B) take timed steps in alternation (the order flips every
   round), so a change in machine load hits both alike; samples/s = B / median step time;
 * trainer: ``esdbs_ray.train.train`` on a synthetic dataset of the same geometry (random pixels:
@@ -29,22 +29,25 @@ Hardware: whatever it runs on, recorded in the JSON.
     .venv/bin/python bench/throughput.py           # all models, 5 batch sizes
     .venv/bin/python bench/throughput.py --geometry cifar --include-resnet50 --width 0.5
 
-Result (``bench/results/throughput.json``): the latest run is ``--quick`` (2026-11-23, width 0.25,
-1x28x28, 2 threads, 2 timed steps per cell, load average 0.1-1.1, the Winograd layer's default:
-compiled), on a 2-vCPU Intel Xeon VM:
+Result (``bench/results/throughput.json``): the latest run is the full one (2026-12-02, width 0.25,
+1x28x28, 2 threads, 2 timed steps per cell, load average 1.4-1.8, the layer's default on CPU: the
+native kernels with their AVX-512 GEMMs), on a 2-vCPU AMD EPYC VM (samples/s, SWR / spatial):
 
-    model     conv              B=64    B=256   trainer B=128 (bare loop)
-    alexnet   spatial           1662.4  2119.3  1908.4 (1998.6)
-    alexnet   winograd_relu     1544.6  2046.0  1885.8 (2175.4)    SWR epoch / SC epoch x1.01
-    resnet32  spatial            765.8   952.2   923.9  (687.2)
-    resnet32  winograd_relu      415.9   491.5   476.4  (494.7)    SWR epoch / SC epoch x1.93
+    model           B=64   B=128  B=256  B=512  B=1024  trainer B=128: SWR epoch / SC epoch
+    alexnet         x1.18  x1.17  x1.21  x1.15  x1.14   x0.85
+    all_cnn_c       x1.10  x1.08  x1.14  x1.06  x0.99   x0.77
+    convpool_cnn_c  x1.29  x1.31  x1.29  x1.24  x1.20   x0.79
+    resnet32        x0.72  x0.65  x0.64  x0.64  x0.59   x1.43
+    vgg16           x1.31  x1.32  x1.29  x1.25  x1.20   x0.79
 
-With the compiled layer an SWR AlexNet trains at the spatial speed; ResNet-32 at width 0.25 (4-16
-channels) stays at ~0.5x, where the transforms' memory traffic outweighs the GEMMs.  Before the
-compiled layer (2026-11-21, full run at load 5-6, eager reference layer) Winograd-ReLU ran at
-0.29-0.51x the spatial samples/s (median 0.42x) across all five models.  On this shared VM 2 OpenMP
-threads were once measured ~9x slower than 1 (a descheduled thread stalls every parallel region); the
-thread check in the JSON says which way it goes on the machine at hand.
+So on this CPU an SWR member trains faster than its spatial twin, as the paper's Winograd argument
+says it should (16 multiplications per 2x2 tile against 36), except ResNet-32 at width 0.25 (4-16
+channels), where the transforms' memory traffic (16 values per 2x2 output tile, 4x the activation)
+outweighs the GEMMs.  Before the native kernels (2026-11-23, ``--quick``, 2-vCPU Intel Xeon, the
+compiled layer): AlexNet x0.93-0.97 (epoch x1.01), ResNet-32 x0.52-0.54 (epoch x1.93); before the
+compiled layer (2026-11-21, eager reference layer) 0.29-0.51x across all five models.  On a shared VM
+2 OpenMP threads were once measured ~9x slower than 1 (a descheduled thread stalls every parallel
+region); the thread check in the JSON says which way it goes on the machine at hand.
 """
 from __future__ import annotations
 
