@@ -411,21 +411,22 @@ class _WinogradFunctionalFn(torch.autograd.Function):
 
 
 class _WinogradNativeFn(torch.autograd.Function):
-    """The layer without bias on the native CPU kernels (:mod:`esdbs_ray.winograd_native`): the same
-    passes and saved tensors as the reference (V post-ReLU, U), each pass one loop over memory."""
+    """The layer without bias on the native CPU kernels (:mod:`esdbs_ray.winograd_native`): the
+    reference's passes, each one loop over memory, saving V (post-ReLU) and U; or, fused, all passes
+    band by band in cache, saving x and U."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
-        y, V = native.forward(x, u, relu)
-        ctx.save_for_backward(V, u)
-        ctx.shape = tuple(x.shape)
-        ctx.relu = relu
+        y, saved, fused = native.forward(x, u, relu)
+        ctx.save_for_backward(saved, u)
+        ctx.shape, ctx.relu, ctx.fused = tuple(x.shape), relu, fused
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        V, u = ctx.saved_tensors
-        dx, du = native.backward(grad_out, V, u, ctx.shape, ctx.relu, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        saved, u = ctx.saved_tensors
+        dx, du = native.backward(grad_out, saved, ctx.fused, u, ctx.shape, ctx.relu, ctx.needs_input_grad[0],
+                                 ctx.needs_input_grad[1])
         return dx, du, None
 
 
@@ -573,7 +574,9 @@ def resolved_impls(device: torch.device | str, dtype: torch.dtype = torch.float3
     out = {"training": training, "inference": inference, "dtype": str(dtype).replace("torch.", "")}
     if "native" in (training, inference):
         st = native.status()
-        out["native"] = {"binary": st["path"], "built_here_s": st["build_seconds"]}
+        out["native"] = {"binary": st["path"], "built_here_s": st["build_seconds"], "mode": native.mode(),
+                         # who runs the GEMMs: the library's AVX-512 kernels, fused or not, or torch.bmm
+                         "small_layers": native.path(dtype, 16, 16), "large_layers": native.path(dtype, 256, 256)}
     return out
 
 

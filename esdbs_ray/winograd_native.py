@@ -50,13 +50,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeUnavailable", "CACHE_ENV", "GEMM_ENV", "SOURCE", "library", "status", "gemm_backend", "forward",
-           "backward", "supports"]
+__all__ = ["NativeUnavailable", "CACHE_ENV", "MODE_ENV", "MODES", "SOURCE", "library", "status", "mode", "path",
+           "forward", "backward", "supports"]
 
 SOURCE = Path(__file__).with_name("winograd_native.cpp")
 CACHE_ENV = "ESDBS_KERNEL_CACHE"
-_ABI = 2  # esdbs_wino_abi_version() of the source this module calls
-GEMM_ENV = "ESDBS_NATIVE_GEMM"  # "auto" (the library's GEMMs where compiled: AVX-512) or "torch" (torch.bmm)
+_ABI = 3  # esdbs_wino_abi_version() of the source this module calls
+# How the library runs a step: "auto" (its AVX-512 GEMMs where compiled, and the fused band-by-band
+# layer where measured faster), "unfused" (its GEMMs, the passes one after another) or "bmm"
+# (torch.bmm for the GEMMs, what runs without AVX-512 and in float64).
+MODE_ENV = "ESDBS_NATIVE_MODE"
+MODES = ("auto", "unfused", "bmm")
+# The fused layer pays where the GEMMs are small beside the transforms' memory traffic and keeps its
+# dU partial sums small (16 groups x 16 x C x K floats): C * K up to this (bench/winograd.py).
+FUSED_MAX_CK = 128 * 128
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -186,8 +193,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, fn).restype = ci
         getattr(lib, fn).argtypes = []
     if lib.esdbs_wino_has_gemm():
-        for fn in ("esdbs_wino_gemm_nn", "esdbs_wino_gemm_tn"):
-            getattr(lib, fn).argtypes = [vp, vp, vp, i64, i64, i64, i64, ci]
+        for fn, args in (("esdbs_wino_gemm_nn", [vp, vp, vp, i64, i64, i64, i64, ci]),
+                         ("esdbs_wino_gemm_tn", [vp, vp, vp, i64, i64, i64, i64, ci]),
+                         ("esdbs_wino_fused_forward", [vp, vp, vp, i64, i64, i64, i64, i64, ci, ci]),
+                         ("esdbs_wino_fused_backward", [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, ci, ci, ci, ci])):
+            getattr(lib, fn).argtypes = args
             getattr(lib, fn).restype = None
     for fn, args in (("esdbs_wino_input_transform", [ci, vp, vp, i64, i64, i64, i64, ci, ci]),
                      ("esdbs_wino_output_transform", [ci, vp, vp, i64, i64, i64, i64, ci]),
@@ -251,17 +261,28 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return h if h.is_contiguous() else h.contiguous()
 
 
+def mode() -> str:
+    """``$ESDBS_NATIVE_MODE``: "auto" (default), "unfused" or "bmm"."""
+    choice = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
+    if choice not in MODES:
+        raise ValueError(f"${MODE_ENV} must be one of {', '.join(MODES)}; got {choice!r}")
+    return choice
+
+
 def _own_gemm(lib, dtype: torch.dtype) -> bool:
     """Whether the library's GEMMs run: compiled (AVX-512), float32, and not turned off."""
-    choice = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"${GEMM_ENV} must be 'auto' or 'torch'; got {choice!r}")
-    return choice == "auto" and dtype == torch.float32 and bool(lib.esdbs_wino_has_gemm())
+    return mode() != "bmm" and dtype == torch.float32 and bool(lib.esdbs_wino_has_gemm())
 
 
-def gemm_backend(dtype: torch.dtype = torch.float32) -> str:
-    """Who runs the layer's 16 GEMMs for ``dtype``: "native" (this library, AVX-512) or "torch.bmm"."""
-    return "native" if _own_gemm(library(), dtype) else "torch.bmm"
+def _fused(lib, dtype: torch.dtype, c: int, k: int) -> bool:
+    return mode() == "auto" and _own_gemm(lib, dtype) and c * k <= FUSED_MAX_CK
+
+
+def path(dtype: torch.dtype = torch.float32, c: int = 16, k: int = 16) -> str:
+    """How a step of a C -> K layer in ``dtype`` runs: "fused", "unfused" (the library's GEMMs) or
+    "bmm" (the passes around torch.bmm)."""
+    lib = library()
+    return "fused" if _fused(lib, dtype, c, k) else "unfused" if _own_gemm(lib, dtype) else "bmm"
 
 
 def _bmm(lib, nt: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -282,32 +303,49 @@ def _bmm_tn(lib, nt: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, V = [ReLU](B^T d B) (16, N*th*tw, C))."""
+def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, saved, fused).
+
+    ``saved`` is what :func:`backward` needs besides U: V = [ReLU](B^T d B) as (16, N*th*tw, C), or,
+    when ``fused``, x itself as NHWC (the fused backward computes V again, band by band)."""
     lib = library()
     n, c, h, w = x.shape
     k = u.shape[2]
     th, tw = (h + 1) // 2, (w + 1) // 2
     nt, dt = torch.get_num_threads(), _DTYPES[x.dtype]
     xh = _nhwc(x)
-    V = x.new_empty((16, n * th * tw, c))
-    lib.esdbs_wino_input_transform(dt, xh.data_ptr(), V.data_ptr(), n, h, w, c, int(relu), nt)
-    M = _bmm(lib, nt, V, u.contiguous())
+    u = u.contiguous()
     # a base tensor, not a view: autograd forbids in-place ops on views made inside a custom Function
     y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    if _fused(lib, x.dtype, c, k):
+        lib.esdbs_wino_fused_forward(xh.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, c, k, int(relu), nt)
+        return y, xh, True
+    V = x.new_empty((16, n * th * tw, c))
+    lib.esdbs_wino_input_transform(dt, xh.data_ptr(), V.data_ptr(), n, h, w, c, int(relu), nt)
+    M = _bmm(lib, nt, V, u)
     lib.esdbs_wino_output_transform(dt, M.data_ptr(), y.data_ptr(), n, h, w, k, nt)
-    return y, V
+    return y, V, False
 
 
-def backward(gy: torch.Tensor, V: torch.Tensor, u: torch.Tensor, shape, relu: bool, need_x: bool,
+def backward(gy: torch.Tensor, saved: torch.Tensor, fused: bool, u: torch.Tensor, shape, relu: bool, need_x: bool,
              need_u: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dx, du) of :func:`forward` for the output gradient gy (N, K, H, W), any layout."""
+    """Gradients (dx, du) of :func:`forward` for the output gradient gy (N, K, H, W), any layout;
+    ``saved`` and ``fused`` as :func:`forward` returned them."""
     lib = library()
     n, c, h, w = shape
     k = u.shape[2]
     th, tw = (h + 1) // 2, (w + 1) // 2
-    nt, dt = torch.get_num_threads(), _DTYPES[V.dtype]
-    gh = _nhwc(gy.to(V.dtype))
+    nt, dt = torch.get_num_threads(), _DTYPES[saved.dtype]
+    gh = _nhwc(gy.to(saved.dtype))
+    if fused:
+        ut = u.transpose(1, 2).contiguous()
+        dx = torch.empty((n, c, h, w), dtype=saved.dtype, memory_format=torch.channels_last) if need_x else None
+        du = saved.new_empty((16, c, k)) if need_u else None
+        lib.esdbs_wino_fused_backward(saved.data_ptr(), gh.data_ptr(), ut.data_ptr(), dx.data_ptr() if need_x else None,
+                                      du.data_ptr() if need_u else None, n, h, w, c, k, int(relu), int(need_x),
+                                      int(need_u), nt)
+        return dx, du
+    V = saved
     dM = V.new_empty((16, n * th * tw, k))
     lib.esdbs_wino_output_transform_adjoint(dt, gh.data_ptr(), dM.data_ptr(), n, h, w, k, nt)
     du = _bmm_tn(lib, nt, V, dM) if need_u else None

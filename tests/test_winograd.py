@@ -353,14 +353,18 @@ def test_native_takes_any_incoming_gradient_layout():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-def test_native_result_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("mode", ["auto", "unfused"])
+@pytest.mark.parametrize("n", [5, 21])  # fewer images than the fused backward's 16 groups, and more
+def test_native_result_does_not_depend_on_the_thread_count(monkeypatch, mode, n):
     """Every output element of every pass is computed by one thread in one order (images, rows of
-    tiles, output blocks of the GEMMs are the units of work), so with the library's own GEMMs the
-    layer gives the same bits at any thread count; with torch.bmm the same up to MKL's rounding."""
+    tiles, output blocks of the GEMMs, the fused backward's dU groups are the units of work), so with
+    the library's own GEMMs the layer gives the same bits at any thread count; with torch.bmm the
+    same up to MKL's rounding."""
+    monkeypatch.setenv(wg.native.MODE_ENV, mode)
     torch.manual_seed(19)
-    x = torch.randn(5, 8, 9, 9)
+    x = torch.randn(n, 8, 9, 9)
     u = torch.randn(16, 8, 70)  # 70 output channels: two GEMM column blocks, a masked tail
-    gy = torch.randn(5, 70, 9, 9)
+    gy = torch.randn(n, 70, 9, 9)
     before = torch.get_num_threads()
     try:
         outs = []
@@ -372,14 +376,13 @@ def test_native_result_does_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for other in outs[1:]:
         for a, b in zip(other, outs[0]):
-            if wg.native.gemm_backend() == "native":
+            if wg.native.path(torch.float32, 8, 70) != "bmm":
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-needs_native_gemm = pytest.mark.skipif(not (wg.native.supports(torch.zeros(1), torch.zeros(1)) and _native_gemm()),
-                                       reason="the native GEMMs are compiled for AVX-512 CPUs only")
+needs_native_gemm = pytest.mark.skipif(not _native_gemm(), reason="the native GEMMs are compiled for AVX-512 CPUs only")
 
 
 @needs_native_gemm
@@ -403,16 +406,67 @@ def test_native_gemms_match_float64(t, n, k):
         assert float((err - terms * eps * bound).max()) <= 0, float((err / bound.clamp_min(1e-30)).max())
 
 
-def test_native_gemm_switch(monkeypatch):
+@needs_native_gemm
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7, 9), (1, 2, 3, 1, 1), (20, 16, 16, 8, 8), (2, 24, 24, 28, 28),
+                                   (17, 3, 70, 5, 5), (1, 128, 128, 40, 40), (2, 8, 8, 1, 30)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_native_layer_matches_float64(shape, relu):
+    """The fused layer (band by band, V computed again in the backward) against the reference in
+    float64: odd sizes, one image and more than the 16 dU groups, bands spanning images (small
+    images) and images spanning bands (128 channels at 40x40), a masked channel tail."""
+    n, c, k, h, w = shape
+    assert wg.native.path(torch.float32, c, k) == "fused"
+    torch.manual_seed(22)
+    x, u, gy = torch.randn(n, c, h, w), torch.randn(16, c, k) * (torch.rand(16, c, k) > 0.3), torch.randn(n, k, h, w)
+    got = _fwd_bwd("native", x, u, relu, gy)
+    exact = _fwd_bwd("reference", x.double(), u.double(), relu, gy.double())
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+@needs_native_gemm
+def test_fused_native_layer_saves_its_input_not_v():
+    """The fused forward keeps x (N*H*W*C values) for the backward, not V (16 per 2x2 tile, 4x x)."""
+    x = torch.randn(4, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = winograd_relu_conv(x, torch.randn(16, 8, 12, requires_grad=True), impl="native")
+    assert sorted(saved) == sorted([x.numel(), 16 * 8 * 12])
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@needs_native_gemm
+def test_fused_backward_without_one_of_the_gradients():
+    torch.manual_seed(23)
+    x, u, gy = torch.randn(3, 6, 7, 7), torch.randn(16, 6, 5), torch.randn(3, 5, 7, 7)
+    ref = _fwd_bwd("reference", x, u, True, gy)
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(winograd_relu_conv(xg, u, impl="native"), (xg,), gy)  # a frozen U
+    ug = u.clone().requires_grad_()
+    (du,) = torch.autograd.grad(winograd_relu_conv(x, ug, impl="native"), (ug,), gy)  # the first layer
+    torch.testing.assert_close(dx, ref[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(du, ref[2], rtol=1e-4, atol=1e-4)
+
+
+def test_native_modes(monkeypatch):
     torch.manual_seed(21)
     x, u, gy = torch.randn(3, 5, 6, 7), torch.randn(16, 5, 9), torch.randn(3, 9, 6, 7)
     auto = _fwd_bwd("native", x, u, True, gy)
-    monkeypatch.setenv(wg.native.GEMM_ENV, "torch")
-    assert wg.native.gemm_backend() == "torch.bmm"
-    for a, b in zip(_fwd_bwd("native", x, u, True, gy), auto):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv(wg.native.GEMM_ENV, "mkl")
-    with pytest.raises(ValueError, match="ESDBS_NATIVE_GEMM must be 'auto' or 'torch'; got 'mkl'"):
+    for mode, path in (("unfused", "unfused"), ("bmm", "bmm")):
+        monkeypatch.setenv(wg.native.MODE_ENV, mode)
+        assert wg.native.path(torch.float32, 5, 9) == (path if _native_gemm() else "bmm")
+        for a, b in zip(_fwd_bwd("native", x, u, True, gy), auto):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert wg.native.path(torch.float64, 5, 9) == "bmm"
+    monkeypatch.setenv(wg.native.MODE_ENV, "mkl")
+    with pytest.raises(ValueError, match="ESDBS_NATIVE_MODE must be one of auto, unfused, bmm; got 'mkl'"):
         _fwd_bwd("native", x, u, True, gy)
 
 
