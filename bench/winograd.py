@@ -3,8 +3,9 @@
 What it measures, per eligible layer shape of the registry models (batch 128):
 
 * training step (forward + backward, weight and input gradients) of ``winograd_relu_conv`` with
-  ``impl="native"`` (CPU only: the C++ transform kernels of ``esdbs_ray/winograd_native.cpp`` around
-  ``torch.bmm``, what "auto" runs on CPU), ``impl="reference"`` (hand-written autograd Function,
+  ``impl="native"`` (CPU only: the C++ kernels of ``esdbs_ray/winograd_native.cpp``, what "auto" runs
+  on CPU: fused band by band where C * K <= 128^2, else the passes one after another; both timed,
+  ``native_unfused`` the latter), ``impl="reference"`` (hand-written autograd Function,
   eager) and ``impl="fused"`` (the functional formulation compiled by inductor per layer shape:
   C++/OpenMP on CPU, Triton on CUDA) against ``F.conv2d(F.relu(x), g, padding=1)`` (oneDNN on CPU,
   cuDNN on CUDA).  Every variant runs on the same input twice: NCHW-contiguous (how a spatial model
@@ -33,6 +34,7 @@ cuDNN.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -45,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import format_table, hardware_line, median, provenance_block, sync, write_result  # noqa: E402
+from esdbs_ray import winograd_native as native  # noqa: E402
 from esdbs_ray.winograd import (  # noqa: E402
     SparseWinogradInference,
     WinogradReLUConv2d,
@@ -66,6 +69,11 @@ SHAPES = [
     ("convpool28 w1 conv5", 192, 192, 14),
     ("convpool28 w0.5 conv5", 96, 96, 14),
     ("resnet32-32 stage1", 16, 16, 32),
+    # the CPU demo's and reference run's width (0.25): few channels, where memory traffic rules
+    ("alexnet28 w0.25 conv2", 16, 48, 14),
+    ("convpool28 w0.25 conv2", 24, 24, 28),
+    ("resnet32-32 w0.25 stage1", 4, 4, 32),
+    ("resnet32-32 w0.25 stage2", 8, 8, 16),
 ]
 QUICK = ["alexnet28 w1 conv2", "vgg16-32 w1 conv2_2", "convpool28 w0.5 conv5"]
 SPARSITIES = (0.0, 0.4, 0.8)
@@ -107,6 +115,19 @@ def _prune_layer(layer: WinogradReLUConv2d, sparsity: float) -> None:
     layer.register_buffer("weight_mask", mask)
 
 
+def _native_mode(mode: str, fn):
+    """Run fn with $ESDBS_NATIVE_MODE set to mode (the native layer reads it at every call)."""
+    before = os.environ.get(native.MODE_ENV)
+    os.environ[native.MODE_ENV] = mode
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[native.MODE_ENV]
+        else:
+            os.environ[native.MODE_ENV] = before
+
+
 def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, c, hw, hw, device=device)
@@ -139,6 +160,8 @@ def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
 
     conv_fn = lambda t: F.conv2d(F.relu(t), g, padding=1)  # noqa: E731
     impl_fns = {impl: (lambda t, impl=impl: winograd_relu_conv(t, u, impl=impl)) for impl in impls(device)}
+    if device.type == "cpu":  # the native kernels' unfused path beside what "auto" picks (fused or not)
+        impl_fns["native_unfused"] = lambda t: _native_mode("unfused", lambda: winograd_relu_conv(t, u, impl="native"))
     fns = {}
     for layout in ("nchw", "nhwc"):
         fns[f"conv_{layout}"] = step(conv_fn, layout)
@@ -163,6 +186,8 @@ def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
         out[f"{impl}_fwd_ratio"] = ms[f"{impl}_fwd"] / ms["conv_fwd"]
     if "native_nchw" in ms:
         out["native_over_fused_step"] = ms["native_nchw"] / ms["fused_nchw"]
+        out["native_path"] = native.path(torch.float32, c, k)  # what "auto" ran: fused, unfused or bmm
+        out["native_over_unfused_step"] = ms["native_nchw"] / ms["native_unfused_nchw"]
     return out
 
 
@@ -199,7 +224,8 @@ def summarise(rows: list[dict]) -> dict:
         target, auto = TARGETS[dev], AUTO[dev]
         keys = [f"{impl}_{what}" for impl in impls(torch.device(dev))
                 for what in ("step_ratio", "step_ratio_nhwc", "nhwc_vs_conv_nchw")]
-        keys += [k for k in ("reference_fwd_ratio", f"{auto}_fwd_ratio", "native_over_fused_step") if k in rs[0]]
+        keys += [k for k in ("native_unfused_step_ratio", "reference_fwd_ratio", f"{auto}_fwd_ratio",
+                             "native_over_fused_step", "native_over_unfused_step") if k in rs[0]]
         s = {key: median(r[key] for r in rs) for key in dict.fromkeys(keys)}
         s["fused_over_reference_step"] = median(r["ms"]["fused_nchw"] / r["ms"]["reference_nchw"] for r in rs)
         s["fused_compile_s_per_shape_median"] = median(r["compile_s_total"] for r in rs)
@@ -270,12 +296,14 @@ def main(argv=None) -> int:
                 "shapes_csr_faster_at_80": sum(r["sparsity"]["0.8"]["csr_ratio"] < 1.0 for r in inference),
                 "of": len(inference)}}
     table = [{"device": f"{r['device']} {r['dtype']}", "shape": r["label"], "conv_ms": r["ms"]["conv_nchw"],
-              "native": r.get("native_step_ratio", float("nan")), "ref": r["reference_step_ratio"],
+              "native": r.get("native_step_ratio", float("nan")), "path": r.get("native_path", "-"),
+              "unfused": r.get("native_unfused_step_ratio", float("nan")), "ref": r["reference_step_ratio"],
               "fused": r["fused_step_ratio"], "native_nhwc": r.get("native_step_ratio_nhwc", float("nan")),
               "fused_nhwc": r["fused_step_ratio_nhwc"], "compile_s": r["compile_s_total"]} for r in rows]
     print()
     print(format_table(table, [("device", "device", ""), ("shape", "shape", ""), ("conv step ms", "conv_ms", ".1f"),
-                               ("native/conv", "native", ".2f"), ("reference/conv", "ref", ".2f"),
+                               ("native/conv", "native", ".2f"), ("native path", "path", ""),
+                               ("unfused/conv", "unfused", ".2f"), ("reference/conv", "ref", ".2f"),
                                ("fused/conv", "fused", ".2f"), ("NHWC native/conv", "native_nhwc", ".2f"),
                                ("NHWC fused/conv", "fused_nhwc", ".2f"), ("fused compile s", "compile_s", ".1f")]))
     doc = {

@@ -56,14 +56,20 @@ __all__ = ["NativeUnavailable", "CACHE_ENV", "MODE_ENV", "MODES", "SOURCE", "lib
 SOURCE = Path(__file__).with_name("winograd_native.cpp")
 CACHE_ENV = "ESDBS_KERNEL_CACHE"
 _ABI = 3  # esdbs_wino_abi_version() of the source this module calls
-# How the library runs a step: "auto" (its AVX-512 GEMMs where compiled, and the fused band-by-band
-# layer where measured faster), "unfused" (its GEMMs, the passes one after another) or "bmm"
-# (torch.bmm for the GEMMs, what runs without AVX-512 and in float64).
+# How the library runs a step: "auto" (its AVX-512 GEMMs where compiled, fused band by band where
+# measured faster), "fused" (fused wherever it can: C * K <= FUSED_MAX_CK), "unfused" (its GEMMs, the
+# passes one after another) or "bmm" (torch.bmm for the GEMMs, what runs without AVX-512 and in
+# float64).
 MODE_ENV = "ESDBS_NATIVE_MODE"
-MODES = ("auto", "unfused", "bmm")
-# The fused layer pays where the GEMMs are small beside the transforms' memory traffic and keeps its
-# dU partial sums small (16 groups x 16 x C x K floats): C * K up to this (bench/winograd.py).
+MODES = ("auto", "fused", "unfused", "bmm")
+# The fused layer keeps dU in 16 partial sums of 16 x C x K floats (zeroed, added, summed: traffic
+# that does not shrink with the batch) and reads all of U once per band: C * K up to FUSED_MAX_CK,
+# and "auto" takes it only with at least FUSED_MIN_TILES_PER_K * K tiles in the batch, where those
+# costs stay under a quarter of the V traffic the fusion saves.  Measured (bench/winograd.py, 2-core
+# AMD EPYC): fused 0.59-0.84x F.conv2d on the registry's shapes at batch 128; on 2x2-7x7 images with
+# 64-128 channels at batch 64 the unfused passes were 1.3-3.3x faster.
 FUSED_MAX_CK = 128 * 128
+FUSED_MIN_TILES_PER_K = 64
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -262,7 +268,7 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 
 def mode() -> str:
-    """``$ESDBS_NATIVE_MODE``: "auto" (default), "unfused" or "bmm"."""
+    """``$ESDBS_NATIVE_MODE``: "auto" (default), "fused", "unfused" or "bmm"."""
     choice = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
     if choice not in MODES:
         raise ValueError(f"${MODE_ENV} must be one of {', '.join(MODES)}; got {choice!r}")
@@ -274,15 +280,18 @@ def _own_gemm(lib, dtype: torch.dtype) -> bool:
     return mode() != "bmm" and dtype == torch.float32 and bool(lib.esdbs_wino_has_gemm())
 
 
-def _fused(lib, dtype: torch.dtype, c: int, k: int) -> bool:
-    return mode() == "auto" and _own_gemm(lib, dtype) and c * k <= FUSED_MAX_CK
+def _fused(lib, dtype: torch.dtype, c: int, k: int, tiles: int) -> bool:
+    m = mode()
+    if m not in ("auto", "fused") or not _own_gemm(lib, dtype) or c * k > FUSED_MAX_CK:
+        return False
+    return m == "fused" or tiles >= FUSED_MIN_TILES_PER_K * k
 
 
-def path(dtype: torch.dtype = torch.float32, c: int = 16, k: int = 16) -> str:
-    """How a step of a C -> K layer in ``dtype`` runs: "fused", "unfused" (the library's GEMMs) or
-    "bmm" (the passes around torch.bmm)."""
+def path(dtype: torch.dtype = torch.float32, c: int = 16, k: int = 16, tiles: int = 1 << 20) -> str:
+    """How a step of a C -> K layer over ``tiles`` 2x2 output tiles (N * ceil(H/2) * ceil(W/2)) in
+    ``dtype`` runs: "fused", "unfused" (the library's GEMMs) or "bmm" (the passes around torch.bmm)."""
     lib = library()
-    return "fused" if _fused(lib, dtype, c, k) else "unfused" if _own_gemm(lib, dtype) else "bmm"
+    return "fused" if _fused(lib, dtype, c, k, tiles) else "unfused" if _own_gemm(lib, dtype) else "bmm"
 
 
 def _bmm(lib, nt: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -317,7 +326,7 @@ def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor,
     u = u.contiguous()
     # a base tensor, not a view: autograd forbids in-place ops on views made inside a custom Function
     y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
-    if _fused(lib, x.dtype, c, k):
+    if _fused(lib, x.dtype, c, k, n * th * tw):
         lib.esdbs_wino_fused_forward(xh.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, c, k, int(relu), nt)
         return y, xh, True
     V = x.new_empty((16, n * th * tw, c))

@@ -353,7 +353,7 @@ def test_native_takes_any_incoming_gradient_layout():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["auto", "unfused"])
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
 @pytest.mark.parametrize("n", [5, 21])  # fewer images than the fused backward's 16 groups, and more
 def test_native_result_does_not_depend_on_the_thread_count(monkeypatch, mode, n):
     """Every output element of every pass is computed by one thread in one order (images, rows of
@@ -376,7 +376,7 @@ def test_native_result_does_not_depend_on_the_thread_count(monkeypatch, mode, n)
         torch.set_num_threads(before)
     for other in outs[1:]:
         for a, b in zip(other, outs[0]):
-            if wg.native.path(torch.float32, 8, 70) != "bmm":
+            if wg.native.path(torch.float32, 8, 70, n * 25) != "bmm":
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -411,12 +411,13 @@ def test_native_gemms_match_float64(t, n, k):
 @pytest.mark.parametrize("shape", [(3, 5, 6, 7, 9), (1, 2, 3, 1, 1), (20, 16, 16, 8, 8), (2, 24, 24, 28, 28),
                                    (17, 3, 70, 5, 5), (1, 128, 128, 40, 40), (2, 8, 8, 1, 30)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_fused_native_layer_matches_float64(shape, relu):
+def test_fused_native_layer_matches_float64(shape, relu, monkeypatch):
     """The fused layer (band by band, V computed again in the backward) against the reference in
     float64: odd sizes, one image and more than the 16 dU groups, bands spanning images (small
     images) and images spanning bands (128 channels at 40x40), a masked channel tail."""
     n, c, k, h, w = shape
-    assert wg.native.path(torch.float32, c, k) == "fused"
+    monkeypatch.setenv(wg.native.MODE_ENV, "fused")  # also where "auto" would not (too few tiles)
+    assert wg.native.path(torch.float32, c, k, 1) == "fused"
     torch.manual_seed(22)
     x, u, gy = torch.randn(n, c, h, w), torch.randn(16, c, k) * (torch.rand(16, c, k) > 0.3), torch.randn(n, k, h, w)
     got = _fwd_bwd("native", x, u, relu, gy)
@@ -428,7 +429,8 @@ def test_fused_native_layer_matches_float64(shape, relu):
 @needs_native_gemm
 def test_fused_native_layer_saves_its_input_not_v():
     """The fused forward keeps x (N*H*W*C values) for the backward, not V (16 per 2x2 tile, 4x x)."""
-    x = torch.randn(4, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(8, 8, 20, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert wg.native.path(torch.float32, 8, 12, 8 * 10 * 10) == "fused"  # auto's choice here
     saved = []
 
     def pack(t):
@@ -443,7 +445,8 @@ def test_fused_native_layer_saves_its_input_not_v():
 
 
 @needs_native_gemm
-def test_fused_backward_without_one_of_the_gradients():
+def test_fused_backward_without_one_of_the_gradients(monkeypatch):
+    monkeypatch.setenv(wg.native.MODE_ENV, "fused")
     torch.manual_seed(23)
     x, u, gy = torch.randn(3, 6, 7, 7), torch.randn(16, 6, 5), torch.randn(3, 5, 7, 7)
     ref = _fwd_bwd("reference", x, u, True, gy)
@@ -459,14 +462,19 @@ def test_native_modes(monkeypatch):
     torch.manual_seed(21)
     x, u, gy = torch.randn(3, 5, 6, 7), torch.randn(16, 5, 9), torch.randn(3, 9, 6, 7)
     auto = _fwd_bwd("native", x, u, True, gy)
-    for mode, path in (("unfused", "unfused"), ("bmm", "bmm")):
+    tiles = 3 * 3 * 4  # N * ceil(H/2) * ceil(W/2)
+    if _native_gemm():  # auto: fused with enough tiles per output channel, unfused with few
+        assert wg.native.path(torch.float32, 5, 9, 64 * 9) == "fused"
+        assert wg.native.path(torch.float32, 5, 9, 64 * 9 - 1) == "unfused"
+        assert wg.native.path(torch.float32, 129, 128, 1 << 30) == "unfused"  # C * K past the fused limit
+    for mode, path in (("fused", "fused"), ("unfused", "unfused"), ("bmm", "bmm")):
         monkeypatch.setenv(wg.native.MODE_ENV, mode)
-        assert wg.native.path(torch.float32, 5, 9) == (path if _native_gemm() else "bmm")
+        assert wg.native.path(torch.float32, 5, 9, tiles) == (path if _native_gemm() else "bmm")
         for a, b in zip(_fwd_bwd("native", x, u, True, gy), auto):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert wg.native.path(torch.float64, 5, 9) == "bmm"
     monkeypatch.setenv(wg.native.MODE_ENV, "mkl")
-    with pytest.raises(ValueError, match="ESDBS_NATIVE_MODE must be one of auto, unfused, bmm; got 'mkl'"):
+    with pytest.raises(ValueError, match="ESDBS_NATIVE_MODE must be one of auto, fused, unfused, bmm; got 'mkl'"):
         _fwd_bwd("native", x, u, True, gy)
 
 
