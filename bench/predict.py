@@ -5,15 +5,16 @@ What it measures, on the machine it runs on:
 * the wall time of ``esdbs predict``'s prediction step (``Ensemble.member_proba`` + the stacking's
   weighted average over all three members, batches of ``--batch-size``) for the whole test split,
   median of ``--repeats`` timed runs after one warm-up batch; the target is under 10 s on 2 CPU cores;
-* the same with the compiled (fused) Winograd-ReLU layer (``ESDBS_WINOGRAD_IMPL=fused``; ``auto`` keeps
-  the eager reference for inference on CPU), and the first batch's seconds, which include the compile
-  (or loading it from inductor's on-disk cache);
+* the same with the Winograd-ReLU layer's other implementations: the eager reference
+  (``ESDBS_WINOGRAD_IMPL=reference``) and the compiled one (``fused``), with the first batch's seconds,
+  which for ``fused`` include the compile (or loading it from inductor's on-disk cache); the headline
+  figure is what ``auto`` runs (``auto_impl``: the native kernels on CPU);
 * the same with onnxruntime on the exported ONNX graphs (the graphs a consumer without torch uses);
 * that the export reproduces the run: the ensemble's test accuracy against ``stacking.json``'s (the
   quick preset has no test subset, so both are on the same 10,000 images) and the largest difference
   from the members' Parquet probabilities.
 
-Usage (the run first: ``esdbs run --preset quick --out runs/quick``, 8-10 minutes on 2 cores)::
+Usage (the run first: ``esdbs run --preset quick --out runs/quick``, 2-4 minutes on 2 cores)::
 
     python bench/predict.py --experiment runs/quick              # exports to a temporary directory
     python bench/predict.py --export runs/quick-export           # an existing export (no experiment needed)
@@ -105,21 +106,24 @@ def main(argv=None) -> int:
         if m["ensemble"].get("test_accuracy") is not None and m["ensemble"].get("n_test") == len(images) else None,
         "export_seconds": export_seconds,
     }
-    if any(x.get("conv") == "winograd_relu" for x in m["members"]) and not a.no_fused:
-        # The compiled (fused) Winograd-ReLU layer for inference: "auto" runs the reference forward on
-        # CPU because a one-off prediction does not pay back the per-shape compile; a long-lived
-        # predictor (or ESDBS_WINOGRAD_IMPL=fused) does.  First call = compile (or a cache load).
+    if any(x.get("conv") == "winograd_relu" for x in m["members"]):
+        # The Winograd-ReLU layer's other implementations beside what "auto" ran above (the native
+        # kernels on CPU): the eager reference, and the compiled layer (inductor, per layer shape;
+        # its first call compiles or loads inductor's on-disk cache).
         import os
 
-        from esdbs_ray.winograd import IMPL_ENV
+        from esdbs_ray.winograd import IMPL_ENV, resolved_impls
 
+        doc["auto_impl"] = resolved_impls(ensemble.device)["inference"]
         before = os.environ.get(IMPL_ENV)
-        os.environ[IMPL_ENV] = "fused"
-        with Timer() as t:
-            ensemble.member_proba(images[: a.batch_size], batch_size=a.batch_size)
-        f = _time(run, a.repeats)
-        doc.update(fused_first_batch_seconds=t.seconds, fused_seconds=f, fused_seconds_median=statistics.median(f),
-                   fused_accuracy=float(np.mean(result["probs"].argmax(1) == labels)))
+        for impl in ("reference",) + (() if a.no_fused else ("fused",)):
+            os.environ[IMPL_ENV] = impl
+            with Timer() as t:
+                ensemble.member_proba(images[: a.batch_size], batch_size=a.batch_size)
+            f = _time(run, a.repeats)
+            doc.update({f"{impl}_first_batch_seconds": t.seconds, f"{impl}_seconds": f,
+                        f"{impl}_seconds_median": statistics.median(f),
+                        f"{impl}_accuracy": float(np.mean(result["probs"].argmax(1) == labels))})
         if before is None:
             os.environ.pop(IMPL_ENV)
         else:
