@@ -3,7 +3,7 @@ fresh process per trial.
 
 What it measures, on a local Ray started on loopback (``num_cpus=2``), the smoke preset's data (540
 train / 60 val images), one CPU per trial (two run at once), the Winograd layer's default
-implementation ("auto": compiled per layer shape for training on CPU):
+implementation ("auto": the native kernels on CPU; before 2026-12-02, compiled per layer shape):
 
 * **dbs_search** -- ``pipeline.run_dbs_search`` (spec section 6): an SWR AlexNet at width 0.125,
   ``--samples`` samples of ``--epochs`` epochs; the searched constants are the same seeded draws in
@@ -14,21 +14,24 @@ implementation ("auto": compiled per layer shape for training on CPU):
 each with reuse on and off alternately (off first), ``--rounds`` times, in one Ray session.
 
 Figure: wall seconds of each stage call and reused / fresh.  Where the time goes without reuse:
-every trial's process imports torch and Ray Tune and traces and compiles its Winograd layers again
-(inductor's on-disk cache spares only the code generation).
+every trial's process imports torch and Ray Tune and loads the layer's kernels again (with the
+compiled layer it also traced and compiled its Winograd layers again: inductor's on-disk cache spares
+only the code generation).
 
-    .venv/bin/python bench/dbs_search_reuse.py             # both stages, 2 rounds (~8 min)
+    .venv/bin/python bench/dbs_search_reuse.py             # both stages, 2 rounds (~1.5 min)
     .venv/bin/python bench/dbs_search_reuse.py --quick     # 4 samples, 1 round
 
-Result (``bench/results/dbs_search_reuse.json``, 2026-11-23, 2-core Intel Xeon VM, torch 2.14.1, Ray
-2.60, load average ~1-2):
+Result (``bench/results/dbs_search_reuse.json``, 2026-12-02, 2-core AMD EPYC VM, torch 2.14.1, Ray
+2.60, the native layer):
 
     stage        fresh s        reused s      reused / fresh
-    dbs_search   77.2, 86.1     22.9, 28.8    0.32
-    base         74.4, 87.6     46.2, 51.1    0.60
+    dbs_search   14.6, 12.2     4.1, 4.5      0.32
+    base         13.3, 14.1     6.3, 6.2      0.46
 
 Reuse changes no result: the same six searched constants, and every base trial's validation accuracy
-the same to the last digit, in all four runs of each stage.
+the same to the last digit, in all four runs of each stage.  Before (2026-11-23, 2-core Intel Xeon VM,
+the compiled layer): dbs_search 77.2 / 86.1 s fresh, 22.9 / 28.8 s reused (0.32); base 74.4 / 87.6 s
+fresh, 46.2 / 51.1 s reused (0.60).
 """
 from __future__ import annotations
 
