@@ -20,12 +20,13 @@ typedef int64_t i64;
 namespace {
 
 // ReLU and its mask as compile-time choices: a runtime flag inside the channel loop keeps gcc from
-// vectorising it.
+// vectorising it.  Written as torch's are: a NaN passes the ReLU (and its gradient passes the mask),
+// so a diverging run shows NaN downstream instead of zeros.
 template <bool RELU, typename T>
-inline T clip(T v) { return RELU ? (v > T(0) ? v : T(0)) : v; }
+inline T clip(T v) { return RELU ? (v <= T(0) ? T(0) : v) : v; }
 
 template <bool RELU, typename T>
-inline T mask(T g, T v) { return RELU ? (v > T(0) ? g : T(0)) : g; }
+inline T mask(T g, T v) { return RELU ? (v <= T(0) ? T(0) : g) : g; }
 
 // ---------------------------------------------------------------------------------------------------
 // the four passes, one row of tiles at a time

@@ -478,6 +478,18 @@ def test_native_modes(monkeypatch):
         _fwd_bwd("native", x, u, True, gy)
 
 
+@pytest.mark.parametrize("mode", ["fused", "unfused", "bmm"])
+def test_native_lets_nan_through_like_the_reference(monkeypatch, mode):
+    """ReLU(NaN) is NaN in torch: a diverged activation must reach the loss (the trainer's divergence
+    guard looks for it), not come out of the layer as zeros."""
+    monkeypatch.setenv(wg.native.MODE_ENV, mode)
+    x, u = torch.randn(2, 3, 6, 6), torch.randn(16, 3, 4)
+    x[0, 1, 2, 3] = float("nan")
+    ref, got = (winograd_relu_conv(x, u, impl=i) for i in ("reference", "native"))
+    assert torch.isnan(got).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+
+
 def test_native_refuses_what_it_does_not_compute():
     x = torch.randn(2, 3, 4, 4)
     u = torch.randn(16, 3, 2)

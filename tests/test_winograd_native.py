@@ -102,3 +102,29 @@ def test_an_unusable_cache_directory_falls_back_to_the_temp_dir(own_build, monke
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     _check_runs(native.library())
     assert Path(native.status()["path"]).parent == tmp_path / "tmp" / f"esdbs_ray-{os.getuid()}"
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpus_without_avx512_get_a_build_of_their_own_and_torch_bmm(own_build, capability):
+    """On a CPU torch runs at AVX2 (or no vector extension) the library is built for that ISA, under
+    another name, without its AVX-512 GEMMs: the passes run around torch.bmm, with the same results.
+    (ATEN_CPU_CAPABILITY makes torch report the lower capability on this machine.)"""
+    code = ("import torch, esdbs_ray.winograd_native as n, esdbs_ray.winograd as wg\n"
+            "torch.manual_seed(0)\n"
+            "x, u, g = torch.randn(3, 5, 7, 6), torch.randn(16, 5, 9), torch.randn(3, 9, 7, 6)\n"
+            "def run(impl):\n"
+            "    xx, uu = x.clone().requires_grad_(), u.clone().requires_grad_()\n"
+            "    y = wg.winograd_relu_conv(xx, uu, impl=impl)\n"
+            "    return [y.detach(), *torch.autograd.grad(y, (xx, uu), g)]\n"
+            "for a, b in zip(run('native'), run('reference')):\n"
+            "    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)\n"
+            "print(n.path(torch.float32, 5, 9), n.library().esdbs_wino_has_gemm(), n.status()['path'])\n")
+    env = {**os.environ, native.CACHE_ENV: str(own_build), "ATEN_CPU_CAPABILITY": capability}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path_, has_gemm, binary = r.stdout.split()
+    assert (path_, has_gemm) == ("bmm", "0")
+    assert Path(binary).parent == own_build
+    if torch.backends.cpu.get_cpu_capability().lower() != capability:
+        native.library()  # this process's own build (another ISA) sits beside it under its own name
+        assert native.status()["path"] != binary
