@@ -83,7 +83,9 @@ PRESETS: dict[str, dict] = {
                                     c_cnn={"dropout": 0.1, "l2": 0.001}, stacked={"dropout": 0.1, "l2": 0.01}),
     # The reference run of analysis/results/fashion-mnist-cpu/: the paper-fashion-mnist matrix (all
     # four variants, the three members, the batch sweep beside DBS) shrunk to finish within 60 minutes
-    # on a 2-core CPU machine.  Every reduction is here, none in code:
+    # on a 2-core CPU machine with the compiled layer of 2026-11 (41 min); with the native layer it
+    # took 9:33 on a 2-core AMD EPYC (2026-12-02), kept as it was so that runs stay comparable.  Every
+    # reduction is here, none in code:
     # - 9,000 training images (10 % for validation).  At 12,000 the projected wall time was 59-64
     #   minutes: a Winograd-ReLU ConvPool-CNN-C epoch takes ~2 minutes on a third of the machine, and
     #   each of the 28 trials evaluates the full 10,000-image test set at every rung.

@@ -1,8 +1,8 @@
 // Winograd-ReLU F(2x2, 3x3) for the CPU, shape-generic: the four passes over memory of a training step
-// that are not GEMMs, and (on AVX-512 CPUs) the 16 GEMMs themselves; elsewhere those stay torch.bmm
-// (MKL).  Built once per
-// machine by esdbs_ray/winograd_native.py with the system C++ compiler (no torch headers: ~2 s), and
-// called through ctypes on raw pointers.  The maths and the layouts are those of winograd.py:
+// that are not GEMMs; on AVX-512 CPUs the 16 GEMMs too (elsewhere those stay torch.bmm), and the layer
+// fused band by band.  Built once per machine by esdbs_ray/winograd_native.py with the system C++
+// compiler (no torch headers: 2-4 s), and called through ctypes on raw pointers.  The maths and the
+// layouts are those of winograd.py:
 //
 //   activations NHWC (a channels-last tensor's memory), tile grid th x tw = ceil(H/2) x ceil(W/2),
 //   tile t = (n * th + i) * tw + j, tile position k = 4 p + q (p: row / H transform index, q: column),
