@@ -174,8 +174,13 @@ def test_trials_spread_over_two_nodes_and_a_removed_nodes_trial_moves(tmp_path, 
         assert sorted(m["member"] for m in summary["members"]) == ["alexnet", "all_cnn_c"]
         assert (out / "stacking.json").is_file() and (out / "summary.json").is_file()
         rows = cluster_helpers.read_results(out / "tune" / "base" / moved)
+        # No epoch is missing and the run ends at the last one.  At most the epoch in flight when the
+        # node went is done twice: its result can be in the trial's log while Tune restores the
+        # checkpoint before it (seen once in a loaded full suite, 2-core AMD EPYC) -- "a lost node
+        # costs only the epochs since its trial's last checkpoint".
         done = [r["epoch"] for r in rows]
-        assert done == sorted(set(done)) and done[-1] == epochs, f"epochs repeated or missing: {done}"
+        assert sorted(set(done)) == list(range(epochs + 1)) and done[-1] == epochs, f"epochs missing: {done}"
+        assert len(done) - len(set(done)) <= 1 and done == sorted(done), f"epochs redone: {done}"
         restarted = [r for r in rows if r["pid"] != rows[0]["pid"]]
         assert restarted, "the removed node's trial was not restarted"
         assert node_of(restarted[-1]["pid"]) in (head_id, None)  # None: its actor has exited since
