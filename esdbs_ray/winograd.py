@@ -423,6 +423,7 @@ class _WinogradNativeFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels are opaque to autograd: no double backward
     def backward(ctx, grad_out: torch.Tensor):
         saved, u = ctx.saved_tensors
         dx, du = native.backward(grad_out, saved, ctx.fused, u, ctx.shape, ctx.relu, ctx.needs_input_grad[0],

@@ -14,6 +14,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef int64_t i64;
 
@@ -145,8 +148,9 @@ inline void output_adjoint_row(const T* __restrict gy, T* __restrict dM, i64 ps,
 
 // backward: dx += B [dV masked by V > 0] B^T per tile, overlap-added into image n's pixels (`img`).
 // Tiles overlap by two pixels in each direction: one thread adds all of an image's tile rows, in
-// order, and tiles of a row left to right.  Pixels outside the image (padding) go to `sink`, a
-// scratch row of C values, so the channel loop has no branches.
+// order, and tiles of a row left to right.  Pixels outside the image (padding) go to `sink`, 16
+// scratch rows of C values (one per tile position: the restrict pointers never alias), so the channel
+// loop has no branches.
 template <typename T, bool RELU>
 inline void input_adjoint_row(const T* __restrict dV, const T* __restrict V, i64 ps, T* img, i64 i, i64 H, i64 W,
                               i64 C, T* sink) {
@@ -161,7 +165,7 @@ inline void input_adjoint_row(const T* __restrict dV, const T* __restrict V, i64
     const T* __restrict v = V + j * C;
     auto at = [=](int a, int b) -> T* {
       const i64 w = 2 * j + b - 1;
-      return row[a] && w >= 0 && w < W ? row[a] + w * C : sink;
+      return row[a] && w >= 0 && w < W ? row[a] + w * C : sink + (4 * a + b) * C;
     };
     T *__restrict o00 = at(0, 0), *__restrict o01 = at(0, 1), *__restrict o02 = at(0, 2), *__restrict o03 = at(0, 3);
     T *__restrict o10 = at(1, 0), *__restrict o11 = at(1, 1), *__restrict o12 = at(1, 2), *__restrict o13 = at(1, 3);
@@ -231,7 +235,7 @@ void input_transform_adjoint(const T* dV, const T* V, T* dx, i64 N, i64 H, i64 W
   for (i64 n = 0; n < N; ++n) {
     T* img = dx + n * H * W * C;
     std::fill(img, img + H * W * C, T(0));
-    std::vector<T> sink(C);
+    std::vector<T> sink(16 * C);
     for (i64 i = 0; i < th; ++i) {
       const i64 t = (n * th + i) * tw * C;
       input_adjoint_row<T, RELU>(dV + t, V + t, ps, img, i, H, W, C, sink.data());
@@ -251,7 +255,6 @@ void input_transform_adjoint(const T* dV, const T* V, T* dx, i64 N, i64 H, i64 W
 // stores it at every step (a third of the speed).
 #if defined(__AVX512F__)
 #define ESDBS_HAS_GEMM 1
-#include <immintrin.h>
 
 // C[r][0 : 16 NV] (+)= sum_c A(r, c) B[c][0 : 16 NV] for r < MR, c < n; B rows ldb apart, C rows ldc
 // apart.  A(r, c) = A[r * lda + c] (row-major), or with AT A[c * lda + r] (A transposed).
@@ -350,6 +353,10 @@ void gemm_nn(const float* A, const float* B, float* C, i64 P, i64 T, i64 n, i64 
 // chunks that keep both operands' rows in L2.  Tasks are (p, column block) pairs, each owning its
 // outputs and summing T in one order: no partial sums to reduce, the same result at any thread count.
 void gemm_tn(const float* A, const float* B, float* C, i64 P, i64 T, i64 Cd, i64 K, int nt) {
+  if (T == 0) {  // an empty sum
+    std::fill(C, C + P * Cd * K, 0.0f);
+    return;
+  }
   const i64 kb = (K + 63) / 64;
   const i64 TC = std::max<i64>(48, (i64(1) << 17) / std::max<i64>(1, Cd + 64));  // ~512 KiB of rows
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
@@ -413,12 +420,16 @@ void fused_forward(const float* x, const float* U, float* y, i64 N, i64 H, i64 W
 template <bool RELU>
 void fused_backward(const float* x, const float* gy, const float* Ut, float* dx, float* dU, i64 N, i64 H, i64 W,
                     i64 C, i64 K, bool need_x, bool need_u, int nt) {
+  if (N == 0) {  // an empty batch: dx has no elements, dU is an empty sum
+    if (need_u) std::fill(dU, dU + 16 * C * K, 0.0f);
+    return;
+  }
   const i64 th = dims_tiles(H), tw = dims_tiles(W), br = band_rows(tw, 2 * C + K), G = std::min<i64>(N, 16);
   std::vector<float> partial(need_u ? G * 16 * C * K : 0, 0.0f);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> Vb(16 * br * tw * C), dMb(16 * br * tw * K), dVb(need_x ? 16 * br * tw * C : 0);
-    std::vector<float> zc(C, 0.0f), zk(K, 0.0f), sink(C);
+    std::vector<float> zc(C, 0.0f), zk(K, 0.0f), sink(16 * C);
 #pragma omp for schedule(static)
     for (i64 g = 0; g < G; ++g) {
       const i64 n0 = g * N / G, n1 = (g + 1) * N / G;

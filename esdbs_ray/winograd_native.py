@@ -129,9 +129,11 @@ def _writable(d: Path) -> bool:
         return False
 
 
+_CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+
+
 def _compile(cxx: str, out: Path) -> None:
-    cmd = [*shlex.split(cxx), "-O3", "-std=c++17", "-shared", "-fPIC", *_isa_flags(), *_openmp_flags(),
-           "-o", str(out), str(SOURCE)]
+    cmd = [*shlex.split(cxx), *_CXXFLAGS, *_isa_flags(), *_openmp_flags(), "-o", str(out), str(SOURCE)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -148,7 +150,12 @@ def _binary_name(cxx: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeUnavailable(f"the C++ compiler {cxx!r} does not run: {e}") from None
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(_isa_flags() + _openmp_flags()).encode(),
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as e:
+        raise NativeUnavailable(f"cannot read {SOURCE}: {e}") from None
+    flags = " ".join(_CXXFLAGS + _isa_flags() + _openmp_flags())
+    for part in (source, cxx.encode(), version.encode(), flags.encode(),
                  sys.platform.encode(), torch.__version__.encode()):
         h.update(part)
         h.update(b"\0")
@@ -169,14 +176,19 @@ def _build(replace_cached: bool = False) -> Path:
     if d is None:
         raise NativeUnavailable(f"no writable directory for the compiled kernels (tried {', '.join(map(str, dirs))}; "
                                 f"set ${CACHE_ENV})")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
+        os.close(fd)
+    except OSError as e:
+        raise NativeUnavailable(f"cannot write the compiled kernels to {d}: {e}") from None
     try:
         t0 = time.perf_counter()
         _compile(cxx, Path(tmp))
         os.chmod(tmp, 0o755)  # readable by every user of a shared cache directory
         os.replace(tmp, d / name)  # atomic: a concurrent process sees no file or the whole one
         _state["build_seconds"], _state["built_here"] = time.perf_counter() - t0, True
+    except OSError as e:  # a full disk, a sticky shared directory: say so, and auto falls back
+        raise NativeUnavailable(f"cannot write the compiled kernels to {d}: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -325,7 +337,7 @@ def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor,
     xh = _nhwc(x)
     u = u.contiguous()
     # a base tensor, not a view: autograd forbids in-place ops on views made inside a custom Function
-    y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if _fused(lib, x.dtype, c, k, n * th * tw):
         lib.esdbs_wino_fused_forward(xh.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, c, k, int(relu), nt)
         return y, xh, True
@@ -345,10 +357,12 @@ def backward(gy: torch.Tensor, saved: torch.Tensor, fused: bool, u: torch.Tensor
     k = u.shape[2]
     th, tw = (h + 1) // 2, (w + 1) // 2
     nt, dt = torch.get_num_threads(), _DTYPES[saved.dtype]
+    saved = saved.contiguous()  # as forward made it, unless a saved-tensors hook unpacked it otherwise
     gh = _nhwc(gy.to(saved.dtype))
     if fused:
         ut = u.transpose(1, 2).contiguous()
-        dx = torch.empty((n, c, h, w), dtype=saved.dtype, memory_format=torch.channels_last) if need_x else None
+        dx = (torch.empty((n, c, h, w), dtype=saved.dtype, device=saved.device, memory_format=torch.channels_last)
+              if need_x else None)
         du = saved.new_empty((16, c, k)) if need_u else None
         lib.esdbs_wino_fused_backward(saved.data_ptr(), gh.data_ptr(), ut.data_ptr(), dx.data_ptr() if need_x else None,
                                       du.data_ptr() if need_u else None, n, h, w, c, k, int(relu), int(need_x),
@@ -362,6 +376,6 @@ def backward(gy: torch.Tensor, saved: torch.Tensor, fused: bool, u: torch.Tensor
         return None, du
     dV = _bmm(lib, nt, dM, u.transpose(1, 2).contiguous())
     del dM
-    dx = torch.empty((n, c, h, w), dtype=V.dtype, memory_format=torch.channels_last)
+    dx = torch.empty((n, c, h, w), dtype=V.dtype, device=V.device, memory_format=torch.channels_last)
     lib.esdbs_wino_input_transform_adjoint(dt, dV.data_ptr(), V.data_ptr(), dx.data_ptr(), n, h, w, c, int(relu), nt)
     return dx, du

@@ -490,6 +490,28 @@ def test_native_lets_nan_through_like_the_reference(monkeypatch, mode):
     assert torch.equal(torch.isnan(got), torch.isnan(ref))
 
 
+@pytest.mark.parametrize("mode", ["fused", "unfused", "bmm"])
+def test_native_empty_batch(monkeypatch, mode):
+    """N = 0 (an empty last shard, say): an empty output and a zero weight gradient, as torch gives."""
+    monkeypatch.setenv(wg.native.MODE_ENV, mode)
+    x = torch.randn(0, 3, 6, 6, requires_grad=True)
+    u = torch.randn(16, 3, 4, requires_grad=True)
+    y = winograd_relu_conv(x, u, impl="native")
+    assert y.shape == (0, 4, 6, 6)
+    dx, du = torch.autograd.grad(y, (x, u), torch.randn(0, 4, 6, 6))
+    assert dx.shape == x.shape and torch.equal(du, torch.zeros_like(u))
+
+
+def test_native_refuses_double_backward():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    u = torch.randn(16, 3, 4, requires_grad=True)
+    # a gradient penalty: the second derivative would go through the kernels, which autograd cannot
+    # see; an error, not a silently missing term
+    (dx,) = torch.autograd.grad((winograd_relu_conv(x, u, impl="native") ** 2).sum(), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        dx.square().sum().backward()
+
+
 def test_native_refuses_what_it_does_not_compute():
     x = torch.randn(2, 3, 4, 4)
     u = torch.randn(16, 3, 2)

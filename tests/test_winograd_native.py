@@ -128,3 +128,14 @@ def test_cpus_without_avx512_get_a_build_of_their_own_and_torch_bmm(own_build, c
     if torch.backends.cpu.get_cpu_capability().lower() != capability:
         native.library()  # this process's own build (another ISA) sits beside it under its own name
         assert native.status()["path"] != binary
+
+
+def test_a_cache_directory_that_refuses_the_file_is_one_clear_reason(own_build, monkeypatch):
+    """Writable by its mode bits yet refusing the file (a full disk, a sticky shared directory):
+    NativeUnavailable naming the directory, which "auto" turns into one warning and a fallback."""
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(native.tempfile, "mkstemp", full_disk)
+    with pytest.raises(native.NativeUnavailable, match="cannot write the compiled kernels to .*No space left"):
+        native.library()
