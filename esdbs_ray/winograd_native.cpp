@@ -393,11 +393,9 @@ inline i64 band_rows(i64 tw, i64 per_tile) {
   return std::max<i64>(1, (i64(1) << 17) / std::max<i64>(1, 16 * tw * per_tile));
 }
 
-inline i64 dims_tiles(i64 H) { return (H + 1) / 2; }
-
 template <bool RELU>
 void fused_forward(const float* x, const float* U, float* y, i64 N, i64 H, i64 W, i64 C, i64 K, int nt) {
-  const i64 th = dims_tiles(H), tw = dims_tiles(W), R = N * th, br = band_rows(tw, C + K);
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, R = N * th, br = band_rows(tw, C + K);
   const i64 bands = (R + br - 1) / br;
 #pragma omp parallel num_threads(nt)
   {
@@ -424,7 +422,7 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
     if (need_u) std::fill(dU, dU + 16 * C * K, 0.0f);
     return;
   }
-  const i64 th = dims_tiles(H), tw = dims_tiles(W), br = band_rows(tw, 2 * C + K), G = std::min<i64>(N, 16);
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, br = band_rows(tw, 2 * C + K), G = std::min<i64>(N, 16);
   std::vector<float> partial(need_u ? G * 16 * C * K : 0, 0.0f);
 #pragma omp parallel num_threads(nt)
   {

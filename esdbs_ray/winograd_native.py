@@ -7,12 +7,15 @@ AVX-512 CPUs the 16 GEMMs -- called from a custom autograd Function.  Two costs 
 * compiling.  The inductor-compiled layer ("fused") does the same passes, compiled per layer shape:
   ~8 s of CPU per shape and ~7 s per process with a cold cache (2-core AMD EPYC, torch 2.14), so a
   4-layer SWR member paid ~45 CPU-s before its first step and the demo's 3 trials sharing 2 cores lost
-  ~65 s of their first epoch.  This library compiles in ~2 s, once per machine and compiler, whatever
+  ~65 s of their first epoch.  This library compiles in 2-4 s, once per machine and compiler, whatever
   the shapes, and is cached on disk for every later process.
 * MKL on CPUs it does not run AVX-512 code on.  On an AMD EPYC core MKL's sgemm peaks at 99 GF/s
   (2048^2) while oneDNN's 3x3 conv reaches 200 GF/s, and the 16 GEMMs were 80 % of the layer's step;
-  the library's register-blocked AVX-512 GEMMs run them at 100-225 GF/s.  ``$ESDBS_NATIVE_GEMM=torch``
+  the library's register-blocked AVX-512 GEMMs run them at 100-240 GF/s.  ``$ESDBS_NATIVE_MODE=bmm``
   hands them back to ``torch.bmm`` (also what runs without AVX-512, and in float64).
+* memory traffic.  Few channels leave too little arithmetic to hide the 16 transformed values per
+  2x2 output tile written and read between the passes: where C * K is small and the batch has enough
+  tiles, the layer runs fused, band by band in L2 (``FUSED_MAX_CK`` below).
 
 Evidence: ``bench/winograd.py`` (training step per registry layer shape against F.conv2d and the
 compiled layer) and ``bench/throughput.py`` (models in the trainer).
