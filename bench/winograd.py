@@ -7,9 +7,11 @@ What it measures, per eligible layer shape of the registry models (batch 128):
   on CPU: fused band by band where C * K <= 128^2, else the passes one after another; both timed,
   ``native_unfused`` the latter), ``impl="reference"`` (hand-written autograd Function,
   eager) and ``impl="fused"`` (the functional formulation compiled by inductor per layer shape:
-  C++/OpenMP on CPU, Triton on CUDA) against ``F.conv2d(F.relu(x), g, padding=1)`` (oneDNN on CPU,
-  cuDNN on CUDA).  Every variant runs on the same input twice: NCHW-contiguous (how a spatial model
-  feeds its convs; the headline ratio) and channels-last (how a Winograd layer is fed by the Winograd
+  C++/OpenMP on CPU, Triton on CUDA), and on CUDA ``impl="triton"`` (the hand-written Triton kernels
+  of ``esdbs_ray/winograd_triton.py``; ``--triton-blocks`` adds other block configurations beside
+  the default) against ``F.conv2d(F.relu(x), g, padding=1)`` (oneDNN on CPU, cuDNN on CUDA).  Every
+  variant runs on the same input twice: NCHW-contiguous (how a spatial model feeds its convs; the
+  headline ratio) and channels-last (how a Winograd layer is fed by the Winograd
   layer before it, and cuDNN's fast layout), each ratio against the conv on the same layout and
   against the NCHW conv;
 * forward time (no grad) of the conv, the reference and what "auto" runs for inference (native on
@@ -30,6 +32,7 @@ cuDNN.
     python bench/winograd.py                      # CPU (+ CUDA if present), ~15 min on 2 loaded cores
     python bench/winograd.py --quick              # 3 shapes, 3 repeats, no sparse inference
     python bench/winograd.py --devices cuda       # GPU only
+    python bench/winograd.py --devices cuda --quick --triton-blocks 32,32,16,4,1 16,32,16,8,2
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._triton import has_triton  # noqa: E402
 
 from bench.common import format_table, hardware_line, median, provenance_block, sync, write_result  # noqa: E402
 from esdbs_ray import winograd_native as native  # noqa: E402
@@ -82,8 +86,24 @@ AUTO = {"cpu": "native", "cuda": "fused"}  # what "auto" runs on each device (fl
 
 
 def impls(device: torch.device) -> tuple[str, ...]:
-    """The implementations timed on a device: the native kernels exist on CPU only."""
-    return ("native", "reference", "fused") if device.type == "cpu" else ("reference", "fused")
+    """The implementations timed on a device: the native kernels exist on CPU only, the hand-written
+    Triton kernels (``impl="triton"``) on CUDA only."""
+    if device.type == "cpu":
+        return ("native", "reference", "fused")
+    return ("reference", "fused") + (("triton",) if has_triton() else ())
+
+
+def _with_env(name: str, value: str, fn):
+    """Run fn with $name set to value (the layers read their switches at every call)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _time_round_robin(fns: dict, repeats: int, device) -> dict:
@@ -117,18 +137,10 @@ def _prune_layer(layer: WinogradReLUConv2d, sparsity: float) -> None:
 
 def _native_mode(mode: str, fn):
     """Run fn with $ESDBS_NATIVE_MODE set to mode (the native layer reads it at every call)."""
-    before = os.environ.get(native.MODE_ENV)
-    os.environ[native.MODE_ENV] = mode
-    try:
-        return fn()
-    finally:
-        if before is None:
-            del os.environ[native.MODE_ENV]
-        else:
-            os.environ[native.MODE_ENV] = before
+    return _with_env(native.MODE_ENV, mode, fn)
 
 
-def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
+def bench_training(label, c, k, hw, batch, repeats, device, amp: bool, triton_blocks=()) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, c, hw, hw, device=device)
     xs = {"nchw": x.clone().requires_grad_(),
@@ -162,6 +174,10 @@ def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
     impl_fns = {impl: (lambda t, impl=impl: winograd_relu_conv(t, u, impl=impl)) for impl in impls(device)}
     if device.type == "cpu":  # the native kernels' unfused path beside what "auto" picks (fused or not)
         impl_fns["native_unfused"] = lambda t: _native_mode("unfused", lambda: winograd_relu_conv(t, u, impl="native"))
+    if "triton" in impl_fns:  # other block configurations of the Triton kernels beside the default
+        for cfg in triton_blocks:
+            impl_fns[f"triton@{cfg}"] = (lambda t, cfg=cfg: _with_env(
+                "ESDBS_TRITON_BLOCKS", cfg, lambda: winograd_relu_conv(t, u, impl="triton")))
     fns = {}
     for layout in ("nchw", "nhwc"):
         fns[f"conv_{layout}"] = step(conv_fn, layout)
@@ -177,7 +193,7 @@ def bench_training(label, c, k, hw, batch, repeats, device, amp: bool) -> dict:
     out = {"label": label, "c_in": c, "c_out": k, "hw": hw, "batch": batch, "device": device.type,
            "dtype": "bf16-autocast" if amp else "fp32", "ms": ms,
            "compile_s": {str(r["key"][-1]): r["seconds"] for r in compiles},
-           "compile_s_total": sum(r["seconds"] for r in compiles)}
+           "compile_s_total": sum(r["seconds"] for r in compiles), "impls": list(impl_fns)}
     for impl in impl_fns:
         out[f"{impl}_step_ratio"] = ms[f"{impl}_nchw"] / ms["conv_nchw"]
         out[f"{impl}_step_ratio_nhwc"] = ms[f"{impl}_nhwc"] / ms["conv_nhwc"]
@@ -226,7 +242,12 @@ def summarise(rows: list[dict]) -> dict:
                 for what in ("step_ratio", "step_ratio_nhwc", "nhwc_vs_conv_nchw")]
         keys += [k for k in ("native_unfused_step_ratio", "reference_fwd_ratio", f"{auto}_fwd_ratio",
                              "native_over_fused_step", "native_over_unfused_step") if k in rs[0]]
+        keys += [f"{impl}_step_ratio" for impl in rs[0].get("impls", ()) if impl.startswith("triton@")]
         s = {key: median(r[key] for r in rs) for key in dict.fromkeys(keys)}
+        if "triton_step_ratio" in s:  # the hand-written kernels, which "auto" does not run until measured
+            s[f"target_triton_step_le_{target}x_conv"] = {
+                "reached": s["triton_step_ratio"] <= target,
+                "shapes_reaching": sum(r["triton_step_ratio"] <= target for r in rs), "of": len(rs)}
         s["fused_over_reference_step"] = median(r["ms"]["fused_nchw"] / r["ms"]["reference_nchw"] for r in rs)
         s["fused_compile_s_per_shape_median"] = median(r["compile_s_total"] for r in rs)
         s["fused_compile_s_total"] = sum(r["compile_s_total"] for r in rs)
@@ -248,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-dtypes", nargs="*", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                     help="on CUDA: fp32 and/or bf16 autocast (the trainer's setting)")
     ap.add_argument("--no-inference", action="store_true", help="skip the CPU sparse-inference section")
+    ap.add_argument("--triton-blocks", nargs="*", default=[], metavar="BT,BN,BR,WARPS,STAGES",
+                    help="on CUDA: also time impl='triton' with these block configurations (the default's beside)")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="leave glibc malloc as is (fresh mmap pages for big buffers on every call)")
     ap.add_argument("--out", default=None, help="default bench/results/winograd.json")
@@ -260,7 +283,8 @@ def main(argv=None) -> int:
     names = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     devices = [torch.device(d) for d in names]
     config = {"batch": args.batch, "repeats": repeats, "threads": args.threads, "quick": args.quick,
-              "devices": names, "cuda_dtypes": args.cuda_dtypes, "shapes": [s[0] for s in shapes], "malloc_tuned": tuned,
+              "devices": names, "cuda_dtypes": args.cuda_dtypes, "triton_blocks": args.triton_blocks,
+              "shapes": [s[0] for s in shapes], "malloc_tuned": tuned,
               "inference": not (args.quick or args.no_inference)}
     print(f"winograd bench: {hardware_line()}; devices {names}, batch {args.batch}, {repeats} repeats", flush=True)
 
@@ -269,12 +293,14 @@ def main(argv=None) -> int:
     for device in devices:
         for amp in ([d == "bf16" for d in args.cuda_dtypes] if device.type == "cuda" else (False,)):
             for label, c, k, hw in shapes:
-                r = bench_training(label, c, k, hw, args.batch, repeats, device, amp)
+                r = bench_training(label, c, k, hw, args.batch, repeats, device, amp, args.triton_blocks)
                 rows.append(r)
                 native = f"native x{r['native_step_ratio']:.2f} " if "native_step_ratio" in r else ""
                 print(f"{device.type:4s} {r['dtype']:13s} {label:22s} C{c:<4d}K{k:<4d}{hw:>3d}px | conv step "
                       f"{r['ms']['conv_nchw']:7.1f} ms | step/conv: {native}reference x{r['reference_step_ratio']:.2f} "
-                      f"fused x{r['fused_step_ratio']:.2f} (NHWC: x{r['reference_step_ratio_nhwc']:.2f} "
+                      f"fused x{r['fused_step_ratio']:.2f} "
+                      + "".join(f"{i} x{r[i + '_step_ratio']:.2f} " for i in r["impls"] if i.startswith("triton"))
+                      + f"(NHWC: x{r['reference_step_ratio_nhwc']:.2f} "
                       f"x{r['fused_step_ratio_nhwc']:.2f}) | fwd ref x{r['reference_fwd_ratio']:.2f} | "
                       f"fused compile {r['compile_s_total']:.0f}s", flush=True)
         if device.type == "cpu" and config["inference"]:
@@ -298,13 +324,15 @@ def main(argv=None) -> int:
     table = [{"device": f"{r['device']} {r['dtype']}", "shape": r["label"], "conv_ms": r["ms"]["conv_nchw"],
               "native": r.get("native_step_ratio", float("nan")), "path": r.get("native_path", "-"),
               "unfused": r.get("native_unfused_step_ratio", float("nan")), "ref": r["reference_step_ratio"],
-              "fused": r["fused_step_ratio"], "native_nhwc": r.get("native_step_ratio_nhwc", float("nan")),
+              "fused": r["fused_step_ratio"], "triton": r.get("triton_step_ratio", float("nan")),
+              "native_nhwc": r.get("native_step_ratio_nhwc", float("nan")),
               "fused_nhwc": r["fused_step_ratio_nhwc"], "compile_s": r["compile_s_total"]} for r in rows]
     print()
     print(format_table(table, [("device", "device", ""), ("shape", "shape", ""), ("conv step ms", "conv_ms", ".1f"),
                                ("native/conv", "native", ".2f"), ("native path", "path", ""),
                                ("unfused/conv", "unfused", ".2f"), ("reference/conv", "ref", ".2f"),
-                               ("fused/conv", "fused", ".2f"), ("NHWC native/conv", "native_nhwc", ".2f"),
+                               ("fused/conv", "fused", ".2f"), ("triton/conv", "triton", ".2f"),
+                               ("NHWC native/conv", "native_nhwc", ".2f"),
                                ("NHWC fused/conv", "fused_nhwc", ".2f"), ("fused compile s", "compile_s", ".1f")]))
     doc = {
         "benchmark": "winograd",

@@ -37,6 +37,11 @@ else "auto", which :func:`choose_impl` resolves):
   for A dY A^T, two bmm, and one for the ReLU mask, B dV B^T and the overlap-add.  "auto" runs it on
   CUDA, and for CPU training without the native kernels or in other dtypes; when compiling fails (no
   C++ compiler, no Triton) it warns once and falls back to the reference.
+* "triton" -- CUDA, float32 / float16 / bfloat16: three hand-written Triton kernels
+  (:mod:`esdbs_ray.winograd_triton`) that keep V and M on chip -- the forward is one kernel (input
+  transform, ReLU, the 16 GEMMs on the tensor cores, output transform), the backward three -- and
+  save x instead of V.  Checked against the reference in Triton's interpreter; not yet timed on a
+  GPU, so "auto" does not choose it (``bench/winograd.py --devices cuda`` times it).
 * "reference" -- a custom ``autograd.Function`` with a hand-written backward on NHWC buffers written
   through strided ``out=`` views, saving only the post-ReLU transformed input (eager only).
 * "functional" -- the compile-friendly formulation run eagerly; inside any ``torch.compile`` trace the
@@ -431,6 +436,33 @@ class _WinogradNativeFn(torch.autograd.Function):
         return dx, du, None
 
 
+def _triton_module():
+    """esdbs_ray.winograd_triton, imported on first use: importing Triton costs every process ~1 s
+    and only a CUDA run (or the interpreter's tests) needs it."""
+    from . import winograd_triton
+    return winograd_triton
+
+
+class _WinogradTritonFn(torch.autograd.Function):
+    """The layer without bias on the hand-written Triton kernels (:mod:`esdbs_ray.winograd_triton`):
+    one kernel forward, three backward, V and M never in memory; saves x (NHWC) and U."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
+        y, xh = _triton_module().forward(x, u, relu)
+        ctx.save_for_backward(xh, u)
+        ctx.shape, ctx.relu = tuple(x.shape), relu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # opaque kernels: no double backward
+    def backward(ctx, grad_out: torch.Tensor):
+        xh, u = ctx.saved_tensors
+        dx, du = _triton_module().backward(grad_out, xh, u, ctx.shape, ctx.relu, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[1])
+        return dx, du, None
+
+
 def _winograd_traceable(x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
     """The functional layer as one node for dynamo, traced by AOTAutograd: a training step of a
     model compiles in half the time of dynamo tracing every addition (0.8 s against 1.5 s per
@@ -497,7 +529,7 @@ _when_dynamo_imported()
 # implementation choice: native (C++ kernels, CPU) / fused (compiled) / reference (hand-written,
 # eager) / functional (eager)
 # --------------------------------------------------------------------------------------------------
-IMPLS = ("auto", "native", "fused", "reference", "functional")
+IMPLS = ("auto", "native", "fused", "triton", "reference", "functional")
 IMPL_ENV = "ESDBS_WINOGRAD_IMPL"
 
 _fused_lock = threading.Lock()
@@ -534,7 +566,7 @@ def _native_available() -> bool:
 
 
 def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None, dtype: torch.dtype | None = None) -> str:
-    """What ``winograd_relu_conv(x, u, impl=impl)`` runs: "native", "fused", "reference" or "functional".
+    """What ``winograd_relu_conv(x, u, impl=impl)`` runs: "native", "fused", "triton", "reference" or "functional".
 
     ``dtype``: the dtype the layer computes in (autocast's; default ``x.dtype``).  Inside a
     torch.compile trace always "functional" (the caller's compile fuses it).  "auto" picks "native"
@@ -543,7 +575,7 @@ def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None, dtype
     where the native kernels cannot be built; "reference" otherwise: CPU inference without the native
     kernels (one compile per layer shape and mode costs 10-20 s on 2 cores, more than an evaluation
     pass saves), a batch of one (it would specialise the compiled graph), other devices, and a device
-    where compiling failed once.
+    where compiling failed once.  "triton" runs only when asked for.
     """
     if torch.compiler.is_compiling():
         return "functional"
@@ -674,8 +706,8 @@ def winograd_relu_conv(
 
     The result is channels-last in memory (NCHW shape, NHWC strides): converting back would cost a
     full copy per layer, and batch norm, pooling and the next Winograd layer all take channels-last
-    input directly.  ``impl``: "auto" (default, or ``$ESDBS_WINOGRAD_IMPL``), "fused", "reference"
-    or "functional"; see :func:`choose_impl`.  Under autocast the layer computes in the autocast
+    input directly.  ``impl``: "auto" (default, or ``$ESDBS_WINOGRAD_IMPL``), "native", "fused",
+    "triton", "reference" or "functional"; see :func:`choose_impl`.  Under autocast the layer computes in the autocast
     dtype (e.g. bf16 on CUDA), all of it, like the GEMM-bound ops autocast lowers.
     """
     if x.dim() != 4:
@@ -704,7 +736,12 @@ def _winograd_run(x, u, bias, relu, impl, dtype) -> torch.Tensor:
             x, u = x.to(dtype), u.to(dtype)
             if choice == "native" and not native.supports(x, u):
                 raise ValueError(f"impl 'native' runs float32 / float64 on CPU; got {dtype} on {x.device.type}")
-            fn = {"native": _WinogradNativeFn, "functional": _WinogradFunctionalFn}.get(choice, _WinogradReLUFn)
+            if choice == "triton":
+                if not has_triton() and x.device.type == "cuda":
+                    raise ValueError("impl 'triton' needs Triton (pip install triton); it is not installed")
+                _triton_module()._check(x, u)
+            fn = {"native": _WinogradNativeFn, "functional": _WinogradFunctionalFn,
+                  "triton": _WinogradTritonFn}.get(choice, _WinogradReLUFn)
             y = fn.apply(x, u, relu)
     if bias is not None:
         y = y + bias.to(dtype).view(1, -1, 1, 1)
