@@ -32,7 +32,7 @@ cuDNN.
     python bench/winograd.py                      # CPU (+ CUDA if present), ~15 min on 2 loaded cores
     python bench/winograd.py --quick              # 3 shapes, 3 repeats, no sparse inference
     python bench/winograd.py --devices cuda       # GPU only
-    python bench/winograd.py --devices cuda --quick --triton-blocks 32,32,16,4,1 16,32,16,8,2
+    python bench/winograd.py --devices cuda --quick --triton-blocks 16,32,16,4,1 32,32,16,8,2
 """
 from __future__ import annotations
 

@@ -104,10 +104,32 @@ def run_checks(device: str, shapes=SHAPES, extras: bool = True) -> dict:
     finally:
         os.environ.pop(wt.BLOCKS_ENV) if before is None else os.environ.__setitem__(wt.BLOCKS_ENV, before)
     check("other blocks", max(_rel(a, b) for a, b in zip(other, base)), TOL["fp32"])
+    # the blocks a forward ran with are the ones its backward runs with (set around the forward only)
+    xg, ug = x.clone().requires_grad_(), u.clone().requires_grad_()
+    os.environ[wt.BLOCKS_ENV] = "32,32,32,4,2"
+    try:
+        yg = wg.winograd_relu_conv(xg, ug, impl="triton")
+    finally:
+        os.environ.pop(wt.BLOCKS_ENV) if before is None else os.environ.__setitem__(wt.BLOCKS_ENV, before)
+    yg.backward(gy)
+    check("blocks travel to the backward", torch.equal(xg.grad, other[1]) and torch.equal(ug.grad, other[2]),
+          expect=True)
     again = grads("triton", x, u, gy, True)
     check("bitwise repeat", all(torch.equal(a, b) for a, b in zip(again, base)), expect=True)
     check("du alone", torch.equal(grads("triton", x, u, gy, True, need=(False, True))[2], base[2]), expect=True)
     check("dx alone", torch.equal(grads("triton", x, u, gy, True, need=(True, False))[1], base[1]), expect=True)
+
+    # a channels-last input changed in place after the layer: autograd's version check says so
+    xc = randn(2, 6, 5, 5).float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    xi = xc * 1.0  # a non-leaf, channels-last
+    yi = wg.winograd_relu_conv(xi, randn(16, 6, 4).float(), impl="triton")
+    xi.add_(1.0)
+    try:
+        yi.sum().backward()
+        caught = "no error"
+    except RuntimeError as e:
+        caught = "modified by an inplace operation" in str(e)
+    check("in-place change of the saved input is caught", caught, expect=True)
 
     # NaN passes the ReLU as in the reference; an empty batch gives an empty output and a zero dU
     xn, un = randn(2, 6, 5, 5).float(), randn(16, 6, 4).float()

@@ -9,7 +9,7 @@ memory, which on the GPU costs memory traffic the fused kernels exist to avoid; 
 nothing about speed: ``bench/winograd.py --devices cuda --triton-blocks ...`` times configurations
 on a GPU.
 
-    python bench/winograd_triton_ptxas.py                 # default sweep, fp32 and bf16, ~3 min on 2 cores
+    python bench/winograd_triton_ptxas.py                 # default sweep, bf16 and fp32, ~5 min on 2 cores
     python bench/winograd_triton_ptxas.py --configs 16,32,16,4,1 32,32,32,4,2 --dtypes bf16
 
 Result: ``bench/results/winograd_triton_ptxas.json``.
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, provenance_block, write_result  # noqa: E402
 
-DEFAULT_CONFIGS = ["16,32,16,4,1", "16,16,16,4,1", "16,32,32,4,2", "16,32,16,8,2", "32,32,16,4,1",
+DEFAULT_CONFIGS = ["16,32,16,8,2", "16,16,16,8,2", "16,32,16,4,1", "16,16,16,4,1", "16,32,32,4,2", "32,32,16,4,1",
                    "32,32,32,4,2", "32,32,32,8,2", "64,32,32,8,2"]
 INTS = ("H", "W", "C", "K", "TH", "TW", "T")
 
@@ -69,7 +69,10 @@ def compile_one(fn, signature: dict, constexprs: dict, warps: int, stages: int, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="BT,BN,BR,WARPS,STAGES")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32-tf32", "fp32-ieee"],
+                    choices=["bf16", "fp16", "fp32-tf32", "fp32-ieee"],
+                    help="fp32-ieee: float32 GEMMs in full precision (FMA), what torch's default matmul setting "
+                         "gives; fp32-tf32: on the tensor cores, as with TF32 allowed")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     ap.add_argument("--out", default=None, help="result path (default bench/results/winograd_triton_ptxas.json)")
     args = ap.parse_args(argv)
@@ -84,9 +87,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for dt in args.dtypes:
-            for kernel, (fn, sig) in _signatures(dt).items():
+            for kernel, (fn, sig) in _signatures(dt.split("-")[0]).items():
                 for bt, bn, br, warps, stages in configs:
-                    consts = {"RELU": True, "PREC": "tf32" if dt == "fp32" else "ieee", "BT": bt, "BN": bn, "BR": br}
+                    consts = {"RELU": True, "PREC": "tf32" if dt == "fp32-tf32" else "ieee", "BT": bt, "BN": bn, "BR": br}
                     row = {"kernel": kernel, "dtype": dt, "BT": bt, "BN": bn, "BR": br, "warps": warps, "stages": stages}
                     try:
                         row.update(compile_one(fn, sig, consts, warps, stages, args.arch, work))

@@ -255,6 +255,8 @@ Conv = Literal["spatial", "winograd_relu", "basis_random"]
 Optimizer = Literal["sgd", "adam", "adamw"]  # adamw: issue #17 (own images)
 Schedule = Literal["fixed", "dbs"]
 Device = Literal["auto", "cpu", "cuda"]
+# the Winograd-ReLU layer's implementations (esdbs_ray.winograd.IMPLS; a test keeps the two equal)
+WinogradImpl = Literal["auto", "native", "fused", "triton", "reference", "functional"]
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100")
 
 
@@ -425,6 +427,9 @@ class TrainSettings(_Model):
     threads: PosInt | None = None
     device: Device = "auto"
     amp: Bool = True  # bf16 autocast on CUDA; ignored on CPU
+    # conv: winograd_relu -- which implementation runs the layer: "auto" ($ESDBS_WINOGRAD_IMPL, else the
+    # device's default: native on CPU, fused on CUDA); "triton" (CUDA) the hand-written kernels
+    winograd_impl: WinogradImpl = "auto"
     eval_batch_size: PosInt = 1000
     kernel_layer: NonNegInt = 0  # which Winograd layer Fig. 5a shows
     # --- own images (issue #17); cross-field checks in TrainConfig._own_images (overrides are partial) ---

@@ -107,16 +107,18 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_network(model: str, *, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.0,
-                  width: float = 1.0, conv: str = "spatial", basis: Any = None, seed: int = 0) -> nn.Module:
+                  width: float = 1.0, conv: str = "spatial", basis: Any = None, seed: int = 0,
+                  winograd_impl: str = "auto") -> nn.Module:
     """The registry model with its convolutions in the form ``conv`` names: "spatial", "winograd_relu"
-    (every eligible conv a Winograd-ReLU layer) or "basis_random" (``basis``: a BasisConfig).  The one
-    place a member's network is built: training here, ``esdbs predict`` / ``export`` (ensemble.py)."""
+    (every eligible conv a Winograd-ReLU layer, run by ``winograd_impl``) or "basis_random" (``basis``:
+    a BasisConfig).  The one place a member's network is built: training here, ``esdbs predict`` /
+    ``export`` (ensemble.py)."""
     net = create_model(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                        dropout=dropout, width=width)
     if conv == "winograd_relu":
         from .winograd import to_winograd_relu
 
-        to_winograd_relu(net)
+        to_winograd_relu(net, impl=None if winograd_impl == "auto" else winograd_impl)
     elif conv == "basis_random":
         from .basisconv import to_basisconv_random
 
@@ -133,7 +135,7 @@ def build_model(cfg: TrainConfig, data: DatasetBundle) -> tuple[nn.Module, Any]:
     registered now, before any checkpoint is loaded)."""
     model = build_network(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                           image_size=data.image_size, dropout=cfg.dropout, width=cfg.width, conv=cfg.conv,
-                          basis=cfg.basis, seed=cfg.seed)
+                          basis=cfg.basis, seed=cfg.seed, winograd_impl=cfg.winograd_impl)
     return model, build_compression(cfg, model)
 
 
@@ -260,6 +262,11 @@ def train(
         torch.set_num_threads(cfg.threads)
     device = pick_device(device or cfg.device)
     amp = cfg.amp and device.type == "cuda"
+    if cfg.conv == "winograd_relu":
+        from .winograd import check_impl_runs
+
+        # a layer implementation this device cannot run fails here, naming the key, not in a step
+        check_impl_runs(cfg.winograd_impl, device, torch.bfloat16 if amp else torch.float32, "train.winograd_impl")
     if device.type == "cpu" and cfg.conv == "winograd_relu":
         from .winograd import tune_cpu_allocator
 
@@ -441,7 +448,8 @@ def train(
     if cfg.conv == "winograd_relu":  # which implementation of the layer trained and evaluated it
         from .winograd import resolved_impls
 
-        summary["winograd_impl"] = resolved_impls(device, torch.bfloat16 if amp else torch.float32)
+        summary["winograd_impl"] = resolved_impls(device, torch.bfloat16 if amp else torch.float32,
+                                                  None if cfg.winograd_impl == "auto" else cfg.winograd_impl)
     writer.close()
     storage.write_json(run.summary, summary)
     return summary
@@ -499,9 +507,19 @@ def _load_checkpoint(resume_from, cfg: TrainConfig) -> dict:
     if missing is None or missing:
         raise ValueError(f"{ckpt_path}: not an esdbs checkpoint ("
                          + (f"a {type(ckpt).__name__}, not a dict" if missing is None else f"lacks {missing}") + ")")
-    if ckpt.get("config") != cfg.to_dict():
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict) or _model_keys(saved) != _model_keys(cfg.to_dict()):
         raise ValueError(f"{ckpt_path}: checkpoint was written by a different config; refusing to resume")
     return ckpt
+
+
+# Keys that choose how a step is computed, not what is trained: a run may resume under another value
+# (a GPU run's checkpoint on a CPU node), and checkpoints from before a key existed lack it.
+_EXECUTION_KEYS = ("winograd_impl",)
+
+
+def _model_keys(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _EXECUTION_KEYS}
 
 
 def _finish_rung(cfg, data, model, compression, val, test_batches, amp, epoch, rung_index, record, writer,

@@ -449,17 +449,22 @@ class _WinogradTritonFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, u: torch.Tensor, relu: bool) -> torch.Tensor:
-        y, xh = _triton_module().forward(x, u, relu)
-        ctx.save_for_backward(xh, u)
-        ctx.shape, ctx.relu = tuple(x.shape), relu
+        y, xh, plan = _triton_module().forward(x, u, relu)
+        # A channels-last x is its own NHWC buffer: save x itself then, so that autograd's version
+        # check names an in-place change of x after the layer (a saved view of it would not)
+        ctx.x_is_saved = xh.data_ptr() == x.data_ptr() and xh.numel() > 0
+        ctx.save_for_backward(x if ctx.x_is_saved else xh, u)
+        ctx.shape, ctx.relu, ctx.plan = tuple(x.shape), relu, plan
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # opaque kernels: no double backward
     def backward(ctx, grad_out: torch.Tensor):
         xh, u = ctx.saved_tensors
+        if ctx.x_is_saved:
+            xh = xh.permute(0, 2, 3, 1)  # contiguous: x is channels-last
         dx, du = _triton_module().backward(grad_out, xh, u, ctx.shape, ctx.relu, ctx.needs_input_grad[0],
-                                           ctx.needs_input_grad[1])
+                                           ctx.needs_input_grad[1], ctx.plan)
         return dx, du, None
 
 
@@ -593,17 +598,32 @@ def choose_impl(x: torch.Tensor, u: torch.Tensor, impl: str | None = None, dtype
     return "fused"
 
 
-def resolved_impls(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
-    """What a layer with the default ``impl`` runs on ``device`` computing in ``dtype``, for a training
-    step and for inference, and the native kernels' state: stamped on every SWR member's summary, so
+def check_impl_runs(impl: str, device: torch.device | str, dtype: torch.dtype, what: str = "impl") -> None:
+    """Raise ValueError, naming ``what``, when ``impl`` cannot run on ``device`` in ``dtype`` (checked
+    before training starts rather than at the first step)."""
+    impl = _check_impl(impl, what)
+    dev = torch.device(device).type
+    if impl == "native" and not (dev == "cpu" and dtype in (torch.float32, torch.float64)):
+        raise ValueError(f"{what}='native' runs float32 / float64 on CPU; this run computes {dtype} on {dev}")
+    if impl == "triton":
+        if dev != "cuda" or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{what}='triton' runs float32 / float16 / bfloat16 on CUDA; this run computes "
+                             f"{dtype} on {dev}")
+        if not has_triton():
+            raise ValueError(f"{what}='triton' needs Triton (pip install triton); it is not installed")
+
+
+def resolved_impls(device: torch.device | str, dtype: torch.dtype = torch.float32, impl: str | None = None) -> dict:
+    """What a layer with ``impl`` (None: the default) runs on ``device`` computing in ``dtype``, for a
+    training step and for inference, and the native kernels' state: stamped on every SWR member's summary, so
     a result says which implementation made it."""
     dev = torch.device(device)
     x = torch.zeros(2, 1, 2, 2, device=dev)
     u = torch.zeros(16, 1, 1, device=dev, requires_grad=True)
     with torch.enable_grad():
-        training = choose_impl(x, u, dtype=dtype)
+        training = choose_impl(x, u, impl, dtype=dtype)
     with torch.no_grad():
-        inference = choose_impl(x, u, dtype=dtype)
+        inference = choose_impl(x, u, impl, dtype=dtype)
     out = {"training": training, "inference": inference, "dtype": str(dtype).replace("torch.", "")}
     if "native" in (training, inference):
         st = native.status()
@@ -920,8 +940,9 @@ def is_winograd_eligible(module: nn.Module) -> bool:
     return isinstance(module, ReLUConv2d) and _ineligible_reason(module) is None
 
 
-def to_winograd_relu(model: nn.Module) -> nn.Module:
-    """Replace, in place, every eligible ReLUConv2d by a WinogradReLUConv2d(relu=True); returns model.
+def to_winograd_relu(model: nn.Module, impl: str | None = None) -> nn.Module:
+    """Replace, in place, every eligible ReLUConv2d by a WinogradReLUConv2d(relu=True, impl=impl);
+    returns model.
 
     The ReLUConv2d's own input ReLU is exactly the spatial ReLU that moves into the Winograd domain
     (see models.py).  Strided / 1x1 ReLUConv2d and plain nn.Conv2d (the image stem) stay spatial.
@@ -930,7 +951,7 @@ def to_winograd_relu(model: nn.Module) -> nn.Module:
     for name, conv in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, WinogradReLUConv2d.from_conv2d(conv, relu=True))
+        setattr(parent, child, WinogradReLUConv2d.from_conv2d(conv, relu=True, impl=impl))
     return model
 
 

@@ -24,12 +24,14 @@ Block sizes are fixed per layer shape (:func:`blocks`), not autotuned, so that a
 ``$ESDBS_TRITON_BLOCKS="BT,BN,BR,warps,stages"`` overrides them for a sweep (``bench/winograd.py``).
 
 Status: correct against the reference layer in Triton's interpreter (``TRITON_INTERPRET=1``, CPU;
-``tests/test_winograd_triton.py``), float32 and bfloat16.  Its speed on a GPU is not measured yet
+``tests/test_winograd_triton.py``) in float32 and float16; bfloat16, the trainer's autocast dtype,
+is checked on a GPU only (the interpreter's tl.dot multiplies bf16's raw bits).  Its speed on a GPU is not measured yet
 (no GPU was lent when it was written), so "auto" does not choose it; ``bench/winograd.py --devices
 cuda`` reports it beside cuDNN and the compiled layer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -417,18 +419,20 @@ def _pow2(v: int, lo: int, hi: int) -> int:
     return p
 
 
-def blocks(cols: int, red: int) -> tuple[int, int, int, int, int]:
+def blocks(cols: int, red: int, override: str | None = None) -> tuple[int, int, int, int, int]:
     """(BT tiles, BN output columns, BR reduction chunk, warps, pipeline stages) for a kernel whose
     output block has ``cols`` columns and whose reduction runs over ``red``.
 
-    Chosen from what ptxas reports for sm_90a (``bench/winograd_triton_ptxas.py``: the kernels
-    compiled for an H100 on a machine without one; no timing): each kernel holds 16 accumulators
-    plus the pointers and masks of its 4x4 tile loads, and every configuration with 32 tiles or 32
-    reduction channels a program spilled (0.3-9 KB of stack a thread, bf16 and fp32 alike), while
-    16 tiles x 32 columns x 16 channels, 4 warps, one stage spills 0-24 bytes in dx and dU and 64
-    (bf16) to 96 (fp32) bytes in the forward; at 8 warps, two stages, about the same (timed beside
-    it by ``bench/winograd.py --triton-blocks`` on a GPU).  Narrow layers (16 columns or fewer) take 16-wide blocks (tl.dot's least)."""
-    env = os.environ.get(BLOCKS_ENV, "").strip()
+    Chosen from what ptxas reports for sm_90a (``bench/winograd_triton_ptxas.py``,
+    ``bench/results/winograd_triton_ptxas.json``: the kernels compiled for an H100 on a machine
+    without one; no timing): each kernel holds 16 accumulators plus the pointers and masks of its
+    4x4 tile loads, and every configuration with 32 or 64 tiles a program spilled (0.4-12 KB of stack
+    a thread).  16 tiles x 32 columns x 16 channels at 8 warps and 2 stages spilled least over the
+    dtypes: 0-56 bytes a thread in bf16, 0-104 in TF32, none in full-precision float32 (where 4 warps,
+    one stage spilled 0.4-0.8 KB).  Narrow layers (16 columns or fewer) take 16-wide blocks (tl.dot's
+    least; 0-208 bytes at 8 warps).  A GPU times others beside it: ``bench/winograd.py --triton-blocks``.  ``override``: a "BT,BN,BR,warps,stages" string, else
+    ``$ESDBS_TRITON_BLOCKS``, else the default."""
+    env = (os.environ.get(BLOCKS_ENV, "") if override is None else override).strip()
     if env:
         try:
             bt, bn, br, warps, stages = (int(v) for v in env.split(","))
@@ -440,12 +444,23 @@ def blocks(cols: int, red: int) -> tuple[int, int, int, int, int]:
         if warps < 1 or warps & (warps - 1) or stages < 1:
             raise ValueError(f"${BLOCKS_ENV}: warps must be a power of two and stages >= 1; got {warps}, {stages}")
         return bt, bn, br, warps, stages
-    return 16, _pow2(cols, 16, 32), 16, 4, 1
+    return 16, _pow2(cols, 16, 32), 16, 8, 2
 
 
 def _prec(dtype: torch.dtype) -> str:
-    # float32 follows torch's own matmul setting (cuBLAS in full precision unless TF32 is allowed)
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """float32 follows torch's matmul setting, as the reference's bmm does: full precision (FMA, not
+    the tensor cores) unless TF32 is allowed.  ``fp32_precision`` answers for the legacy switch too,
+    where reading ``allow_tf32`` raises once the new API has been used."""
+    if dtype != torch.float32:
+        return "ieee"
+    m = torch.backends.cuda.matmul
+    mode = getattr(m, "fp32_precision", None)
+    return "tf32" if (mode == "tf32" if mode is not None else m.allow_tf32) else "ieee"
+
+
+def _on(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream: make that x's device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _geometry(shape):
@@ -465,19 +480,24 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
-def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, x as (N, H, W, C) to save)."""
+def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, x as (N, H, W, C), plan).
+
+    ``plan`` (block override and float32 precision as they were here) goes to :func:`backward`, so
+    that a step's backward runs as its forward did whatever changes in between."""
     _check(x, u)
     n, c, h, w, th, tw, t = _geometry(x.shape)
     k = u.shape[2]
     xh, u = _nhwc(x), u.contiguous()
+    plan = {"blocks": os.environ.get(BLOCKS_ENV, ""), "prec": _prec(x.dtype)}
     y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if t and k:
-        bt, bn, br, warps, stages = blocks(k, c)
+        bt, bn, br, warps, stages = blocks(k, c, plan["blocks"])
         grid = (triton.cdiv(t, bt), triton.cdiv(k, bn))
-        _fwd_kernel[grid](xh, u, y, h, w, c, k, th, tw, t, RELU=relu, PREC=_prec(x.dtype), BT=bt, BN=bn, BR=br,
-                          num_warps=warps, num_stages=stages)
-    return y, xh
+        with _on(x.device):
+            _fwd_kernel[grid](xh, u, y, h, w, c, k, th, tw, t, RELU=relu, PREC=plan["prec"], BT=bt, BN=bn, BR=br,
+                              num_warps=warps, num_stages=stages)
+    return y, xh, plan
 
 
 def _sm_count(device: torch.device) -> int:
@@ -487,19 +507,25 @@ def _sm_count(device: torch.device) -> int:
 
 
 def backward(gy: torch.Tensor, xh: torch.Tensor, u: torch.Tensor, shape, relu: bool, need_x: bool,
-             need_u: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dx (N, C, H, W) channels-last, du (16, C, K)) of :func:`forward`; xh as it returned."""
+             need_u: bool, plan: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dx (N, C, H, W) channels-last, du (16, C, K)) of :func:`forward`; xh and plan as it
+    returned them."""
+    with _on(xh.device):
+        return _backward(gy, xh, u, shape, relu, need_x, need_u, plan or {"blocks": None, "prec": _prec(xh.dtype)})
+
+
+def _backward(gy, xh, u, shape, relu, need_x, need_u, plan):
     n, c, h, w, th, tw, t = _geometry(shape)
     k = u.shape[2]
     gh = _nhwc(gy.to(xh.dtype))
     u = u.contiguous()
-    prec = _prec(xh.dtype)
+    prec = plan["prec"]
     dx = du = None
     if need_x:
         dx = torch.empty((n, c, h, w), dtype=xh.dtype, device=xh.device, memory_format=torch.channels_last)
         if t and c:
             planes = torch.empty((4, n, 2 * th + 2, 2 * tw + 2, c), dtype=xh.dtype, device=xh.device)
-            bt, bn, br, warps, stages = blocks(c, k)
+            bt, bn, br, warps, stages = blocks(c, k, plan["blocks"])
             if k:
                 _dx_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bn))](
                     gh, u, xh, planes, n, h, w, c, k, th, tw, t, RELU=relu, PREC=prec, BT=bt, BN=bn, BR=br,
@@ -513,7 +539,7 @@ def backward(gy: torch.Tensor, xh: torch.Tensor, u: torch.Tensor, shape, relu: b
         if t == 0 or c == 0 or k == 0:
             du = torch.zeros_like(u)
         else:
-            bt, bn, br, warps, stages = blocks(k, c)  # dU's block: BR input channels x BN outputs
+            bt, bn, br, warps, stages = blocks(k, c, plan["blocks"])  # dU's block: BR input channels x BN outputs
             grid_ck = triton.cdiv(c, br) * triton.cdiv(k, bn)
             tblocks = triton.cdiv(t, bt)
             # enough programs to fill the GPU twice over, within 64 MiB of partial sums; fixed by the

@@ -70,6 +70,19 @@ def test_resume_refuses_another_config(tmp_path, tiny_data):
         train(_cfg(epochs=1, l2=0.5), tiny_data, tmp_path, hooks=Silent(), resume_from=tmp_path)
 
 
+def test_resume_under_another_layer_implementation_or_from_before_the_key(tmp_path, tiny_data):
+    # winograd_impl says how a step is computed, not what is trained: a checkpoint resumes under
+    # another value, and one written before the key existed (its config lacks it) resumes too
+    cfg = _cfg(epochs=2, conv="winograd_relu", winograd_impl="reference")
+    assert train(cfg, tiny_data, tmp_path, hooks=Silent(), stop_after_epoch=0) == {"interrupted_after_epoch": 0}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ckpt["config"]["winograd_impl"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    resumed = train(_cfg(epochs=2, conv="winograd_relu", winograd_impl="native"), tiny_data, tmp_path,
+                    hooks=Silent(), resume_from=tmp_path)
+    assert len(resumed["history"]) == 2 and resumed["winograd_impl"]["training"] == "native"
+
+
 def test_guard_restores_the_snapshot_on_nan_loss(tmp_path, tiny_data):
     # A learning rate this large makes the first epoch's loss non-finite; the guard must put back
     # the weights from before that epoch (epoch 0 always snapshots).
@@ -162,6 +175,35 @@ def test_swr_training_runs_the_native_layer_by_default(tmp_path, tiny_data, monk
         assert wg.fused_compile_log() == []
     finally:
         wg._reset_fused_state()
+
+
+def test_winograd_impl_key_chooses_the_layer_implementation(tmp_path, tiny_data, monkeypatch):
+    # train.winograd_impl beats $ESDBS_WINOGRAD_IMPL (the process-wide switch) and the summary says so
+    import typing
+
+    import esdbs_ray.winograd as wg
+    from esdbs_ray.config import WinogradImpl
+
+    assert typing.get_args(WinogradImpl) == wg.IMPLS
+    ran = []
+    real_apply = wg._WinogradReLUFn.apply
+    monkeypatch.setattr(wg._WinogradReLUFn, "apply", staticmethod(lambda *a: ran.append(1) or real_apply(*a)))
+    monkeypatch.setenv(wg.IMPL_ENV, "native")
+    summary = train(_cfg(epochs=1, conv="winograd_relu", winograd_impl="reference"), tiny_data, tmp_path,
+                    hooks=Silent())
+    assert (summary["winograd_impl"]["training"], summary["winograd_impl"]["inference"]) == ("reference", "reference")
+    assert ran
+
+
+def test_winograd_impl_this_device_cannot_run_fails_before_training(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match=r"train.winograd_impl='triton' runs float32 / float16 / bfloat16 on CUDA; "
+                                         r"this run computes torch.float32 on cpu"):
+        train(_cfg(epochs=1, conv="winograd_relu", winograd_impl="triton", device="cpu"), tiny_data, tmp_path,
+              hooks=Silent())
+    assert not any(tmp_path.iterdir())  # nothing was written
+    with pytest.raises(ConfigError, match=r"^winograd_impl='cudnn': Input should be 'auto', 'native', 'fused', "
+                                          r"'triton', 'reference' or 'functional'$"):
+        TrainConfig.from_dict({"winograd_impl": "cudnn"})
 
 
 def test_config_validation_names_the_problem():

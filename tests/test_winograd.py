@@ -535,11 +535,11 @@ def test_choose_impl_policy(monkeypatch, fresh_fused_state):
     # other dtypes (CPU autocast's bf16): the compiled layer for training, the reference for inference
     assert wg.choose_impl(x, u, dtype=torch.bfloat16) == "fused"
     assert wg.choose_impl(x.detach(), u.detach(), dtype=torch.bfloat16) == "reference"
-    for impl in ("native", "reference", "functional", "fused"):
+    for impl in ("native", "reference", "functional", "fused", "triton"):
         assert wg.choose_impl(x, u, impl) == impl
     monkeypatch.setenv(wg.IMPL_ENV, "Functional")
     assert wg.choose_impl(x, u) == "functional" and wg.choose_impl(x, u, "auto") == "native"
-    monkeypatch.setenv(wg.IMPL_ENV, "triton")
+    monkeypatch.setenv(wg.IMPL_ENV, "cudnn")
     with pytest.raises(ValueError, match=wg.IMPL_ENV):
         wg.choose_impl(x, u)
     with pytest.raises(ValueError, match="impl"):

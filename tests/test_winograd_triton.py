@@ -96,5 +96,5 @@ def test_bad_block_override_names_the_variable(monkeypatch, value, match):
 
 def test_default_blocks_follow_the_layer_width(monkeypatch):
     monkeypatch.delenv(wt.BLOCKS_ENV, raising=False)
-    assert wt.blocks(256, 256) == (16, 32, 16, 4, 1)
-    assert wt.blocks(8, 4) == (16, 16, 16, 4, 1)
+    assert wt.blocks(256, 256) == (16, 32, 16, 8, 2)
+    assert wt.blocks(8, 4) == (16, 16, 16, 8, 2)
