@@ -439,7 +439,10 @@ class _WinogradNativeFn(torch.autograd.Function):
 def _triton_module():
     """esdbs_ray.winograd_triton, imported on first use: importing Triton costs every process ~1 s
     and only a CUDA run (or the interpreter's tests) needs it."""
-    from . import winograd_triton
+    try:
+        from . import winograd_triton
+    except ImportError as e:
+        raise ValueError(f"impl 'triton' needs Triton (pip install triton): {e}") from e
     return winograd_triton
 
 
@@ -756,10 +759,6 @@ def _winograd_run(x, u, bias, relu, impl, dtype) -> torch.Tensor:
             x, u = x.to(dtype), u.to(dtype)
             if choice == "native" and not native.supports(x, u):
                 raise ValueError(f"impl 'native' runs float32 / float64 on CPU; got {dtype} on {x.device.type}")
-            if choice == "triton":
-                if not has_triton() and x.device.type == "cuda":
-                    raise ValueError("impl 'triton' needs Triton (pip install triton); it is not installed")
-                _triton_module()._check(x, u)
             fn = {"native": _WinogradNativeFn, "functional": _WinogradFunctionalFn,
                   "triton": _WinogradTritonFn}.get(choice, _WinogradReLUFn)
             y = fn.apply(x, u, relu)

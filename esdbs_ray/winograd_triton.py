@@ -1,4 +1,4 @@
-"""Winograd-ReLU F(2x2, 3x3) as three hand-written Triton kernels: ``impl="triton"`` (CUDA).
+"""Winograd-ReLU F(2x2, 3x3) as four hand-written Triton kernels: ``impl="triton"`` (CUDA).
 
 What it is for: on the GPU the compiled layer ("fused": inductor's Triton kernels around cuBLAS)
 measured 2.0x cuDNN at batch 128 in bf16 and 1.7x at batch 1024 (one H100, 2026-11-23,
@@ -24,10 +24,10 @@ Block sizes are fixed per layer shape (:func:`blocks`), not autotuned, so that a
 ``$ESDBS_TRITON_BLOCKS="BT,BN,BR,warps,stages"`` overrides them for a sweep (``bench/winograd.py``).
 
 Status: correct against the reference layer in Triton's interpreter (``TRITON_INTERPRET=1``, CPU;
-``tests/test_winograd_triton.py``) in float32 and float16; bfloat16, the trainer's autocast dtype,
-is checked on a GPU only (the interpreter's tl.dot multiplies bf16's raw bits).  Its speed on a GPU is not measured yet
-(no GPU was lent when it was written), so "auto" does not choose it; ``bench/winograd.py --devices
-cuda`` reports it beside cuDNN and the compiled layer.
+``bench/winograd_triton_check.py``, ``tests/test_winograd_triton.py``) in float32 and float16;
+bfloat16, the trainer's autocast dtype, is checked on a GPU only (the interpreter's tl.dot multiplies
+bf16's raw bits).  Nothing here has run on a GPU yet (none was lent when it was written), so "auto"
+does not choose it; ``bench/winograd.py --devices cuda`` times it beside cuDNN and the compiled layer.
 """
 from __future__ import annotations
 

@@ -98,3 +98,12 @@ def test_default_blocks_follow_the_layer_width(monkeypatch):
     monkeypatch.delenv(wt.BLOCKS_ENV, raising=False)
     assert wt.blocks(256, 256) == (16, 32, 16, 8, 2)
     assert wt.blocks(8, 4) == (16, 16, 16, 8, 2)
+
+
+def test_without_triton_the_layer_says_what_is_missing(monkeypatch):
+    import esdbs_ray
+
+    monkeypatch.setitem(sys.modules, "esdbs_ray.winograd_triton", None)  # import now raises ImportError
+    monkeypatch.delattr(esdbs_ray, "winograd_triton", raising=False)
+    with pytest.raises(ValueError, match=r"impl 'triton' needs Triton \(pip install triton\)"):
+        wg.winograd_relu_conv(torch.randn(2, 3, 4, 4), torch.randn(16, 3, 5), impl="triton")
