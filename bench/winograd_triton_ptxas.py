@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, provenance_block, write_result  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import format_table, provenance_block, write_result  # noqa: E402
 
 DEFAULT_CONFIGS = ["16,32,16,8,2", "16,16,16,8,2", "16,32,16,4,1", "16,16,16,4,1", "16,32,32,4,2", "32,32,16,4,1",
                    "32,32,32,4,2", "32,32,32,8,2", "64,32,32,8,2"]
