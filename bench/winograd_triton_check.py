@@ -24,6 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,20 +98,14 @@ def run_checks(device: str, shapes=SHAPES, extras: bool = True) -> dict:
     # run (no atomics, fixed dU splits); one gradient alone equals it computed with the other
     x, u, gy = randn(2, 20, 6, 7).float(), (randn(16, 20, 18) * 0.3).float(), randn(2, 18, 6, 7).float()
     base = grads("triton", x, u, gy, True)
-    before = os.environ.get(wt.BLOCKS_ENV)
-    os.environ[wt.BLOCKS_ENV] = "32,32,32,4,2"
-    try:
+    other_blocks = {wt.BLOCKS_ENV: "32,32,32,4,2"}
+    with mock.patch.dict(os.environ, other_blocks):
         other = grads("triton", x, u, gy, True)
-    finally:
-        os.environ.pop(wt.BLOCKS_ENV) if before is None else os.environ.__setitem__(wt.BLOCKS_ENV, before)
     check("other blocks", max(_rel(a, b) for a, b in zip(other, base)), TOL["fp32"])
     # the blocks a forward ran with are the ones its backward runs with (set around the forward only)
     xg, ug = x.clone().requires_grad_(), u.clone().requires_grad_()
-    os.environ[wt.BLOCKS_ENV] = "32,32,32,4,2"
-    try:
+    with mock.patch.dict(os.environ, other_blocks):
         yg = wg.winograd_relu_conv(xg, ug, impl="triton")
-    finally:
-        os.environ.pop(wt.BLOCKS_ENV) if before is None else os.environ.__setitem__(wt.BLOCKS_ENV, before)
     yg.backward(gy)
     check("blocks travel to the backward", torch.equal(xg.grad, other[1]) and torch.equal(ug.grad, other[2]),
           expect=True)

@@ -37,7 +37,7 @@ else "auto", which :func:`choose_impl` resolves):
   for A dY A^T, two bmm, and one for the ReLU mask, B dV B^T and the overlap-add.  "auto" runs it on
   CUDA, and for CPU training without the native kernels or in other dtypes; when compiling fails (no
   C++ compiler, no Triton) it warns once and falls back to the reference.
-* "triton" -- CUDA, float32 / float16 / bfloat16: three hand-written Triton kernels
+* "triton" -- CUDA, float32 / float16 / bfloat16: four hand-written Triton kernels
   (:mod:`esdbs_ray.winograd_triton`) that keep V and M on chip -- the forward is one kernel (input
   transform, ReLU, the 16 GEMMs on the tensor cores, output transform), the backward three -- and
   save x instead of V.  Checked against the reference in Triton's interpreter; not yet timed on a
@@ -534,11 +534,12 @@ _when_dynamo_imported()
 
 
 # --------------------------------------------------------------------------------------------------
-# implementation choice: native (C++ kernels, CPU) / fused (compiled) / reference (hand-written,
-# eager) / functional (eager)
+# implementation choice: native (C++ kernels, CPU) / fused (compiled) / triton (hand-written, CUDA) /
+# reference (hand-written, eager) / functional (eager)
 # --------------------------------------------------------------------------------------------------
 IMPLS = ("auto", "native", "fused", "triton", "reference", "functional")
 IMPL_ENV = "ESDBS_WINOGRAD_IMPL"
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what impl "triton" computes in
 
 _fused_lock = threading.Lock()
 _fused_fns: dict[tuple, Callable] = {}
@@ -609,7 +610,7 @@ def check_impl_runs(impl: str, device: torch.device | str, dtype: torch.dtype, w
     if impl == "native" and not (dev == "cpu" and dtype in (torch.float32, torch.float64)):
         raise ValueError(f"{what}='native' runs float32 / float64 on CPU; this run computes {dtype} on {dev}")
     if impl == "triton":
-        if dev != "cuda" or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dev != "cuda" or dtype not in TRITON_DTYPES:
             raise ValueError(f"{what}='triton' runs float32 / float16 / bfloat16 on CUDA; this run computes "
                              f"{dtype} on {dev}")
         if not has_triton():
@@ -618,8 +619,8 @@ def check_impl_runs(impl: str, device: torch.device | str, dtype: torch.dtype, w
 
 def resolved_impls(device: torch.device | str, dtype: torch.dtype = torch.float32, impl: str | None = None) -> dict:
     """What a layer with ``impl`` (None: the default) runs on ``device`` computing in ``dtype``, for a
-    training step and for inference, and the native kernels' state: stamped on every SWR member's summary, so
-    a result says which implementation made it."""
+    training step and for inference, and the native kernels' state: stamped on every SWR member's
+    summary, so a result says which implementation made it."""
     dev = torch.device(device)
     x = torch.zeros(2, 1, 2, 2, device=dev)
     u = torch.zeros(16, 1, 1, device=dev, requires_grad=True)
