@@ -539,7 +539,6 @@ _when_dynamo_imported()
 # --------------------------------------------------------------------------------------------------
 IMPLS = ("auto", "native", "fused", "triton", "reference", "functional")
 IMPL_ENV = "ESDBS_WINOGRAD_IMPL"
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what impl "triton" computes in
 
 _fused_lock = threading.Lock()
 _fused_fns: dict[tuple, Callable] = {}
@@ -609,12 +608,9 @@ def check_impl_runs(impl: str, device: torch.device | str, dtype: torch.dtype, w
     dev = torch.device(device).type
     if impl == "native" and not (dev == "cpu" and dtype in (torch.float32, torch.float64)):
         raise ValueError(f"{what}='native' runs float32 / float64 on CPU; this run computes {dtype} on {dev}")
-    if impl == "triton":
-        if dev != "cuda" or dtype not in TRITON_DTYPES:
-            raise ValueError(f"{what}='triton' runs float32 / float16 / bfloat16 on CUDA; this run computes "
-                             f"{dtype} on {dev}")
-        if not has_triton():
-            raise ValueError(f"{what}='triton' needs Triton (pip install triton); it is not installed")
+    if impl == "triton" and (dev != "cuda" or dtype not in _triton_module().DTYPES):  # (names a missing Triton)
+        raise ValueError(f"{what}='triton' runs float32 / float16 / bfloat16 on CUDA; this run computes "
+                         f"{dtype} on {dev}")
 
 
 def resolved_impls(device: torch.device | str, dtype: torch.dtype = torch.float32, impl: str | None = None) -> dict:

@@ -38,11 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .winograd import TRITON_DTYPES  # winograd imports this module only when a layer first asks for it
-
-__all__ = ["supports", "interpreted", "blocks", "forward", "backward", "BLOCKS_ENV"]
+__all__ = ["supports", "interpreted", "blocks", "forward", "backward", "BLOCKS_ENV", "DTYPES"]
 
 BLOCKS_ENV = "ESDBS_TRITON_BLOCKS"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +409,7 @@ def interpreted() -> bool:
 
 def supports(x: torch.Tensor, u: torch.Tensor) -> bool:
     dev_ok = x.device.type == "cuda" or (interpreted() and x.device.type == "cpu")
-    return dev_ok and x.dtype in TRITON_DTYPES and u.dtype == x.dtype and u.device == x.device
+    return dev_ok and x.dtype in DTYPES and u.dtype == x.dtype and u.device == x.device
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
