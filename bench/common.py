@@ -123,12 +123,12 @@ class SilentHooks:
         self.report_times: list[float] = []
         self.rungs: list[dict] = []
 
-    def on_epoch(self, record: dict, checkpoint_path) -> None:
+    def on_epoch(self, record, checkpoint_path) -> None:
         self.report_times.append(time.perf_counter())
-        self.records.append(dict(record))
+        self.records.append(record.to_dict())
 
-    def on_rung(self, rung: dict) -> None:
-        self.rungs.append(dict(rung))
+    def on_rung(self, end) -> None:
+        self.rungs.append(end.result.to_dict())
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:

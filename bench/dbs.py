@@ -114,14 +114,14 @@ def run_interleaved(runs, data, root: Path) -> dict[str, dict]:
                   f"[{r['phase']:>6}] val {r['val_accuracy']:.4f} {r['epoch_seconds']:6.1f}s "
                   f"{r['steps']:4d} steps (load {load_average()[0] if load_average() else '?'})", flush=True)
             if last:
-                summaries[label] = out
+                summaries[label] = out.to_dict()
     return summaries
 
 
 def run_sequential(runs, data, root: Path) -> dict[str, dict]:
     summaries = {}
     for i, (label, cfg) in enumerate(runs):
-        summaries[label] = train(cfg, data, root / f"run{i}", hooks=SilentHooks())
+        summaries[label] = train(cfg, data, root / f"run{i}", hooks=SilentHooks()).to_dict()
         s = summaries[label]
         print(f"  {label:15s} val {s['val_accuracy']:.4f} test {s['test_accuracy']:.4f} {s['train_seconds']:.0f}s", flush=True)
     return summaries

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from esdbs_ray import stacking as S  # noqa: E402
+from esdbs_ray.stacking_tune import tune_accuracy_search  # noqa: E402
 
 DIRECT = {
     "nll_optimal": lambda P, y: S.nll_optimal(P, y),
@@ -80,7 +81,7 @@ def time_tune(P, y, samples, seed=0):
     try:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            w, info = S.tune_accuracy_search(P, y, num_samples=samples, seed=seed, storage_path=d, return_info=True)
+            w, info = tune_accuracy_search(P, y, num_samples=samples, seed=seed, storage_path=d, return_info=True)
             t_search = time.perf_counter() - t0
     finally:
         ray.shutdown()

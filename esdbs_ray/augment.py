@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import AUGMENT_OPS, AugmentConfig
+from .errors import UserError
 
 __all__ = ["Augmenter", "build_augmenter", "augment_seed"]
 
@@ -57,7 +58,7 @@ def _transforms(cfg: AugmentConfig, image_size: int) -> list:
         elif name == "trivialaugment":
             made.append(v2.TrivialAugmentWide())
         else:  # the config's Literal lists the names; this is a new name without a transform
-            raise ValueError(f"augment op {name!r} has no transform; known: {', '.join(AUGMENT_OPS)}")
+            raise UserError(f"augment op {name!r} has no transform; known: {', '.join(AUGMENT_OPS)}")
     return made
 
 
@@ -88,7 +89,7 @@ class Augmenter:
 
     def load_state_dict(self, state: dict) -> None:
         if list(state.get("ops", [])) != list(self.cfg.ops):
-            raise ValueError(f"augmentation state is for ops {state.get('ops')}, this augmenter has {list(self.cfg.ops)}")
+            raise UserError(f"augmentation state is for ops {state.get('ops')}, this augmenter has {list(self.cfg.ops)}")
         self._state = state["rng"].clone()
 
     def __repr__(self) -> str:

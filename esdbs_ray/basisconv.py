@@ -1,6 +1,6 @@
 """BasisConv: every convolution as a fixed bank of basis filters followed by learned 1x1 coefficients.
 
-What this gives the project (issue #16): a fourth way to compress an ensemble member, beside magnitude
+What this gives the project: a fourth way to compress an ensemble member, beside magnitude
 pruning, Winograd-ReLU and DBS.  A trained member is compressed by replacing each eligible conv with a
 :class:`BasisConv2d` built from the truncated eigen-decomposition of its filters (:func:`to_basisconv`)
 and then fine-tuned in two steps (:func:`set_fine_tuning_stage`); a member can also be *trained* in

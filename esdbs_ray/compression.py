@@ -15,11 +15,11 @@ per ladder value, and knows nothing of masks or bases.  It asks its :class:`Comp
 * ``rung_key(i)``, ``epoch_fields(epoch)``, ``layer_sparsity()`` for the records.
 
 :class:`SparsityLadder` is magnitude pruning (spec §3, :class:`~esdbs_ray.pruning.Pruner`);
-:class:`BasisLadder` is BasisConv's eigen ladder (issue #16, :mod:`esdbs_ray.basisconv`) with the
+:class:`BasisLadder` is BasisConv's eigen ladder (:mod:`esdbs_ray.basisconv`) with the
 paper's two-step fine-tuning inside each rung; :class:`Dense` trains without a ladder (also
 ``conv: basis_random``, whose random bases are fixed from the first epoch).
 
-**Rung identity** (a decision of issue #16): the pair ``(target_sparsity, basis_threshold)``.  A
+**Rung identity** : the pair ``(target_sparsity, basis_threshold)``.  A
 sparsity rung is ``(s, None)``, the dense rung ``(0.0, None)``, a basis rung ``(0.0, t)``: it prunes
 nothing, so its target sparsity is honestly 0, and its threshold t tells the rungs apart.  The pair is
 in every rung record, in the Parquet predictions (column ``basis_threshold``, written only by basis

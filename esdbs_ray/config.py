@@ -10,7 +10,7 @@ the value and what is allowed::
 Models (``extra="forbid"``: an unknown key is an error that lists the valid ones):
 
 * :class:`DBSConfig`      the schedule's constants (spec §4), used by ``dbs.py``;
-* :class:`BasisConfig`    BasisConv's eigen ladder and random basis (issue #16), used by ``compression.py``;
+* :class:`BasisConfig`    BasisConv's eigen ladder and random basis, used by ``compression.py``;
 * :class:`TrainSettings`  what a pipeline's ``train:`` block may set (every trial's template);
 * :class:`TrainConfig`    one trial: the settings plus the per-trial keys the pipeline fills in
                           (model, conv, schedule, dataset, seed, ...), saved in every checkpoint;
@@ -35,6 +35,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       WithJsonSchema, model_validator)
 
 from .model_names import MODEL_NAMES
+from .errors import UserError
 
 __all__ = [
     "ConfigError", "DBSConfig", "TrainSettings", "TrainConfig", "MemberSpec", "ResourcesConfig", "StackConfig",
@@ -43,11 +44,12 @@ __all__ = [
     "parse_variant", "format_validation_error", "validate", "load_yaml", "set_dotted", "apply_scale",
     "build_config", "json_schema", "PER_TRIAL_KEYS", "AugmentConfig", "CosineConfig", "EarlyStoppingConfig",
     "AUGMENT_OPS",
-    "BasisConfig", "VARIANT_LADDERS", "variant_ladder",  # BasisConv (issue #16)
+    "BasisConfig", "VARIANT_LADDERS", "variant_ladder",  # BasisConv
+    "ExpansionConfig",  # self-expanding secnn members (esdbs_ray/expansion.py)
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config is invalid; the message names the key path, the value and what is allowed."""
 
 
@@ -215,7 +217,7 @@ class DBSConfig(_Model):
     # What "one standard error" is: "binomial" (spec §4.2) sqrt(a (1 - a) / n_val), the test-sample noise
     # of one accuracy; "observed" the larger of that and the epoch-to-epoch noise the run itself shows
     # before its first doubling (dbs.DBSSchedule._se): on an H100 at paper scale that noise was 2-9x
-    # the binomial SE and ended the LR phase of two of three members on noise (issue #12).
+    # the binomial SE and ended the LR phase of two of three members on noise.
     fall_noise: Literal["binomial", "observed"] = "binomial"
     # The learning rate every pruning rung retrains at: "dense_end" (spec §4.5) the dense phase's last
     # η -- its peak when the dense phase is too short to plateau (CPU presets: 3 epochs) -- or "lr0",
@@ -249,10 +251,10 @@ class DBSConfig(_Model):
 # --------------------------------------------------------------------------------------------------
 # One trial
 # --------------------------------------------------------------------------------------------------
-# basis_random (issue #16): every eligible conv a BasisConv2d with a fixed random orthonormal basis,
+# basis_random: every eligible conv a BasisConv2d with a fixed random orthonormal basis,
 # trained from scratch (train.basis.fraction / layers say how many basis filters and which convs).
 Conv = Literal["spatial", "winograd_relu", "basis_random"]
-Optimizer = Literal["sgd", "adam", "adamw"]  # adamw: issue #17 (own images)
+Optimizer = Literal["sgd", "adam", "adamw"]  # adamw: own images
 Schedule = Literal["fixed", "dbs"]
 Device = Literal["auto", "cpu", "cuda"]
 # the Winograd-ReLU layer's implementations (esdbs_ray.winograd.IMPLS; a test keeps the two equal)
@@ -301,7 +303,7 @@ Threshold = _float(**_range(0.0, 1.0, lo_open=True))  # (0, 1]: an eigenvalue sh
 BasisLadder = Annotated[tuple[Threshold, ...], BeforeValidator(_ladder), AfterValidator(_decreasing)]
 
 # --------------------------------------------------------------------------------------------------
-# Own images (issue #17): augmentation, cosine schedule, early stopping
+# Own images: augmentation, cosine schedule, early stopping
 # --------------------------------------------------------------------------------------------------
 # Augmentation ops, applied in the order listed (torchvision.transforms.v2; ``augment.py``).
 AugmentOp = Literal["random_resized_crop", "hflip", "vflip", "color_jitter", "randaugment", "trivialaugment"]
@@ -385,7 +387,7 @@ PER_TRIAL_KEYS = ("model", "conv", "schedule", "dataset", "data_dir", "subset", 
 
 
 class BasisConfig(_Model):
-    """BasisConv (issue #16; Tayyab & Mahalanobis, ``esdbs_ray/basisconv.py``).
+    """BasisConv (Tayyab & Mahalanobis, ``esdbs_ray/basisconv.py``).
 
     ``ladder``: the eigen ladder, thresholds t (cumulative eigenvalue share per layer, section 4.2)
     strictly decreasing in (0, 1].  After the dense epochs each rung re-expresses every eligible conv
@@ -411,6 +413,34 @@ class BasisConfig(_Model):
     layers: Literal["all", "relu"] = "all"
 
 
+class ExpansionConfig(_Model):
+    """Self-expanding ``secnn`` members (``../shared/spec/self-expanding.md``; ``esdbs_ray/expansion.py``).
+
+    At the end of every ``check_every``-th dense epoch, once ``cooldown`` epochs have passed since the
+    last expansion, the natural expansion score eta of the network and of every candidate (each block
+    widened by ``widen_channels``; a residual layer added to each block, ``n_init`` initialisations)
+    is computed on ``score_samples`` training images; the best candidate's eta * exp(-penalty * dp^2)
+    (dp: parameters added) over the current eta must exceed ``tau`` for the network to grow.
+    ``damping``: lambda = damping * mean Fisher diagonal of the current network; ``score_chunk``:
+    per-sample gradients computed at once (memory); ``calibration_samples``: images that set a new BN
+    channel's running statistics.  Limits: ``max_params``, ``max_layers_per_block``, ``max_width``."""
+
+    enabled: Bool = False
+    tau: _float(**_range(1.0)) = 2.0
+    check_every: PosInt = 1
+    cooldown: NonNegInt = 5
+    widen_channels: _int(**_range(1, 1024)) = 4
+    n_init: _int(**_range(1, 64)) = 4
+    score_samples: _int(**_range(2)) = 1024
+    score_chunk: PosInt = 256
+    calibration_samples: _int(**_range(2)) = 256
+    damping: _float(**_range(0.0, lo_open=True)) = 1e-3
+    penalty: NonNegFloat = 1e-8
+    max_params: PosInt = 200_000
+    max_layers_per_block: NonNegInt = 4
+    max_width: PosInt = 256
+
+
 class TrainSettings(_Model):
     """What a pipeline's ``train:`` block (and a member's or variant's overrides) may set."""
 
@@ -432,7 +462,7 @@ class TrainSettings(_Model):
     winograd_impl: WinogradImpl = "auto"
     eval_batch_size: PosInt = 1000
     kernel_layer: NonNegInt = 0  # which Winograd layer Fig. 5a shows
-    # --- own images (issue #17); cross-field checks in TrainConfig._own_images (overrides are partial) ---
+    # --- own images; cross-field checks in TrainConfig._own_images (overrides are partial) ---
     # "plateau": the paper's schedules (warm-up, then lr0 with the plateau rule; DBS its own rules);
     # "cosine": linear warm-up then cosine decay per step, for fixed-batch trials (variants without +DBS).
     lr_schedule: Literal["plateau", "cosine"] = "plateau"
@@ -441,7 +471,8 @@ class TrainSettings(_Model):
     label_smoothing: Fraction = 0.0  # training loss only: validation loss (early stopping) stays the plain NLL
     augment: AugmentConfig = AugmentConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
-    basis: BasisConfig = BasisConfig()  # BasisConv: the eigen ladder, the random basis (issue #16)
+    basis: BasisConfig = BasisConfig()  # BasisConv: the eigen ladder, the random basis
+    expansion: ExpansionConfig = ExpansionConfig()  # self-expanding secnn (expansion.py); model secnn only
 
     @model_validator(mode="after")
     def _ladder_retrains(self):
@@ -486,8 +517,18 @@ class TrainConfig(TrainSettings):
         return self
 
     @model_validator(mode="after")
+    def _expansion(self):
+        if self.expansion.enabled and self.model != "secnn":
+            raise ValueError(f"expansion.enabled=True: growth needs model 'secnn' (the self-expanding CNN), "
+                             f"got model={self.model!r}")
+        if self.expansion.enabled and self.conv == "basis_random":
+            raise ValueError("expansion.enabled=True: growth acts on spatial or Winograd-ReLU convs, not on "
+                             "conv='basis_random'")
+        return self
+
+    @model_validator(mode="after")
     def _own_images(self):
-        """Issue #17's keys against the rest of the trial."""
+        """The own-images keys against the rest of the trial."""
         if self.lr_schedule == "cosine" and self.schedule == "dbs":
             raise ValueError("lr_schedule='cosine' is for fixed-batch trials; DBS sets the learning rate itself "
                              "(use a variant without +DBS, or lr_schedule: plateau for it)")
@@ -537,7 +578,7 @@ class TrainConfig(TrainSettings):
 # The paper's variants (section 4; spec section 1): base variant -> (conv, stacked?).  Any of them
 # takes a "+DBS" suffix for the dynamic batch size schedule ("SWR-CNN+DBS" is the paper's method;
 # "C-CNN+DBS" and "SC-CNN+DBS" are the DBS rows of its Tables 2/4/6).
-# BasisConv stacks (issue #16), stacked and weighted like the others:
+# BasisConv stacks, stacked and weighted like the others:
 #   SBC-CNN  "stacked BasisConv CNN": the members train as spatial CNNs for train.epochs, then climb
 #            train.basis.ladder (eigen basis of each trained conv, two-step fine-tuning per rung);
 #   SRB-CNN  "stacked random-basis CNN": the members train from scratch with fixed random orthonormal
@@ -555,8 +596,11 @@ VARIANT_LADDERS: dict[str, str | None] = {"SBC-CNN": "basis", "SRB-CNN": None}
 VARIANTS = tuple(v + s for v in BASE_VARIANTS for s in ("", "+DBS"))
 Variant = Literal["C-CNN", "C-CNN+DBS", "SC-CNN", "SC-CNN+DBS", "SWR-CNN", "SWR-CNN+DBS",
                   "SBC-CNN", "SBC-CNN+DBS", "SRB-CNN", "SRB-CNN+DBS"]
+# The stacking methods a config may run (stacking.METHODS implements each, a test checks it), and
+# the rules ``choose`` may pick the ensemble's by.
 STACK_METHODS = ("nll_optimal", "accuracy_search", "equal", "best_single", "caruana")
-StackMethod = Literal["nll_optimal", "accuracy_search", "equal", "best_single", "caruana"]
+StackMethod = Literal[STACK_METHODS]
+STACK_CHOICES = (*STACK_METHODS, "best_val")
 
 
 def parse_variant(name: str) -> tuple[str, str, bool]:
@@ -642,7 +686,7 @@ class StackConfig(_Model):
     basis_threshold: Threshold | None = None
     methods: tuple[StackMethod, ...] = STACK_METHODS
     tune_samples: NonNegInt = 0  # > 0 adds the accuracy search run as a Tune experiment
-    choose: Literal["nll_optimal", "accuracy_search", "equal", "best_single", "caruana", "best_val"] = "nll_optimal"
+    choose: Literal[STACK_CHOICES] = "nll_optimal"
 
     @model_validator(mode="after")
     def _choose_is_run(self):
@@ -998,17 +1042,10 @@ def set_dotted(d: dict, assignment: str) -> dict:
     return d
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def build_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None,
                  *, scale: float | None = None, sets: list[str] | None = None) -> PipelineConfig:
     """Preset, then the YAML file, then ``overrides``, ``--scale`` and ``--set`` -- validated once."""
-    from .presets import PRESETS
+    from .presets import PRESETS, deep_merge
 
     d: dict = {}
     if preset is not None:
@@ -1016,8 +1053,8 @@ def build_config(preset: str | None = None, yaml_path: str | None = None, overri
             raise ConfigError(f"--preset {preset!r}: unknown; choose one of: {', '.join(PRESETS)}")
         d = copy.deepcopy(PRESETS[preset])
     if yaml_path is not None:
-        d = _merge(d, load_yaml(yaml_path))
-    d = _merge(d, overrides or {})
+        d = deep_merge(d, load_yaml(yaml_path))
+    d = deep_merge(d, overrides or {})
     if scale is not None:
         d = apply_scale(d, scale)
     for assignment in sets or ():

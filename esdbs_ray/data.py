@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import UserError
+
 __all__ = [
     "DataError",
     "Split",
@@ -36,6 +38,7 @@ __all__ = [
     "normalizer",
     "DATASETS",
     "load_dataset",
+    "load_configured",
     "fashion_mnist_search_path",
     "BatchIterator",
 ]
@@ -53,7 +56,7 @@ FASHION_MNIST_CLASSES = (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A dataset file is missing or unreadable; the message names the file and the problem."""
 
 
@@ -118,7 +121,7 @@ def load_dataset(
     image folders only.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     folder, given_val = None, None  # an image folder, and its own val/ split if it has one
     if name == "fashion-mnist":
         (tr_x, tr_y), (te_x, te_y), source = _load_fashion_mnist(data_dir)
@@ -130,7 +133,7 @@ def load_dataset(
         (tr_x, tr_y), (te_x, te_y), classes, source = folder["train"], folder["test"], folder["classes"], folder["source"]
         given_val = folder["val"]
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
     rng = np.random.default_rng(seed)
     train_all = Split(tr_x, tr_y.astype(np.int64), np.arange(len(tr_y), dtype=np.int64))
@@ -163,6 +166,13 @@ def load_dataset(
     )
 
 
+
+def load_configured(cfg):
+    """The dataset a config names (a TrainConfig or a PipelineConfig: dataset, data_dir, val_fraction,
+    seed, subset, test_subset, image_size): what ``esdbs run``, ``train-one`` and ``export`` load."""
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
+
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images [N, C, H, W] in [0, 1], in chunks: a
     float copy of the whole split would take 4x its memory (1.2 GB for 2,000 images at 224 x 224)."""
@@ -181,7 +191,7 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 def _check_subset(n: int, total: int, what: str) -> int:
     if n < 20 or n > total:
-        raise ValueError(f"{what} must be between 20 and {total}, got {n}")
+        raise UserError(f"{what} must be between 20 and {total}, got {n}")
     return n
 
 
@@ -682,7 +692,7 @@ class BatchIterator:
 
     def load_state_dict(self, state: dict) -> None:
         if ("augment" in state) != (self.augment is not None):
-            raise ValueError("batch iterator state " + ("has" if "augment" in state else "lacks")
+            raise UserError("batch iterator state " + ("has" if "augment" in state else "lacks")
                              + " an augmentation state, this iterator " + ("does not augment" if self.augment is None
                                                                             else "augments"))
         self._gen.set_state(state["generator"])

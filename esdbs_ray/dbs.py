@@ -121,11 +121,8 @@ __all__ = [
     "formula_batch",
     "plan",
     "format_plan",
-    "plot_plan",
-    "plot_search",
     "val_standard_error",
     "run_noise",
-    "plot_momentum_curves",
 ]
 
 PHASES = ("warmup", "lr", "momentum", "hold", "fixed")
@@ -549,7 +546,7 @@ class _Schedule:
     def _start_momentum(self, e: int) -> None:
         pass
 
-    # -- issue #17: per-step learning rates, early stopping --------------------------------------
+    # -- own images: per-step learning rates, early stopping --------------------------------------
     def step_lrs(self) -> None:
         """Per-step learning rates of the current epoch; None: the epoch runs at ``plan().lr``
         (``cosine.CosineSchedule`` returns one value per step)."""
@@ -841,122 +838,3 @@ def format_plan(rows: Sequence[dict[str, Any]]) -> str:
                      f"{r['batch_size']:>5}  {r['noise_scale']:>9.3f}  "
                      f"{'' if val is None else format(val, '.4f'):>6}  {r.get('decision', '')}")
     return "\n".join(lines)
-
-
-def plot_plan(rows: Sequence[dict[str, Any]], path: str, *, title: str = "", k: float | None = None,
-              v0: float = 0.5, m0: float = 0.9, m_max: float = 0.99) -> str:
-    """η, m and B over epochs (from :func:`plan` rows or a trainer's history), phases shaded; with ``k``
-    a fourth panel shows the momentum ODE curve for that k (paper Fig. 5b)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in rows]
-    panels = [("lr", "learning rate η", True), ("momentum", "momentum m", False), ("batch_size", "batch size B", False)]
-    n = len(panels) + (k is not None)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
-    colours = {"warmup": "#fde2b3", "lr": "#cfe3f7", "momentum": "#d8f0d2", "hold": "#eeeeee", "fixed": "#eeeeee"}
-    for ax, (key, label, log) in zip(axes, panels):
-        ys = [r[key] for r in rows]
-        ax.step(ep + [ep[-1] + 1], ys + ys[-1:], where="post", color="black", lw=1.4)
-        for r in rows:
-            ax.axvspan(r["epoch"], r["epoch"] + 1, color=colours.get(r["phase"], "white"), lw=0)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for p, c in colours.items() if p != "fixed"]
-    axes[0].legend(handles, [p for p in colours if p != "fixed"], fontsize=7, loc="lower right")
-    if k is not None:
-        t = np.linspace(0.0, 0.4, 201)
-        axes[-1].plot(t, momentum_curve(k, v0, m0, m_max, t), color="C2")
-        axes[-1].axhline(m_max, color="grey", lw=0.8, ls="--")
-        axes[-1].set_title(f"momentum ODE y''y = k, k = {k:.4g}", fontsize=10)
-        axes[-1].set_xlabel("proportion of epochs since the momentum phase began")
-        axes[-1].grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    import io
-
-    from . import storage
-
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    return storage.write_bytes(path, buf.getvalue())  # temporary file + rename: never half a PNG
-
-
-def plot_momentum_curves(path: str, ks: Sequence[float] = (0, 1.3, 1.45, 1.6, 1.75), v0: float = 0.5,
-                         m0: float = 0.9, m_max: float = 0.99,
-                         extra_scale_ks: Sequence[float] = (0.01, 0.03, 0.05, 0.1, 0.2, 0.4),
-                         t_end: float = 0.4) -> str:
-    """Paper Fig. 5b (momentum vs proportion of epochs for the paper's k) plus a panel at a scale of k
-    where momentum does approach m_max (k <= critical_k ~ 0.054 for the defaults reaches it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = np.linspace(0.0, t_end, 401)
-    kc = critical_k(v0, m0, m_max)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, group, title in (
-        (axes[0], ks, f"paper's k (Fig. 5b): k>0 tops out at 1-(1-m0)e^(-v0^2/2k), e.g. "
-                      f"{momentum_limit(1.6, v0, m0):.4f} for k=1.6"),
-        (axes[1], extra_scale_ks, f"k on the scale where m approaches m_max={m_max}: "
-                                  f"k <= {kc:.4f} reaches it"),
-    ):
-        for k in group:
-            ax.plot(t, momentum_curve(k, v0, m0, m_max, t), label=f"k={k:g}")
-        ax.axhline(m_max, color="grey", lw=0.8, ls="--")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("proportion of total epochs since the momentum phase began")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("momentum coefficient m")
-    fig.suptitle(f"y'' y = k, y = 1 - m, y(0) = {1 - m0:g}, y'(0) = -{v0:g}; m held at the turning "
-                 f"point, capped at {m_max}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_search(trials: Sequence[dict[str, Any]], best: dict[str, Any], path: str) -> str:
-    """The DBS search's time-to-accuracy trade-off: last-epoch validation accuracy against training
-    seconds per trial (trials ASHA stopped early hollow; the front of the finished ones joined; the
-    chosen constants circled)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import storage
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    done = [t for t in trials if t.get("completed")]
-    stopped = [t for t in trials if not t.get("completed")]
-    ax.scatter([t["train_seconds"] for t in done], [t["val_accuracy"] for t in done], color="C0",
-               label="ran the whole budget")
-    if stopped:
-        ax.scatter([t["train_seconds"] for t in stopped], [t["val_accuracy"] for t in stopped], facecolors="none",
-                   edgecolors="grey", label="stopped early by ASHA (not eligible)")
-    front = sorted((t for t in done if t.get("pareto")), key=lambda t: t["train_seconds"])
-    if front:
-        ax.plot([t["train_seconds"] for t in front], [t["val_accuracy"] for t in front], color="C0", lw=0.8)
-    ax.scatter([best["train_seconds"]], [best["val_accuracy"]], s=160, facecolors="none", edgecolors="C3",
-               label="chosen (best last-epoch val accuracy)")
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel("validation accuracy at the trial's last epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    return storage.write_bytes(path, buf.getvalue())

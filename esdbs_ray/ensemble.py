@@ -32,6 +32,7 @@ import numpy as np
 
 from .data import IMAGE_SUFFIXES, DataError
 from .layout import ExportLayout, read_marker
+from .errors import UserError
 
 FORMAT = "esdbs-ensemble"
 FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ __all__ = ["Ensemble", "ExportError", "Prediction", "Inputs", "read_inputs", "pr
            "fold_masks", "FORMAT", "FORMAT_VERSION"]
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export directory, or an experiment to export, that cannot be used; the message names it."""
 
 
@@ -51,7 +52,7 @@ class ExportError(ValueError):
 def build_model(member: dict, num_classes: int, in_channels: int, image_size: int):
     """The registry model of a manifest (or TrainConfig) entry, Winograd-ReLU where it was, no masks
     (export refuses BasisConv members, so a manifest names spatial or winograd_relu)."""
-    from .train import build_network
+    from .networks import build_network
 
     return build_network(member["model"], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                          dropout=float(member.get("dropout", 0.0)), width=float(member.get("width", 1.0)),
@@ -189,13 +190,13 @@ class Ensemble:
         if t.dim() == 3 and self.input_shape[0] == 1:
             t = t.unsqueeze(1)
         if t.dim() != 4 or tuple(t.shape[1:]) != self.input_shape:
-            raise ValueError(f"images of shape {tuple(t.shape)}: expected (N, {', '.join(map(str, self.input_shape))})"
+            raise UserError(f"images of shape {tuple(t.shape)}: expected (N, {', '.join(map(str, self.input_shape))})"
                              + (" or (N, H, W)" if self.input_shape[0] == 1 else ""))
         if t.dtype == torch.uint8:
             return t
         if t.is_floating_point():
             return t.float() * 255.0  # floats are taken as [0, 1] (torchvision's ToTensor convention)
-        raise ValueError(f"images of dtype {t.dtype}: expected uint8 pixels or floats in [0, 1]")
+        raise UserError(f"images of dtype {t.dtype}: expected uint8 pixels or floats in [0, 1]")
 
     # -- prediction --------------------------------------------------------------------------------
     def member_proba(self, images, *, batch_size: int = 1000) -> dict[str, np.ndarray]:

@@ -41,9 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
+from .checkpoint import same_training
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .ensemble import FORMAT, FORMAT_VERSION, ExportError, build_model, fold_masks
-from .layout import ExperimentLayout, ExportLayout, check_replace, replace_dir
+from .layout import ExperimentLayout, ExportLayout, RunLayout, check_replace, replace_dir
+from .records import MemberSummary, Rung
 
 OPSET = 17
 ONNX_TOLERANCE = 1e-4
@@ -260,43 +262,53 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float) -> dict:
         w = _load_torch(tree, ExperimentLayout.WEIGHTS, name)
         if not isinstance(w, dict) or not {"model", "config", "input"} <= set(w):
             raise ExportError(f"{tree.uri(ExperimentLayout.WEIGHTS, name)}: not an esdbs weights file")
-        if w["config"] != train.to_dict():
-            raise ExportError(f"{tree.uri('weights', name)}: written by a different config than {spec.member}'s")
+        if not same_training(w["config"], train.to_dict()):
+            raise ExportError(f"{tree.uri(ExperimentLayout.WEIGHTS, name)}: written by a different config than "
+                              f"{spec.member}'s")
         return {"state": w["model"], "input": w["input"], "source": f"weights/{name}", "epoch": w.get("epoch")}
     # An experiment from before the trainer kept rung weights: the last Tune checkpoint, last rung only.
     last = train.sparsity_ladder[-1] if train.sparsity_ladder else 0.0
     trials = [d for d in tree.listdir(*ExperimentLayout.TUNE_BASE, kind="dir") if d.startswith(f"{spec.member}_")]
-    checkpoints = sorted((c for d in trials for c in (f"tune/base/{d}/{x}" for x in
-                                                      tree.listdir("tune", "base", d, pattern="checkpoint_*",
-                                                                   kind="dir"))),
+    base, ckpt_name = "/".join(ExperimentLayout.TUNE_BASE), RunLayout.CHECKPOINT
+    checkpoints = sorted((c for d in trials for c in (f"{base}/{d}/{x}" for x in
+                                                      tree.listdir(*ExperimentLayout.TUNE_BASE, d,
+                                                                   pattern="checkpoint_*", kind="dir"))),
                          key=lambda c: int(c.rsplit("_", 1)[1]) if c.rsplit("_", 1)[1].isdigit() else -1)
-    if not checkpoints or not tree.is_file(checkpoints[-1], "checkpoint.pt"):
-        raise ExportError(f"member {spec.member!r}: no weights at rung {sparsity:g} ({tree.uri('weights', name)}) and "
-                          f"no Tune checkpoint in {tree.uri('tune', 'base')}; did the trial run?")
-    if abs(last - sparsity) > 1e-9:
-        raise ExportError(f"member {spec.member!r}: no weights at rung {sparsity:g} ({tree.uri('weights', name)}); "
+    weights_uri = tree.uri(ExperimentLayout.WEIGHTS, name)
+    if not checkpoints or not tree.is_file(checkpoints[-1], ckpt_name):
+        raise ExportError(f"member {spec.member!r}: no weights at rung {sparsity:g} ({weights_uri}) and "
+                          f"no Tune checkpoint in {tree.uri(*ExperimentLayout.TUNE_BASE)}; did the trial run?")
+    if Rung(last) != Rung(sparsity):
+        raise ExportError(f"member {spec.member!r}: no weights at rung {sparsity:g} ({weights_uri}); "
                           f"its last Tune checkpoint holds rung {last:g} only (pass --sparsity {last:g})")
-    ckpt = _load_torch(tree, checkpoints[-1], "checkpoint.pt")
+    ckpt = _load_torch(tree, checkpoints[-1], ckpt_name)
+    ckpt_uri = tree.uri(checkpoints[-1], ckpt_name)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ExportError(f"{tree.uri(checkpoints[-1], 'checkpoint.pt')}: not an esdbs checkpoint")
-    if ckpt["config"] != train.to_dict():
-        raise ExportError(f"{tree.uri(checkpoints[-1], 'checkpoint.pt')}: written by a different config than "
-                          f"{spec.member}'s")
+        raise ExportError(f"{ckpt_uri}: not an esdbs checkpoint")
+    if not same_training(ckpt["config"], train.to_dict()):
+        raise ExportError(f"{ckpt_uri}: written by a different config than {spec.member}'s")
     if (ckpt.get("state") or {}).get("epoch") != train.total_epochs:
-        raise ExportError(f"{tree.uri(checkpoints[-1], 'checkpoint.pt')}: the trial did not finish "
+        raise ExportError(f"{ckpt_uri}: the trial did not finish "
                           f"(epoch {(ckpt.get('state') or {}).get('epoch')} of {train.total_epochs})")
-    return {"state": ckpt["model"], "input": None, "source": f"{checkpoints[-1]}/checkpoint.pt",
+    return {"state": ckpt["model"], "input": None, "source": f"{checkpoints[-1]}/{ckpt_name}",
             "epoch": train.total_epochs - 1}
 
 
 def _input_from_data(cfg: PipelineConfig) -> dict:
     """The input normalisation of a run whose weights files do not carry it: the dataset, loaded as
     the run loaded it (its statistics are those of the run's training split)."""
-    from .pipeline import load_data
+    from .data import load_configured
 
-    data = load_data(cfg)
+    data = load_configured(cfg)
     return {"mean": list(data.mean), "std": list(data.std), "class_names": list(data.class_names),
             "in_channels": data.in_channels, "image_size": data.image_size, "dataset": data.describe()}
+
+
+def _rung_of(info) -> Rung | None:
+    try:
+        return Rung.of(info) if isinstance(info, dict) else None
+    except ValueError:
+        return None
 
 
 def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[str], sparsity: float) -> dict:
@@ -316,7 +328,7 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
         if name != own and st.get("variant") not in (group, None):
             continue
         rungs = st.get("rungs") or {}
-        if not all(abs(float((rungs.get(n) or {}).get("target_sparsity", -1)) - sparsity) < 1e-6 for n in names):
+        if not all(_rung_of(rungs.get(n)) == Rung(sparsity) for n in names):
             continue
         chosen = st.get("chosen")
         m = (st.get("methods") or {}).get(chosen) or {}
@@ -362,7 +374,7 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
                           "export BasisConv models yet; choose another group with --variant")
     rung = float(sparsity if sparsity is not None else specs[0].export_sparsity)
     ladder = (0.0, *specs[0].train.sparsity_ladder) if specs[0].train.epochs else specs[0].train.sparsity_ladder
-    if not any(abs(rung - s) < 1e-9 for s in ladder):
+    if Rung(rung) not in {Rung(s) for s in ladder}:
         raise ExportError(f"--sparsity {rung:g}: not a rung of group {group!r} (rungs: {', '.join(f'{s:g}' for s in ladder)})")
 
     loaded = {t.member: _member_weights(tree, t, rung) for t in specs}
@@ -388,10 +400,11 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
         entry.update(model_sparsity=counts["model_sparsity"], nonzero_weights=counts["nonzero_weights"],
                      total_weights=counts["total_weights"])
         try:
-            rec = next(r for r in tree.read_json(ExperimentLayout.MEMBERS, ExperimentLayout.member_name(t.member)).get("rungs", [])
-                       if abs(float(r["target_sparsity"]) - rung) < 1e-9)
-            entry.update({k: rec.get(k) for k in ("sparsity", "val_accuracy", "test_accuracy")})
-        except (OSError, ValueError, StopIteration, AttributeError, TypeError, KeyError):
+            rec = MemberSummary.from_dict(tree.read_json(ExperimentLayout.MEMBERS,
+                                                         ExperimentLayout.member_name(t.member))).rung(Rung(rung))
+            if rec is not None:
+                entry.update(sparsity=rec.sparsity, val_accuracy=rec.val_accuracy, test_accuracy=rec.test_accuracy)
+        except (OSError, ValueError):
             pass  # the member's own summary is informative only
         models[t.member] = model
         members.append(entry)

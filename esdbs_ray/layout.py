@@ -37,12 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
+from .errors import UserError
 
 MARKER = ".esdbs.json"
 KINDS = ("experiment", "dbs-search", "run", "report", "export")
 
 
-class OutputError(ValueError):
+class OutputError(UserError):
     """An output path esdbs must not write to (not ours, a file, not writable, already holds results)."""
 
 
@@ -63,7 +64,9 @@ class ExperimentLayout:
     # report) take them as they are.
     CONFIG = "config.yaml"
     SUMMARY = "summary.json"
-    TUNE_BASE = ("tune", "base")
+    TUNE = "tune"
+    TUNE_BASE = (TUNE, "base")  # Tune's experiment name "base" under storage_path OUT/tune
+    TUNE_DBS_SEARCH = (TUNE, "dbs_search")
     PREDICTIONS = "predictions"
     MEMBERS = "members"
     WEIGHTS = "weights"
@@ -99,7 +102,7 @@ class ExperimentLayout:
 
     @property
     def tune(self) -> str:
-        return self._join("tune")
+        return self._join(self.TUNE)
 
     @property
     def base(self) -> str:
@@ -107,14 +110,14 @@ class ExperimentLayout:
 
     @property
     def dbs_search(self) -> str:
-        return self._join("tune", "dbs_search")
+        return self._join(*self.TUNE_DBS_SEARCH)
 
     @property
     def predictions(self) -> str:
         return self._join(self.PREDICTIONS)
 
     def prediction(self, member: str, target_sparsity: float, basis_threshold: float | None = None) -> str:
-        # a basis rung (issue #16) is named by its threshold t: <member>-bt0900.parquet
+        # a basis rung is named by its threshold t: <member>-bt0900.parquet
         tag = _sparsity_tag(target_sparsity) if basis_threshold is None else f"bt{round(float(basis_threshold) * 1000):04d}"
         return self._join("predictions", f"{safe_name(member)}-{tag}.parquet")
 

@@ -32,6 +32,7 @@ from . import storage, tracking
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .layout import ExperimentLayout, claim_dir
 from .ray_env import cluster_capacity, gpus_per_trial, init_ray
+from .records import MemberSummary, RungResult
 
 
 class RunFailed(RuntimeError):
@@ -82,7 +83,7 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
                 reuse_actors=cfg.resources.reuse_actors,
             ),
             run_config=tune.RunConfig(
-                name="base", storage_path=layout.tune,
+                name=ExperimentLayout.TUNE_BASE[-1], storage_path=layout.tune,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 sync_config=tune.SyncConfig(sync_artifacts=True),
@@ -113,7 +114,7 @@ def _trial_name(trial) -> str:
 def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
     """One stacking search per group of two or more members: ``stacking.json`` when there is a single
     group, else ``stacking-<group>.json``."""
-    from .stacking import stack_experiment
+    from .stacking_run import stack_experiment
 
     trials = cfg.trials()
     groups = [g["group"] for g in cfg.groups()]
@@ -152,13 +153,6 @@ def load_resumed_config(out: str) -> PipelineConfig:
         raise ConfigError(f"--resume {out}: {exc}") from None
 
 
-def load_data(cfg: PipelineConfig):
-    from .data import load_dataset
-
-    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        subset=cfg.subset, test_subset=cfg.test_subset, image_size=cfg.image_size)
-
-
 def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: bool = False,
                  address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> dict:
     from .provenance import device_info, provenance
@@ -168,7 +162,9 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
     # checked, the data loads, and only then is the directory claimed (a failed load leaves nothing).
     claim_dir(out, "experiment", resume=resume, force=force, check_only=True)
     tracking.settings(cfg, storage.normalize(out))  # MLflow on but unusable: refused now
-    data = load_data(cfg)
+    from .data import load_configured
+
+    data = load_configured(cfg)
     layout = ExperimentLayout(claim_dir(out, "experiment", resume=resume, force=force))
     if not resume:
         storage.write_text(layout.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -206,10 +202,8 @@ def _collect_members(results, layout: ExperimentLayout) -> list[dict]:
     ``summary.json`` keeps these rows without the per-epoch history."""
     rows = []
     for r in results:
-        m = json.loads(storage.read_bytes(layout.member(r.config["member"])))
-        m.pop("history", None)
-        m.update(trial_path=r.path, wall_seconds=(r.metrics or {}).get("time_total_s"))
-        rows.append(m)
+        m = MemberSummary.from_dict(json.loads(storage.read_bytes(layout.member(r.config["member"]))))
+        rows.append(m.replace(trial_path=r.path, wall_seconds=(r.metrics or {}).get("time_total_s")).row())
     return sorted(rows, key=lambda m: m["member"])
 
 
@@ -221,26 +215,28 @@ def _ensemble_row(stacking: dict) -> dict:
             "sparsity": stacking.get("sparsity"), "basis_threshold": stacking.get("basis_threshold")}
 
 
+def _or(x, default):
+    return default if x is None else x
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"{'member':<28} {'variant':<12} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'B':>10} {'s/epoch':>8}"]
     stack = summary["config"]["stack"]
-    for m in summary["members"]:
+    for m in map(MemberSummary.from_dict, summary["members"]):
         # the rung the stack uses: by target sparsity, or by threshold t for a BasisConv ladder
-        key = "basis_threshold" if any(r.get("basis_threshold") is not None for r in m["rungs"]) else "target_sparsity"
-        want = stack.get("basis_threshold" if key == "basis_threshold" else "sparsity")
-        at = [r for r in m["rungs"] if want is not None and r.get(key) == want]
-        r = at[0] if at else (m["rungs"][-1] if m["rungs"] else {})
-        b = m.get("batch_size_range") or ["?", "?"]
-        shown = f"t={r['basis_threshold']:g}" if r.get("basis_threshold") is not None else f"{r.get('sparsity', 0.0):.3f}"
-        lines.append(f"{m['member']:<28} {m['variant']:<12} {r.get('val_accuracy', float('nan')):8.4f} "
-                     f"{r.get('test_accuracy', float('nan')):8.4f} {shown:>8} "
-                     f"{str(b[0]) + '-' + str(b[1]):>10} {m['mean_epoch_seconds']:8.1f}")
+        r = m.stacked_rung(stack.get("sparsity"), stack.get("basis_threshold")) or m.final or RungResult()
+        b = m.batch_size_range or ["?", "?"]
+        shown = f"t={r.basis_threshold:g}" if r.basis_threshold is not None else f"{r.sparsity or 0.0:.3f}"
+        nan = float("nan")
+        lines.append(f"{m.member:<28} {m.variant:<12} {_or(r.val_accuracy, nan):8.4f} "
+                     f"{_or(r.test_accuracy, nan):8.4f} {shown:>8} "
+                     f"{str(b[0]) + '-' + str(b[1]):>10} {m.mean_epoch_seconds:8.1f}")
     for variant, e in summary["ensembles"].items():
         lines.append(f"{'ensemble (' + e['method'] + ')':<28} {variant:<12} {e['val_accuracy']:8.4f} "
                      f"{e['test_accuracy']:8.4f}")
     lines.append(f"wall time {summary['wall_seconds']:.0f}s (base stage {summary['base_wall_seconds']:.0f}s); "
                  f"results in {summary['experiment_dir']}")
-    lines.append(f"TensorBoard: tensorboard --logdir {storage.join(summary['experiment_dir'], 'tune')} --host 127.0.0.1")
+    lines.append(f"TensorBoard: tensorboard --logdir {ExperimentLayout(summary['experiment_dir']).tune} --host 127.0.0.1")
     return "\n".join(lines)
 
 
@@ -282,7 +278,7 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from .dbs import plot_search
+    from .analysis.figures import plot_search
     from .provenance import provenance
     from .trainable import train_dbs_trial
 
@@ -306,7 +302,7 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
             # every sample trains the same model: a reused actor keeps its compiled layers
             reuse_actors=cfg.resources.reuse_actors,
         ),
-        run_config=tune.RunConfig(name="dbs_search", storage_path=layout.tune,
+        run_config=tune.RunConfig(name=ExperimentLayout.TUNE_DBS_SEARCH[-1], storage_path=layout.tune,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   callbacks=tracking.tune_callbacks(cfg, layout.root),

@@ -31,7 +31,7 @@ column              Arrow type                                   meaning
 ``epoch``           ``int32``                                    training epoch the predictions come from
 ``probs``           ``fixed_size_list<float32>[C]``              softmax output; rows sum to 1 (±1e-3)
                     (``pa.list_(pa.float32(), C)``)
-``basis_threshold`` ``float32``, optional                        BasisConv rungs only (issue #16): the
+``basis_threshold`` ``float32``, optional                        BasisConv rungs only: the
                                                                  rung's eigenvalue-share threshold t in
                                                                  (0, 1]; such a rung's target_sparsity
                                                                  is 0.0 (it prunes nothing)
@@ -81,6 +81,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from esdbs_ray import storage
+from esdbs_ray.errors import UserError
+from esdbs_ray.records import Rung
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -94,7 +96,6 @@ __all__ = [
     "prediction_sources",
     "prediction_matrix",
     "prediction_rungs",
-    "rung_order",
     "prediction_path",
     "predictions_dir",
     "atomic_write_bytes",
@@ -111,7 +112,7 @@ _SOURCES_KEY = b"esdbs_sources"
 _STR_COLUMNS = ("split", "model", "member", "variant")
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError):
     """A prediction file or prediction array that does not follow the schema."""
 
 
@@ -558,19 +559,20 @@ def prediction_rungs(table: pa.Table, split: str | None = None) -> list[dict[str
         r["target_sparsity"] = round(float(r["target_sparsity"]), 6)
         bt = r.get("basis_threshold")
         r["basis_threshold"] = None if bt is None else round(float(bt), 6)
-    return sorted(g, key=lambda r: (r["member"], r["split"], rung_order(r["target_sparsity"], r["basis_threshold"]),
-                                    r["epoch"]))
+    return sorted(g, key=lambda r: (r["member"], r["split"], Rung.of(r).order(), r["epoch"]))
 
 
-def rung_order(target_sparsity: float, basis_threshold: float | None) -> tuple:
-    """Sort key from the least to the most compressed rung: the dense rung, then the sparsity rungs by
-    target, or the basis rungs by decreasing t (a member climbs one ladder, never both)."""
-    return (float(target_sparsity), 0.0 if basis_threshold is None else 2.0 - float(basis_threshold))
+def _row_rungs(cols: dict[str, np.ndarray], sel: np.ndarray) -> list[Rung]:
+    ts = cols["target_sparsity"][sel].astype(np.float64)
+    bt = cols["basis_threshold"][sel]
+    return sorted({Rung(t, None if np.isnan(b) else b) for t, b in set(zip(ts.tolist(), bt.tolist()))})
 
 
-def _rung_text(key: tuple) -> str:
-    ts, bt = key
-    return f"basis t={bt:g}" if bt is not None else f"sparsity {ts:g}"
+def _rows_at(cols: dict[str, np.ndarray], rung: Rung) -> np.ndarray:
+    """Rows of ``rung``, by the package's one rule: values rounded as :class:`Rung` rounds them."""
+    at = np.round(cols["target_sparsity"].astype(np.float64), 6) == rung.target_sparsity
+    bt = cols["basis_threshold"]
+    return at & (np.isnan(bt) if rung.basis_threshold is None else np.round(bt, 6) == rung.basis_threshold)
 
 
 def prediction_matrix(
@@ -589,7 +591,7 @@ def prediction_matrix(
     ``index`` (and, when ``return_info``, a 4th item: per member the rung used).  ``members`` defaults
     to every member present, sorted by name.  Rung: with ``sparsity=None`` each member's last rung
     (highest ``target_sparsity``; for a BasisConv member its smallest ``basis_threshold``: see
-    :func:`rung_order`); otherwise the rung whose ``target_sparsity`` equals ``sparsity`` and which is
+    :meth:`~esdbs_ray.records.Rung.order`); otherwise the rung whose ``target_sparsity`` equals ``sparsity`` and which is
     not a basis rung, or, with ``basis_threshold``, the basis rung of that t (and of ``sparsity`` when
     given); an error lists the available rungs.  Within a rung the latest ``epoch`` is used.  ``variant`` filters rows first (required when a member appears under several variants).
     Errors name the members whose index sets or labels differ.
@@ -627,28 +629,21 @@ def prediction_matrix(
         variants = sorted(set(cols["variant"][sel].tolist()))
         if len(variants) > 1:
             raise PredictionsError(f"member {m!r} appears under several variants {variants}; pass variant=")
-        ts = np.round(cols["target_sparsity"][sel].astype(np.float64), 6)
-        bts = np.round(cols["basis_threshold"][sel], 6)
-        rungs = sorted({(t, None if np.isnan(b) else b) for t, b in zip(ts.tolist(), bts.tolist())},
-                       key=lambda k: rung_order(*k))
+        rungs = _row_rungs(cols, sel)
         if sparsity is None and basis_threshold is None:
             want = rungs[-1]
         else:
-            hits = [(t, b) for t, b in rungs
-                    if (sparsity is None or abs(t - float(sparsity)) < 1e-5)
-                    and (b is None if basis_threshold is None else (b is not None and abs(b - basis_threshold) < 1e-5))]
+            hits = [r for r in rungs if r.matches(sparsity, basis_threshold)]
             if not hits:
                 asked = " and ".join(x for x in (f"target_sparsity {sparsity}" if sparsity is not None else "",
                                                  f"basis_threshold {basis_threshold}" if basis_threshold is not None
                                                  else "") if x)
                 raise PredictionsError(
                     f"member {m!r} has no rung with {asked} on split {split!r}; "
-                    f"available: {', '.join(_rung_text(k) for k in rungs)}"
+                    f"available: {', '.join(r.text() for r in rungs)}"
                 )
             want = hits[0]
-        bt_rows = cols["basis_threshold"]
-        sel &= np.abs(cols["target_sparsity"].astype(np.float64) - want[0]) < 1e-5
-        sel &= np.isnan(bt_rows) if want[1] is None else np.abs(bt_rows - want[1]) < 1e-5
+        sel &= _rows_at(cols, want)
         last_epoch = int(cols["epoch"][sel].max())
         sel &= cols["epoch"] == last_epoch
         idx = cols["index"][sel]
@@ -656,7 +651,7 @@ def prediction_matrix(
         idx = idx[order]
         if np.unique(idx).size != idx.size:
             raise PredictionsError(
-                f"member {m!r}: duplicate indices on split {split!r} at {_rung_text(want)}, epoch {last_epoch} "
+                f"member {m!r}: duplicate indices on split {split!r} at {want.text()}, epoch {last_epoch} "
                 "(two files for the same rung?)"
             )
         lab = cols["label"][sel][order]
@@ -677,8 +672,8 @@ def prediction_matrix(
                 )
         probs_list.append(p)
         info[m] = {
-            "target_sparsity": want[0],
-            "basis_threshold": want[1],
+            "target_sparsity": want.target_sparsity,
+            "basis_threshold": want.basis_threshold,
             "sparsity": round(float(np.mean(cols["sparsity"][sel])), 6),
             "epoch": last_epoch,
             "model": str(cols["model"][sel][0]),

@@ -7,7 +7,7 @@
 * ``paper-fashion-mnist`` / ``paper-cifar10`` / ``paper-cifar100``  the paper's experiment matrix
   (spec §1) at the paper's scale, a GPU job; ``paper-fashion-mnist-cpu`` the same matrix shrunk for 60
   minutes on 2 CPU cores (the committed reference run); ``paper`` the method alone at the paper's scale;
-* ``basisconv-cifar100`` (GPU) / ``basisconv-fashion-mnist-cpu``  BasisConv (issue #16) beside the
+* ``basisconv-cifar100`` (GPU) / ``basisconv-fashion-mnist-cpu``  BasisConv beside the
   paper's pruning: SC-CNN, SWR-CNN, SBC-CNN and SRB-CNN stacks of the same members.
 
 Each preset is a plain dict, validated like any config (``config.build_config``); a test builds every
@@ -15,13 +15,15 @@ preset's trials, so a new preset is checked for free.
 """
 from __future__ import annotations
 
+import copy
 
-def _merge(base: dict, over: dict) -> dict:
-    import copy
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` laid over ``base``: nested mappings merge key by key, anything else replaces; neither
+    input is changed (how presets build on each other, and YAML / ``--set`` apply over a preset)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -50,21 +52,13 @@ PRESETS: dict[str, dict] = {
                   "eval_batch_size": 500},
         "resources": {"cpus_per_trial": 0.5},
     },
-    # quick: the demo on a 2-core CPU machine. ConvPool-CNN-C keeps three convs at full 28x28
-    # resolution (its SWR epoch is the slowest of the three), so it trains one dense epoch fewer than
-    # its partners (a third epoch lifted it 2.2 pt and the stack not at all, for 84 s, on the Xeon
-    # below; with the native layer on a 2-core AMD EPYC the stack was 0.9066 either way, 106 / 114 s).
-    # - 40,000 images (36,000 train / 4,000 val): with the native Winograd-ReLU kernels the base stage
-    #   took 106 s at 26,000 images on a 2-core AMD EPYC (2026-12-02), and the extra images lifted the
-    #   stack from 0.9066 / 0.9055 to 0.9130 / 0.9111 (seeds 0 / 1) for 141-145 s.
-    # What the rest is, measured on one 2-core Xeon with one seed (stack test accuracy, base-stage
-    # seconds with a warm compile cache, the compiled layer of the time):
-    # - the 30 % rung retrains at η0 (rung_lr: lr0), not at the dense phase's last η (spec §4.5):
-    #   3 dense epochs never reach a plateau, so that η is the doubling's peak, and retraining at it
-    #   cost AlexNet 2.7 pt and All-CNN-C 3.1 pt (stack 87.34 -> 89.10 %, 337 s);
-    # - η doubles every epoch (double_every 1, as in paper-fashion-mnist-cpu): B reaches 512 in the
-    #   dense phase and the epochs get cheaper (89.37 %, 319 s);
-    # - 26,000 images (23,400 train / 2,600 val) rather than 20,000: 90.44 %, 391 s.
+    # quick: the demo on a 2-core CPU machine (each choice measured: bench/results/presets/README.md).
+    # ConvPool-CNN-C keeps three convs at full 28x28 resolution (the slowest SWR epoch of the three),
+    # so it trains one dense epoch fewer: a third epoch lifted it, not the stack.  40,000 images: more
+    # data lifted the stack by more than it cost.  The 30 % rung retrains at η0 (rung_lr: lr0): three
+    # dense epochs never plateau, so the dense phase's last η is the doubling's peak, and retraining at
+    # it cost the members accuracy.  η doubles every epoch: B reaches 512 within the dense phase and the
+    # epochs get cheaper.
     "quick": {
         "name": "quick", "subset": 40000,
         "members": ["alexnet", {"model": "convpool_cnn_c", "epochs": 2}, "all_cnn_c"],
@@ -82,24 +76,23 @@ PRESETS: dict[str, dict] = {
     "paper-cifar100": _paper_matrix("cifar100", "resnet32", epochs=40, sparsity=0.4,
                                     c_cnn={"dropout": 0.1, "l2": 0.001}, stacked={"dropout": 0.1, "l2": 0.01}),
     # The reference run of analysis/results/fashion-mnist-cpu/: the paper-fashion-mnist matrix (all
-    # four variants, the three members, the batch sweep beside DBS) shrunk to finish within 60 minutes
-    # on a 2-core CPU machine with the compiled layer of 2026-11 (41 min); with the native layer it
-    # took 9:33 on a 2-core AMD EPYC (2026-12-02), kept as it was so that runs stay comparable.  Every
-    # reduction is here, none in code:
-    # - 9,000 training images (10 % for validation).  At 12,000 the projected wall time was 59-64
-    #   minutes: a Winograd-ReLU ConvPool-CNN-C epoch takes ~2 minutes on a third of the machine, and
-    #   each of the 28 trials evaluates the full 10,000-image test set at every rung.
+    # four variants, the three members, the batch sweep beside DBS) shrunk to finish within an hour on
+    # a 2-core CPU machine; kept as it is so that runs stay comparable (times:
+    # bench/results/presets/README.md).  Every reduction is here, none in code:
+    # - 9,000 training images (10 % for validation): a Winograd-ReLU ConvPool-CNN-C epoch on a third
+    #   of the machine is the bottleneck, and each of the 28 trials evaluates the full 10,000-image
+    #   test set at every rung.
     # - width 0.25, 3 dense epochs, the ladder 30/60/80 % (the paper's stacking point and the
     #   sparsities its claims name) with 1 retraining epoch per rung.
     # - the batch sweep at the ends of the paper's range, 64 and 1024 (B0 = 128 comes from the main
     #   groups).
     # - DBS doubling the learning rate every epoch (with n = 2 a 6-epoch schedule doubles it at most
     #   twice) and no warm-up: 10 % of 6 epochs rounds to one whole epoch at half the learning rate,
-    #   and when that epoch's val accuracy beats the first epoch at η0 (by 2 of 1,200 images in a
-    #   first attempt) the fall rule (spec §4.2) ends the LR phase before DBS ever raises the batch.
-    # - three single-thread trials sharing the two cores: on this VM one thread per process is the
-    #   fastest use of a core (bench/throughput.py).
-    "paper-fashion-mnist-cpu": _merge(
+    #   and when that epoch's val accuracy beats the first epoch at η0 the fall rule (spec §4.2) ends
+    #   the LR phase before DBS ever raises the batch.
+    # - three single-thread trials sharing the two cores: one thread per process is the fastest use of
+    #   a core there (bench/throughput.py).
+    "paper-fashion-mnist-cpu": deep_merge(
         _paper_matrix("fashion-mnist", "alexnet", epochs=3, sparsity=0.3,
                       c_cnn={"dropout": 0.2, "l2": 0.01}, stacked={"dropout": 0.0, "l2": 0.001}),
         {"name": "paper-fashion-mnist-cpu", "subset": 9000,
@@ -107,7 +100,7 @@ PRESETS: dict[str, dict] = {
                    "dbs": {"double_every": 1, "warmup_frac": 0.0}},
          "batch_sweep": {"batch_sizes": [64, 1024]},
          "resources": {"cpus_per_trial": 0.66}}),
-    # fine-grained (issue #17): a user's own image folder, the ResNet-50 report's practice done right
+    # fine-grained: a user's own image folder, the ResNet-50 report's practice done right
     # (../shared/papers/resnet-fine-grained-monkey-classification-zh.md: ResNet-50, imgaug-style
     # augmentation, Adam at 1e-3, early stopping; its "next steps": cosine decay with warm-up, a better
     # optimizer).  ResNet-50 beside two smaller, differently built members (VGG-16, AlexNet at reduced
@@ -119,8 +112,8 @@ PRESETS: dict[str, dict] = {
     #   a GPU's job (--set image_size=224).
     # - batch 32: a few hundred to a few thousand images give few steps per epoch at the report's 128.
     # - patience 5 of 30 epochs; `--scale 0.1` (3 epochs) is a plumbing check that never stops early.
-    # Measured: `esdbs run --preset fine-grained --set dataset=imagefolder:DIR --scale 0.1` on 2,000
-    # Fashion-MNIST photographs (JPEG, 10 classes) on 2 shared CPU cores: see README "Your own images".
+    # `esdbs run --preset fine-grained --set dataset=imagefolder:DIR --scale 0.1` is the plumbing check;
+    # the README's "Your own images" has a measured run.
     "fine-grained": {
         "name": "fine-grained", "dataset": "imagefolder:images", "image_size": 64,
         "members": ["resnet50", {"model": "vgg16", "width": 0.5}, {"model": "alexnet", "width": 0.5}],
@@ -133,7 +126,7 @@ PRESETS: dict[str, dict] = {
         "stack": {"choose": "nll_optimal"},
         "resources": {"cpus_per_trial": 0.66},
     },
-    # BasisConv (issue #16; ../shared/papers/basisconv-compressed-cnn.txt) beside the paper's pruning.
+    # BasisConv (../shared/papers/basisconv-compressed-cnn.txt) beside the paper's pruning.
     # Four stacks of the same members: SC-CNN (magnitude pruning), SWR-CNN (Winograd-domain pruning),
     # SBC-CNN (each trained member compressed along the eigen ladder t = 1.0 ... 0.85, the paper's
     # Table 2 operating point being t = 0.85) and SRB-CNN (fixed random orthonormal bases, trained from

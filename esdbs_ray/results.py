@@ -25,8 +25,11 @@ import json
 import os
 from typing import Any
 
+from .errors import UserError
 from .layout import ExperimentLayout as L
+from .records import EpochRecord, MemberSummary, Rung, RungResult
 from .storage import Tree
+from .tune_analysis import tune_trials
 
 COLUMNS = (
     "kind", "group", "variant", "member", "model", "conv", "schedule", "batch_size", "method", "chosen",
@@ -42,55 +45,24 @@ FORMATS = ("table", "csv", "parquet")
 __all__ = ["results_table", "format_results", "COLUMNS", "FORMATS", "ResultsError"]
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     """Not an experiment esdbs can tabulate; the message names it."""
 
 
-def _tune(tree: Tree) -> tuple[dict[str, dict], list[str]]:
-    """member -> {trial_id, status, iterations, wall_seconds, wall_by_epoch, trial_dir} from Tune's
-    experiment analysis (its JSON state and result files), and notes on what was missing."""
-    if not tree.is_dir(*L.TUNE_BASE):
-        return {}, [f"{tree.uri('tune', 'base')}: no Tune experiment (trial ids and wall times left empty)"]
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        analysis = ExperimentAnalysis(tree.path(*L.TUNE_BASE), storage_filesystem=tree.fs)
-        frames = analysis.trial_dataframes
-    except Exception as exc:  # Tune's own error types; the JSON still gives every other column
-        return {}, [f"{tree.uri('tune', 'base')}: Tune's experiment analysis failed ({str(exc).splitlines()[0][:200]})"]
-    out = {}
-    base = tree.path()
-    for t in analysis.trials:
-        member = (t.config or {}).get("member")
-        if member is None:
-            continue
-        df = frames.get(t.trial_id)
-        if df is None:
-            df = frames.get(t.path)
-        wall_by_epoch = {}
-        if df is not None and "epoch" in df and "time_total_s" in df:
-            for e, w in zip(df["epoch"], df["time_total_s"]):
-                wall_by_epoch[int(e)] = float(w)  # a repeated epoch (after a restart) keeps its latest time
-        last = t.last_result or {}
-        rel = t.path[len(base):].lstrip("/") if base and t.path.startswith(base) else t.path
-        out[member] = {"trial_id": t.trial_id, "status": t.status, "iterations": last.get("training_iteration"),
-                       "wall_seconds": last.get("time_total_s"), "wall_by_epoch": wall_by_epoch, "trial_dir": rel}
-    return out, []
-
-
-def _members(tree: Tree) -> tuple[list[dict], list[str]]:
+def _members(tree: Tree) -> tuple[list[MemberSummary], list[str]]:
     rows, notes = [], []
     for name in tree.listdir(L.MEMBERS, pattern="*.json", kind="file"):
         try:
-            m = tree.read_json(L.MEMBERS, name)
+            m = MemberSummary.from_dict(tree.read_json(L.MEMBERS, name))
         except (OSError, ValueError) as exc:
-            notes.append(f"{tree.uri('members', name)}: unreadable ({exc})")
+            notes.append(f"{tree.uri(L.MEMBERS, name)}: unreadable ({exc})")
             continue
-        if isinstance(m, dict) and m.get("member"):
+        if m.member:
             rows.append(m)
     if not rows:  # an experiment copied without members/: summary.json has the rows, not the history
         try:
-            rows = [m for m in (tree.read_json(L.SUMMARY).get("members") or []) if isinstance(m, dict)]
+            rows = [MemberSummary.from_dict(m) for m in (tree.read_json(L.SUMMARY).get("members") or [])
+                    if isinstance(m, dict)]
             if rows:
                 notes.append("members/ missing: rows from summary.json (no per-rung batch sizes)")
         except (OSError, ValueError, AttributeError):
@@ -98,8 +70,8 @@ def _members(tree: Tree) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def _batch_range(history: list[dict], epochs: range | None = None) -> tuple[Any, Any]:
-    bs = [int(h["batch_size"]) for h in history if "batch_size" in h and (epochs is None or h.get("epoch") in epochs)]
+def _batch_range(history: list[EpochRecord], epochs: range | None = None) -> tuple[Any, Any]:
+    bs = [h.batch_size for h in history if h.batch_size is not None and (epochs is None or h.epoch in epochs)]
     return (min(bs), max(bs)) if bs else (None, None)
 
 
@@ -114,45 +86,41 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
     members, notes = _members(tree)
     if not members:
         raise ResultsError(f"{tree.root}: no esdbs results (no members/*.json or summary.json members)")
-    tune, tune_notes = _tune(tree)
+    tune, tune_notes = tune_trials(tree)
     notes += tune_notes
     rows: list[dict] = []
-    by_member = {m["member"]: m for m in members}
-    for m in sorted(members, key=lambda m: (str(m.get("group")), m["member"])):
-        cfg = m.get("config") or {}
-        t = tune.get(m["member"], {})
-        history = m.get("history") or []
-        common = {"group": m.get("group"), "variant": m.get("variant"), "member": m["member"], "model": m.get("model"),
+    by_member = {m.member: m for m in members}
+    for m in sorted(members, key=lambda m: (str(m.group), m.member)):
+        cfg = m.config or {}
+        t = tune.get(m.member, {})
+        history = m.history
+        common = {"group": m.group, "variant": m.variant, "member": m.member, "model": m.model,
                   "conv": cfg.get("conv"), "schedule": cfg.get("schedule"),
-                  "batch_size": m.get("batch_size") or (cfg.get("dbs") or {}).get("b0"),
+                  "batch_size": m.batch_size or (cfg.get("dbs") or {}).get("b0"),
                   "trial_id": t.get("trial_id"), "status": t.get("status"), "source": t.get("trial_dir")}
-        rungs = [r for r in m.get("rungs") or [] if isinstance(r, dict)]
-        final = rungs[-1] if rungs else {}
-        lo, hi = _batch_range(history) if history else tuple(m.get("batch_size_range") or (None, None))
+        final = m.final or RungResult(target_sparsity=None)
+        lo, hi = _batch_range(history) if history else tuple(m.batch_size_range or (None, None))
         rows.append({**common, "kind": "trial", "iterations": t.get("iterations"),
-                     "epoch": (history[-1]["epoch"] if history else (m.get("epochs") or 0) - 1),
-                     "target_sparsity": final.get("target_sparsity"), "basis_threshold": final.get("basis_threshold"),
-                     "sparsity": m.get("sparsity"),
-                     "model_sparsity": m.get("model_sparsity"), "nonzero_weights": m.get("nonzero_weights"),
-                     "total_weights": m.get("total_weights"), "val_accuracy": m.get("val_accuracy"),
-                     "val_loss": history[-1].get("val_loss") if history else None,
-                     "test_accuracy": m.get("test_accuracy"), "test_loss": m.get("test_loss"), "steps": m.get("steps"),
-                     "train_seconds": m.get("train_seconds"), "mean_epoch_seconds": m.get("mean_epoch_seconds"),
-                     "wall_seconds": t.get("wall_seconds", m.get("wall_seconds")), "batch_min": lo, "batch_max": hi})
+                     "epoch": (history[-1].epoch if history else (m.epochs or 0) - 1),
+                     "target_sparsity": final.target_sparsity, "basis_threshold": final.basis_threshold,
+                     "sparsity": m.sparsity, "model_sparsity": m.model_sparsity, "nonzero_weights": m.nonzero_weights,
+                     "total_weights": m.total_weights, "val_accuracy": m.val_accuracy,
+                     "val_loss": history[-1].val_loss if history else None,
+                     "test_accuracy": m.test_accuracy, "test_loss": m.test_loss, "steps": m.steps,
+                     "train_seconds": m.train_seconds, "mean_epoch_seconds": m.mean_epoch_seconds,
+                     "wall_seconds": t.get("wall_seconds", m.wall_seconds), "batch_min": lo, "batch_max": hi})
         first = 0
-        for r in rungs:
-            end = int(r.get("epoch", first))
+        for r in m.rungs:
+            end = r.epoch if r.epoch is not None else first
             lo, hi = _batch_range(history, range(first, end + 1))
-            rows.append({**common, "kind": "rung", "epoch": end,
-                         **{k: r.get(k) for k in ("target_sparsity", "basis_threshold", "sparsity", "model_sparsity",
-                                                  "nonzero_weights",
-                                                  "total_weights", "val_accuracy", "val_loss", "test_accuracy",
-                                                  "test_loss", "steps", "train_seconds", "mean_epoch_seconds")},
+            rows.append({**common, "kind": "rung", "epoch": end, "rung": r.rung,
+                         **{k: getattr(r, k) for k in ("target_sparsity", "basis_threshold", "sparsity",
+                                                       "model_sparsity", "nonzero_weights", "total_weights",
+                                                       "val_accuracy", "val_loss", "test_accuracy", "test_loss",
+                                                       "steps", "train_seconds", "mean_epoch_seconds")},
                          "wall_seconds": (t.get("wall_by_epoch") or {}).get(end), "batch_min": lo, "batch_max": hi})
             first = end + 1
-    # a rung is (target sparsity, basis threshold): BasisConv rungs (issue #16) all have target 0
-    rung_rows = {(r["member"], *_rung_key(r)): r for r in rows
-                 if r["kind"] == "rung" and r.get("target_sparsity") is not None}
+    rung_rows = {(r["member"], r["rung"]): r for r in rows if r["kind"] == "rung"}
     for name in tree.listdir(pattern=L.STACKING_GLOB, kind="file") + tree.listdir(pattern=L.RESTACK_GLOB, kind="file"):
         try:
             st = tree.read_json(name)
@@ -164,12 +132,13 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
             continue
         names = list(st.get("member_names") or [])
         info = st.get("rungs") or {}
-        group = st.get("variant") or next((by_member[n].get("group") for n in names if n in by_member), None)
-        keys = [_rung_key({"target_sparsity": -1, **(info.get(n) or {})}) for n in names]
-        parts = [rung_rows.get((n, *k)) for n, k in zip(names, keys)]
+        group = st.get("variant") or next((by_member[n].group for n in names if n in by_member), None)
+        keys = [_stacked_rung(info.get(n)) for n in names]
+        parts = [rung_rows.get((n, k)) for n, k in zip(names, keys)]
         have = all(p is not None for p in parts)
         one = names and len(set(keys)) == 1  # every member stacked at the same rung
-        agg: dict[str, Any] = dict(zip(("target_sparsity", "basis_threshold"), keys[0] if one else (None, None)))
+        agg: dict[str, Any] = keys[0].as_dict() if one and keys[0] is not None else \
+            {"target_sparsity": None, "basis_threshold": None}
         if have and parts:
             nz = sum(int(p["nonzero_weights"] or 0) for p in parts)
             tot = sum(int(p["total_weights"] or 0) for p in parts)
@@ -230,7 +199,9 @@ def format_results(df, fmt: str) -> bytes:
     return (shown.fillna("").astype(str).to_string(index=False) + "\n").encode()
 
 
-def _rung_key(r: dict) -> tuple:
-    """(target sparsity, basis threshold or None), rounded: how a rung is named (compression.py)."""
-    bt = r.get("basis_threshold")
-    return round(float(r["target_sparsity"]), 6), None if bt is None else round(float(bt), 6)
+def _stacked_rung(info: Any) -> Rung | None:
+    """The rung a stacking file says a member was stacked at (None when it does not say)."""
+    try:
+        return Rung.of(info) if isinstance(info, dict) and info.get("target_sparsity") is not None else None
+    except ValueError:
+        return None

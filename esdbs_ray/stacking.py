@@ -19,9 +19,9 @@ Methods (each returns a weight vector on the simplex):
 replacement, NLL criterion; ``caruana_accuracy`` uses the accuracy criterion)
     Baselines.
 
-:func:`stack` runs the methods on prediction arrays; :func:`stack_experiment` reads
-``<experiment>/predictions/*.parquet`` (:mod:`esdbs_ray.predictions`), stacks, and writes
-``<experiment>/stacking.json``.
+:func:`stack` runs the methods on prediction arrays; :func:`esdbs_ray.stacking_run.stack_experiment`
+reads ``<experiment>/predictions/*.parquet`` (:mod:`esdbs_ray.predictions`), stacks, and writes
+``<experiment>/stacking.json``.  No Ray here: the Tune search is an adapter (``stacking_tune.py``).
 
 Which weights the ensemble uses (``chosen``) is decided on validation data only, by the ``choose``
 argument: ``"nll_optimal"`` (default: the exact, smooth optimum -- accuracy gains of a direct search
@@ -34,40 +34,35 @@ Probabilities are floored at ``EPS = 1e-12`` inside logarithms, so an NLL is alw
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-import shutil
-import tempfile
 import time
-from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from esdbs_ray import predictions as _pred
-from esdbs_ray import storage
+from esdbs_ray.config import STACK_METHODS
 
 __all__ = [
     "EPS",
     "DEFAULT_METHODS",
     "ALL_METHODS",
+    "METHODS",
     "evaluate",
     "nll_optimal",
     "accuracy_search",
-    "tune_accuracy_search",
     "equal_weights",
     "best_single",
     "caruana_greedy",
     "stack",
-    "stack_experiment",
     "format_stacking_table",
     "per_class_accuracy",
 ]
 
 EPS = 1e-12
-DEFAULT_METHODS = ("nll_optimal", "accuracy_search", "equal", "best_single", "caruana")
-ALL_METHODS = DEFAULT_METHODS + ("caruana_accuracy", "tune_accuracy_search")
+DEFAULT_METHODS = STACK_METHODS  # what a run stacks with unless its config says otherwise
 _SUM_TOL = 1e-6
 
 
@@ -421,129 +416,6 @@ def accuracy_search(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ray Tune search
-# ----------------------------------------------------------------------------------------------------
-def _weights_from_config(config: Mapping[str, Any], K: int) -> np.ndarray:
-    """``u_k ~ U[0, 1)`` -> ``e_k = -log(1 - u_k) ~ Exp(1)`` -> ``w = e / sum(e) ~ Dirichlet(1)``."""
-    u = np.array([float(config[f"u{k}"]) for k in range(K)])
-    e = -np.log1p(-np.clip(u, 0.0, 1.0 - 1e-16))
-    if e.sum() <= 0:
-        return np.full(K, 1.0 / K)
-    return e / e.sum()
-
-
-def _config_from_weights(w: np.ndarray) -> dict[str, float]:
-    """Inverse of :func:`_weights_from_config` (up to scale): ``u_k = 1 - exp(-w_k)``."""
-    return {f"u{k}": float(-np.expm1(-wk)) for k, wk in enumerate(w)}
-
-
-def _tune_trainable(config: dict, P: np.ndarray = None, y: np.ndarray = None) -> None:
-    from ray import tune
-
-    w = _weights_from_config(config, P.shape[0])
-    m = evaluate(w, P, y)
-    tune.report({"val_accuracy": m["accuracy"], "val_nll": m["nll"], **{f"w{k}": float(v) for k, v in enumerate(w)}})
-
-
-def tune_accuracy_search(
-    P_val: Any,
-    y_val: Any,
-    num_samples: int = 64,
-    seed: int = 0,
-    *,
-    storage_path: str | os.PathLike | None = None,
-    name: str | None = None,
-    init: Any = None,
-    cpus_per_trial: float = 1.0,
-    max_concurrent_trials: int | None = None,
-    ray_init_kwargs: Mapping[str, Any] | None = None,
-    return_info: bool = False,
-):
-    """Validation-accuracy search over the simplex as a Ray Tune experiment.
-
-    Each trial is one weight vector: K variables ``u_k ~ tune.uniform(0, 1)`` mapped to
-    ``w = e / sum(e)`` with ``e_k = -log(1 - u_k)`` (so ``w`` is uniform on the simplex, Dirichlet(1)).
-    The first trials are the NLL optimum (``init``, computed when None) and equal weights
-    (``points_to_evaluate``); the rest are sampled by ``BasicVariantGenerator(random_state=seed)``.
-    The probability arrays reach the trials through the object store (``tune.with_parameters``); each
-    trial reports ``{"val_accuracy", "val_nll", "w0", ...}``.  Best trial: highest accuracy, ties to the
-    lower NLL.  Any trial error raises ``RuntimeError``.
-
-    Uses the Ray instance already running in this process if there is one; otherwise starts a local
-    one on 127.0.0.1 (``ray_init_kwargs`` passed on, e.g. ``num_cpus``) and shuts it down afterwards.
-    ``storage_path`` is where Tune keeps the experiment (a temporary directory, deleted afterwards,
-    when None).  ``return_info`` adds ``{"trials", "val_accuracy", "val_nll", "storage_path"}``.
-    """
-    import ray
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    P, y = _check_py(P_val, y_val)
-    K = P.shape[0]
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    w0 = _check_weights(init, K) if init is not None else _nll_opt_q(_true_class_probs(P, y))[0]
-    points = [_config_from_weights(w0), _config_from_weights(np.full(K, 1.0 / K))][:num_samples]
-
-    started = False
-    tmp_storage = None
-    if storage_path is None:
-        tmp_storage = tempfile.mkdtemp(prefix="esdbs-tune-stacking-")
-        storage_path = tmp_storage
-    else:
-        storage_path = storage.normalize(storage_path)
-    try:
-        if not ray.is_initialized():
-            from esdbs_ray.ray_env import init_ray  # $RAY_ADDRESS, else a local Ray on loopback
-
-            init_ray(num_cpus=(ray_init_kwargs or {}).get("num_cpus"))
-            started = True
-        trainable = tune.with_resources(
-            tune.with_parameters(_tune_trainable, P=np.ascontiguousarray(P), y=y), {"cpu": cpus_per_trial}
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={f"u{k}": tune.uniform(0.0, 1.0) for k in range(K)},
-            tune_config=tune.TuneConfig(
-                num_samples=num_samples,
-                search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=seed),
-                max_concurrent_trials=max_concurrent_trials,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=name or f"stacking-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}",
-                storage_path=str(storage_path),
-                verbose=0,
-            ),
-        )
-        results = tuner.fit()
-        if results.errors:
-            raise RuntimeError(f"{len(results.errors)} Tune trial(s) failed: {results.errors[0]!r}")
-        rows = []
-        for r in results:
-            m = r.metrics or {}
-            if "val_accuracy" not in m:
-                raise RuntimeError(f"Tune trial {r.path} reported no val_accuracy")
-            rows.append((m["val_accuracy"], m["val_nll"], _weights_from_config(r.config, K)))
-    finally:
-        if started:
-            ray.shutdown()
-        if tmp_storage is not None:
-            shutil.rmtree(tmp_storage, ignore_errors=True)
-    acc = np.array([r[0] for r in rows])
-    nll = np.array([r[1] for r in rows])
-    best = _best_lex(acc, nll)
-    w = rows[best][2]
-    info = {
-        "trials": len(rows),
-        "val_accuracy": float(acc[best]),
-        "val_nll": float(nll[best]),
-        "storage_path": None if tmp_storage else str(storage_path),
-    }
-    return (w, info) if return_info else w
-
-
-# ----------------------------------------------------------------------------------------------------
 # baselines
 # ----------------------------------------------------------------------------------------------------
 def equal_weights(P_val: Any, y_val: Any = None) -> np.ndarray:
@@ -601,6 +473,72 @@ def caruana_greedy(P_val: Any, y_val: Any, rounds: int = 50, metric: str = "nll"
 
 
 # ----------------------------------------------------------------------------------------------------
+# the methods, by name
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _FitContext:
+    """What a method may use besides the validation predictions."""
+
+    seed: int = 0
+    init: np.ndarray | None = None  # the NLL optimum, once computed: the searches start from it
+    tune_samples: int = 0
+    storage_path: Any = None
+    caruana_rounds: int = 50
+    ray_init_kwargs: Mapping[str, Any] | None = None
+
+
+# name -> fit(P_val, y_val, ctx) -> (weights, method-specific info for the stacking JSON)
+METHODS: dict[str, Callable[[np.ndarray, np.ndarray, _FitContext], tuple[np.ndarray, dict]]] = {}
+
+
+def _method(name: str):
+    def register(fit):
+        METHODS[name] = fit
+        return fit
+
+    return register
+
+
+@_method("nll_optimal")
+def _fit_nll_optimal(P, y, ctx):
+    w, info = nll_optimal(P, y, return_info=True)
+    return w, {"duality_gap": info["duality_gap"], "iterations": info["iterations"]}
+
+
+@_method("accuracy_search")
+def _fit_accuracy_search(P, y, ctx):
+    w, info = accuracy_search(P, y, seed=ctx.seed, init=ctx.init, return_info=True)
+    return w, {"candidates": info["candidates"], "seeded_from": "nll_optimal"}
+
+
+@_method("equal")
+def _fit_equal(P, y, ctx):
+    return equal_weights(P), {}
+
+
+@_method("best_single")
+def _fit_best_single(P, y, ctx):
+    return best_single(P, y), {}
+
+
+@_method("caruana")
+def _fit_caruana(P, y, ctx):
+    return caruana_greedy(P, y, rounds=ctx.caruana_rounds, metric="nll"), {"rounds": ctx.caruana_rounds, "metric": "nll"}
+
+
+@_method("caruana_accuracy")
+def _fit_caruana_accuracy(P, y, ctx):
+    w = caruana_greedy(P, y, rounds=ctx.caruana_rounds, metric="accuracy")
+    return w, {"rounds": ctx.caruana_rounds, "metric": "accuracy"}
+
+
+# "tune_accuracy_search": registered by esdbs_ray.stacking_tune, the Tune adapter (this module never
+# imports Ray); esdbs_ray.stacking_run, which stacks experiments, imports it.
+TUNE_METHOD = "tune_accuracy_search"
+ALL_METHODS = (*METHODS, TUNE_METHOD)
+
+
+# ----------------------------------------------------------------------------------------------------
 # stacking driver
 # ----------------------------------------------------------------------------------------------------
 def _metrics(w: np.ndarray, Pv, yv, Pt, yt) -> dict[str, float]:
@@ -614,11 +552,11 @@ def stack(
     P_test: Any,
     y_test: Any,
     member_names: Sequence[str],
+    *,
     methods: Sequence[str] = DEFAULT_METHODS,
     tune_samples: int = 0,
     storage_path: str | os.PathLike | None = None,
     seed: int = 0,
-    *,
     choose: str = "nll_optimal",
     caruana_rounds: int = 50,
     ray_init_kwargs: Mapping[str, Any] | None = None,
@@ -650,11 +588,14 @@ def stack(
     if len(names) != K or len(set(names)) != K:
         raise ValueError(f"member_names must be {K} distinct names, got {names}")
     methods = list(dict.fromkeys(methods))
-    if tune_samples and "tune_accuracy_search" not in methods:
-        methods.append("tune_accuracy_search")
+    if tune_samples and TUNE_METHOD not in methods:
+        methods.append(TUNE_METHOD)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown stacking method(s) {unknown}; choose from {list(ALL_METHODS)}")
+    if TUNE_METHOD in methods and TUNE_METHOD not in METHODS:
+        raise ValueError(f"{TUNE_METHOD} runs on Ray Tune: import esdbs_ray.stacking_tune first "
+                         "(esdbs_ray.stacking_run does)")
     if not methods:
         raise ValueError("no stacking methods requested")
 
@@ -672,35 +613,14 @@ def stack(
         e[k] = 1.0
         out["members"][n] = _metrics(e, Pv, yv, Pt, yt)
 
-    w_nll = None
+    ctx = _FitContext(seed=int(seed), tune_samples=int(tune_samples), storage_path=storage_path,
+                      caruana_rounds=int(caruana_rounds), ray_init_kwargs=ray_init_kwargs)
     order = sorted(methods, key=lambda m: m != "nll_optimal")  # the NLL optimum seeds the searches
     for m in order:
-        extra: dict[str, Any] = {}
         t0 = time.perf_counter()
+        w, extra = METHODS[m](Pv, yv, ctx)
         if m == "nll_optimal":
-            w, info = nll_optimal(Pv, yv, return_info=True)
-            w_nll = w
-            extra = {"duality_gap": info["duality_gap"], "iterations": info["iterations"]}
-        elif m == "accuracy_search":
-            w, info = accuracy_search(Pv, yv, seed=seed, init=w_nll, return_info=True)
-            extra = {"candidates": info["candidates"], "seeded_from": "nll_optimal"}
-        elif m == "tune_accuracy_search":
-            n = int(tune_samples) if tune_samples else 64
-            w, info = tune_accuracy_search(
-                Pv, yv, num_samples=n, seed=seed, storage_path=storage_path, init=w_nll,
-                ray_init_kwargs=ray_init_kwargs, return_info=True,
-            )
-            extra = {"trials": info["trials"]}
-        elif m == "equal":
-            w = equal_weights(Pv)
-        elif m == "best_single":
-            w = best_single(Pv, yv)
-        elif m == "caruana":
-            w = caruana_greedy(Pv, yv, rounds=caruana_rounds, metric="nll")
-            extra = {"rounds": int(caruana_rounds), "metric": "nll"}
-        else:  # caruana_accuracy
-            w = caruana_greedy(Pv, yv, rounds=caruana_rounds, metric="accuracy")
-            extra = {"rounds": int(caruana_rounds), "metric": "accuracy"}
+            ctx = dataclasses.replace(ctx, init=w)
         seconds = time.perf_counter() - t0
         w = _check_weights(w, K)
         out["methods"][m] = {
@@ -726,80 +646,6 @@ def stack(
     out["ensemble"] = {"method": chosen, **{k: v for k, v in out["methods"][chosen].items()
                                             if k in ("weights", "val_accuracy", "val_nll", "test_accuracy", "test_nll")}}
     return out
-
-
-def stack_experiment(
-    experiment_dir_or_uri: str | os.PathLike,
-    *,
-    sparsity: float | None = None,
-    variant: str | None = None,
-    members: Sequence[str] | None = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    tune_samples: int = 0,
-    seed: int = 0,
-    choose: str = "nll_optimal",
-    storage_path: str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-    ray_init_kwargs: Mapping[str, Any] | None = None,
-    basis_threshold: float | None = None,
-) -> dict[str, Any]:
-    """Stack the members found in ``<experiment>/predictions/*.parquet``; write ``<experiment>/stacking.json``.
-
-    ``sparsity`` picks the rung (a target-sparsity fraction; None = each member's last rung),
-    ``basis_threshold`` a BasisConv rung by its t (``predictions.prediction_matrix``),
-    ``variant`` / ``members`` filter the rows.  The result of :func:`stack` gains ``"sparsity"``,
-    ``"rungs"`` (per member: target and achieved sparsity, epoch, model, variant), ``"provenance"``
-    (per prediction file: path, members, and its metadata: config, seed, git revision, versions),
-    ``"experiment"``, ``"created"``, ``"class_names"`` (from the prediction files' metadata; None when
-    absent or inconsistent) and ``"per_class"`` (:func:`per_class_accuracy` of the chosen ensemble and
-    the members on the test split).  The JSON is written atomically (``output`` overrides the
-    path); the dict is returned.  Raises ``FileNotFoundError`` naming the directory when there are no
-    predictions, ``ValueError`` for mismatched members or NaN probabilities.
-    """
-    exp = storage.normalize(experiment_dir_or_uri)
-    pdir = _pred.predictions_dir(exp)
-    table = _pred.read_predictions(pdir)
-    Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True,
-                                                    basis_threshold=basis_threshold)
-    Pt, yt, names_t, info_t = _pred.prediction_matrix(table, "test", names, sparsity, variant=variant, return_info=True,
-                                                      basis_threshold=basis_threshold)
-    for n in names:
-        a, b = info_v[n], info_t[n]
-        rung = ("target_sparsity", "basis_threshold", "epoch")
-        if tuple(a[k] for k in rung) != tuple(b[k] for k in rung):
-            raise ValueError(
-                f"member {n!r}: validation predictions are from rung {a['target_sparsity']} (basis t "
-                f"{a['basis_threshold']}) epoch {a['epoch']} but test predictions from rung {b['target_sparsity']} "
-                f"(basis t {b['basis_threshold']}) epoch {b['epoch']}"
-            )
-    result = stack(
-        Pv, yv, Pt, yt, names, methods=methods, tune_samples=tune_samples, storage_path=storage_path,
-        seed=seed, choose=choose, ray_init_kwargs=ray_init_kwargs,
-    )
-    used = set(names)
-    result["experiment"] = exp
-    result["sparsity"] = None if sparsity is None else float(sparsity)
-    result["basis_threshold"] = None if basis_threshold is None else float(basis_threshold)
-    result["variant"] = variant
-    result["rungs"] = info_v
-    result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]
-    result["class_names"] = _class_names(result["provenance"], Pt.shape[2])
-    result["per_class"] = per_class_accuracy(result["ensemble"]["weights"], Pt, yt, names)
-    result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = json.dumps(result, indent=2, allow_nan=False, default=_pred._json_default).encode()
-    from .layout import ExperimentLayout
-
-    _pred.atomic_write_bytes(output if output is not None else ExperimentLayout(exp).stacking(), data)
-    return result
-
-
-def _class_names(sources: Sequence[Mapping[str, Any]], num_classes: int) -> list[str] | None:
-    """The class names the trainer wrote into the prediction files' metadata, when they all agree."""
-    found = {tuple(n) for n in ((s.get("metadata") or {}).get("class_names") for s in sources) if n}
-    if len(found) == 1:
-        names = list(next(iter(found)))
-        return names if len(names) == num_classes else None
-    return None
 
 
 def per_class_accuracy(weights: Mapping[str, float], P_test: Any, y_test: Any,

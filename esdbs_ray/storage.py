@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from .errors import UserError
 
 
 _UMASK = os.umask(0o022)
@@ -148,7 +149,7 @@ def load_torch(path: str | os.PathLike, map_location="cpu") -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,13 +220,13 @@ class Tree:
         try:
             return self.read_bytes(*parts).decode()
         except UnicodeDecodeError:
-            raise ValueError(f"{self.uri(*parts)}: not UTF-8 text") from None
+            raise UserError(f"{self.uri(*parts)}: not UTF-8 text") from None
 
     def read_json(self, *parts: str) -> Any:
         try:
             return json.loads(self.read_text(*parts))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.uri(*parts)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise UserError(f"{self.uri(*parts)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
     def entries(self, *parts: str, recursive: bool = False) -> list:
         """FileInfo of what lies under ``parts`` ([] when it is missing), sorted by path."""

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .errors import UserError
+
 # Never uploaded with the job (Ray also honours .gitignore / .rayignore in working_dir).
 EXCLUDES = [
     ".venv", "venv", ".git", "runs", "results", "build", "dist", "__pycache__", "*.egg-info",
@@ -35,7 +37,7 @@ EXIT_SUCCEEDED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 124, 130
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError):
     """The job could not be submitted or followed (cluster unreachable, token refused, bad arguments)."""
 
 

@@ -23,10 +23,14 @@ from pathlib import Path
 from ray import tune
 
 from . import storage
+from .checkpoint import CHECKPOINT
 from .config import TrainConfig, TrialSpec, validate
+from .hooks import RungEnd
 from .layout import ExperimentLayout
 from .ray_env import trial_device
-from .train import CHECKPOINT, train
+from .records import EpochRecord, MemberSummary
+from .run_record import RunRecorder
+from .train import train
 
 
 class TuneHooks:
@@ -36,11 +40,11 @@ class TuneHooks:
         self.member = member
         self._rung: dict | None = None
 
-    def on_rung(self, rung: dict) -> None:
-        self._rung = rung
+    def on_rung(self, end: RungEnd) -> None:
+        self._rung = end.result.to_dict()
 
-    def on_epoch(self, record: dict, checkpoint_path: Path) -> None:
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
+    def on_epoch(self, record: EpochRecord, checkpoint: Path) -> None:
+        metrics = {k: v for k, v in record.to_dict().items() if isinstance(v, (int, float, str, bool))}
         metrics["member"] = self.member
         if self._rung is not None:
             metrics.update({f"rung_{k}": v for k, v in self._rung.items() if isinstance(v, (int, float))})
@@ -48,12 +52,12 @@ class TuneHooks:
         # Tune copies the reported directory into storage; a fresh directory per report keeps the
         # trainer's own checkpoint file out of Tune's hands.
         with tempfile.TemporaryDirectory(prefix="esdbs-ckpt-") as tmp:
-            shutil.copy2(checkpoint_path, Path(tmp) / CHECKPOINT)
+            shutil.copy2(checkpoint, Path(tmp) / CHECKPOINT)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, group: str | None,
-         provenance: dict, keep_weights: tuple[float, ...] = ()) -> dict:
+         provenance: dict, keep_weights: tuple[float, ...] = ()) -> MemberSummary:
     resources = tune.get_context().get_trial_resources().required_resources
     if not cfg.threads:
         import torch
@@ -69,9 +73,10 @@ def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, gro
         with checkpoint.as_directory() as d:
             resume_from = workdir / "resume-checkpoint.pt"
             shutil.copy2(Path(d) / CHECKPOINT, resume_from)
-    return train(cfg, data, workdir, hooks=TuneHooks(member), resume_from=resume_from, device=device,
-                 predictions_root=experiment_dir, member=member, variant=group, provenance=provenance,
-                 keep_weights=keep_weights)
+    recorder = RunRecorder(workdir, cfg, data, experiment=experiment_dir, member=member, variant=group,
+                           provenance=provenance, keep_weights=keep_weights)
+    train(cfg, data, workdir, hooks=[recorder, TuneHooks(member)], resume_from=resume_from, device=device)
+    return recorder.summary
 
 
 def train_member(config: dict, *, specs: dict[str, TrialSpec], data, experiment_dir: str, provenance: dict) -> None:
@@ -83,8 +88,9 @@ def train_member(config: dict, *, specs: dict[str, TrialSpec], data, experiment_
     # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
     # shared experiment directory, like the predictions: the driver reads it back, not Tune's
     # flattened metrics.
-    summary.update(variant=spec.variant, group=spec.group, batch_size=spec.batch_size, config=spec.train.to_dict())
-    storage.write_json(ExperimentLayout(experiment_dir).member(spec.member), summary)
+    summary = summary.replace(variant=spec.variant, group=spec.group, batch_size=spec.batch_size,
+                              config=spec.train.to_dict())
+    storage.write_json(ExperimentLayout(experiment_dir).member(spec.member), summary.to_dict())
 
 
 def train_dbs_trial(config: dict, *, data, base: dict, provenance: dict) -> None:

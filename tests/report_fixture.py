@@ -4,7 +4,7 @@
 (``PipelineConfig.groups()`` / ``trials()``: the four variants, a batch sweep, the DBS rows), then writes
 what the pipeline writes -- ``config.yaml``, ``summary.json``, ``members/*.json``, Parquet predictions
 per member per rung (``esdbs_ray.predictions.write_predictions``), ``stacking-<group>.json`` per
-stacked group (``esdbs_ray.stacking.stack_experiment``), and per trial a Tune-like directory with
+stacked group (``esdbs_ray.stacking_run.stack_experiment``), and per trial a Tune-like directory with
 TensorBoard events (``torch.utils.tensorboard.SummaryWriter``: the trainer's scalar tags and, for
 Winograd trials, the ``winograd_kernels`` image) -- with synthetic softmax outputs whose quality is
 set per group and rung (``QUALITY``), and synthetic epoch times (``SECONDS``).
@@ -59,7 +59,7 @@ def _seconds(trial, target):
 def _kernel_image():
     import torch
 
-    from esdbs_ray.winograd import plot_winograd_kernels
+    from esdbs_ray.analysis.figures import plot_winograd_kernels
 
     g = torch.Generator().manual_seed(0)
     kernels = {}
@@ -78,7 +78,7 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
     q = {**QUALITY, **(quality or {})}
     from esdbs_ray import predictions as pred
     from esdbs_ray.config import slug as _slug
-    from esdbs_ray.stacking import stack_experiment
+    from esdbs_ray.stacking_run import stack_experiment
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def write_experiment(root, *, sets=None, n_val=400, n_test=600, seed=0, tensorbo
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            from esdbs_ray.train import TB_SCALARS
+            from esdbs_ray.run_record import TB_SCALARS
 
             w = SummaryWriter(str(trial_dir / "tb"))
             dbs = tr["schedule"] == "dbs"

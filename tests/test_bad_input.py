@@ -404,11 +404,12 @@ def test_rejecting_a_config_imports_neither_torch_nor_ray(tmp_path):
 
 def test_internal_errors_print_one_line_and_keep_the_traceback(monkeypatch, capsys, tmp_path):
     import esdbs_ray.cli as cli
+    import esdbs_ray.cli_train as cli_train
 
     def boom(args):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli, "cmd_config", boom)
+    monkeypatch.setattr(cli_train, "cmd_config", boom)
     monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
     assert cli.main(["config"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

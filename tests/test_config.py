@@ -77,3 +77,64 @@ def test_the_cli_starts_without_torch_or_ray():
     code = "import sys, esdbs_ray.cli; print([m for m in ('torch', 'ray') if m in sys.modules])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# The package's layers.  Ray is imported only by the Tune adapters and the pipeline that drives them;
+# the trainer only by its Tune adapter and the CLI's train-one; the pipeline only by the CLI.  Every other
+# module -- the maths, the records, the readers, inference, the report -- runs without them.
+TUNE_ADAPTERS = {"trainable", "ray_env", "stacking_tune", "tune_analysis", "tracking", "submit"}
+CLI = {"cli", "cli_train", "cli_results", "cli_common"}
+MAY_IMPORT = {"ray": TUNE_ADAPTERS | {"pipeline"}, "train": {"trainable"} | CLI, "pipeline": CLI}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module an ``esdbs_ray`` file imports anywhere (functions too): 'ray', or a package module's name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "ray"}
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("esdbs_ray.")}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 0 and mod.split(".")[0] == "ray":
+                found.add("ray")
+            elif node.level == 0 and mod.startswith("esdbs_ray."):
+                found.add(mod.split(".")[1])
+            elif node.level == 1 and path.parent == PKG:
+                found |= {mod.split(".")[0]} if mod else {a.name for a in node.names}
+            elif node.level == 2:  # from ..x in esdbs_ray/analysis
+                found |= {mod.split(".")[0]} if mod else {a.name for a in node.names}
+    return found
+
+
+def test_imports_point_down_the_layers():
+    files = sorted([*PKG.glob("*.py"), *PKG.glob("analysis/*.py")])
+    bad = sorted((f"{p.relative_to(PKG)} imports {dep}") for p in files for dep in _imports(p) & set(MAY_IMPORT)
+                 if p.stem not in MAY_IMPORT[dep] or p.parent != PKG)
+    assert not bad, bad
+    # and nothing below the adapters pulls them in when it is imported
+    below = [f"esdbs_ray.{p.stem}" for p in PKG.glob("*.py")
+             if p.stem not in TUNE_ADAPTERS | CLI | {"pipeline", "train", "__init__"}]
+    code = (f"import sys, importlib\nfor m in {below!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m in ('esdbs_ray.train', 'esdbs_ray.pipeline')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
+def test_no_issue_numbers_in_the_package():
+    hits = [f"{p.relative_to(PKG)}:{i}" for p in PKG.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "issue #" in line.lower()]
+    assert not hits, hits
+
+
+def test_no_function_takes_more_than_eight_positional_parameters():
+    many = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            # a Triton kernel's parameters are its launch signature (pointers, strides, block sizes)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not any(
+                    ast.unparse(d).startswith("triton.jit") for d in node.decorator_list):
+                positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > 8:
+                    many.append(f"{p.relative_to(PKG)}:{node.lineno} {node.name} ({len(positional)})")
+    assert not many, many

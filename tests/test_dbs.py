@@ -25,11 +25,10 @@ from esdbs_ray.dbs import (
     momentum_limit,
     ode_invariant,
     plan,
-    plot_momentum_curves,
-    plot_plan,
     run_noise,
     stepwise,
 )
+from esdbs_ray.analysis.figures import plot_momentum_curves, plot_plan
 
 N = 54000  # Fashion-MNIST train split minus 6000 validation: N/10 = 5400 -> 5376, so Bmax = cap 1024
 

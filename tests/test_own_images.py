@@ -267,7 +267,7 @@ def test_class_names_reach_stacking_and_the_report(tmp_path):
     test accuracy for the chosen ensemble and each member; the report prints them by name."""
     from esdbs_ray.analysis.report import build_report
     from esdbs_ray.predictions import prediction_path, write_predictions
-    from esdbs_ray.stacking import stack_experiment
+    from esdbs_ray.stacking_run import stack_experiment
 
     names = ["golden_monkey", "bald_uakari", "pygmy_marmoset"]
     rng = np.random.default_rng(0)
@@ -386,22 +386,23 @@ def _recipe(**kw):
 
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_recipe(tmp_path, shop, tmp_path_factory):
-    from esdbs_ray.train import train
+    from esdbs_ray.train import Interrupted, train
 
     data = _shop_data(shop, tmp_path_factory)
     # min_delta above any loss: the dense phase stops after epoch 1 on every CPU, and the run jumps to
     # its rung (epoch 3); the interrupt falls right at the stop
     cfg = _recipe(epochs=3, sparsity_ladder=[0.5], retrain_epochs=1, early_stopping={"patience": 1, "min_delta": 1e6})
     full = train(cfg, data, tmp_path / "full", hooks=Silent())
-    assert [h["epoch"] for h in full["history"]] == [0, 1, 3] and "rung 1" in full["history"][2]["decision"]
-    assert [r["target_sparsity"] for r in full["rungs"]] == [0.0, 0.5]
-    assert train(cfg, data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=1) == {"interrupted_after_epoch": 1}
+    assert [h.epoch for h in full.history] == [0, 1, 3] and "rung 1" in full.history[2].decision
+    assert [r.target_sparsity for r in full.rungs] == [0.0, 0.5]
+    assert train(cfg, data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=1) == Interrupted(1)
     resumed = train(cfg, data, tmp_path / "cut", hooks=Silent(), resume_from=tmp_path / "cut")
     keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "batch_size", "sparsity", "decision")
-    assert [{k: h[k] for k in keys} for h in full["history"]] == [{k: h[k] for k in keys} for h in resumed["history"]]
+    assert [{k: getattr(h, k) for k in keys} for h in full.history] == \
+        [{k: getattr(h, k) for k in keys} for h in resumed.history]
     drop = ("train_seconds", "mean_epoch_seconds")  # wall-clock figures differ between the two runs
-    assert [{k: v for k, v in r.items() if k not in drop} for r in full["rungs"]] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in resumed["rungs"]]
+    assert [{k: v for k, v in r.to_dict().items() if k not in drop} for r in full.rungs] == \
+        [{k: v for k, v in r.to_dict().items() if k not in drop} for r in resumed.rungs]
     wa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     wb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
@@ -409,7 +410,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_recipe(tmp_path, sho
     # the per-step cosine ran: each epoch starts where the curve says (an early stop skips to the rung)
     s = CosineSchedule(cfg.dbs, cfg.cosine, epochs=cfg.total_epochs, train_size=len(data.train), batch_size=32,
                        rung_starts=cfg.rung_starts())
-    assert [h["lr"] for h in full["history"]] == pytest.approx([s.lr_at(h["epoch"], 0) for h in full["history"]])
+    assert [h.lr for h in full.history] == pytest.approx([s.lr_at(h.epoch, 0) for h in full.history])
 
 
 def test_evaluation_sees_the_images_unaugmented(tmp_path, shop, tmp_path_factory):
@@ -421,8 +422,8 @@ def test_evaluation_sees_the_images_unaugmented(tmp_path, shop, tmp_path_factory
     model, _ = build_model(cfg, data)
     model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])
     plain = BatchIterator(data.val, batch_size=7, mean=data.mean, std=data.std)
-    assert evaluate(model, plain)["loss"] == pytest.approx(summary["history"][-1]["val_loss"], rel=1e-5)
-    assert summary["class_names"] == list(data.class_names)
+    assert evaluate(model, plain).loss == pytest.approx(summary.history[-1].val_loss, rel=1e-5)
+    assert summary.class_names == list(data.class_names)
 
 
 def _final_weights(path):
@@ -443,24 +444,24 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, shop, tmp_path_factory
     recipe as it trains: whatever path the losses take on this CPU, the best epoch must be the first
     lowest loss, the stop must come exactly when ``patience`` epochs fail to improve on it, and the
     model must end as that epoch's."""
-    from esdbs_ray.train import train
+    from esdbs_ray.train import Interrupted, train
 
     data = _shop_data(shop, tmp_path_factory)
     # (a) a forced stop
     cfg = _recipe(epochs=5, early_stopping={"patience": 2, "min_delta": 1e6})
     s = train(cfg, data, tmp_path / "a", hooks=Silent())
-    assert [h["epoch"] for h in s["history"]] == [0, 1, 2]  # epochs 3 and 4 left out
-    assert s["early_stopping"]["best_epoch"] == 0 and s["early_stopping"]["stopped_epoch"] == 2
-    assert "weights of epoch 0 (best val loss) restored" in s["history"][2]["early_stopping"]
-    assert s["rungs"][0]["val_loss"] == pytest.approx(s["history"][0]["val_loss"], rel=1e-6)
+    assert [h.epoch for h in s.history] == [0, 1, 2]  # epochs 3 and 4 left out
+    assert s.early_stopping["best_epoch"] == 0 and s.early_stopping["stopped_epoch"] == 2
+    assert "weights of epoch 0 (best val loss) restored" in s.history[2].early_stopping
+    assert s.rungs[0].val_loss == pytest.approx(s.history[0].val_loss, rel=1e-6)
     ref = _recipe(epochs=5, early_stopping={"patience": 0})
-    assert train(ref, data, tmp_path / "a-ref", hooks=Silent(), stop_after_epoch=0) == {"interrupted_after_epoch": 0}
+    assert train(ref, data, tmp_path / "a-ref", hooks=Silent(), stop_after_epoch=0) == Interrupted(0)
     assert _same_weights(_final_weights(tmp_path / "a"), _final_weights(tmp_path / "a-ref"))
     # (b) the losses as they come
     patience = 2
     cfg = _recipe(epochs=7, early_stopping={"patience": patience})
     s = train(cfg, data, tmp_path / "b", hooks=Silent())
-    losses = [h["val_loss"] for h in s["history"]]
+    losses = [h.val_loss for h in s.history]
     best, bad, stop = 0, 0, None
     for e, loss in enumerate(losses):
         if loss < losses[best]:
@@ -470,9 +471,9 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, shop, tmp_path_factory
         if bad >= patience and e < cfg.epochs - 1:
             stop = e
             break
-    assert s["early_stopping"]["best_epoch"] == best and s["early_stopping"]["stopped_epoch"] == stop
+    assert s.early_stopping["best_epoch"] == best and s.early_stopping["stopped_epoch"] == stop
     assert len(losses) == (stop + 1 if stop is not None else cfg.epochs)
-    assert s["rungs"][0]["val_loss"] == pytest.approx(losses[best], rel=1e-6)  # the model the run ends with
+    assert s.rungs[0].val_loss == pytest.approx(losses[best], rel=1e-6)  # the model the run ends with
     ref = _recipe(epochs=7, early_stopping={"patience": 0})
     train(ref, data, tmp_path / "b-ref", hooks=Silent(), stop_after_epoch=best)
     assert _same_weights(_final_weights(tmp_path / "b"), _final_weights(tmp_path / "b-ref"))
@@ -494,4 +495,4 @@ def test_recipe_learns_real_photographs_well_above_chance(tmp_path):
     assert data.num_classes == 10 and len(data.test) == 200
     cfg = _recipe(model="alexnet", width=0.25, epochs=6, image_size=16, seed=0)
     s = train(cfg, data, tmp_path / "run", hooks=Silent())
-    assert s["test_accuracy"] >= 0.40, s["test_accuracy"]
+    assert s.test_accuracy >= 0.40, s.test_accuracy

@@ -225,7 +225,7 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(ray_address, tm
 def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
     import yaml
 
-    from esdbs_ray.cli import load_dbs_constants
+    from esdbs_ray.cli_common import load_dbs_constants
     from esdbs_ray.data import load_dataset
     from esdbs_ray.layout import ExperimentLayout
     from esdbs_ray.pipeline import dbs_search_points, run_dbs_search

@@ -397,14 +397,8 @@ def test_basis_sections_on_trained_members(tmp_path):
 
     from esdbs_ray.config import build_config
     from esdbs_ray.data import load_dataset
+    from esdbs_ray.run_record import RunRecorder
     from esdbs_ray.train import train
-
-    class Silent:
-        def on_epoch(self, record, checkpoint_path):
-            pass
-
-        def on_rung(self, rung):
-            pass
 
     cfg = build_config("basisconv-fashion-mnist-cpu", None, {"subset": 600, "test_subset": 200}, sets=[
         "members=[alexnet, all_cnn_c]", "variants=[SC-CNN, SBC-CNN, SRB-CNN]", "train.width=0.125",
@@ -414,15 +408,17 @@ def test_basis_sections_on_trained_members(tmp_path):
     root = tmp_path / "exp"
     members = []
     for t in cfg.trials():
-        s = train(t.train, data, tmp_path / "trials" / t.member, hooks=Silent(), predictions_root=str(root),
-                  member=t.member, variant=t.group)
-        s.update(variant=t.variant, group=t.group, batch_size=t.batch_size, config=t.train.to_dict())
-        members.append(s)
+        recorder = RunRecorder(tmp_path / "trials" / t.member, t.train, data, experiment=str(root), member=t.member,
+                               variant=t.group)
+        train(t.train, data, tmp_path / "trials" / t.member, hooks=recorder)
+        s = recorder.summary.replace(variant=t.variant, group=t.group, batch_size=t.batch_size,
+                                     config=t.train.to_dict())
+        members.append(s.to_dict())
     (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (root / "summary.json").write_text(json.dumps({"members": members, "config": cfg.to_dict(), "ensembles": {}}))
 
     # the SBC-CNN stack at t = 0.9, as run_stack fits it (stack.basis_threshold; no Tune search, no Ray)
-    from esdbs_ray.stacking import stack_experiment
+    from esdbs_ray.stacking_run import stack_experiment
 
     sbc_names = sorted(m["member"] for m in members if m["group"] == "SBC-CNN")
     st = stack_experiment(root, basis_threshold=0.9, variant="SBC-CNN", members=sbc_names,
@@ -459,7 +455,7 @@ def test_basis_sections_on_trained_members(tmp_path):
     # random bases against their spatial twins (the SBC-CNN members' dense rungs), and the targets
     rnd = _table_rows(md, "Trained from scratch with fixed random orthonormal bases")
     assert {r[0] for r in rnd} >= {m["member"] for m in members if m["group"] == "SRB-CNN"}
-    targets = _table_rows(md, None, after="### BasisConv targets (issue #16)")
+    targets = _table_rows(md, None, after="### BasisConv targets")
     assert len(targets) == 4 and all(r[-1] in ("held", "not held") for r in targets)
     # the methods side by side at equal multiplications: each BasisConv operating point, SC-CNN beside it
     assert "## Compression methods at equal multiplications" in md

@@ -9,6 +9,8 @@ import pytest
 
 from esdbs_ray import predictions as pred
 from esdbs_ray import stacking as S
+from esdbs_ray.stacking_run import stack_experiment
+from esdbs_ray.stacking_tune import tune_accuracy_search
 
 
 def synthetic_members(K=3, N=2000, C=10, seed=0, strengths=None, temps=None, rho=0.3):
@@ -200,7 +202,7 @@ def test_stack_experiment_writes_json_and_ignores_test_labels(tmp_path):
     n_val = 1000
     exp = tmp_path / "exp"
     names = _write_experiment(exp, P, y, n_val)
-    r = S.stack_experiment(exp)
+    r = stack_experiment(exp)
     out = exp / "stacking.json"
     assert out.exists()
     on_disk = json.loads(out.read_text())
@@ -221,21 +223,21 @@ def test_stack_experiment_writes_json_and_ignores_test_labels(tmp_path):
     # permuting the test labels changes test metrics, never the weights or the choice
     exp2 = tmp_path / "exp2"
     _write_experiment(exp2, P, y, n_val, test_labels=np.random.default_rng(9).permutation(y[n_val:]))
-    r2 = S.stack_experiment(exp2, sparsity=0.8)
+    r2 = stack_experiment(exp2, sparsity=0.8)
     assert r2["chosen"] == r["chosen"]
     for m in S.DEFAULT_METHODS:
         assert r2["methods"][m]["weights"] == r["methods"][m]["weights"]
         assert r2["methods"][m]["val_accuracy"] == r["methods"][m]["val_accuracy"]
     assert r2["methods"]["nll_optimal"]["test_accuracy"] != r["methods"]["nll_optimal"]["test_accuracy"]
 
-    r3 = S.stack_experiment("file://" + str(exp), sparsity=0.5, methods=("nll_optimal", "equal"))
+    r3 = stack_experiment("file://" + str(exp), sparsity=0.5, methods=("nll_optimal", "equal"))
     assert set(r3["methods"]) == {"nll_optimal", "equal"} and r3["sparsity"] == 0.5
     assert "nll_optimal" in S.format_stacking_table(r3)
 
 
 def test_stack_experiment_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no predictions found.*predictions"):
-        S.stack_experiment(tmp_path / "nothing")
+        stack_experiment(tmp_path / "nothing")
     P, y = synthetic_members(N=600, seed=4)
     exp = tmp_path / "exp"
     _write_experiment(exp, P, y, 400)
@@ -247,8 +249,8 @@ def test_stack_experiment_errors(tmp_path):
         model="resnet32", member="m3-resnet32", variant="SC-CNN", sparsity=0.8, target_sparsity=0.8, epoch=10,
     )
     with pytest.raises(ValueError, match="different 'val' index sets"):
-        S.stack_experiment(exp)
-    r = S.stack_experiment(exp, members=["m0-alexnet", "m1-allcnnc"], methods=("nll_optimal",))
+        stack_experiment(exp)
+    r = stack_experiment(exp, members=["m0-alexnet", "m1-allcnnc"], methods=("nll_optimal",))
     assert r["member_names"] == ["m0-alexnet", "m1-allcnnc"]
 
 
@@ -260,7 +262,7 @@ def test_tune_accuracy_search_with_real_ray(tmp_path, data, ray_connected):
     import ray
 
     Pv, yv, Pt, yt = data
-    w, info = S.tune_accuracy_search(Pv, yv, num_samples=16, seed=0, storage_path=tmp_path / "tune",
+    w, info = tune_accuracy_search(Pv, yv, num_samples=16, seed=0, storage_path=tmp_path / "tune",
                                      return_info=True)
     assert ray.is_initialized()  # the caller's Ray is left running
     r = S.stack(Pv, yv, Pt, yt, ["a", "b", "c"], methods=("nll_optimal",), tune_samples=8,
@@ -277,3 +279,11 @@ def test_tune_accuracy_search_with_real_ray(tmp_path, data, ray_connected):
     assert t["trials"] == 8
     _on_simplex(list(t["weights"].values()), 3)
     assert t["val_accuracy"] >= r["methods"]["nll_optimal"]["val_accuracy"]
+
+
+def test_every_configurable_method_is_implemented():
+    """One registry: the names a config may ask for (config.STACK_METHODS) are the implemented ones'."""
+    from esdbs_ray.config import STACK_CHOICES, STACK_METHODS
+
+    assert set(STACK_METHODS) <= set(S.METHODS) and S.DEFAULT_METHODS == STACK_METHODS
+    assert set(STACK_CHOICES) - set(S.METHODS) == {"best_val"}

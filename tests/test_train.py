@@ -9,15 +9,21 @@ import pytest
 import torch
 
 from esdbs_ray.config import ConfigError, DBSConfig
-from esdbs_ray.train import TB_SCALARS, TrainConfig, build_model, train
+from esdbs_ray.run_record import TB_SCALARS, RunRecorder
+from esdbs_ray.train import Interrupted, TrainConfig, build_model, train
 
 
 class Silent:
     def on_epoch(self, record, checkpoint_path):
         pass
 
-    def on_rung(self, rung):
+    def on_rung(self, end):
         pass
+
+
+def _recorded(tmp_path, cfg, data, variant):
+    """Silent, and writing what an experiment's member writes (predictions into tmp_path)."""
+    return [Silent(), RunRecorder(tmp_path, cfg, data, experiment=str(tmp_path), variant=variant)]
 
 
 def _cfg(**kw):
@@ -46,22 +52,22 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw, stop):
     cfg = _cfg(**kw)
     full = train(cfg, tiny_data, tmp_path / "full", hooks=Silent())
     partial = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), stop_after_epoch=stop)
-    assert partial == {"interrupted_after_epoch": stop}
+    assert partial == Interrupted(stop)
     resumed = train(cfg, tiny_data, tmp_path / "cut", hooks=Silent(), resume_from=tmp_path / "cut")
     keys = ("train_loss", "val_loss", "val_accuracy", "lr", "momentum", "batch_size", "sparsity")
-    for a, b in zip(full["history"], resumed["history"]):
-        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
-    assert len(resumed["history"]) == cfg.total_epochs
+    for a, b in zip(full.history, resumed.history):
+        assert {k: getattr(a, k) for k in keys} == {k: getattr(b, k) for k in keys}
+    assert len(resumed.history) == cfg.total_epochs
     timing = ("train_seconds", "mean_epoch_seconds")  # rung records equal but for the machine's timings
-    assert [{k: v for k, v in r.items() if k not in timing} for r in full["rungs"]] == [
-        {k: v for k, v in r.items() if k not in timing} for r in resumed["rungs"]]
+    assert [{k: v for k, v in r.to_dict().items() if k not in timing} for r in full.rungs] == [
+        {k: v for k, v in r.to_dict().items() if k not in timing} for r in resumed.rungs]
     wa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     # tensors, and a BasisConv layer's extra state (its basis kind, t, kept energy: plain values)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) if torch.is_tensor(wa[k]) else wa[k] == wb[k]
                                           for k in wa)
     if cfg.basis.ladder:  # the run did climb the ladder: the last rung's bases are in the model
-        assert any(k.endswith(".basis") for k in wa) and resumed["rungs"][-1]["basis_threshold"] == 0.8
+        assert any(k.endswith(".basis") for k in wa) and resumed.rungs[-1].basis_threshold == 0.8
 
 
 def test_resume_refuses_another_config(tmp_path, tiny_data):
@@ -74,13 +80,13 @@ def test_resume_under_another_layer_implementation_or_from_before_the_key(tmp_pa
     # winograd_impl says how a step is computed, not what is trained: a checkpoint resumes under
     # another value, and one written before the key existed (its config lacks it) resumes too
     cfg = _cfg(epochs=2, conv="winograd_relu", winograd_impl="reference")
-    assert train(cfg, tiny_data, tmp_path, hooks=Silent(), stop_after_epoch=0) == {"interrupted_after_epoch": 0}
+    assert train(cfg, tiny_data, tmp_path, hooks=Silent(), stop_after_epoch=0) == Interrupted(0)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     del ckpt["config"]["winograd_impl"]
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     resumed = train(_cfg(epochs=2, conv="winograd_relu", winograd_impl="native"), tiny_data, tmp_path,
                     hooks=Silent(), resume_from=tmp_path)
-    assert len(resumed["history"]) == 2 and resumed["winograd_impl"]["training"] == "native"
+    assert len(resumed.history) == 2 and resumed.winograd_impl["training"] == "native"
 
 
 def test_guard_restores_the_snapshot_on_nan_loss(tmp_path, tiny_data):
@@ -90,8 +96,8 @@ def test_guard_restores_the_snapshot_on_nan_loss(tmp_path, tiny_data):
     torch.manual_seed(cfg.seed)
     initial, _ = build_model(cfg, tiny_data)
     summary = train(cfg, tiny_data, tmp_path, hooks=Silent())
-    record = summary["history"][0]
-    assert not np.isfinite(record["train_loss"]) and record["restored"]
+    record = summary.history[0]
+    assert not np.isfinite(record.train_loss) and record.restored
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     for k, v in initial.state_dict().items():
         assert torch.equal(after[k], v), k
@@ -108,30 +114,30 @@ def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data, monkeypa
     monkeypatch.setattr(train_mod, "evaluate", lambda m, b, **kw: (
         evaluated.append("val" if len(b) == len(tiny_data.val) else "test"), real_evaluate(m, b, **kw))[1])
     cfg = _cfg(epochs=1, conv="winograd_relu", sparsity_ladder=(0.3, 0.6), retrain_epochs=1, schedule="dbs")
-    s = train(cfg, tiny_data, tmp_path, hooks=Silent(), predictions_root=str(tmp_path), variant="SWR-CNN+DBS")
-    assert evaluated == ["val", "test"] * 3 and not any(h["restored"] for h in s["history"])
-    assert [r["target_sparsity"] for r in s["rungs"]] == [0.0, 0.3, 0.6]
-    for r in s["rungs"]:
-        assert abs(r["sparsity"] - r["target_sparsity"]) <= 0.005
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["layer_sparsity"] if r["target_sparsity"] else True
+    s = train(cfg, tiny_data, tmp_path, hooks=_recorded(tmp_path, cfg, tiny_data, "SWR-CNN+DBS"))
+    assert evaluated == ["val", "test"] * 3 and not any(h.restored for h in s.history)
+    assert [r.target_sparsity for r in s.rungs] == [0.0, 0.3, 0.6]
+    for r in s.rungs:
+        assert abs(r.sparsity - r.target_sparsity) <= 0.005
+        assert 0.0 <= r.test_accuracy <= 1.0 and r.layer_sparsity if r.target_sparsity else True
     table = read_predictions(tmp_path / "predictions")
     assert table.num_rows == 3 * (len(tiny_data.val) + len(tiny_data.test))
     from esdbs_ray.predictions import prediction_matrix
 
     # the val probabilities written are those of the epoch's own evaluation
-    for r, h in zip(s["rungs"], s["history"]):
-        probs, labels, _ = prediction_matrix(table, "val", sparsity=r["target_sparsity"])
-        assert r["val_accuracy"] == h["val_accuracy"] == pytest.approx(float((probs[0].argmax(1) == labels).mean()))
+    for r, h in zip(s.rungs, s.history):
+        probs, labels, _ = prediction_matrix(table, "val", sparsity=r.target_sparsity)
+        assert r.val_accuracy == h.val_accuracy == pytest.approx(float((probs[0].argmax(1) == labels).mean()))
     # whole-model sparsity and nonzero counts beside the pruned layers' (spec §3), also in Parquet metadata
-    for r in s["rungs"][1:]:
-        assert 0 < r["model_sparsity"] < r["sparsity"] and r["nonzero_weights"] < r["total_weights"]
-        assert r["total_weights"] - r["nonzero_weights"] >= r["sparsity"] * r["pruned_layer_weights"] - 1
+    for r in s.rungs[1:]:
+        assert 0 < r.model_sparsity < r.sparsity and r.nonzero_weights < r.total_weights
+        assert r.total_weights - r.nonzero_weights >= r.sparsity * r.pruned_layer_weights - 1
     from esdbs_ray.predictions import read_metadata
 
     meta = read_metadata(sorted((tmp_path / "predictions").glob("*.parquet"))[-1])
-    assert meta["sparsity_accounting"]["nonzero_weights"] == s["rungs"][-1]["nonzero_weights"]
+    assert meta["sparsity_accounting"]["nonzero_weights"] == s.rungs[-1].nonzero_weights
     # every schedule decision is logged per epoch: the rung starts say the plateau restarted
-    assert [h["decision"].split(":")[0] for h in s["history"][1:]] == ["rung 1", "rung 2"]
+    assert [h.decision.split(":")[0] for h in s.history[1:]] == ["rung 1", "rung 2"]
     written = json.loads((tmp_path / "summary.json").read_text())
     for key in ("val_accuracy", "test_accuracy", "epochs", "train_seconds", "config", "rungs", "history"):
         assert key in written
@@ -141,28 +147,30 @@ def test_pruning_rungs_predictions_and_tensorboard(tmp_path, tiny_data, monkeypa
     acc.Reload()
     assert set(TB_SCALARS) <= set(acc.Tags()["scalars"])
     assert "winograd_kernels" in acc.Tags()["images"]
-    assert [e.value for e in acc.Scalars("schedule/batch_size")] == [h["batch_size"] for h in s["history"]]
+    assert [e.value for e in acc.Scalars("schedule/batch_size")] == [h.batch_size for h in s.history]
 
 
 def test_swr_training_runs_the_native_layer_by_default(tmp_path, tiny_data, monkeypatch):
     # The trainer does nothing special: under "auto" every WinogradReLUConv2d runs the native CPU
     # kernels, in training steps and in evaluation, and nothing is compiled per layer shape.
     import esdbs_ray.winograd as wg
+    import esdbs_ray.winograd_dispatch as wd
+    from esdbs_ray.winograd_math import _WinogradNativeFn
 
     calls = []
-    real_apply = wg._WinogradNativeFn.apply
+    real_apply = _WinogradNativeFn.apply
 
     def apply(x, u, relu):
         calls.append(((*x.shape[1:], u.shape[2]), torch.is_grad_enabled()))
         return real_apply(x, u, relu)
 
-    monkeypatch.setattr(wg._WinogradNativeFn, "apply", staticmethod(apply))
+    monkeypatch.setattr(_WinogradNativeFn, "apply", staticmethod(apply))
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
-    wg._reset_fused_state()
+    wd._reset_fused_state()
     try:
         cfg = _cfg(epochs=1, conv="winograd_relu")
         summary = train(cfg, tiny_data, tmp_path, hooks=Silent())
-        impl = summary["winograd_impl"]  # the summary says what ran
+        impl = summary.winograd_impl  # the summary says what ran
         assert (impl["training"], impl["inference"], impl["dtype"]) == ("native", "native", "float32")
         assert Path(impl["native"]["binary"]).is_file()
         model, _ = build_model(cfg, tiny_data)
@@ -174,7 +182,7 @@ def test_swr_training_runs_the_native_layer_by_default(tmp_path, tiny_data, monk
         assert {s for s, grad in calls if not grad} == shapes  # evaluation
         assert wg.fused_compile_log() == []
     finally:
-        wg._reset_fused_state()
+        wd._reset_fused_state()
 
 
 def test_winograd_impl_key_chooses_the_layer_implementation(tmp_path, tiny_data, monkeypatch):
@@ -186,12 +194,14 @@ def test_winograd_impl_key_chooses_the_layer_implementation(tmp_path, tiny_data,
 
     assert typing.get_args(WinogradImpl) == wg.IMPLS
     ran = []
-    real_apply = wg._WinogradReLUFn.apply
-    monkeypatch.setattr(wg._WinogradReLUFn, "apply", staticmethod(lambda *a: ran.append(1) or real_apply(*a)))
+    from esdbs_ray.winograd_math import _WinogradReLUFn
+
+    real_apply = _WinogradReLUFn.apply
+    monkeypatch.setattr(_WinogradReLUFn, "apply", staticmethod(lambda *a: ran.append(1) or real_apply(*a)))
     monkeypatch.setenv(wg.IMPL_ENV, "native")
     summary = train(_cfg(epochs=1, conv="winograd_relu", winograd_impl="reference"), tiny_data, tmp_path,
                     hooks=Silent())
-    assert (summary["winograd_impl"]["training"], summary["winograd_impl"]["inference"]) == ("reference", "reference")
+    assert (summary.winograd_impl["training"], summary.winograd_impl["inference"]) == ("reference", "reference")
     assert ran
 
 
@@ -248,26 +258,26 @@ def test_basis_ladder_rungs_predictions_and_counts(tmp_path, tiny_data):
     from esdbs_ray.predictions import prediction_matrix, read_predictions
 
     cfg = _cfg(epochs=1, basis={"ladder": (1.0, 0.9, 0.7), "stage1_epochs": 1}, retrain_epochs=2)
-    s = train(cfg, tiny_data, tmp_path, hooks=Silent(), predictions_root=str(tmp_path), variant="SBC-CNN")
-    assert [(r["target_sparsity"], r["basis_threshold"]) for r in s["rungs"]] == [
+    s = train(cfg, tiny_data, tmp_path, hooks=_recorded(tmp_path, cfg, tiny_data, "SBC-CNN"))
+    assert [(r.target_sparsity, r.basis_threshold) for r in s.rungs] == [
         (0.0, None), (0.0, 1.0), (0.0, 0.9), (0.0, 0.7)]
-    dense, *rungs = s["rungs"]
-    assert dense["basis"] is None and dense["mult_ratio"] == 1.0
+    dense, *rungs = s.rungs
+    assert dense.basis is None and dense.mult_ratio == 1.0
     # t = 1.0 loses nothing: right after the conversion the model classifies as the trained one did
-    assert rungs[0]["before_finetune"]["test_accuracy"] == dense["test_accuracy"]
-    assert rungs[0]["direct_conversion"]["test_accuracy"] == dense["test_accuracy"]
-    filters = [r["basis"]["retained_filters"] for r in rungs]
+    assert rungs[0].before_finetune["test_accuracy"] == dense.test_accuracy
+    assert rungs[0].direct_conversion["test_accuracy"] == dense.test_accuracy
+    filters = [r.basis["retained_filters"] for r in rungs]
     assert filters == sorted(filters, reverse=True) and filters[-1] < filters[0]
     for r in rungs:
-        b = r["basis"]
-        assert b["original_filters"] == dense["filters"] and b["conv_mults"] == r["conv_mults"]
-        assert b["conv_learnable"] < b["original_conv_learnable"] or r["basis_threshold"] == 1.0
-        assert all(layer["energy"] >= r["basis_threshold"] - 1e-6 for layer in b["layers"].values())
-    assert rungs[-1]["mult_ratio"] < rungs[0]["mult_ratio"]
+        b = r.basis
+        assert b["original_filters"] == dense.filters and b["conv_mults"] == r.conv_mults
+        assert b["conv_learnable"] < b["original_conv_learnable"] or r.basis_threshold == 1.0
+        assert all(layer["energy"] >= r.basis_threshold - 1e-6 for layer in b["layers"].values())
+    assert rungs[-1].mult_ratio < rungs[0].mult_ratio
     # the paper's two steps per rung: coefficients at stage1_lr_scale, then everything at stage2_lr_scale
-    assert [h["fine_tuning_stage"] for h in s["history"]] == [None, 1, 2, 1, 2, 1, 2]
-    assert [h.get("lr_scale", 1.0) for h in s["history"]] == [1.0, 1.0, 0.1, 1.0, 0.1, 1.0, 0.1]
-    assert s["compression"] == "basis" and s["basis_threshold"] == 0.7 and s["basis"] == rungs[-1]["basis"]
+    assert [h.fine_tuning_stage for h in s.history] == [None, 1, 2, 1, 2, 1, 2]
+    assert [h.lr_scale or 1.0 for h in s.history] == [1.0, 1.0, 0.1, 1.0, 0.1, 1.0, 0.1]
+    assert s.compression == "basis" and s.basis_threshold == 0.7 and s.basis == rungs[-1].basis
     # predictions: one file per rung, a basis rung named and selected by its t
     names = sorted(p.name for p in (tmp_path / "predictions").glob("*.parquet"))
     assert names == ["convpool_cnn_c-bt0700.parquet", "convpool_cnn_c-bt0900.parquet",
@@ -276,7 +286,7 @@ def test_basis_ladder_rungs_predictions_and_counts(tmp_path, tiny_data):
     _, _, _, info = prediction_matrix(table, "test", None, None, return_info=True)
     assert info["convpool_cnn_c"]["basis_threshold"] == 0.7  # the last rung: the smallest t
     P, y, _ = prediction_matrix(table, "test", None, 0.0, basis_threshold=0.9)
-    assert abs(float((P[0].argmax(1) == y).mean()) - rungs[1]["test_accuracy"]) < 1e-9
+    assert abs(float((P[0].argmax(1) == y).mean()) - rungs[1].test_accuracy) < 1e-9
 
 
 def test_basis_random_trains_with_fixed_bases(tmp_path, tiny_data):
@@ -292,11 +302,11 @@ def test_basis_random_trains_with_fixed_bases(tmp_path, tiny_data):
     for name, m in layers:
         assert torch.equal(trained[f"{name}.basis"], m.basis)
         assert not torch.equal(trained[f"{name}.projection.weight"], m.projection.weight)
-    (rung,) = s["rungs"]
-    b = rung["basis"]
-    assert s["compression"] == "dense" and b["basis_layers"] == len(layers)
+    (rung,) = s.rungs
+    b = rung.basis
+    assert s.compression == "dense" and b["basis_layers"] == len(layers)
     assert b["retained_filters"] < b["original_filters"] and b["conv_learnable_reduction"] > 2.0
-    assert rung["conv_mults"] == b["conv_mults"] < rung["dense_conv_mults"]
+    assert rung.conv_mults == b["conv_mults"] < rung.dense_conv_mults
 
 
 @pytest.mark.parametrize("flags,want", [
@@ -319,7 +329,7 @@ def test_train_one_basis_flags(tmp_path, flags, want):
 
 
 def test_build_network_names_the_conv_it_cannot_build():
-    from esdbs_ray.train import build_network
+    from esdbs_ray.networks import build_network
 
     shape = dict(num_classes=10, in_channels=1, image_size=28, width=0.125)
     with pytest.raises(ValueError, match="conv 'winograd'.*spatial, winograd_relu, basis_random"):

@@ -11,22 +11,25 @@ import torch.nn.functional as F
 from torch import nn
 
 import esdbs_ray.winograd as wg
+import esdbs_ray.winograd_dispatch as wd
+import esdbs_ray.winograd_math as wm
+import esdbs_ray.winograd_native as native
 from esdbs_ray.models import ReLUConv2d, create_model, list_models
 from esdbs_ray.winograd import (
     G,
     SparseWinogradInference,
     WinogradReLUConv2d,
     is_winograd_eligible,
-    plot_winograd_kernels,
     to_winograd_relu,
     winograd_layers,
     winograd_relu_conv,
 )
+from esdbs_ray.analysis.figures import plot_winograd_kernels
 
 def _native_gemm() -> bool:
     try:
-        return bool(wg.native.library().esdbs_wino_has_gemm())
-    except wg.native.NativeUnavailable:
+        return bool(native.library().esdbs_wino_has_gemm())
+    except native.NativeUnavailable:
         return False
 
 
@@ -360,7 +363,7 @@ def test_native_result_does_not_depend_on_the_thread_count(monkeypatch, mode, n)
     tiles, output blocks of the GEMMs, the fused backward's dU groups are the units of work), so with
     the library's own GEMMs the layer gives the same bits at any thread count; with torch.bmm the
     same up to MKL's rounding."""
-    monkeypatch.setenv(wg.native.MODE_ENV, mode)
+    monkeypatch.setenv(native.MODE_ENV, mode)
     torch.manual_seed(19)
     x = torch.randn(n, 8, 9, 9)
     u = torch.randn(16, 8, 70)  # 70 output channels: two GEMM column blocks, a masked tail
@@ -376,7 +379,7 @@ def test_native_result_does_not_depend_on_the_thread_count(monkeypatch, mode, n)
         torch.set_num_threads(before)
     for other in outs[1:]:
         for a, b in zip(other, outs[0]):
-            if wg.native.path(torch.float32, 8, 70, n * 25) != "bmm":
+            if native.path(torch.float32, 8, 70, n * 25) != "bmm":
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -392,10 +395,10 @@ def test_native_gemms_match_float64(t, n, k):
     """Both GEMMs against float64: row counts off the micro-tile heights (tails of 8/4/2/1 rows),
     widths across the 16/32/48/64-column block shapes and past one block, reductions of 1 to 130."""
     torch.manual_seed(20)
-    lib = wg.native.library()
+    lib = native.library()
     a, b, g = torch.randn(16, t, n), torch.randn(16, n, k), torch.randn(16, t, k)
-    nn_ = wg.native._bmm(lib, 2, a, b)
-    tn = wg.native._bmm_tn(lib, 2, a, g)
+    nn_ = native._bmm(lib, 2, a, b)
+    tn = native._bmm_tn(lib, 2, a, g)
     eps = torch.finfo(torch.float32).eps
     for got, exact, bound, terms in ((nn_, a.double() @ b.double(), a.double().abs() @ b.double().abs(), n),
                                      (tn, a.double().transpose(1, 2) @ g.double(),
@@ -416,8 +419,8 @@ def test_fused_native_layer_matches_float64(shape, relu, monkeypatch):
     float64: odd sizes, one image and more than the 16 dU groups, bands spanning images (small
     images) and images spanning bands (128 channels at 40x40), a masked channel tail."""
     n, c, k, h, w = shape
-    monkeypatch.setenv(wg.native.MODE_ENV, "fused")  # also where "auto" would not (too few tiles)
-    assert wg.native.path(torch.float32, c, k, 1) == "fused"
+    monkeypatch.setenv(native.MODE_ENV, "fused")  # also where "auto" would not (too few tiles)
+    assert native.path(torch.float32, c, k, 1) == "fused"
     torch.manual_seed(22)
     x, u, gy = torch.randn(n, c, h, w), torch.randn(16, c, k) * (torch.rand(16, c, k) > 0.3), torch.randn(n, k, h, w)
     got = _fwd_bwd("native", x, u, relu, gy)
@@ -430,7 +433,7 @@ def test_fused_native_layer_matches_float64(shape, relu, monkeypatch):
 def test_fused_native_layer_saves_its_input_not_v():
     """The fused forward keeps x (N*H*W*C values) for the backward, not V (16 per 2x2 tile, 4x x)."""
     x = torch.randn(8, 8, 20, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert wg.native.path(torch.float32, 8, 12, 8 * 10 * 10) == "fused"  # auto's choice here
+    assert native.path(torch.float32, 8, 12, 8 * 10 * 10) == "fused"  # auto's choice here
     saved = []
 
     def pack(t):
@@ -446,7 +449,7 @@ def test_fused_native_layer_saves_its_input_not_v():
 
 @needs_native_gemm
 def test_fused_backward_without_one_of_the_gradients(monkeypatch):
-    monkeypatch.setenv(wg.native.MODE_ENV, "fused")
+    monkeypatch.setenv(native.MODE_ENV, "fused")
     torch.manual_seed(23)
     x, u, gy = torch.randn(3, 6, 7, 7), torch.randn(16, 6, 5), torch.randn(3, 5, 7, 7)
     ref = _fwd_bwd("reference", x, u, True, gy)
@@ -464,16 +467,16 @@ def test_native_modes(monkeypatch):
     auto = _fwd_bwd("native", x, u, True, gy)
     tiles = 3 * 3 * 4  # N * ceil(H/2) * ceil(W/2)
     if _native_gemm():  # auto: fused with enough tiles per output channel, unfused with few
-        assert wg.native.path(torch.float32, 5, 9, 64 * 9) == "fused"
-        assert wg.native.path(torch.float32, 5, 9, 64 * 9 - 1) == "unfused"
-        assert wg.native.path(torch.float32, 129, 128, 1 << 30) == "unfused"  # C * K past the fused limit
+        assert native.path(torch.float32, 5, 9, 64 * 9) == "fused"
+        assert native.path(torch.float32, 5, 9, 64 * 9 - 1) == "unfused"
+        assert native.path(torch.float32, 129, 128, 1 << 30) == "unfused"  # C * K past the fused limit
     for mode, path in (("fused", "fused"), ("unfused", "unfused"), ("bmm", "bmm")):
-        monkeypatch.setenv(wg.native.MODE_ENV, mode)
-        assert wg.native.path(torch.float32, 5, 9, tiles) == (path if _native_gemm() else "bmm")
+        monkeypatch.setenv(native.MODE_ENV, mode)
+        assert native.path(torch.float32, 5, 9, tiles) == (path if _native_gemm() else "bmm")
         for a, b in zip(_fwd_bwd("native", x, u, True, gy), auto):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert wg.native.path(torch.float64, 5, 9) == "bmm"
-    monkeypatch.setenv(wg.native.MODE_ENV, "mkl")
+    assert native.path(torch.float64, 5, 9) == "bmm"
+    monkeypatch.setenv(native.MODE_ENV, "mkl")
     with pytest.raises(ValueError, match="ESDBS_NATIVE_MODE must be one of auto, fused, unfused, bmm; got 'mkl'"):
         _fwd_bwd("native", x, u, True, gy)
 
@@ -482,7 +485,7 @@ def test_native_modes(monkeypatch):
 def test_native_lets_nan_through_like_the_reference(monkeypatch, mode):
     """ReLU(NaN) is NaN in torch: a diverged activation must reach the loss (the trainer's divergence
     guard looks for it), not come out of the layer as zeros."""
-    monkeypatch.setenv(wg.native.MODE_ENV, mode)
+    monkeypatch.setenv(native.MODE_ENV, mode)
     x, u = torch.randn(2, 3, 6, 6), torch.randn(16, 3, 4)
     x[0, 1, 2, 3] = float("nan")
     ref, got = (winograd_relu_conv(x, u, impl=i) for i in ("reference", "native"))
@@ -493,7 +496,7 @@ def test_native_lets_nan_through_like_the_reference(monkeypatch, mode):
 @pytest.mark.parametrize("mode", ["fused", "unfused", "bmm"])
 def test_native_empty_batch(monkeypatch, mode):
     """N = 0 (an empty last shard, say): an empty output and a zero weight gradient, as torch gives."""
-    monkeypatch.setenv(wg.native.MODE_ENV, mode)
+    monkeypatch.setenv(native.MODE_ENV, mode)
     x = torch.randn(0, 3, 6, 6, requires_grad=True)
     u = torch.randn(16, 3, 4, requires_grad=True)
     y = winograd_relu_conv(x, u, impl="native")
@@ -552,9 +555,9 @@ def test_choose_impl_without_the_native_kernels(monkeypatch, fresh_fused_state):
     """No C++ compiler for the native kernels: one warning, then the compiled layer for CPU training
     and the reference for inference and a batch of one, as before the native kernels existed."""
     def unavailable():
-        raise wg.native.NativeUnavailable("no C++ compiler found (set $CXX, or install g++)")
+        raise native.NativeUnavailable("no C++ compiler found (set $CXX, or install g++)")
 
-    monkeypatch.setattr(wg.native, "library", unavailable)
+    monkeypatch.setattr(native, "library", unavailable)
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
     x = torch.randn(4, 3, 6, 6, requires_grad=True)
     u = torch.randn(16, 3, 5, requires_grad=True)
@@ -567,7 +570,7 @@ def test_choose_impl_without_the_native_kernels(monkeypatch, fresh_fused_state):
         assert wg.choose_impl(x[:1], u) == "reference"
         with torch.no_grad():
             assert wg.choose_impl(x, u) == "reference"
-        with pytest.raises(wg.native.NativeUnavailable, match="compiler"):
+        with pytest.raises(native.NativeUnavailable, match="compiler"):
             winograd_relu_conv(x, u, impl="native")  # asked for explicitly: the reason surfaces
 
 
@@ -584,9 +587,9 @@ def test_bad_input_raises_for_every_impl(impl):
 
 @pytest.fixture
 def fresh_fused_state():
-    wg._reset_fused_state()
+    wd._reset_fused_state()
     yield
-    wg._reset_fused_state()
+    wd._reset_fused_state()
 
 
 def test_failed_compile_falls_back_with_one_warning(monkeypatch, fresh_fused_state):
@@ -599,8 +602,8 @@ def test_failed_compile_falls_back_with_one_warning(monkeypatch, fresh_fused_sta
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
         return run
 
-    monkeypatch.setattr(wg, "_fused_entry", broken_entry)
-    monkeypatch.setattr(wg, "_native_available", lambda: False)  # auto trains on the compiled layer
+    monkeypatch.setattr(wd, "_fused_entry", broken_entry)
+    monkeypatch.setattr(wd, "_native_available", lambda: False)  # auto trains on the compiled layer
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
     torch.manual_seed(12)
     layer = WinogradReLUConv2d(3, 4)
@@ -626,7 +629,7 @@ def fused_runs():
     on an even size with U = G g G^T."""
     from torch._dynamo.utils import counters
 
-    wg._reset_fused_state()
+    wd._reset_fused_state()
     torch.manual_seed(13)
     c, k = 5, 6
     u = torch.randn(16, c, k)
@@ -649,7 +652,7 @@ def fused_runs():
                        _fwd_bwd("fused", x, layer.weight, False, gy), _fwd_bwd("reference", x, layer.weight, False, gy))
     runs["log"] = wg.fused_compile_log()
     yield runs
-    wg._reset_fused_state()
+    wd._reset_fused_state()
 
 
 def test_fused_matches_reference_pruned_odd_size(fused_runs):
@@ -773,8 +776,8 @@ def test_failed_dynamo_registration_warns_and_the_import_goes_on(monkeypatch):
     def broken():
         raise RuntimeError("registry moved")
 
-    monkeypatch.setattr(wg, "_allow_traceable_in_graph", broken)
-    loader = wg._RegisterAfterExec(Loader())
+    monkeypatch.setattr(wm, "_allow_traceable_in_graph", broken)
+    loader = wm._RegisterAfterExec(Loader())
     with pytest.warns(RuntimeWarning, match="registering the layer with dynamo failed.*registry moved"):
         loader.exec_module(types.ModuleType("fake_dynamo"))
     assert ran == ["fake_dynamo"] and loader.get_source("x") == "# source"  # the real loader's methods

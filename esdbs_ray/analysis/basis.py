@@ -1,4 +1,4 @@
-"""BasisConv in the report (issue #16): accuracy vs retained filters beside the paper's Table 2, the
+"""BasisConv in the report: accuracy vs retained filters beside the paper's Table 2, the
 issue's targets, and the compression methods side by side at equal multiplications.
 
 What it gives: :func:`basis_sections` appends three sections to a report document and writes two PNG
@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..records import DENSE, MemberSummary, Rung, RungResult
 from .experiment import _f
 
 __all__ = ["basis_sections", "has_basis_members", "section_accuracy_vs_filters", "section_targets", "section_equal_multiplications",
@@ -72,37 +73,26 @@ def _pts(d, se=None) -> str:
 # --------------------------------------------------------------------------------------------------
 # reading the experiment
 # --------------------------------------------------------------------------------------------------
-def _key(r: dict) -> tuple:
-    bt = r.get("basis_threshold")
-    return (round(float(r.get("target_sparsity") or 0.0), 6), None if bt is None else round(float(bt), 6))
+def _is_basis_ladder(m: MemberSummary) -> bool:
+    return any(r.rung.is_basis for r in m.rungs)
 
 
-def _is_basis_ladder(m: dict) -> bool:
-    return any(r.get("basis_threshold") is not None for r in m.get("rungs") or [])
+def _is_random_basis(m: MemberSummary) -> bool:
+    return m.config.get("conv") == "basis_random"
 
 
-def _is_random_basis(m: dict) -> bool:
-    return (m.get("config") or {}).get("conv") == "basis_random"
+def _has_counts(m: MemberSummary) -> bool:
+    return bool(m.rungs) and all(r.conv_mults is not None for r in m.rungs)
 
 
-def _has_counts(m: dict) -> bool:
-    return all(_f(r.get("conv_mults")) is not None for r in m.get("rungs") or []) and bool(m.get("rungs"))
+def _dense_rung(m: MemberSummary) -> RungResult | None:
+    return m.rung(DENSE)
 
 
-def _rung(m: dict, key: tuple) -> dict | None:
-    return next((r for r in m.get("rungs") or [] if _key(r) == key), None)
-
-
-def _dense_rung(m: dict) -> dict | None:
-    return _rung(m, (0.0, None))
-
-
-def _filter_share(r: dict) -> float | None:
-    b = r.get("basis")
-    if b:
-        return b["retained_filters"] / b["original_filters"]
-    f, d = _f(r.get("filters")), _f(r.get("dense_filters"))
-    return f / d if f is not None and d else None
+def _filter_share(r: RungResult) -> float | None:
+    if r.basis:
+        return r.basis["retained_filters"] / r.basis["original_filters"]
+    return r.filters / r.dense_filters if r.filters is not None and r.dense_filters else None
 
 
 class _Accuracy:
@@ -113,7 +103,7 @@ class _Accuracy:
         self.exp = exp
         self.cache: dict = {}
 
-    def __call__(self, group: str, names: list[str], key: tuple) -> dict | None:
+    def __call__(self, group: str, names: list[str], key: Rung) -> dict | None:
         ck = (group, tuple(names), key)
         if ck not in self.cache:
             self.cache[ck] = self._compute(group, names, key)
@@ -129,8 +119,7 @@ class _Accuracy:
             from ..predictions import prediction_matrix
             from ..stacking import nll_optimal
 
-            ts, bt = key
-            kw = dict(variant=group, basis_threshold=bt)
+            ts, kw = key.target_sparsity, dict(variant=group, basis_threshold=key.basis_threshold)
             Pt, yt, _ = prediction_matrix(table, "test", names, ts, **kw)
             if len(names) == 1:
                 p = Pt[0]
@@ -140,7 +129,7 @@ class _Accuracy:
             correct = np.argmax(p, axis=1) == yt
             return {"acc": float(correct.mean()), "correct": correct, "labels": yt}
         except Exception as exc:  # an unusable file must not stop the report
-            self.exp.problems.append(f"BasisConv report: {group} {key}: {str(exc).splitlines()[0][:160]}")
+            self.exp.problems.append(f"BasisConv report: {group} {key.text()}: {str(exc).splitlines()[0][:160]}")
             return None
 
 
@@ -157,31 +146,31 @@ def _paired(a: dict | None, b: dict | None) -> tuple[float | None, float | None]
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 
 
-def _member_acc(acc: _Accuracy, m: dict, key: tuple) -> dict | None:
+def _member_acc(acc: _Accuracy, m: MemberSummary, key: Rung) -> dict | None:
     """From the predictions (with per-image correctness), else the rung record's test accuracy."""
-    a = acc(m.get("group") or m.get("variant"), [m["member"]], key)
+    a = acc(m.group or m.variant, [m.member], key)
     if a is None:
-        r = _rung(m, key)
-        v = _f(r.get("test_accuracy")) if r else None
+        r = m.rung(key)
+        v = r.test_accuracy if r else None
         a = None if v is None else {"acc": v, "correct": None, "labels": None}
     return a
 
 
-def _twin(exp, m: dict) -> dict | None:
+def _twin(exp, m: MemberSummary) -> MemberSummary | None:
     """The spatial member of the same model, schedule and dense epochs as ``m`` (its dense rung is the
     twin); basis-ladder members first (their dense rung is exactly that), then any spatial one."""
-    cfg = m.get("config") or {}
-    cands = [o for o in exp.members if o is not m and o.get("model") == m.get("model")
-             and (o.get("config") or {}).get("conv") == "spatial" and _dense_rung(o) is not None
-             and all((o.get("config") or {}).get(k) == cfg.get(k) for k in ("schedule", "epochs", "width"))
-             and o.get("batch_size") is None]
-    cands.sort(key=lambda o: (not _is_basis_ladder(o), o["member"]))
+    cands = [o for o in exp.members if o is not m and o.model == m.model
+             and o.config.get("conv") == "spatial" and _dense_rung(o) is not None
+             and all(o.config.get(k) == m.config.get(k) for k in ("schedule", "epochs", "width"))
+             and o.batch_size is None]
+    cands.sort(key=lambda o: (not _is_basis_ladder(o), o.member))
     return cands[0] if cands else None
 
 
-def _chosen_threshold(exp, m: dict) -> float | None:
+def _chosen_threshold(exp, m: MemberSummary) -> float | None:
     want = _f(((exp.config or {}).get("stack") or {}).get("basis_threshold"))
-    ts = sorted({_key(r)[1] for r in m.get("rungs") or [] if _key(r)[1] is not None})
+    want = None if want is None else Rung(0.0, want).basis_threshold
+    ts = sorted({r.basis_threshold for r in m.rungs if r.rung.is_basis})
     if not ts:
         return None
     return want if want in ts else ts[0]  # None / absent: the last (smallest t) rung, as stacking does
@@ -198,8 +187,8 @@ def _main_groups(exp) -> list[str]:
 def section_accuracy_vs_filters(doc, exp, out_dir, acc: _Accuracy | None = None) -> str | None:
     acc = acc or _Accuracy(exp)
     doc.h(2, "BasisConv: accuracy vs retained filters (the paper's Table 2 beside ours)", "basisconv")
-    ladder = [m for m in exp.members if _is_basis_ladder(m) and m.get("rungs")]
-    random = [m for m in exp.members if _is_random_basis(m) and m.get("rungs")]
+    ladder = [m for m in exp.members if _is_basis_ladder(m) and m.rungs]
+    random = [m for m in exp.members if _is_random_basis(m) and m.rungs]
     if not ladder and not random:
         doc.p(f"**{NOT_RUN}**: no BasisConv trial in this run (variants SBC-CNN / SRB-CNN, or "
               "`esdbs train-one --basis-ladder` / `--conv basis_random`).")
@@ -209,39 +198,39 @@ def section_accuracy_vs_filters(doc, exp, out_dir, acc: _Accuracy | None = None)
     rows = []
     for m in ladder:
         pts = []
-        for r in m["rungs"]:
-            share, a = _filter_share(r), _f(r.get("test_accuracy"))
-            before = _f((r.get("before_finetune") or {}).get("test_accuracy"))
+        for r in m.rungs:
+            share, a = _filter_share(r), r.test_accuracy
+            before = (r.before_finetune or {}).get("test_accuracy")
             if share is not None and a is not None:
-                pts.append((share, a, before, _key(r)[1]))
-        curves[f"{m['member']}"] = pts
+                pts.append((share, a, before, r.basis_threshold))
+        curves[f"{m.member}"] = pts
         dense, t = _dense_rung(m), _chosen_threshold(exp, m)
-        r = _rung(m, (0.0, t))
-        if dense and r and r.get("basis"):
-            b = r["basis"]
-            rows.append([m["member"], f"{b['original_filters']:,}", f"{_f(dense.get('conv_mults')) / 1e6:.2f}",
-                         _pct(_f(dense.get("test_accuracy"))), f"{t:g}", f"{b['retained_filters']:,}",
-                         f"{b['conv_mults'] / 1e6:.2f}", _pct(_f((r.get('before_finetune') or {}).get('test_accuracy'))),
-                         _pct(_f(r.get("test_accuracy"))), f"{b['original_filters'] / b['retained_filters']:.2f}x",
-                         f"{_f(dense.get('conv_mults')) / b['conv_mults']:.2f}x"])
+        r = m.rung(Rung(0.0, t))
+        if dense and r and r.basis:
+            b = r.basis
+            rows.append([m.member, f"{b['original_filters']:,}", f"{dense.conv_mults / 1e6:.2f}",
+                         _pct(dense.test_accuracy), f"{t:g}", f"{b['retained_filters']:,}",
+                         f"{b['conv_mults'] / 1e6:.2f}", _pct((r.before_finetune or {}).get('test_accuracy')),
+                         _pct(r.test_accuracy), f"{b['original_filters'] / b['retained_filters']:.2f}x",
+                         f"{dense.conv_mults / b['conv_mults']:.2f}x"])
     # the stack's ensemble along the ladder
     ens: dict[str, list] = {}
     for g in _main_groups(exp):
         ms = exp.groups[g]["members"]
         if len(ms) < 2 or not all(_is_basis_ladder(m) for m in ms):
             continue
-        keys = sorted(set.intersection(*[{_key(r) for r in m["rungs"]} for m in ms]), key=lambda k: (k[1] is not None, -(k[1] or 0)))
-        names = [m["member"] for m in ms]
+        keys = sorted(set.intersection(*[{r.rung for r in m.rungs} for m in ms]), key=lambda k: (k.is_basis, -(k.basis_threshold or 0)))
+        names = [m.member for m in ms]
         pts = []
         for k in keys:
             a = acc(g, names, k)
-            rs = [_rung(m, k) for m in ms]
+            rs = [m.rung(k) for m in ms]
             if a is None or any(r is None for r in rs):
                 continue
-            b = [r.get("basis") for r in rs]
-            retained = sum(x["retained_filters"] if x else r["filters"] for x, r in zip(b, rs))
-            original = sum(x["original_filters"] if x else r["dense_filters"] for x, r in zip(b, rs))
-            pts.append((retained / original, a["acc"], None, k[1]))
+            b = [r.basis for r in rs]
+            retained = sum(x["retained_filters"] if x else r.filters for x, r in zip(b, rs))
+            original = sum(x["original_filters"] if x else r.dense_filters for x, r in zip(b, rs))
+            pts.append((retained / original, a["acc"], None, k.basis_threshold))
         if pts:
             ens[g] = pts
             tk = _chosen_threshold(exp, ms[0])
@@ -267,12 +256,12 @@ def section_accuracy_vs_filters(doc, exp, out_dir, acc: _Accuracy | None = None)
         rrows = [[f"paper: {n} (CIFAR-100)", f"{p['acc']}%", f"{p['basis_acc']}%", _pts((p['basis_acc'] - p['acc']) / 100),
                   f"{p['learnable_reduction']}x", ""] for n, p in PAPER_SCRATCH.items()]
         for m in random:
-            r = _dense_rung(m) or m["rungs"][-1]
-            b = r.get("basis") or {}
+            r = _dense_rung(m) or m.rungs[-1]
+            b = r.basis or {}
             tw = _twin(exp, m)
-            a, t = _member_acc(acc, m, _key(r)), (_member_acc(acc, tw, (0.0, None)) if tw else None)
+            a, t = _member_acc(acc, m, r.rung), (_member_acc(acc, tw, DENSE) if tw else None)
             d, se = _paired(a, t)
-            rrows.append([m["member"], _pct(t["acc"]) if t else "no twin in this run", _pct(a["acc"] if a else None),
+            rrows.append([m.member, _pct(t["acc"]) if t else "no twin in this run", _pct(a["acc"] if a else None),
                           _pts(d, se), f"{_f(b.get('conv_learnable_reduction')) or 0:.2f}x",
                           f"{_f(b.get('model_learnable_reduction')) or 0:.2f}x"])
         doc.table(["model", "spatial twin", "random basis", "difference", "learnable conv parameters ÷",
@@ -309,11 +298,11 @@ def _plot_filters(path, curves, ens, random, acc) -> None:
         pts = sorted(pts, key=lambda p: -p[0])
         ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "s-", color="black", lw=2, label=f"{g} ensemble")
     for j, m in enumerate(random):
-        r = m["rungs"][-1]
-        share, a = _filter_share(r), _f(r.get("test_accuracy"))
+        r = m.rungs[-1]
+        share, a = _filter_share(r), r.test_accuracy
         if share is not None and a is not None:
             ax.plot([100 * share], [100 * a], "s", ms=9, color=colors[(len(curves) + j) % len(colors)],
-                    label=f"{m['member']} (random basis)")
+                    label=f"{m.member} (random basis)")
     ax.set(xlabel="retained filters (% of the network's)", ylabel="test accuracy (%)", title="ours")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
@@ -337,34 +326,34 @@ def _plot_filters(path, curves, ens, random, acc) -> None:
 # section 2: the issue's targets
 # --------------------------------------------------------------------------------------------------
 def section_targets(doc, exp, acc: _Accuracy | None = None) -> list[dict]:
-    """Issue #16's two targets on this run's members; returns the rows (also shown as a table)."""
+    """BasisConv's two targets on this run's members; returns the rows (also shown as a table)."""
     acc = acc or _Accuracy(exp)
-    doc.h(3, "BasisConv targets (issue #16)")
+    doc.h(3, "BasisConv targets")
     rows = []
     for m in exp.members:
-        if _is_random_basis(m) and m.get("rungs"):
-            r = m["rungs"][-1]
-            red = _f((r.get("basis") or {}).get("conv_learnable_reduction"))
+        if _is_random_basis(m) and m.rungs:
+            r = m.rungs[-1]
+            red = _f((r.basis or {}).get("conv_learnable_reduction"))
             tw = _twin(exp, m)
-            a, t = _member_acc(acc, m, _key(r)), (_member_acc(acc, tw, (0.0, None)) if tw else None)
+            a, t = _member_acc(acc, m, r.rung), (_member_acc(acc, tw, DENSE) if tw else None)
             d, se = _paired(a, t)
             held = None if d is None or red is None else (red >= TARGETS["random_reduction"]
                                                           and d >= -TARGETS["random_points"] / 100)
             rows.append({"target": f"random basis: >= {TARGETS['random_reduction']:g}x fewer learnable conv parameters "
                                    f"within {TARGETS['random_points']:g} pt of its spatial twin",
-                         "member": m["member"], "twin": tw["member"] if tw else None, "reduction": red,
+                         "member": m.member, "twin": tw.member if tw else None, "reduction": red,
                          "diff": d, "se": se, "held": held})
         if _is_basis_ladder(m):
-            r = _rung(m, (0.0, TARGETS["eigen_t"]))
+            r = m.rung(Rung(0.0, TARGETS["eigen_t"]))
             dense = _dense_rung(m)
             if r is None or dense is None:
                 continue
-            a, b = _member_acc(acc, m, _key(r)), _member_acc(acc, m, (0.0, None))
+            a, b = _member_acc(acc, m, r.rung), _member_acc(acc, m, DENSE)
             d, se = _paired(a, b)
             rows.append({"target": f"eigen ladder at t = {TARGETS['eigen_t']:g} within {TARGETS['eigen_points']:g} pt "
                                    "of the trained spatial member after fine-tuning",
-                         "member": m["member"], "twin": f"{m['member']} (dense rung)",
-                         "reduction": _f((r.get("basis") or {}).get("conv_learnable_reduction")), "diff": d, "se": se,
+                         "member": m.member, "twin": f"{m.member} (dense rung)",
+                         "reduction": _f((r.basis or {}).get("conv_learnable_reduction")), "diff": d, "se": se,
                          "held": None if d is None else d >= -TARGETS["eigen_points"] / 100})
     if not rows:
         doc.p(f"**{NOT_RUN}**: no random-basis member and no basis ladder with a t = {TARGETS['eigen_t']:g} rung.")
@@ -383,7 +372,7 @@ def section_targets(doc, exp, acc: _Accuracy | None = None) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 def _method(exp, group: str) -> str:
     ms = exp.groups[group]["members"]
-    cfg = (ms[0].get("config") or {}) if ms else {}
+    cfg = ms[0].config if ms else {}
     if cfg.get("conv") == "basis_random":
         how = "random basis (from scratch)"
     elif any(_is_basis_ladder(m) for m in ms):
@@ -400,17 +389,17 @@ def _group_curve(exp, acc: _Accuracy, group: str) -> list[tuple]:
     ms = exp.groups[group]["members"]
     if not ms or not all(_has_counts(m) for m in ms):
         return []
-    keys = set.intersection(*[{_key(r) for r in m["rungs"]} for m in ms])
-    names = [m["member"] for m in ms]
+    keys = set.intersection(*[{r.rung for r in m.rungs} for m in ms])
+    names = [m.member for m in ms]
     pts = []
     for k in keys:
-        rs = [_rung(m, k) for m in ms]
+        rs = [m.rung(k) for m in ms]
         a = acc(group, names, k)
         if a is None and len(ms) == 1:
-            a = {"acc": _f(rs[0].get("test_accuracy"))}
+            a = {"acc": rs[0].test_accuracy}
         if a is None or a["acc"] is None:
             continue
-        pts.append((sum(r["conv_mults"] for r in rs) / sum(r["dense_conv_mults"] for r in rs), a["acc"], k))
+        pts.append((sum(r.conv_mults for r in rs) / sum(r.dense_conv_mults for r in rs), a["acc"], k))
     return sorted(pts)
 
 
@@ -430,17 +419,17 @@ def section_equal_multiplications(doc, exp, out_dir, acc: _Accuracy | None = Non
     doc.h(2, "Compression methods at equal multiplications", "compression-methods")
     groups = [g for g in _main_groups(exp) if _group_curve(exp, acc, g)]
     if len(groups) < 2:
-        doc.p(f"**{NOT_RUN}**: fewer than two groups with per-rung multiplication counts (written by esdbs since "
-              "issue #16).")
+        doc.p(f"**{NOT_RUN}**: fewer than two groups with per-rung multiplication counts (runs written before "
+              "esdbs counted them have none).")
         doc.img(None, "compression methods", "Accuracy vs multiplications per compression method")
         return None
     curves = {g: _group_curve(exp, acc, g) for g in groups}
     by_model: dict[str, dict[str, list]] = {}
     for g in groups:
         for m in exp.groups[g]["members"]:
-            pts = sorted((r["conv_mults"] / r["dense_conv_mults"], _f(r.get("test_accuracy")), _key(r))
-                         for r in m["rungs"] if _f(r.get("test_accuracy")) is not None)
-            by_model.setdefault(m.get("model") or m["member"], {})[g] = pts
+            pts = sorted((r.conv_mults / r.dense_conv_mults, r.test_accuracy, r.rung)
+                         for r in m.rungs if r.test_accuracy is not None)
+            by_model.setdefault(m.model or m.member, {})[g] = pts
     doc.p("Multiplications by nonzero conv weights per image, relative to the dense spatial network of the same "
           "members (`compression.conv_cost`: pruned spatial convs count their nonzero weights x output pixels, "
           "Winograd-ReLU layers their nonzero Winograd-domain weights x tiles -- transforms not counted --, BasisConv "
@@ -448,7 +437,7 @@ def section_equal_multiplications(doc, exp, out_dir, acc: _Accuracy | None = Non
           "each rung's validation predictions.")
     for g in groups:
         doc.p(f"- {_method(exp, g)}: " + ", ".join(
-            f"{'t=' + format(k[1], 'g') if k[1] is not None else 'sparsity ' + format(k[0], 'g')}: "
+            f"{'t=' + format(k.basis_threshold, 'g') if k.is_basis else 'sparsity ' + format(k.target_sparsity, 'g')}: "
             f"x{x:.3f} mults, {_pct(a)}" for x, a, k in curves[g]))
     # at equal multiplications: every other group interpolated at each BasisConv operating point
     refs = [g for g in groups if any(_is_basis_ladder(m) or _is_random_basis(m) for m in exp.groups[g]["members"])]
@@ -456,9 +445,9 @@ def section_equal_multiplications(doc, exp, out_dir, acc: _Accuracy | None = Non
         others = [o for o in groups if o != g]
         rows = []
         for x, a, k in curves[g]:
-            if k[1] is None and not any(_is_random_basis(m) for m in exp.groups[g]["members"]):
+            if not k.is_basis and not any(_is_random_basis(m) for m in exp.groups[g]["members"]):
                 continue  # the dense rung of a basis ladder is a spatial model, not a BasisConv operating point
-            row = [f"{g} {'t=' + format(k[1], 'g') if k[1] is not None else '(random basis)'}", f"x{x:.3f}", _pct(a)]
+            row = [f"{g} {'t=' + format(k.basis_threshold, 'g') if k.is_basis else '(random basis)'}", f"x{x:.3f}", _pct(a)]
             for o in others:
                 v = _interpolate(curves[o], x)
                 row.append(_pct(v) if v is not None else f"n/a (covers x{curves[o][0][0]:.2f}-x{curves[o][-1][0]:.2f})")

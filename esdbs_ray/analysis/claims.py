@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..records import Rung
 from .experiment import (MAIN_VARIANTS, NOT_REPRODUCED, NOT_RUN, REPRODUCED, SWEEP_VARIANTS, TIME_MARGIN, Z,
                          Experiment)
 
@@ -156,7 +157,7 @@ def build_claims(exp: Experiment, P: dict | None) -> list[dict]:
         cl["dbs_effect"] = a.endswith("+DBS") and not b.endswith("+DBS")
         claims.append(cl)
     for s, v in sorted(P.get("best_at", {}).items()):
-        if abs(s - s_star) < 1e-9:
+        if Rung(s) == Rung(s_star):
             continue
         quoted = P["accuracy"].get(s, {}).get(v)
         claims.append(_rank_claim(exp, nid("A"), v, s, f"{v} best at {100 * s:g}%"

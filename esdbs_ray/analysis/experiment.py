@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from typing import Any
 
 from ..layout import ExperimentLayout as L
+from ..records import MemberSummary, Rung, RungResult, number
 from ..storage import Tree
 from . import paper_numbers as PN
 
@@ -39,16 +39,7 @@ def _slug(name: str) -> str:
     return name.lower().replace("+", "-").replace("@", "-")
 
 
-def _f(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _key(s) -> float:
-    return round(float(s), 6)
+_f = number  # a number read from untyped JSON or YAML (stacking files, configs), or None
 
 
 class Experiment:
@@ -83,30 +74,30 @@ class Experiment:
         s = _read_json(self.tree, L.SUMMARY)
         return (s or {}).get("config") or {}
 
-    def _members(self) -> list[dict]:
-        rows = list((self.summary or {}).get("members") or [])
+    def _members(self) -> list[MemberSummary]:
+        rows = [m for m in (self.summary or {}).get("members") or [] if isinstance(m, dict)]
         if not rows:
             for name in self.tree.listdir(L.MEMBERS, pattern="*.json", kind="file"):
-                m = _read_json(self.tree, "members", name)
+                m = _read_json(self.tree, L.MEMBERS, name)
                 if isinstance(m, dict) and "member" in m:
                     rows.append(m)
             if rows:
                 self.problems.append("members taken from members/*.json (summary.json has none)")
         if not rows:
             self.problems.append("no member records (summary.json members / members/*.json)")
-        return rows
+        return [MemberSummary.from_dict(m) for m in rows]
 
     def _groups(self) -> dict[str, dict]:
         groups: dict[str, dict] = {}
         for m in self.members:
-            name = m.get("group") or m.get("variant")
+            name = m.group or m.variant
             if not name:
                 continue
-            g = groups.setdefault(name, {"group": name, "variant": m.get("variant") or name.split("@")[0],
-                                         "batch_size": m.get("batch_size"), "members": []})
+            g = groups.setdefault(name, {"group": name, "variant": m.variant or name.split("@")[0],
+                                         "batch_size": m.batch_size, "members": []})
             g["members"].append(m)
         for g in groups.values():
-            b0s = {((m.get("config") or {}).get("dbs") or {}).get("b0") for m in g["members"]}
+            b0s = {(m.config.get("dbs") or {}).get("b0") for m in g["members"]}
             b0s.discard(None)
             g["b0"] = g["batch_size"] if g["batch_size"] is not None else (min(b0s) if b0s else
                                                                               self.train_cfg.get("dbs", {}).get("b0", 128))
@@ -185,19 +176,17 @@ class Experiment:
         return self._table
 
     # -- per (group, rung) ------------------------------------------------------------------------
-    def rung(self, member: dict, s: float) -> dict | None:
-        for r in member.get("rungs") or []:
-            if _f(r.get("target_sparsity")) is not None and abs(float(r["target_sparsity"]) - s) < 1e-6:
-                return r
-        return None
+    def rung(self, member: MemberSummary, s: float) -> RungResult | None:
+        """The member's sparsity rung ``s`` (not a basis rung)."""
+        return member.rung(Rung(s))
 
     def rungs_of(self, group: str) -> list[float]:
+        """The sparsity rungs every member of ``group`` reached (target sparsities)."""
         g = self.groups.get(group)
         if not g:
             return []
-        sets = [{_key(r["target_sparsity"]) for r in m.get("rungs") or [] if _f(r.get("target_sparsity")) is not None}
-                for m in g["members"]]
-        return sorted(set.intersection(*sets)) if sets else []
+        sets = [{r.rung for r in m.rungs if not r.rung.is_basis} for m in g["members"]]
+        return [r.target_sparsity for r in sorted(set.intersection(*sets))] if sets else []
 
     def time(self, group: str, s: float) -> dict | None:
         """{sum, max, n}: members' mean seconds per epoch at rung ``s`` (None if any member lacks it)."""
@@ -207,7 +196,7 @@ class Experiment:
         ts = []
         for m in g["members"]:
             r = self.rung(m, s)
-            t = _f(r.get("mean_epoch_seconds")) if r else None
+            t = r.mean_epoch_seconds if r else None
             if t is None:
                 return None
             ts.append(t)
@@ -215,7 +204,7 @@ class Experiment:
 
     def accuracy(self, group: str, s: float) -> dict | None:
         """{acc (fraction), correct (bool array or None), labels, source, weights}; None = not available."""
-        k = (group, _key(s))
+        k = (group, Rung(s))
         if k not in self._acc_cache:
             self._acc_cache[k] = self._accuracy(group, s)
         return self._acc_cache[k]
@@ -228,15 +217,15 @@ class Experiment:
         if ss is None:  # None = each member's last rung
             rungs = self.rungs_of(group)
             ss = rungs[-1] if rungs else None
-        return st if ss is not None and abs(float(ss) - s) < 1e-6 else None
+        return st if ss is not None and Rung(ss) == Rung(s) else None
 
     def _accuracy(self, group: str, s: float) -> dict | None:
         import numpy as np
 
         g = self.groups.get(group)
-        if not g or _key(s) not in self.rungs_of(group):
+        if not g or Rung(s).target_sparsity not in self.rungs_of(group):
             return None
-        names = [m["member"] for m in g["members"]]
+        names = [m.member for m in g["members"]]
         st = self._stacking_at(group, s)
         weights, source = None, None
         if len(names) >= 2 and st:
@@ -269,7 +258,7 @@ class Experiment:
         # fall back on the JSON records (no per-sample vector: no standard error)
         if len(names) == 1:
             r = self.rung(g["members"][0], s)
-            a = _f(r.get("test_accuracy")) if r else None
+            a = r.test_accuracy if r else None
             return None if a is None else {"acc": a, "correct": None, "labels": None, "source": "member record",
                                            "weights": {names[0]: 1.0}}
         if st and _f(st.get("methods", {}).get(st.get("chosen"), {}).get("test_accuracy")) is not None:
@@ -286,7 +275,7 @@ class Experiment:
             return None
         if b == "DBS":
             g = self.groups.get(variant + "+DBS")
-            return (variant + "+DBS", s) if g and _key(s) in self.rungs_of(variant + "+DBS") else None
+            return (variant + "+DBS", s) if g and Rung(s).target_sparsity in self.rungs_of(variant + "+DBS") else None
         name = f"{variant}@b{b}"
         if name in self.groups:
             return (name, s)
@@ -307,20 +296,20 @@ class Experiment:
         t = self.time("C-CNN", 0.0)
         if t is None:
             return None, "the C-CNN member has no dense rung (0.0) with mean_epoch_seconds"
-        return t["sum"], f"C-CNN ({g['members'][0].get('model')}), dense rung, B={g['b0']}"
+        return t["sum"], f"C-CNN ({g['members'][0].model}), dense rung, B={g['b0']}"
 
     # -- trial directories and TensorBoard -------------------------------------------------------
-    def trial_dir(self, member: dict) -> str | None:
+    def trial_dir(self, member: MemberSummary) -> str | None:
         """The member's Tune trial directory, relative to the experiment (``tune/base/<member>_<id>``).
 
         Looked up inside the experiment, never through ``trial_path``, which names the directory the
         run wrote (another machine's path, or a bucket the reader may not see)."""
-        hits = [n for n in self.tree.listdir(*L.TUNE_BASE, kind="dir") if n.startswith(f"{member['member']}_")]
-        return f"tune/base/{hits[0]}" if hits else None
+        hits = [n for n in self.tree.listdir(*L.TUNE_BASE, kind="dir") if n.startswith(f"{member.member}_")]
+        return "/".join((*L.TUNE_BASE, hits[0])) if hits else None
 
-    def progress(self, member: dict) -> list[dict]:
+    def progress(self, member: MemberSummary) -> list[dict]:
         """The trial's per-epoch rows from Tune's progress.csv ([] when absent)."""
-        key = ("progress", member["member"])
+        key = ("progress", member.member)
         if key not in self._acc_cache:
             rows = []
             d = self.trial_dir(member)
@@ -339,7 +328,7 @@ class Experiment:
 
         cvs = []
         for m in self.members:
-            if (m.get("config") or {}).get("schedule") == "dbs":
+            if m.config.get("schedule") == "dbs":
                 continue
             by_b: dict = {}
             for r in self.progress(m):
@@ -362,7 +351,7 @@ class Experiment:
         None when no DBS trial has a progress.csv."""
         seen, details = False, []
         for m in self.members:
-            cfg = m.get("config") or {}
+            cfg = m.config
             if cfg.get("schedule") != "dbs":
                 continue
             rows = self.progress(m)
@@ -376,24 +365,24 @@ class Experiment:
             ms = [_f(r.get("momentum")) for r in rows if _f(r.get("momentum")) is not None]
             active = (bs and bs != [b0]) or any(x > lr0 * (1 + 1e-9) for x in lrs) or any(x > m0 + 1e-9 for x in ms)
             if active:
-                return True, f"{m['member']}: batch sizes {bs}, lr up to {max(lrs):g}, momentum up to {max(ms):g}"
-            details.append(m["member"])
+                return True, f"{m.member}: batch sizes {bs}, lr up to {max(lrs):g}, momentum up to {max(ms):g}"
+            details.append(m.member)
         if not seen:
             return None, "no progress.csv for the DBS trials"
         return False, (f"no DBS trial ({len(details)}) ever raised its learning rate above lr0, its momentum above m0 "
                        "or its batch size away from B0 (too few epochs for the schedule to act)")
 
-    def member_record(self, member: dict) -> dict:
-        """The trainer's whole summary of a member, members/<member>.json ({} when absent)."""
-        d = _read_json(self.tree, "members", f"{member.get('member')}.json")
-        return d if isinstance(d, dict) else {}
+    def member_record(self, member: MemberSummary) -> MemberSummary | None:
+        """The trainer's whole summary of a member, members/<member>.json (None when absent)."""
+        d = _read_json(self.tree, L.MEMBERS, L.member_name(member.member))
+        return MemberSummary.from_dict(d) if isinstance(d, dict) else None
 
-    def history(self, member: dict) -> list[dict]:
-        """The member's per-epoch history from members/<member>.json ([] when absent)."""
-        h = self.member_record(member).get("history")
-        return h if isinstance(h, list) else []
+    def history(self, member: MemberSummary):
+        """The member's per-epoch history (EpochRecords) from members/<member>.json ([] when absent)."""
+        record = self.member_record(member)
+        return record.history if record is not None else []
 
-    def tb_events(self, member: dict) -> list[str]:
+    def tb_events(self, member: MemberSummary) -> list[str]:
         d = self.trial_dir(member)
         if d is None:
             return []

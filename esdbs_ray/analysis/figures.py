@@ -1,11 +1,20 @@
-"""Figures of the report (matplotlib, Agg backend; imported lazily so that ``import esdbs_ray.analysis`` is cheap).
+"""Figures (matplotlib, Agg backend; imported lazily so that ``import esdbs_ray.analysis`` is cheap): the
+report's, the DBS schedule's (``esdbs dbs-plan --figure``, the DBS search's trade-off) and the
+Winograd-domain kernels a run records (paper Fig. 5a).
 
-Every function takes plain data (dicts of numbers) and a path, writes one PNG and returns the path.
+Every function takes plain data (dicts of numbers, arrays) and a path, writes one PNG and returns the
+path (the kernel figure also returns the image, for TensorBoard).
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..winograd import WinogradReLUConv2d
 
 _STYLES = {"C-CNN": ("o", "-"), "SC-CNN": ("s", "-"), "SWR-CNN": ("^", "-"), "SWR-CNN+DBS": ("D", "--"),
            "C-CNN+DBS": ("v", "--"), "SC-CNN+DBS": ("P", "--")}
@@ -172,3 +181,214 @@ def dbs_schedule(path: str, traces: Mapping[str, Mapping[str, Sequence[tuple[int
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# the DBS schedule
+# --------------------------------------------------------------------------------------------------
+def plot_plan(rows: Sequence[dict[str, Any]], path: str, *, title: str = "", k: float | None = None,
+              v0: float = 0.5, m0: float = 0.9, m_max: float = 0.99) -> str:
+    """η, m and B over epochs (from :func:`plan` rows or a trainer's history), phases shaded; with ``k``
+    a fourth panel shows the momentum ODE curve for that k (paper Fig. 5b)."""
+    import numpy as np
+
+    from ..dbs import momentum_curve
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    panels = [("lr", "learning rate η", True), ("momentum", "momentum m", False), ("batch_size", "batch size B", False)]
+    n = len(panels) + (k is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
+    colours = {"warmup": "#fde2b3", "lr": "#cfe3f7", "momentum": "#d8f0d2", "hold": "#eeeeee", "fixed": "#eeeeee"}
+    for ax, (key, label, log) in zip(axes, panels):
+        ys = [r[key] for r in rows]
+        ax.step(ep + [ep[-1] + 1], ys + ys[-1:], where="post", color="black", lw=1.4)
+        for r in rows:
+            ax.axvspan(r["epoch"], r["epoch"] + 1, color=colours.get(r["phase"], "white"), lw=0)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for p, c in colours.items() if p != "fixed"]
+    axes[0].legend(handles, [p for p in colours if p != "fixed"], fontsize=7, loc="lower right")
+    if k is not None:
+        t = np.linspace(0.0, 0.4, 201)
+        axes[-1].plot(t, momentum_curve(k, v0, m0, m_max, t), color="C2")
+        axes[-1].axhline(m_max, color="grey", lw=0.8, ls="--")
+        axes[-1].set_title(f"momentum ODE y''y = k, k = {k:.4g}", fontsize=10)
+        axes[-1].set_xlabel("proportion of epochs since the momentum phase began")
+        axes[-1].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    import io
+
+    from .. import storage
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
+    return storage.write_bytes(path, buf.getvalue())  # temporary file + rename: never half a PNG
+
+
+def plot_momentum_curves(path: str, ks: Sequence[float] = (0, 1.3, 1.45, 1.6, 1.75), v0: float = 0.5,
+                         m0: float = 0.9, m_max: float = 0.99,
+                         extra_scale_ks: Sequence[float] = (0.01, 0.03, 0.05, 0.1, 0.2, 0.4),
+                         t_end: float = 0.4) -> str:
+    """Paper Fig. 5b (momentum vs proportion of epochs for the paper's k) plus a panel at a scale of k
+    where momentum does approach m_max (k <= critical_k ~ 0.054 for the defaults reaches it)."""
+    import numpy as np
+
+    from ..dbs import critical_k, momentum_curve, momentum_limit
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.linspace(0.0, t_end, 401)
+    kc = critical_k(v0, m0, m_max)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, group, title in (
+        (axes[0], ks, f"paper's k (Fig. 5b): k>0 tops out at 1-(1-m0)e^(-v0^2/2k), e.g. "
+                      f"{momentum_limit(1.6, v0, m0):.4f} for k=1.6"),
+        (axes[1], extra_scale_ks, f"k on the scale where m approaches m_max={m_max}: "
+                                  f"k <= {kc:.4f} reaches it"),
+    ):
+        for k in group:
+            ax.plot(t, momentum_curve(k, v0, m0, m_max, t), label=f"k={k:g}")
+        ax.axhline(m_max, color="grey", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("proportion of total epochs since the momentum phase began")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("momentum coefficient m")
+    fig.suptitle(f"y'' y = k, y = 1 - m, y(0) = {1 - m0:g}, y'(0) = -{v0:g}; m held at the turning "
+                 f"point, capped at {m_max}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_search(trials: Sequence[dict[str, Any]], best: dict[str, Any], path: str) -> str:
+    """The DBS search's time-to-accuracy trade-off: last-epoch validation accuracy against training
+    seconds per trial (trials ASHA stopped early hollow; the front of the finished ones joined; the
+    chosen constants circled)."""
+
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .. import storage
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    done = [t for t in trials if t.get("completed")]
+    stopped = [t for t in trials if not t.get("completed")]
+    ax.scatter([t["train_seconds"] for t in done], [t["val_accuracy"] for t in done], color="C0",
+               label="ran the whole budget")
+    if stopped:
+        ax.scatter([t["train_seconds"] for t in stopped], [t["val_accuracy"] for t in stopped], facecolors="none",
+                   edgecolors="grey", label="stopped early by ASHA (not eligible)")
+    front = sorted((t for t in done if t.get("pareto")), key=lambda t: t["train_seconds"])
+    if front:
+        ax.plot([t["train_seconds"] for t in front], [t["val_accuracy"] for t in front], color="C0", lw=0.8)
+    ax.scatter([best["train_seconds"]], [best["val_accuracy"]], s=160, facecolors="none", edgecolors="C3",
+               label="chosen (best last-epoch val accuracy)")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("validation accuracy at the trial's last epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
+    return storage.write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# Winograd-domain kernels (paper Fig. 5a)
+# --------------------------------------------------------------------------------------------------
+def plot_winograd_kernels(
+    layer_or_kernels_by_sparsity: WinogradReLUConv2d | torch.Tensor | Mapping[float, torch.Tensor],
+    path: str | None = None,
+    *,
+    in_channels: int = 6,
+    out_channels: int = 6,
+    title: str | None = None,
+    cmap: str = "RdBu_r",
+    zero_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    dpi: int = 100,
+) -> np.ndarray:
+    """Grid of 4x4 Winograd-domain kernels (first ``out_channels`` rows x ``in_channels`` columns),
+    one panel per sparsity side by side; exact zeros (pruned) drawn in ``zero_color`` (black).
+
+    Accepts a layer, a (C_out, C_in, 4, 4) tensor, or a dict {sparsity: tensor}.  Saves a PNG to
+    ``path`` when given and returns the figure as an HWC uint8 RGB array (for TensorBoard).
+    """
+    import numpy as np
+    import torch
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    src = layer_or_kernels_by_sparsity
+    from ..winograd import WinogradReLUConv2d
+
+    if isinstance(src, WinogradReLUConv2d):
+        k = src.kernels_4x4()
+        if hasattr(src, "weight_mask"):
+            k = k * src.weight_mask.detach().permute(2, 1, 0).reshape(k.shape).to(k.dtype)
+        src = {float((k == 0).float().mean()): k}
+    elif isinstance(src, torch.Tensor):
+        src = {float((src == 0).float().mean()): src}
+    if not isinstance(src, Mapping) or not src:
+        raise ValueError("layer_or_kernels_by_sparsity must be a layer, a tensor or a non-empty dict")
+    panels = []
+    for s, k in sorted(src.items()):
+        k = torch.as_tensor(k).detach().float().cpu()
+        if k.dim() != 4 or tuple(k.shape[-2:]) != (4, 4):
+            raise ValueError(f"kernels for sparsity {s} must be (C_out, C_in, 4, 4), got {tuple(k.shape)}")
+        panels.append((s, k[:out_channels, :in_channels].numpy()))
+    vmax = max(float(np.abs(p).max()) for _, p in panels) or 1.0
+    colormap = plt.get_cmap(cmap)
+
+    gap = 1
+    fig = Figure(figsize=(3.2 * len(panels), 3.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, (s, k) in enumerate(panels):
+        ko, ki = k.shape[:2]
+        img = np.ones((ko * (4 + gap) - gap, ki * (4 + gap) - gap, 3))  # white gaps
+        for o in range(ko):
+            for c in range(ki):
+                tile = k[o, c]
+                rgb = colormap(0.5 + 0.5 * tile / vmax)[..., :3]
+                rgb[tile == 0] = zero_color
+                img[o * (4 + gap): o * (4 + gap) + 4, c * (4 + gap): c * (4 + gap) + 4] = rgb
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(f"sparsity {100 * s:.0f}%")
+        ax.set_xlabel("input channel")
+        ax.set_ylabel("output channel")
+        ax.set_xticks([c * (4 + gap) + 1.5 for c in range(ki)], [str(c) for c in range(ki)])
+        ax.set_yticks([o * (4 + gap) + 1.5 for o in range(ko)], [str(o) for o in range(ko)])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        fig.savefig(path)
+    return arr

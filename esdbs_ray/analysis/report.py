@@ -7,7 +7,7 @@
 ``<out_dir>/report.md``, a self-contained ``<out_dir>/report.html`` (figures embedded as base64 PNG
 data URIs) and the PNG figures into a local ``out_dir`` (default ``EXPERIMENT_DIR/report`` for a local
 experiment).  Module layout: ``experiment.py`` loads, ``claims.py`` judges the paper's claims,
-``sections.py`` writes the sections (``basis.py`` BasisConv's, issue #16, for runs with BasisConv
+``sections.py`` writes the sections (``basis.py`` BasisConv's, for runs with BasisConv
 members), ``render.py`` renders Markdown and HTML, this module ties them.  Any missing
 artifact turns the sections that need it into "not run"; nothing here trains, and Ray is never
 imported.
@@ -98,7 +98,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     accounting_ok = _section_sparsity_accounting(doc, exp)
     _section_stacking(doc, exp)
     basis = None
-    if has_basis_members(exp):  # BasisConv (issue #16): only in runs that trained BasisConv members
+    if has_basis_members(exp):  # BasisConv: only in runs that trained BasisConv members
         basis = basis_sections(doc, exp, out)
         figs.update(basis["figures"])
     classes_ok = _section_classes(doc, exp)

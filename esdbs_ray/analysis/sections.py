@@ -9,6 +9,7 @@ from . import paper_numbers as PN
 from .claims import RULES, _fmt_pct, _overall_time, order_line
 from .experiment import (MAIN_VARIANTS, NOT_REPRODUCED, NOT_RUN, REPRODUCED, SWEEP_VARIANTS, Experiment, _f,
                          _tb_read)
+from ..records import RungResult
 from .render import Doc
 
 def _n(x, fmt="{:.2f}") -> str:
@@ -90,7 +91,7 @@ def _section_sparsity_tables(doc: Doc, exp: Experiment, P: dict | None, base, ba
                   "against it is biased upwards.")
         bw = _f((exp.summary or {}).get("base_wall_seconds"))
         if bw is not None:
-            longest = max((_f(m.get("train_seconds")) or 0.0 for m in exp.members), default=0.0)
+            longest = max((m.train_seconds or 0.0 for m in exp.members), default=0.0)
             doc.p(f"Measured wall time of the whole base stage (all {len(exp.members)} trials as parallel Tune trials, "
                   f"every rung and evaluation included): {bw:.0f} s."
                   + (f" **Not usable:** it is shorter than the longest trial's own training time ({longest:.0f} s), so "
@@ -220,12 +221,12 @@ def _section_kernels(doc: Doc, exp: Experiment, out: Path) -> str | None:
     doc.h(2, "Figure 5a: Winograd-domain kernels at each sparsity", "kernels")
     order = ["SWR-CNN+DBS", "SWR-CNN", "C-CNN+DBS", "SC-CNN+DBS"]
     cands = sorted(
-        (m for m in exp.members if ((m.get("config") or {}).get("conv") == "winograd_relu")),
-        key=lambda m: (order.index(m.get("group")) if m.get("group") in order else len(order), m["member"]))
+        (m for m in exp.members if m.config.get("conv") == "winograd_relu"),
+        key=lambda m: (order.index(m.group) if m.group in order else len(order), m.member))
     # prefer the paper's choice of layer owner: the base model of the stack (first member)
     first = (exp.config.get("members") or [None])[0]
     first_models = [first.get("model") if isinstance(first, dict) else first]
-    cands.sort(key=lambda m: 0 if m.get("model") in first_models else 1)
+    cands.sort(key=lambda m: 0 if m.model in first_models else 1)
     path = out / "fig5a_kernels.png"
     for m in cands:
         events = exp.tb_events(m)
@@ -236,15 +237,15 @@ def _section_kernels(doc: Doc, exp: Experiment, out: Path) -> str | None:
                 imgs = {}
             if imgs.get("winograd_kernels"):
                 path.write_bytes(imgs["winograd_kernels"][-1])
-                doc.p(f"From the TensorBoard image `winograd_kernels` of trial {m['member']} (group {m.get('group')}, "
-                      f"model {m.get('model')}); rows: first 6 output channels, columns: first 6 input channels of its "
-                      f"Winograd layer {(m.get('config') or {}).get('kernel_layer', 0)}; pruned values in black.")
+                doc.p(f"From the TensorBoard image `winograd_kernels` of trial {m.member} (group {m.group}, "
+                      f"model {m.model}); rows: first 6 output channels, columns: first 6 input channels of its "
+                      f"Winograd layer {m.config.get('kernel_layer', 0)}; pruned values in black.")
                 doc.img(str(path), "Figure 5a", "Fig. 5a: Winograd-domain kernels (ours)")
                 return str(path)
         d = exp.trial_dir(m)
         if d is not None and exp.tree.is_file(d, "kernels.png"):
             path.write_bytes(exp.tree.read_bytes(d, "kernels.png"))
-            doc.p(f"From `kernels.png` of trial {m['member']} (group {m.get('group')}, model {m.get('model')}).")
+            doc.p(f"From `kernels.png` of trial {m.member} (group {m.group}, model {m.model}).")
             doc.img(str(path), "Figure 5a", "Fig. 5a: Winograd-domain kernels (ours)")
             return str(path)
     doc.img(None, "Figure 5a", "Fig. 5a (no Winograd trial with a kernel image in this run)")
@@ -255,7 +256,7 @@ def _section_momentum(doc: Doc, exp: Experiment, out: Path) -> str | None:
     doc.h(2, "Figure 5b: momentum increase for several k", "momentum")
     dbs = exp.train_cfg.get("dbs") or {}
     try:
-        from esdbs_ray.dbs import plot_momentum_curves
+        from .figures import plot_momentum_curves
 
         kw = {k: dbs[k] for k in ("v0", "m0", "m_max") if isinstance(dbs.get(k), (int, float))}
         path = plot_momentum_curves(str(out / "fig5b_momentum.png"), **kw)
@@ -273,7 +274,7 @@ def _section_dbs_trace(doc: Doc, exp: Experiment, out: Path) -> str | None:
     doc.h(2, "DBS schedule as trained (TensorBoard)", "dbs-trace")
     traces = {}
     for m in exp.members:
-        if (m.get("config") or {}).get("schedule") != "dbs":
+        if m.config.get("schedule") != "dbs":
             continue
         ev = exp.tb_events(m)
         if not ev:
@@ -283,7 +284,7 @@ def _section_dbs_trace(doc: Doc, exp: Experiment, out: Path) -> str | None:
         except Exception:
             continue
         if sc.get("schedule/batch_size"):
-            traces[m["member"]] = sc
+            traces[m.member] = sc
     if not traces:
         doc.img(None, "DBS schedule", "Batch size / learning rate / momentum per epoch of the DBS trials")
         return None
@@ -382,11 +383,11 @@ def _section_sparsity_accounting(doc: Doc, exp: Experiment) -> bool:
             continue
         for s in exp.rungs_of(v):
             rs = [exp.rung(m, s) for m in g["members"]]
-            if not rs or any(r is None or _f(r.get("model_sparsity")) is None for r in rs):
+            if not rs or any(r is None or r.model_sparsity is None for r in rs):
                 continue
-            nz = sum(int(r.get("nonzero_weights") or 0) for r in rs)
-            tot = sum(int(r.get("total_weights") or 0) for r in rs)
-            rows.append([v, _sp(s), _sp(sum(_f(r["sparsity"]) for r in rs) / len(rs)),
+            nz = sum(r.nonzero_weights or 0 for r in rs)
+            tot = sum(r.total_weights or 0 for r in rs)
+            rows.append([v, _sp(s), _sp(sum(r.sparsity or 0.0 for r in rs) / len(rs)),
                          _sp(1 - nz / tot) if tot else "n/a", f"{nz:,}", f"{tot:,}"])
     if not rows:
         doc.p(f"**{NOT_RUN}** (members' rungs carry no whole-model counts: written by an older esdbs)")
@@ -401,25 +402,25 @@ def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
     doc.h(2, "DBS decisions per trial", "dbs-decisions")
     rows, rules = [], set()
     for m in exp.members:
-        cfg = m.get("config") or {}
+        cfg = m.config
         if cfg.get("schedule") != "dbs":
             continue
         record = exp.member_record(m)
-        hist = record.get("history") if isinstance(record.get("history"), list) else []
+        hist = [h for h in (record.history if record else []) if h.batch_size is not None]
         if not hist:
             continue
         dbs = cfg.get("dbs") or {}
         # runs written before fall_noise existed judged falls against the binomial SE
-        rules.add((dbs.get("fall_z", 2.0), dbs.get("fall_noise", "binomial"), record.get("val_size")))
-        bs = [int(h["batch_size"]) for h in hist]
+        rules.add((dbs.get("fall_z", 2.0), dbs.get("fall_noise", "binomial"), record.val_size))
+        bs = [h.batch_size for h in hist]
         top = max(bs)
-        first_top = next(h["epoch"] for h in hist if int(h["batch_size"]) == top)
-        bmax = record.get("bmax")
+        first_top = next(h.epoch for h in hist if h.batch_size == top)
+        bmax = record.bmax
         at_bmax = f"{sum(b >= bmax for b in bs)} of {len(bs)}" if bmax else "?"
-        decisions = "; ".join(f"e{h['epoch']}: {h['decision']}" for h in hist
-                              if h.get("decision") and not h["decision"].startswith(("warm-up", "lr phase: level")))
-        rows.append([m["member"], f"{bs[0]} -> {top} (epoch {first_top})", str(bmax or "?"), at_bmax,
-                     f"{max(h['lr'] for h in hist):.4g}", f"{max(h['momentum'] for h in hist):.4g}",
+        decisions = "; ".join(f"e{h.epoch}: {h.decision}" for h in hist
+                              if h.decision and not h.decision.startswith(("warm-up", "lr phase: level")))
+        rows.append([m.member, f"{bs[0]} -> {top} (epoch {first_top})", str(bmax or "?"), at_bmax,
+                     f"{max(h.lr for h in hist):.4g}", f"{max(h.momentum for h in hist):.4g}",
                      decisions or "none"])
     if not rows:
         doc.p(f"**{NOT_RUN}** (no DBS trial with a per-epoch history in members/)")
@@ -435,7 +436,7 @@ def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
 
 
 def _section_classes(doc: Doc, exp: Experiment) -> bool:
-    """Test accuracy per class, by name, of each stacked ensemble and its members (issue #17: a user's
+    """Test accuracy per class, by name, of each stacked ensemble and its members (a user's
     own classes; the names come from the prediction files through stacking*.json)."""
     doc.h(2, "Accuracy per class", "classes")
     shown = False
@@ -462,17 +463,17 @@ def _section_members(doc: Doc, exp: Experiment) -> None:
         return
     rows = []
     for m in exp.members:
-        rungs = "; ".join(f"{_sp(float(r['target_sparsity']))}: {_fmt_pct(_f(r.get('test_accuracy')))}, "
-                          f"{_n(_f(r.get('mean_epoch_seconds')), '{:.2f}')} s"
-                          for r in m.get("rungs") or [] if _f(r.get("target_sparsity")) is not None)
-        last = (m.get("rungs") or [{}])[-1]
-        rows.append([m.get("member"), m.get("group"), m.get("model"), ((m.get("config") or {}).get("conv")),
-                     m.get("batch_size") or f"B0={((m.get('config') or {}).get('dbs') or {}).get('b0')}"
-                     + (" DBS" if (m.get("config") or {}).get("schedule") == "dbs" else ""),
-                     m.get("epochs"), _n(_f(m.get("train_seconds")), "{:.1f}"), m.get("steps"),
-                     _sp(_f(last.get("sparsity"))) if _f(last.get("sparsity")) is not None else "n/a",
-                     _sp(_f(last.get("model_sparsity"))) if _f(last.get("model_sparsity")) is not None else "n/a",
-                     f"{last['nonzero_weights']:,}" if isinstance(last.get("nonzero_weights"), int) else "n/a", rungs])
+        rungs = "; ".join(f"{_sp(r.target_sparsity)}: {_fmt_pct(r.test_accuracy)}, "
+                          f"{_n(r.mean_epoch_seconds, '{:.2f}')} s"
+                          for r in m.rungs if r.target_sparsity is not None)
+        last = m.final or RungResult(target_sparsity=None)
+        rows.append([m.member, m.group, m.model, m.config.get("conv"),
+                     m.batch_size or f"B0={(m.config.get('dbs') or {}).get('b0')}"
+                     + (" DBS" if m.config.get("schedule") == "dbs" else ""),
+                     m.epochs, _n(m.train_seconds, "{:.1f}"), m.steps,
+                     _sp(last.sparsity) if last.sparsity is not None else "n/a",
+                     _sp(last.model_sparsity) if last.model_sparsity is not None else "n/a",
+                     f"{last.nonzero_weights:,}" if last.nonzero_weights is not None else "n/a", rungs])
     doc.table(["member", "group", "model", "conv", "batch", "epochs", "train s", "steps", "pruned layers",
                "whole model", "nonzero weights", "rungs (test acc, s/epoch)"], rows,
               "Sparsity at the last rung: of the pruned 3x3 layers (the nominal figure) and of every learnable "

@@ -1,0 +1,208 @@
+"""The ``esdbs`` sub-commands that use what a run left: stack, report, results, export, predict.
+
+Each ``add_*`` adds its parser to the sub-command set; each ``cmd_*`` runs it (heavy imports inside).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .cli_common import experiment_tree
+from .config import ConfigError
+
+__all__ = ["COMMANDS"]
+
+
+def add_stack(sub) -> None:
+    p = sub.add_parser("stack", help="search stacking weights on EXPERIMENT_DIR's validation predictions")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--sparsity", type=float, default=None, help="rung to stack (a fraction, e.g. 0.3); default: last")
+    p.add_argument("--basis-threshold", type=float, default=None,
+                   help="BasisConv rung to stack, by its t (e.g. 0.9; SBC-CNN groups); default: last")
+    p.add_argument("--variant", default=None, help="the group to stack (default: every member present)")
+    p.add_argument("--tune-samples", type=int, default=0, help="also run the accuracy search as a Tune search")
+    p.add_argument("--choose", default="nll_optimal",
+                   help="which method's weights the ensemble uses: a method, or best_val (default nll_optimal)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the accuracy searches (default 0)")
+    p.add_argument("--output", default=None,
+                   help="a new JSON file (default: EXPERIMENT_DIR/stack-<time>-<variant>.json, a new file per call)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file (atomically)")
+    p.set_defaults(func=cmd_stack)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--out", default=None, help="a local directory; default: EXPERIMENT_DIR/report for a local "
+                   "experiment (a new directory, or --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier report there (swapped in atomically; "
+                   "files esdbs did not write are kept)")
+    p.set_defaults(func=cmd_report)
+
+
+def add_results(sub) -> None:
+    p = sub.add_parser("results", help="one tidy table of every trial, member, rung and ensemble of an experiment")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--format", default="table", help="table | csv | parquet (default: table)")
+    p.add_argument("--out", default=None, help="write to this new file instead of standard output "
+                   "(required for parquet)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (atomically)")
+    p.set_defaults(func=cmd_results)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="the trained ensemble as one directory: manifest, safetensors, ONNX graphs")
+    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--variant", default=None, help="the group to export (default: the experiment's only stacked group)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="the rung to export, a fraction (default: the rung the stack used)")
+    p.add_argument("--out", required=True, help="a new local directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier export there (swapped in atomically)")
+    p.add_argument("--no-onnx", action="store_true", help="weights and manifest only (no ONNX graphs, no onnxruntime check)")
+    p.set_defaults(func=cmd_export)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="an exported ensemble's probabilities for images, folders or a dataset split")
+    p.add_argument("export_dir", help="a directory written by esdbs export")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files and folders, or one of fashion-mnist:test, cifar10:test, cifar100:test "
+                        "(or :train), imagefolder:PATH (one sub-folder per class)")
+    p.add_argument("--out", required=True, help="a new Parquet file (or --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (atomically)")
+    p.add_argument("--top-k", type=int, default=3, help="labels per image, most likely first (default 3)")
+    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default 1000)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda")
+    p.add_argument("--data-dir", default=None, help="where the dataset of a dataset split lies")
+    p.set_defaults(func=cmd_predict)
+
+
+
+def cmd_stack(args) -> int:
+    from .config import STACK_CHOICES
+    from .layout import ExperimentLayout, claim_file
+    from .stacking import format_stacking_table
+    from .stacking_run import stack_experiment
+
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
+    if args.basis_threshold is not None and not 0.0 < args.basis_threshold <= 1.0:
+        raise ConfigError(f"--basis-threshold={args.basis_threshold}: a threshold t in (0, 1] (e.g. 0.9)")
+    if args.choose not in STACK_CHOICES:
+        raise ConfigError(f"--choose={args.choose!r}: choose one of {', '.join(STACK_CHOICES)}")
+    if args.tune_samples < 0:
+        raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
+    layout = ExperimentLayout.at(args.experiment_dir)
+    output = (claim_file(args.output, force=args.force) if args.output
+              else layout.stacking_rerun(f"{args.variant or 'all'}-s{args.sparsity if args.sparsity is not None else 'last'}"
+                                         + (f"-t{args.basis_threshold:g}" if args.basis_threshold is not None else "")))
+    result = stack_experiment(layout.root, sparsity=args.sparsity, basis_threshold=args.basis_threshold,
+                              variant=args.variant,
+                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=output,
+                              storage_path=layout.tune)
+    print(format_stacking_table(result))
+    print(f"-> {output}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .analysis.report import build_report
+    from .layout import replace_dir
+
+    tree = experiment_tree(args.experiment_dir)
+    if args.out:
+        out = Path(args.out)
+    elif tree.local:
+        out = Path(tree.path()) / "report"
+    else:
+        raise ConfigError(f"{args.experiment_dir} is not a local directory: pass --out DIR (a local directory) "
+                          "for its report")
+    result = replace_dir(out, lambda staging: build_report(tree.root, out_dir=staging), kind="report",
+                         force=args.force)
+    counts: dict[str, int] = {}
+    for claim in result["claims"]:
+        counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
+    print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {out / 'report.html'}")
+    for problem in result["problems"]:
+        print(f"note: {problem}")
+    from .tracking import log_report
+
+    run_id = log_report(tree.root, out)
+    if run_id:
+        print(f"MLflow: the report's files logged to run {run_id} (artifact path report/)")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from .layout import claim_file
+    from .results import FORMATS, format_results, results_table
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format={args.format!r}: choose one of {', '.join(FORMATS)}")
+    if args.format == "parquet" and not args.out:
+        raise ConfigError("--format parquet writes a binary file: pass --out FILE")
+    out = claim_file(args.out, force=args.force, flag="--out") if args.out else None
+    tree = experiment_tree(args.experiment_dir)
+    df = results_table(tree.root)
+    data = format_results(df, args.format)
+    for note in df.attrs.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if out:
+        from . import storage
+
+        storage.write_bytes(out, data)
+        print(f"{len(df)} rows -> {out}")
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_experiment
+
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
+    if not args.no_onnx:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"ONNX export needs {' and '.join(missing)}: pip install 'esdbs-ray[export]' "
+                              "(or pass --no-onnx)")
+    tree = experiment_tree(args.experiment_dir)
+    manifest = export_experiment(tree.root, args.out, variant=args.variant, sparsity=args.sparsity, force=args.force,
+                                 onnx=not args.no_onnx)
+    e = manifest["ensemble"]
+    acc = f"; the run's test accuracy {e['test_accuracy']:.4f}" if e.get("test_accuracy") is not None else ""
+    print(f"{manifest['group']}: {len(manifest['members'])} member(s) at sparsity {e['sparsity']:g}, "
+          f"weights ({e['method']}) " + ", ".join(f"{m} {w:.3f}" for m, w in e["weights"].items()) + acc)
+    for m in manifest["members"]:
+        onnx = f", ONNX max |diff| {m['onnx_max_abs_diff']:.1e}" if "onnx_max_abs_diff" in m else ""
+        print(f"  {m['name']}: {m['model']} width {m['width']:g} {m['conv']}, {m['nonzero_weights']:,} nonzero "
+              f"weights (whole model {100 * m['model_sparsity']:.1f}% zero){onnx}")
+    print(f"-> {args.out} (use: esdbs predict {args.out} INPUT --out preds.parquet)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .ensemble import Ensemble, predict_to_parquet, read_inputs
+    from .layout import claim_file
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k={args.top_k}: must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size}: must be >= 1")
+    out = claim_file(args.out, force=args.force, flag="--out")
+    ensemble = Ensemble.load(args.export_dir, device=args.device, tune_allocator=True)
+    inputs = read_inputs(args.inputs, shape=ensemble.input_shape, class_names=ensemble.class_names,
+                         data_dir=args.data_dir)
+    meta = predict_to_parquet(ensemble, inputs, out, top_k=args.top_k, batch_size=args.batch_size)
+    print(f"{meta['images']} images ({inputs.description}) in {meta['seconds']:.2f} s on {meta['device']} -> {out}")
+    if meta["accuracy"]:
+        a = meta["accuracy"]
+        print(f"accuracy on {a['labelled']} labelled images: ensemble {a['ensemble']:.4f}; "
+              + ", ".join(f"{m} {v:.4f}" for m, v in a["members"].items()))
+    return 0
+
+
+COMMANDS = {"stack": add_stack, "report": add_report, "results": add_results, "export": add_export, "predict": add_predict}

@@ -1,0 +1,363 @@
+"""The ``esdbs`` sub-commands that train or plan: run, train-one, dbs-plan, dbs-search, config, submit.
+
+Each ``add_*`` adds its parser to the sub-command set; each ``cmd_*`` runs it.  Heavy modules (torch,
+Ray, the trainer, the pipeline) are imported inside the commands, so ``esdbs --help`` and a refused
+config never load them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .cli_common import (add_pipeline_args, check_num_cpus, config_flags, default_out, flag_error, flag_values,
+                         load_dbs_constants, pipeline_config)
+from .config import ConfigError, DBSConfig, TrainConfig
+
+__all__ = ["COMMANDS", "TRAIN_ONE_FLAGS", "SCHEDULE_FLAGS", "OWN_IMAGES_FLAGS", "BASIS_FLAGS", "format_trials"]
+
+# train-one's flags: the TrainConfig key each sets, and its help (type, choices and default: the config's)
+TRAIN_ONE_FLAGS = {
+    "--dataset": ("dataset", "fashion-mnist | cifar10 | cifar100 | imagefolder:<path>"),
+    "--data-dir": ("data_dir", "directory holding the dataset files (else $ESDBS_DATA, system paths)"),
+    "--subset": ("subset", "stratified training subset size (smoke runs)"),
+    "--test-subset": ("test_subset", "stratified test subset size (smoke runs)"),
+    "--image-size": ("image_size", "resize image-folder data to this size"),
+    "--seed": ("seed", "seed of the validation split, the initialisation and the batch order"),
+    "--model": ("model", "registry model"),
+    "--width": ("width", "channel multiplier (1.0 = published widths)"),
+    "--dropout": ("dropout", "dropout before the classifier"),
+    "--l2": ("l2", "L2 rate on conv weights (paper's convention: loss += l2 * sum(w^2))"),
+    "--optimizer": ("optimizer", "the optimizer"),
+    "--conv": ("conv", "the convolutions' form (basis_random: BasisConv from scratch)"),
+    "--epochs": ("epochs", "dense epochs before the sparsity ladder"),
+    "--sparsity-ladder": ("sparsity_ladder", "pruning rungs, e.g. 0.2,0.3,0.4,0.5,0.6,0.7,0.8"),
+    "--retrain-epochs": ("retrain_epochs", "retraining epochs per ladder rung"),
+    "--threads": ("threads", "torch CPU threads"),
+    "--device": ("device", "where to train"),
+}
+# the schedule (spec section 4); dbs-plan takes the dbs.* ones
+SCHEDULE_FLAGS = {
+    "--batch-size": ("dbs.b0", "fixed batch size, and B0 for DBS"),
+    "--lr": ("dbs.lr0", "eta0, the learning rate after warm-up"),
+    "--lr-start": ("dbs.lr_start", "warm-up start learning rate"),
+    "--momentum": ("dbs.m0", "m0, the momentum"),
+    "--warmup-frac": ("dbs.warmup_frac", "fraction of the dense epochs spent warming up"),
+    "--double-every": ("dbs.double_every", "DBS: n, epochs between learning-rate doublings"),
+    "--k": ("dbs.k", "DBS: momentum ODE constant k, or 'auto' (the critical k: m comes to rest at m_max)"),
+    "--v0": ("dbs.v0", "DBS: initial momentum velocity v0"),
+    "--m-max": ("dbs.m_max", "DBS: the momentum's ceiling"),
+    "--bmax-cap": ("dbs.bmax_cap", "DBS: the largest batch the schedule may reach"),
+    "--fall-z": ("dbs.fall_z", "DBS: a fall must exceed this many standard errors of val accuracy"),
+    "--fall-noise": ("dbs.fall_noise", "DBS: one standard error is the binomial SE of the val estimate (spec "
+                                       "§4.2) or the larger of it and the run's own epoch-to-epoch noise"),
+    "--rung-lr": ("dbs.rung_lr", "DBS: pruning rungs retrain at the dense phase's last learning rate (spec "
+                                 "§4.5) or at most at lr0"),
+}
+OWN_IMAGES_FLAGS = {
+    "--augment": ("augment.ops", "comma-separated augmentation ops, in order (default: none)"),
+    "--lr-schedule": ("lr_schedule", "cosine: linear warm-up, cosine decay per step (fixed batch only)"),
+    "--weight-decay": ("weight_decay", "AdamW's decoupled weight decay"),
+    "--label-smoothing": ("label_smoothing", "label smoothing of the training loss"),
+    "--patience": ("early_stopping.patience", "early stopping: epochs without a lower val loss (0: off)"),
+}
+BASIS_FLAGS = {
+    "--basis-ladder": ("basis.ladder", "eigen thresholds t, strictly decreasing in (0, 1], e.g. 1.0,0.95,0.9,0.85: "
+                                       "after --epochs of spatial training each rung converts every conv to its "
+                                       "truncated eigen basis and fine-tunes --retrain-epochs"),
+    "--basis-stage1-epochs": ("basis.stage1_epochs", "of each basis rung's epochs, how many train only the 1x1 "
+                                                     "coefficients"),
+    "--basis-stage1-lr-scale": ("basis.stage1_lr_scale", "step one's learning-rate factor"),
+    "--basis-stage2-lr-scale": ("basis.stage2_lr_scale", "step two's learning-rate factor"),
+    "--basis-fraction": ("basis.fraction", "--conv basis_random: Q = ceil(fraction * C_out) random basis filters "
+                                           "per layer"),
+    "--basis-layers": ("basis.layers", "all: every conv, the stem too; relu: the stem stays spatial"),
+}
+ALL_TRAIN_FLAGS = {**TRAIN_ONE_FLAGS, **SCHEDULE_FLAGS, **OWN_IMAGES_FLAGS, **BASIS_FLAGS}
+PLAN_FLAGS = {flag: (path[len("dbs."):], text) for flag, (path, text) in SCHEDULE_FLAGS.items()}
+
+
+def _dbs_constants_arg(g) -> None:
+    g.add_argument("--dbs-constants", default=None, help="JSON file of DBS constants (from esdbs dbs-search)")
+
+
+# --------------------------------------------------------------------------------------------------
+# run, config, dbs-search, submit
+# --------------------------------------------------------------------------------------------------
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="the whole method on Ray Tune: base members -> stacking (-> DBS search)")
+    add_pipeline_args(p)
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run in DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing esdbs experiment in --out "
+                   "(it is moved aside to OUT.replaced-TIME, not deleted)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the trial table; run nothing")
+    p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
+    _dbs_constants_arg(p)
+    p.set_defaults(func=cmd_run)
+
+
+def format_trials(cfg) -> str:
+    rows = [f"{'member':<30} {'variant':<12} {'group':<16} {'model':<15} {'conv':<13} {'schedule':<8} "
+            f"{'B0':>5} {'epochs':>6}  ladder"]
+    for t in cfg.trials():
+        tr = t.train
+        ladder = list(tr.sparsity_ladder) or (f"basis t {list(tr.basis.ladder)}" if tr.basis.ladder else [])
+        rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule_kind:<8} "
+                    f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {ladder}")
+    return "\n".join(rows)
+
+
+def cmd_run(args) -> int:
+    import yaml
+
+    from .pipeline import load_resumed_config, run_pipeline
+
+    check_num_cpus(args)
+    if args.resume:
+        given = [f for f, v in (("--config", args.config), ("--preset", args.preset), ("--out", args.out),
+                                ("--scale", args.scale), ("--set", args.set), ("--force", args.force)) if v]
+        if given:
+            raise ConfigError(f"--resume DIR continues DIR with its saved config.yaml; drop {', '.join(given)}")
+        cfg, out = load_resumed_config(args.resume), args.resume
+    else:
+        cfg = pipeline_config(args)
+        out = args.out or default_out(cfg.name)
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(f"# {len(cfg.trials())} trial(s) -> {out}")
+        print(format_trials(cfg))
+        return 0
+    run_pipeline(cfg, out, resume=bool(args.resume), force=args.force, address=args.address,
+                 num_cpus=args.num_cpus, progress=not args.quiet)
+    return 0
+
+
+def add_config(sub) -> None:
+    from .cli_common import presets_help
+
+    p = sub.add_parser("config", help="print the resolved config (validated), or --schema its JSON Schema")
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of a config file")
+    p.add_argument("--config", default=None, help="YAML config (applied over the preset)")
+    p.add_argument("--preset", default=None, help=f"{presets_help()} (default: quick when no --config)")
+    p.add_argument("--scale", type=float, default=None, help="shrink epochs and training set by this factor (0, 1]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    p.set_defaults(func=cmd_config)
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    if args.schema:
+        from .config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    cfg = pipeline_config(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def add_dbs_search(sub) -> None:
+    p = sub.add_parser("dbs-search", help="Tune experiment (ASHA) over the DBS constants; writes dbs_constants.json")
+    add_pipeline_args(p)
+    p.add_argument("--num-samples", type=int, default=None, help="DBS constant sets to try (default: the config's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of each trial's budget (default: the config's)")
+    p.add_argument("--force", action="store_true", help="replace an earlier search in --out (moved aside)")
+    p.set_defaults(func=cmd_dbs_search)
+
+
+def cmd_dbs_search(args) -> int:
+    from .data import load_configured
+    from .layout import ExperimentLayout, claim_dir
+    from .pipeline import run_dbs_search
+    from .ray_env import init_ray
+
+    check_num_cpus(args)
+    cfg = pipeline_config(args)
+    changes = {k: v for k, v in (("num_samples", args.num_samples), ("epochs", args.epochs)) if v is not None}
+    if changes:
+        from .config import validate
+
+        cfg = validate(type(cfg), {**cfg.model_dump(), "dbs_search": {**cfg.dbs_search.model_dump(), **changes}})
+    out = args.out or default_out(cfg.name + "-dbs-search")
+    claim_dir(out, "dbs-search", force=args.force, check_only=True)
+    data = load_configured(cfg)
+    layout = ExperimentLayout(claim_dir(out, "dbs-search", force=args.force))
+    init_ray(args.address, args.num_cpus)
+    record = run_dbs_search(cfg, layout, data, progress=not args.quiet)
+    print(f"{'last-epoch val':>14} {'epochs':>6} {'train s':>8} {'steps':>7}  front  constants")
+    for t in sorted(record["trials"], key=lambda t: t["train_seconds"] or 0.0):
+        mark = "*" if t.get("pareto") else ("stopped" if not t["completed"] else "")
+        print(f"{t['val_accuracy']:14.4f} {t['epochs']:6d} {t['train_seconds'] or 0:8.1f} {t['total_steps'] or 0:7d}  "
+              f"{mark:>5}  {json.dumps(t['config'])}")
+    print(json.dumps(record["constants"], indent=2))
+    print(f"best last-epoch val accuracy {record['best_val_accuracy']:.4f} ({record['best_train_seconds']:.1f} s); "
+          f"trade-off figure -> {layout.dbs_search_figure}; constants -> {layout.dbs_constants} "
+          f"(reuse: esdbs run --dbs-constants {layout.dbs_constants})")
+    return 0
+
+
+def add_submit(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("submit", help="submit `esdbs run` to a Ray cluster as a Ray Job (token auth)")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds (exit 124)")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then the arguments of `esdbs run`")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    return submit(args.address, run_args, follow=not args.no_follow, timeout=args.timeout)
+
+
+# --------------------------------------------------------------------------------------------------
+# train-one
+# --------------------------------------------------------------------------------------------------
+def add_train_one(sub) -> None:
+    p = sub.add_parser("train-one", help="train one CNN and write summary.json + TensorBoard logs")
+    config_flags(p, TrainConfig, TRAIN_ONE_FLAGS, required=("--epochs",))
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--force", action="store_true", help="replace an earlier train-one run in --out (moved aside)")
+    p.add_argument("--out", required=True, help="output directory (new, or an earlier train-one run with --resume)")
+    g = p.add_argument_group("schedule (fixed batch or DBS; spec section 4)")
+    config_flags(g, TrainConfig, {"--schedule": ("schedule", "fixed batch, or DBS")})
+    config_flags(g, TrainConfig, SCHEDULE_FLAGS)
+    _dbs_constants_arg(g)
+    config_flags(p.add_argument_group("own images: augmentation, cosine schedule, AdamW, early stopping"),
+                 TrainConfig, OWN_IMAGES_FLAGS)
+    config_flags(p.add_argument_group("BasisConv (config key train.basis)"), TrainConfig, BASIS_FLAGS)
+    p.set_defaults(func=cmd_train_one)
+
+
+def train_config(args) -> TrainConfig:
+    """The TrainConfig train-one's flags give (over --dbs-constants), refused naming the flag."""
+    from .config import validate
+
+    flags = {**ALL_TRAIN_FLAGS, "--schedule": ("schedule", "")}
+    base = {"dbs": load_dbs_constants(args.dbs_constants)} if args.dbs_constants else {}
+    try:
+        return validate(TrainConfig, flag_values(args, TrainConfig, flags, base))
+    except ConfigError as exc:
+        raise flag_error(exc, flags) from None
+
+
+def cmd_train_one(args) -> int:
+    from .data import load_configured
+    from .hooks import PrintHooks
+    from .layout import RunLayout, claim_dir
+    from .provenance import device_info, provenance
+    from .run_record import RunRecorder
+    from .train import train
+
+    cfg = train_config(args)
+    if args.resume and args.force:
+        raise ConfigError("--resume continues a run, --force replaces it: pass one of them")
+    checked = Path(claim_dir(args.out, "run", resume=args.resume, force=args.force, check_only=True))
+    if args.resume and not RunLayout(checked).checkpoint.exists():
+        raise ConfigError(f"--resume: no checkpoint at {RunLayout(checked).checkpoint}")
+    data = load_configured(cfg)
+    run = RunLayout(Path(claim_dir(args.out, "run", resume=args.resume, force=args.force)))
+    print(data.describe(), flush=True)
+    recorder = RunRecorder(run.root, cfg, data, experiment=str(run.root), variant=variant_name(cfg),
+                           provenance={**provenance(), "device": device_info()})
+    summary = train(cfg, data, run.root, hooks=[PrintHooks(), recorder],
+                    resume_from=run.checkpoint if args.resume else None)
+    rung = (f"basis t={summary.basis_threshold:g}" if summary.basis_threshold is not None
+            else f"sparsity {summary.sparsity:.3f}")
+    print(f"done: val {summary.val_accuracy:.4f} test {summary.test_accuracy:.4f} "
+          f"{rung} in {summary.train_seconds:.1f}s training -> {run.summary}")
+    return 0
+
+
+def variant_name(cfg) -> str:
+    dbs = "+DBS" if cfg.schedule == "dbs" else ""
+    if cfg.conv == "winograd_relu":
+        return "SWR-CNN" + dbs
+    if cfg.conv == "basis_random":  # one member of SRB-CNN / SBC-CNN: the single-model labels
+        return "RB-CNN" + dbs
+    return ("BC-CNN" if cfg.basis.ladder else "C-CNN") + dbs
+
+
+# --------------------------------------------------------------------------------------------------
+# dbs-plan
+# --------------------------------------------------------------------------------------------------
+def add_dbs_plan(sub) -> None:
+    from .cli_common import floats
+
+    p = sub.add_parser("dbs-plan", help="show the schedule a run would follow (DBS unless --schedule fixed)")
+    p.add_argument("--epochs", type=int, required=True, help="dense epochs before the sparsity ladder")
+    p.add_argument("--train-size", type=int, required=True, help="images in the training split (N)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="images in the validation split, for the fall rule's standard error "
+                        "(default: the 10 %% split that goes with --train-size, i.e. N/9)")
+    p.add_argument("--sparsity-ladder", type=floats, default=(), help="rungs, e.g. 0.2,0.3 (each restarts the plateau)")
+    p.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs per ladder rung (default 2)")
+    p.add_argument("--val-accuracy", type=floats, default=None, help="scripted validation accuracies a1,a2,...")
+    p.add_argument("--json", action="store_true", help="one JSON object per epoch")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="also draw η, m and B over epochs and the momentum ODE curve (a new file)")
+    p.add_argument("--force", action="store_true", help="replace an existing --figure file")
+    g = p.add_argument_group("schedule (spec section 4)")
+    g.add_argument("--schedule", default="dbs", help="fixed | dbs (default dbs)")
+    config_flags(g, DBSConfig, PLAN_FLAGS)
+    _dbs_constants_arg(g)
+    p.set_defaults(func=cmd_dbs_plan)
+
+
+def cmd_dbs_plan(args) -> int:
+    from .config import validate
+    from .dbs import SCHEDULE_KINDS, format_plan, plan
+
+    if args.schedule not in SCHEDULE_KINDS:
+        raise ConfigError(f"--schedule={args.schedule!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
+    kind = args.schedule
+    base = load_dbs_constants(args.dbs_constants) if args.dbs_constants else {}
+    try:
+        cfg = validate(DBSConfig, flag_values(args, DBSConfig, PLAN_FLAGS, base), "schedule")
+    except ConfigError as exc:
+        raise flag_error(exc, PLAN_FLAGS, prefix="schedule.") from None
+    for flag, low in (("epochs", 0), ("train_size", 1), ("val_size", 1), ("retrain_epochs", 0)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            raise ConfigError(f"--{flag.replace('_', '-')}={v}: must be >= {low}")
+    ladder = tuple(args.sparsity_ladder)
+    if any(not 0 < s < 1 for s in ladder) or list(ladder) != sorted(set(ladder)):
+        raise ConfigError(f"--sparsity-ladder={list(ladder)}: strictly increasing fractions in (0, 1)")
+    if ladder and args.retrain_epochs < 1:
+        raise ConfigError("--retrain-epochs must be >= 1 with a --sparsity-ladder")
+    total = args.epochs + len(ladder) * args.retrain_epochs
+    if total < 1:
+        raise ConfigError("nothing to plan: --epochs and the ladder give 0 epochs")
+    val_size = args.val_size if args.val_size is not None else max(1, round(args.train_size / 9))
+    figure = None
+    if args.figure:
+        from .layout import claim_file
+
+        figure = claim_file(args.figure, force=args.force, flag="--figure")
+    rows = plan(cfg, epochs=total, train_size=args.train_size, kind=kind, batch_size=cfg.b0,
+                val_accuracies=list(args.val_accuracy) if args.val_accuracy else None, val_size=val_size,
+                rung_starts=[args.epochs + i * args.retrain_epochs for i in range(len(ladder))])
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(f"{kind} schedule: {total} epochs, N = {args.train_size}, {val_size} validation images "
+              f"(a fall must exceed {cfg.fall_z:g} SE, {cfg.fall_noise}), k = {cfg.k_value:.4g}")
+        print(format_plan(rows))
+    if figure:
+        from .analysis.figures import plot_plan
+
+        title = f"{kind}: N={args.train_size}, n_val={val_size}, B0={cfg.b0}, k={cfg.k_value:.4g}"
+        path = plot_plan(rows, figure, title=title, k=cfg.k_value if kind == "dbs" else None,
+                         v0=cfg.v0, m0=cfg.m0, m_max=cfg.m_max)
+        print(f"figure -> {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+COMMANDS = {"run": add_run, "train-one": add_train_one, "dbs-plan": add_dbs_plan, "dbs-search": add_dbs_search,
+            "config": add_config, "submit": add_submit}

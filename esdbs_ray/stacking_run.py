@@ -1,0 +1,92 @@
+"""Stacking an experiment: its Parquet predictions in, ``stacking*.json`` out.
+
+:func:`stack_experiment` reads ``<experiment>/predictions/*.parquet`` (:mod:`esdbs_ray.predictions`),
+aligns the members at one rung, runs :func:`esdbs_ray.stacking.stack` (every method, the Tune search
+too: this module imports the adapter that registers it) and writes the result atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+from . import predictions as _pred
+from . import stacking_tune  # noqa: F401  registers the "tune_accuracy_search" method
+from . import storage
+from .layout import ExperimentLayout
+from .stacking import DEFAULT_METHODS, per_class_accuracy, stack
+
+__all__ = ["stack_experiment"]
+
+
+def stack_experiment(
+    experiment_dir_or_uri: str | os.PathLike,
+    *,
+    sparsity: float | None = None,
+    variant: str | None = None,
+    members: Sequence[str] | None = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    tune_samples: int = 0,
+    seed: int = 0,
+    choose: str = "nll_optimal",
+    storage_path: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    ray_init_kwargs: Mapping[str, Any] | None = None,
+    basis_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Stack the members found in ``<experiment>/predictions/*.parquet``; write ``<experiment>/stacking.json``.
+
+    ``sparsity`` picks the rung (a target-sparsity fraction; None = each member's last rung),
+    ``basis_threshold`` a BasisConv rung by its t (``predictions.prediction_matrix``),
+    ``variant`` / ``members`` filter the rows.  The result of :func:`stack` gains ``"sparsity"``,
+    ``"rungs"`` (per member: target and achieved sparsity, epoch, model, variant), ``"provenance"``
+    (per prediction file: path, members, and its metadata: config, seed, git revision, versions),
+    ``"experiment"``, ``"created"``, ``"class_names"`` (from the prediction files' metadata; None when
+    absent or inconsistent) and ``"per_class"`` (:func:`per_class_accuracy` of the chosen ensemble and
+    the members on the test split).  The JSON is written atomically (``output`` overrides the
+    path); the dict is returned.  Raises ``FileNotFoundError`` naming the directory when there are no
+    predictions, ``ValueError`` for mismatched members or NaN probabilities.
+    """
+    exp = storage.normalize(experiment_dir_or_uri)
+    pdir = _pred.predictions_dir(exp)
+    table = _pred.read_predictions(pdir)
+    Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True,
+                                                    basis_threshold=basis_threshold)
+    Pt, yt, names_t, info_t = _pred.prediction_matrix(table, "test", names, sparsity, variant=variant, return_info=True,
+                                                      basis_threshold=basis_threshold)
+    for n in names:
+        a, b = info_v[n], info_t[n]
+        rung = ("target_sparsity", "basis_threshold", "epoch")
+        if tuple(a[k] for k in rung) != tuple(b[k] for k in rung):
+            raise ValueError(
+                f"member {n!r}: validation predictions are from rung {a['target_sparsity']} (basis t "
+                f"{a['basis_threshold']}) epoch {a['epoch']} but test predictions from rung {b['target_sparsity']} "
+                f"(basis t {b['basis_threshold']}) epoch {b['epoch']}"
+            )
+    result = stack(
+        Pv, yv, Pt, yt, names, methods=methods, tune_samples=tune_samples, storage_path=storage_path,
+        seed=seed, choose=choose, ray_init_kwargs=ray_init_kwargs,
+    )
+    used = set(names)
+    result["experiment"] = exp
+    result["sparsity"] = None if sparsity is None else float(sparsity)
+    result["basis_threshold"] = None if basis_threshold is None else float(basis_threshold)
+    result["variant"] = variant
+    result["rungs"] = info_v
+    result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]
+    result["class_names"] = _class_names(result["provenance"], Pt.shape[2])
+    result["per_class"] = per_class_accuracy(result["ensemble"]["weights"], Pt, yt, names)
+    result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    data = json.dumps(result, indent=2, allow_nan=False, default=_pred._json_default).encode()
+    _pred.atomic_write_bytes(output if output is not None else ExperimentLayout(exp).stacking(), data)
+    return result
+
+
+def _class_names(sources: Sequence[Mapping[str, Any]], num_classes: int) -> list[str] | None:
+    """The class names the trainer wrote into the prediction files' metadata, when they all agree."""
+    found = {tuple(n) for n in ((s.get("metadata") or {}).get("class_names") for s in sources) if n}
+    if len(found) == 1:
+        names = list(next(iter(found)))
+        return names if len(names) == num_classes else None
+    return None
