@@ -1,6 +1,7 @@
 // Winograd-ReLU F(2x2, 3x3) for the CPU, shape-generic: the four passes over memory of a training step
 // that are not GEMMs; on AVX-512 CPUs the 16 GEMMs too (elsewhere those stay torch.bmm), and the layer
-// fused band by band.  Built once per machine by esdbs_ray/winograd_native.py with the system C++
+// fused band by band; and the sparse layer, the 16 products on a pruned U's nonzeros only (see "the
+// sparse layer" below; esdbs_ray/winograd_sparse.py calls it).  Built once per machine by esdbs_ray/winograd_native.py with the system C++
 // compiler (no torch headers: 2-4 s), and called through ctypes on raw pointers.  The maths and the
 // layouts are those of winograd.py:
 //
@@ -12,7 +13,11 @@
 // each 4x4 input tile is read once and the 16 planes are written once.  B^T, A^T hold only 0 and +-1:
 // the transforms are additions, written out below as in Lavin & Gray (paper eq. 1 and 2).
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -38,84 +43,122 @@ inline T mask(T g, T v) { return RELU ? (v <= T(0) ? T(0) : g) : g; }
 // planes are ps elements apart; `V`, `M`, ... point at this row's first tile in it: the whole batch's
 // buffer (the unfused passes below) or one band's (the fused layer further down).
 
-// forward: V = [ReLU](B^T d B) from the zero-padded input (padding 1, rounded up to whole tiles)
+// forward: V = [ReLU](B^T d B) from the zero-padded input (padding 1, rounded up to whole tiles).
+// One tile (column j of a tile row whose four input rows are `row`, `rin` saying which lie inside the
+// image): its 16 planes of C values to `out`, planes ps apart.
+template <typename T, bool RELU>
+inline void input_tile(const T* const* row, const bool* rin, T* __restrict out, i64 ps, i64 j, i64 W, i64 C,
+                       const T* z) {
+  // the tile's 16 input rows of C values (a zero row outside the image), as named restrict
+  // pointers: held in an array, gcc cannot prove the stores below leave them alone and does not
+  // vectorise the channel loop
+  auto at = [=](int a, int b) -> const T* {
+    const i64 w = 2 * j + b - 1;
+    return rin[a] && w >= 0 && w < W ? row[a] + w * C : z;
+  };
+  const T *__restrict d00 = at(0, 0), *__restrict d01 = at(0, 1), *__restrict d02 = at(0, 2), *__restrict d03 = at(0, 3);
+  const T *__restrict d10 = at(1, 0), *__restrict d11 = at(1, 1), *__restrict d12 = at(1, 2), *__restrict d13 = at(1, 3);
+  const T *__restrict d20 = at(2, 0), *__restrict d21 = at(2, 1), *__restrict d22 = at(2, 2), *__restrict d23 = at(2, 3);
+  const T *__restrict d30 = at(3, 0), *__restrict d31 = at(3, 1), *__restrict d32 = at(3, 2), *__restrict d33 = at(3, 3);
+#pragma omp simd
+  for (i64 c = 0; c < C; ++c) {
+    // B^T along the columns of each input row a: r[a][q]
+    const T r00 = d00[c] - d02[c], r01 = d01[c] + d02[c], r02 = d02[c] - d01[c], r03 = d01[c] - d03[c];
+    const T r10 = d10[c] - d12[c], r11 = d11[c] + d12[c], r12 = d12[c] - d11[c], r13 = d11[c] - d13[c];
+    const T r20 = d20[c] - d22[c], r21 = d21[c] + d22[c], r22 = d22[c] - d21[c], r23 = d21[c] - d23[c];
+    const T r30 = d30[c] - d32[c], r31 = d31[c] + d32[c], r32 = d32[c] - d31[c], r33 = d31[c] - d33[c];
+    // then along the rows: plane 4p + q (stores written out: gcc leaves a 16-step loop inside the
+    // channel loop rolled, and then vectorises nothing)
+    T* __restrict o = out + c;
+    o[0 * ps] = clip<RELU>(r00 - r20); o[1 * ps] = clip<RELU>(r01 - r21);
+    o[2 * ps] = clip<RELU>(r02 - r22); o[3 * ps] = clip<RELU>(r03 - r23);
+    o[4 * ps] = clip<RELU>(r10 + r20); o[5 * ps] = clip<RELU>(r11 + r21);
+    o[6 * ps] = clip<RELU>(r12 + r22); o[7 * ps] = clip<RELU>(r13 + r23);
+    o[8 * ps] = clip<RELU>(r20 - r10); o[9 * ps] = clip<RELU>(r21 - r11);
+    o[10 * ps] = clip<RELU>(r22 - r12); o[11 * ps] = clip<RELU>(r23 - r13);
+    o[12 * ps] = clip<RELU>(r10 - r30); o[13 * ps] = clip<RELU>(r11 - r31);
+    o[14 * ps] = clip<RELU>(r12 - r32); o[15 * ps] = clip<RELU>(r13 - r33);
+  }
+}
+
+// the four input rows of tile row i of image n (row[a] valid where rin[a])
+template <typename T>
+inline void input_rows(const T* x, i64 n, i64 i, i64 H, i64 W, i64 C, const T** row, bool* rin) {
+  for (int a = 0; a < 4; ++a) {
+    const i64 h = 2 * i + a - 1;
+    rin[a] = h >= 0 && h < H;
+    row[a] = x + (n * H + (rin[a] ? h : 0)) * W * C;
+  }
+}
+
 template <typename T, bool RELU>
 inline void input_row(const T* __restrict x, T* __restrict V, i64 ps, i64 n, i64 i, i64 H, i64 W, i64 C,
                       const T* z) {
   const i64 tw = (W + 1) / 2;
   const T* row[4];
   bool rin[4];
-  for (int a = 0; a < 4; ++a) {
-    const i64 h = 2 * i + a - 1;
-    rin[a] = h >= 0 && h < H;
-    row[a] = x + (n * H + (rin[a] ? h : 0)) * W * C;
-  }
-  for (i64 j = 0; j < tw; ++j) {
-    // the tile's 16 input rows of C values (a zero row outside the image), as named restrict
-    // pointers: held in an array, gcc cannot prove the stores below leave them alone and does not
-    // vectorise the channel loop
-    auto at = [=](int a, int b) -> const T* {
-      const i64 w = 2 * j + b - 1;
-      return rin[a] && w >= 0 && w < W ? row[a] + w * C : z;
-    };
-    const T *__restrict d00 = at(0, 0), *__restrict d01 = at(0, 1), *__restrict d02 = at(0, 2), *__restrict d03 = at(0, 3);
-    const T *__restrict d10 = at(1, 0), *__restrict d11 = at(1, 1), *__restrict d12 = at(1, 2), *__restrict d13 = at(1, 3);
-    const T *__restrict d20 = at(2, 0), *__restrict d21 = at(2, 1), *__restrict d22 = at(2, 2), *__restrict d23 = at(2, 3);
-    const T *__restrict d30 = at(3, 0), *__restrict d31 = at(3, 1), *__restrict d32 = at(3, 2), *__restrict d33 = at(3, 3);
-    T* __restrict out = V + j * C;
+  input_rows(x, n, i, H, W, C, row, rin);
+  for (i64 j = 0; j < tw; ++j) input_tile<T, RELU>(row, rin, V + j * C, ps, j, W, C, z);
+}
+
+// forward: Y = A^T M A per tile, cropped to H x W, written NHWC.  One tile (column j of a tile row
+// whose output rows start at y0, y1; h1: the second lies inside the image) from `m`, planes ps apart.
+template <typename T>
+inline void output_tile(const T* __restrict m, i64 ps, T* y0, T* y1, bool h1, i64 j, i64 W, i64 K) {
+  const bool w1 = 2 * j + 1 < W;
+  T* o00 = y0 + 2 * j * K;
 #pragma omp simd
-    for (i64 c = 0; c < C; ++c) {
-      // B^T along the columns of each input row a: r[a][q]
-      const T r00 = d00[c] - d02[c], r01 = d01[c] + d02[c], r02 = d02[c] - d01[c], r03 = d01[c] - d03[c];
-      const T r10 = d10[c] - d12[c], r11 = d11[c] + d12[c], r12 = d12[c] - d11[c], r13 = d11[c] - d13[c];
-      const T r20 = d20[c] - d22[c], r21 = d21[c] + d22[c], r22 = d22[c] - d21[c], r23 = d21[c] - d23[c];
-      const T r30 = d30[c] - d32[c], r31 = d31[c] + d32[c], r32 = d32[c] - d31[c], r33 = d31[c] - d33[c];
-      // then along the rows: plane 4p + q (stores written out: gcc leaves a 16-step loop inside the
-      // channel loop rolled, and then vectorises nothing)
-      T* __restrict o = out + c;
-      o[0 * ps] = clip<RELU>(r00 - r20); o[1 * ps] = clip<RELU>(r01 - r21);
-      o[2 * ps] = clip<RELU>(r02 - r22); o[3 * ps] = clip<RELU>(r03 - r23);
-      o[4 * ps] = clip<RELU>(r10 + r20); o[5 * ps] = clip<RELU>(r11 + r21);
-      o[6 * ps] = clip<RELU>(r12 + r22); o[7 * ps] = clip<RELU>(r13 + r23);
-      o[8 * ps] = clip<RELU>(r20 - r10); o[9 * ps] = clip<RELU>(r21 - r11);
-      o[10 * ps] = clip<RELU>(r22 - r12); o[11 * ps] = clip<RELU>(r23 - r13);
-      o[12 * ps] = clip<RELU>(r10 - r30); o[13 * ps] = clip<RELU>(r11 - r31);
-      o[14 * ps] = clip<RELU>(r12 - r32); o[15 * ps] = clip<RELU>(r13 - r33);
+  for (i64 k = 0; k < K; ++k) {
+    T t[4][2];  // t[p][b]: A^T along the columns of M's row p
+    for (int p = 0; p < 4; ++p) {
+      const T m0 = m[(4 * p + 0) * ps + k], m1 = m[(4 * p + 1) * ps + k];
+      const T m2 = m[(4 * p + 2) * ps + k], m3 = m[(4 * p + 3) * ps + k];
+      t[p][0] = m0 + m1 + m2; t[p][1] = m1 - m2 - m3;
+    }
+    o00[k] = t[0][0] + t[1][0] + t[2][0];
+    if (w1) o00[K + k] = t[0][1] + t[1][1] + t[2][1];
+    if (h1) {
+      T* o10 = y1 + 2 * j * K;
+      o10[k] = t[1][0] - t[2][0] - t[3][0];
+      if (w1) o10[K + k] = t[1][1] - t[2][1] - t[3][1];
     }
   }
 }
 
-// forward: Y = A^T M A per tile, cropped to H x W, written NHWC
 template <typename T>
 inline void output_row(const T* __restrict M, i64 ps, T* __restrict y, i64 n, i64 i, i64 H, i64 W, i64 K) {
   const i64 tw = (W + 1) / 2;
   const bool h1 = 2 * i + 1 < H;
   T* y0 = y + (n * H + 2 * i) * W * K;
   T* y1 = y0 + W * K;
-  for (i64 j = 0; j < tw; ++j) {
-    const bool w1 = 2 * j + 1 < W;
-    const T* m = M + j * K;
-    T* o00 = y0 + 2 * j * K;
+  for (i64 j = 0; j < tw; ++j) output_tile(M + j * K, ps, y0, y1, h1, j, W, K);
+}
+
+// backward: dM = A dY A^T per tile (the adjoint of output_tile; rows / columns past H, W are 0).  One
+// tile: g0, g1 its two gradient rows (g1 valid where h1), z a zero row.
+template <typename T>
+inline void output_adjoint_tile(const T* g0, const T* g1, bool h1, T* __restrict out, i64 ps, i64 j, i64 W, i64 K,
+                                const T* z) {
+  const bool w1 = 2 * j + 1 < W;
+  const T* __restrict g00 = g0 + 2 * j * K;
+  const T* __restrict g01 = w1 ? g00 + K : z;
+  const T* __restrict g10 = h1 ? g1 + 2 * j * K : z;
+  const T* __restrict g11 = h1 && w1 ? g10 + K : z;
 #pragma omp simd
-    for (i64 k = 0; k < K; ++k) {
-      T t[4][2];  // t[p][b]: A^T along the columns of M's row p
-      for (int p = 0; p < 4; ++p) {
-        const T m0 = m[(4 * p + 0) * ps + k], m1 = m[(4 * p + 1) * ps + k];
-        const T m2 = m[(4 * p + 2) * ps + k], m3 = m[(4 * p + 3) * ps + k];
-        t[p][0] = m0 + m1 + m2; t[p][1] = m1 - m2 - m3;
-      }
-      o00[k] = t[0][0] + t[1][0] + t[2][0];
-      if (w1) o00[K + k] = t[0][1] + t[1][1] + t[2][1];
-      if (h1) {
-        T* o10 = y1 + 2 * j * K;
-        o10[k] = t[1][0] - t[2][0] - t[3][0];
-        if (w1) o10[K + k] = t[1][1] - t[2][1] - t[3][1];
-      }
+  for (i64 k = 0; k < K; ++k) {
+    // A = (A^T)^T sends (g0, g1) to (g0, g0 + g1, g0 - g1, -g1), along columns, then rows
+    const T a0 = g00[k], a1 = g01[k], b0 = g10[k], b1 = g11[k];
+    const T s0[4] = {a0, a0 + a1, a0 - a1, -a1};
+    const T s1[4] = {b0, b0 + b1, b0 - b1, -b1};
+    for (int q = 0; q < 4; ++q) {
+      out[(0 + q) * ps + k] = s0[q];
+      out[(4 + q) * ps + k] = s0[q] + s1[q];
+      out[(8 + q) * ps + k] = s0[q] - s1[q];
+      out[(12 + q) * ps + k] = -s1[q];
     }
   }
 }
 
-// backward: dM = A dY A^T per tile (the adjoint of output_row; rows / columns past H, W are 0)
 template <typename T>
 inline void output_adjoint_row(const T* __restrict gy, T* __restrict dM, i64 ps, i64 n, i64 i, i64 H, i64 W,
                                i64 K, const T* z) {
@@ -123,60 +166,31 @@ inline void output_adjoint_row(const T* __restrict gy, T* __restrict dM, i64 ps,
   const bool h1 = 2 * i + 1 < H;
   const T* g0 = gy + (n * H + 2 * i) * W * K;
   const T* g1 = h1 ? g0 + W * K : nullptr;
-  for (i64 j = 0; j < tw; ++j) {
-    const bool w1 = 2 * j + 1 < W;
-    const T* g00 = g0 + 2 * j * K;
-    const T* g01 = w1 ? g00 + K : z;
-    const T* g10 = h1 ? g1 + 2 * j * K : z;
-    const T* g11 = h1 && w1 ? g10 + K : z;
-    T* out = dM + j * K;
-#pragma omp simd
-    for (i64 k = 0; k < K; ++k) {
-      // A = (A^T)^T sends (g0, g1) to (g0, g0 + g1, g0 - g1, -g1), along columns, then rows
-      const T a0 = g00[k], a1 = g01[k], b0 = g10[k], b1 = g11[k];
-      const T s0[4] = {a0, a0 + a1, a0 - a1, -a1};
-      const T s1[4] = {b0, b0 + b1, b0 - b1, -b1};
-      for (int q = 0; q < 4; ++q) {
-        out[(0 + q) * ps + k] = s0[q];
-        out[(4 + q) * ps + k] = s0[q] + s1[q];
-        out[(8 + q) * ps + k] = s0[q] - s1[q];
-        out[(12 + q) * ps + k] = -s1[q];
-      }
-    }
-  }
+  for (i64 j = 0; j < tw; ++j) output_adjoint_tile(g0, g1, h1, dM + j * K, ps, j, W, K, z);
 }
 
 // backward: dx += B [dV masked by V > 0] B^T per tile, overlap-added into image n's pixels (`img`).
 // Tiles overlap by two pixels in each direction: one thread adds all of an image's tile rows, in
 // order, and tiles of a row left to right.  Pixels outside the image (padding) go to `sink`, 16
 // scratch rows of C values (one per tile position: the restrict pointers never alias), so the channel
-// loop has no branches.
+// loop has no branches.  One tile: row[a] the image row of its input row a (nullptr outside).
 template <typename T, bool RELU>
-inline void input_adjoint_row(const T* __restrict dV, const T* __restrict V, i64 ps, T* img, i64 i, i64 H, i64 W,
-                              i64 C, T* sink) {
-  const i64 tw = (W + 1) / 2;
-  T* row[4];
-  for (int a = 0; a < 4; ++a) {
-    const i64 h = 2 * i + a - 1;
-    row[a] = h >= 0 && h < H ? img + h * W * C : nullptr;
-  }
-  for (i64 j = 0; j < tw; ++j) {
-    const T* __restrict g = dV + j * C;
-    const T* __restrict v = V + j * C;
-    auto at = [=](int a, int b) -> T* {
-      const i64 w = 2 * j + b - 1;
-      return row[a] && w >= 0 && w < W ? row[a] + w * C : sink + (4 * a + b) * C;
-    };
-    T *__restrict o00 = at(0, 0), *__restrict o01 = at(0, 1), *__restrict o02 = at(0, 2), *__restrict o03 = at(0, 3);
-    T *__restrict o10 = at(1, 0), *__restrict o11 = at(1, 1), *__restrict o12 = at(1, 2), *__restrict o13 = at(1, 3);
-    T *__restrict o20 = at(2, 0), *__restrict o21 = at(2, 1), *__restrict o22 = at(2, 2), *__restrict o23 = at(2, 3);
-    T *__restrict o30 = at(3, 0), *__restrict o31 = at(3, 1), *__restrict o32 = at(3, 2), *__restrict o33 = at(3, 3);
+inline void input_adjoint_tile(T* const* row, const T* __restrict g, const T* __restrict v, i64 ps, i64 j, i64 W,
+                               i64 C, T* sink) {
+  auto at = [=](int a, int b) -> T* {
+    const i64 w = 2 * j + b - 1;
+    return row[a] && w >= 0 && w < W ? row[a] + w * C : sink + (4 * a + b) * C;
+  };
+  T *__restrict o00 = at(0, 0), *__restrict o01 = at(0, 1), *__restrict o02 = at(0, 2), *__restrict o03 = at(0, 3);
+  T *__restrict o10 = at(1, 0), *__restrict o11 = at(1, 1), *__restrict o12 = at(1, 2), *__restrict o13 = at(1, 3);
+  T *__restrict o20 = at(2, 0), *__restrict o21 = at(2, 1), *__restrict o22 = at(2, 2), *__restrict o23 = at(2, 3);
+  T *__restrict o30 = at(3, 0), *__restrict o31 = at(3, 1), *__restrict o32 = at(3, 2), *__restrict o33 = at(3, 3);
 #pragma omp simd
-    for (i64 c = 0; c < C; ++c) {
-      // V holds ReLU(B^T d B): V > 0 exactly where the pre-activation was positive
-      const T* __restrict gc = g + c;
-      const T* __restrict vc = v + c;
-      T e[4][4];  // e[p][b]: B along the columns of row p, (g0, g1 - g2 + g3, g1 + g2 - g0, -g3)
+  for (i64 c = 0; c < C; ++c) {
+    // V holds ReLU(B^T d B): V > 0 exactly where the pre-activation was positive
+    const T* __restrict gc = g + c;
+    const T* __restrict vc = v + c;
+    T e[4][4];  // e[p][b]: B along the columns of row p, (g0, g1 - g2 + g3, g1 + g2 - g0, -g3)
 #define ESDBS_ROW(p)                                                                              \
   {                                                                                              \
     const T g0 = mask<RELU>(gc[(4 * p + 0) * ps], vc[(4 * p + 0) * ps]);                          \
@@ -185,17 +199,34 @@ inline void input_adjoint_row(const T* __restrict dV, const T* __restrict V, i64
     const T g3 = mask<RELU>(gc[(4 * p + 3) * ps], vc[(4 * p + 3) * ps]);                          \
     e[p][0] = g0; e[p][1] = g1 - g2 + g3; e[p][2] = g1 + g2 - g0; e[p][3] = -g3;                 \
   }
-      ESDBS_ROW(0) ESDBS_ROW(1) ESDBS_ROW(2) ESDBS_ROW(3)
+    ESDBS_ROW(0) ESDBS_ROW(1) ESDBS_ROW(2) ESDBS_ROW(3)
 #undef ESDBS_ROW
-      // then along the rows, added into the overlapping tile pixels
-      o00[c] += e[0][0]; o01[c] += e[0][1]; o02[c] += e[0][2]; o03[c] += e[0][3];
-      o10[c] += e[1][0] - e[2][0] + e[3][0]; o11[c] += e[1][1] - e[2][1] + e[3][1];
-      o12[c] += e[1][2] - e[2][2] + e[3][2]; o13[c] += e[1][3] - e[2][3] + e[3][3];
-      o20[c] += e[1][0] + e[2][0] - e[0][0]; o21[c] += e[1][1] + e[2][1] - e[0][1];
-      o22[c] += e[1][2] + e[2][2] - e[0][2]; o23[c] += e[1][3] + e[2][3] - e[0][3];
-      o30[c] -= e[3][0]; o31[c] -= e[3][1]; o32[c] -= e[3][2]; o33[c] -= e[3][3];
-    }
+    // then along the rows, added into the overlapping tile pixels
+    o00[c] += e[0][0]; o01[c] += e[0][1]; o02[c] += e[0][2]; o03[c] += e[0][3];
+    o10[c] += e[1][0] - e[2][0] + e[3][0]; o11[c] += e[1][1] - e[2][1] + e[3][1];
+    o12[c] += e[1][2] - e[2][2] + e[3][2]; o13[c] += e[1][3] - e[2][3] + e[3][3];
+    o20[c] += e[1][0] + e[2][0] - e[0][0]; o21[c] += e[1][1] + e[2][1] - e[0][1];
+    o22[c] += e[1][2] + e[2][2] - e[0][2]; o23[c] += e[1][3] + e[2][3] - e[0][3];
+    o30[c] -= e[3][0]; o31[c] -= e[3][1]; o32[c] -= e[3][2]; o33[c] -= e[3][3];
   }
+}
+
+// the image rows of tile row i's four input rows (nullptr outside the image)
+template <typename T>
+inline void image_rows(T* img, i64 i, i64 H, i64 W, i64 C, T** row) {
+  for (int a = 0; a < 4; ++a) {
+    const i64 h = 2 * i + a - 1;
+    row[a] = h >= 0 && h < H ? img + h * W * C : nullptr;
+  }
+}
+
+template <typename T, bool RELU>
+inline void input_adjoint_row(const T* __restrict dV, const T* __restrict V, i64 ps, T* img, i64 i, i64 H, i64 W,
+                              i64 C, T* sink) {
+  const i64 tw = (W + 1) / 2;
+  T* row[4];
+  image_rows(img, i, H, W, C, row);
+  for (i64 j = 0; j < tw; ++j) input_adjoint_tile<T, RELU>(row, dV + j * C, V + j * C, ps, j, W, C, sink);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -470,12 +501,882 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
 #define ESDBS_HAS_GEMM 0
 #endif
 
+// ---------------------------------------------------------------------------------------------------
+// the sparse layer: the 16 products on the nonzero weights only
+// ---------------------------------------------------------------------------------------------------
+// A pruned layer's U (16, C, K) keeps a fraction `density` of its entries.  The dense GEMMs above
+// vectorise along the output channel and multiply every entry; here, as in XNNPACK's sparse
+// inference (Elsen et al. 2020, "Fast Sparse ConvNets"), the products vectorise along the tiles: the
+// transformed planes are held channel-major, V^T (C x tiles) and M^T (K x tiles) per position p, and
+//
+//   forward   M^T_p[k, t] = sum over the nonzeros (c, k) of column k of U_p:  U_p[c, k] V^T_p[c, t]
+//   backward  dV^T_p[c, t] = sum over the nonzeros (c, k) of row c of U_p:    U_p[c, k] dM^T_p[k, t]
+//             dU_p[c, k]  = sum_t V^T_p[c, t] dM^T_p[k, t], at the nonzeros only (zero elsewhere)
+//
+// so every multiply-add is one broadcast weight times 16 tiles.  The mask's structure comes from
+// esdbs_ray/winograd_sparse.py, built once per mask version, twice: by output channel for the
+// forward, by input channel for the backward.  Per position p the nonzeros are stored segment-major:
+// output row r (k, or c in the backward), column segment j (SEG input -- or output -- channels),
+// the row's nonzeros in that segment by column; ptr holds their global starts, idx their columns,
+// flat their index into U.  The products take a 64-tile block of the operand a segment at a time
+// (128 rows x 64 tiles, 32 KiB, stays in L1) while every output row adds its nonzeros of that
+// segment, reading the structure front to back.  The values are U's at every call, gathered through
+// `flat` in O(nnz).  Positions without a nonzero are skipped.
+//
+// The layer runs band by band, as the fused dense layer does: a band is TB consecutive tiles (a
+// multiple of 16, across tile rows and images).  The transforms stay the channel-vectorised per-tile
+// code above, 16 tiles at a time into a scratch (16 planes x 16 tiles x channels), and 16 x 16
+// blocks are transposed between that and the band's channel-major planes; V, M, dM and dV never
+// leave the caches, and the layer reads x (and dY) and writes y (and dx) only.  The backward
+// computes V again from x (what the autograd Function saves).
+//
+// Determinism: every output element is computed by one thread in one order.  Forward: bands are
+// independent.  Backward: the batch is cut into G groups of images, fixed by N and nnz only (not by
+// the thread count); a group is one thread's, its bands in order, so dx's overlap-adds run in one
+// order, and dU's per-group partial sums are added in group order at the end.
+
+// columns per segment of a row's nonzeros (see above)
+#ifndef ESDBS_SEG
+#define ESDBS_SEG 128
+#endif
+constexpr i64 SEG = ESDBS_SEG;
+
+// Tiles per band.  The band's 16 planes (of `per_tile` channels per tile, rows padded by 16) within
+// ~1 MiB, so that they stay in L2 on most CPUs: 256, 128 or 64 tiles (a full register block of the
+// products); where even 64 tiles do not fit (C + K > ~200), 64.
+inline i64 sparse_band_tiles(i64 per_tile, i64 elem) {
+  const i64 budget = i64(1) << 20;
+  for (i64 tb : {256, 128})
+    if (16 * per_tile * (tb + 16) * elem <= budget) return tb;
+  return 64;
+}
+
+// row stride of the band's channel-major planes: the band padded by 16 elements, so rows start on
+// 64-byte boundaries and (an odd number of cache lines apart) spread over the L1 sets
+inline i64 sparse_ld(i64 TB) { return TB + 16; }
+
+// groups of images in the backward: dU's partial sums (G x nnz) within ~16 MiB, G in {1, 2, 4, 8,
+// 16} (at most N): a power of two balances 2 and 4 threads alike
+inline i64 sparse_groups(i64 N, i64 nnz, i64 elem) {
+  i64 G = 16;
+  while (G > 1 && G * std::max<i64>(1, nnz) * elem > (i64(16) << 20)) G /= 2;
+  return std::max<i64>(1, std::min(G, N));
+}
+
+// 64-byte aligned scratch (std::vector's 16-byte alignment made every 64-byte load of the products
+// straddle two cache lines: half the speed)
+template <typename T>
+struct Aligned {
+  T* p = nullptr;
+  explicit Aligned(i64 n) {
+    if (n > 0) {
+      p = static_cast<T*>(std::aligned_alloc(64, (size_t(n) * sizeof(T) + 63) / 64 * 64));
+      if (!p) throw std::bad_alloc();
+    }
+  }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  ~Aligned() { std::free(p); }
+  T* data() const { return p; }
+};
+
+// Per-thread scratch that outlives the call (OpenMP's threads do): the bands' planes are megabytes,
+// allocated once per thread and grown when a layer needs more, not allocated (and, under glibc's
+// default mmap threshold, page-faulted) at every call.  Slot: one buffer per use within a call.
+template <typename T>
+T* thread_scratch(int slot, i64 n) {
+  struct Buf {
+    T* p = nullptr;
+    i64 cap = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[6];
+  Buf& b = bufs[slot];
+  if (n > b.cap) {
+    std::free(b.p);
+    b.p = static_cast<T*>(std::aligned_alloc(64, (size_t(n) * sizeof(T) + 63) / 64 * 64));
+    if (!b.p) {
+      b.cap = 0;
+      throw std::bad_alloc();
+    }
+    b.cap = n;
+  }
+  return b.p;
+}
+enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB };
+
+// optional timing of the phases (bench/sparse_winograd.py's profile): seconds per phase, summed over
+// threads, added into `out` (nullptr: no clock reads)
+enum { PH_PACK, PH_IN, PH_TIN, PH_MUL, PH_TOUT, PH_OUT, PH_OADJ, PH_TDM, PH_DU, PH_DV, PH_TDV, PH_IADJ, PH_RED,
+       PH_COUNT };
+struct Prof {
+#ifdef ESDBS_PROF_THREAD_CPU  // (development harnesses: the thread's CPU time, blind to other processes)
+  static double now() {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  }
+#else
+  static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+#endif
+  double* out;
+  double acc[PH_COUNT] = {};
+  double t = 0;
+  explicit Prof(double* o) : out(o) {
+    if (out) t = now();
+  }
+  void lap(int phase) {
+    if (!out) return;
+    const double u = now();
+    acc[phase] += u - t;
+    t = u;
+  }
+  void skip() {  // restart the clock without counting the time since the last lap
+    if (out) t = now();
+  }
+  void flush() {
+    if (!out) return;
+    for (int i = 0; i < PH_COUNT; ++i) {
+#pragma omp atomic
+      out[i] += acc[i];
+    }
+  }
+};
+
+// One position's nonzeros, segment-major (see above): row r's nonzeros in segment j are
+// begin(j, r) .. end(j, r), global indices, idx[e] their columns.  A segment's rows follow each other
+// and segment j + 1 follows segment j: the position's nonzeros are begin(0, 0) .. end(S - 1, R - 1).
+struct Rows {
+  const int32_t* ptr;  // S (R + 1) pointers of this position
+  const int32_t* idx;  // columns, indexed by global nonzero
+  i64 R, S;
+  i64 begin(i64 j, i64 r) const { return ptr[j * (R + 1) + r]; }
+  i64 end(i64 j, i64 r) const { return ptr[j * (R + 1) + r + 1]; }
+  i64 first() const { return ptr[0]; }
+  i64 last() const { return ptr[(S - 1) * (R + 1) + R]; }
+};
+
+// dst[b * ldd + a] = src[a * lds + b] for a < rs, b < cs (a 16 x 16 block at most)
+template <typename T>
+inline void transpose16_generic(const T* __restrict src, i64 lds, int rs, int cs, T* __restrict dst, i64 ldd) {
+  for (int b = 0; b < cs; ++b)
+    for (int a = 0; a < rs; ++a) dst[b * ldd + a] = src[a * lds + b];
+}
+
+// the same with the destination rows at their own addresses: row b to drow[b] + off (none where
+// drow[b] is null) ...
+template <typename T>
+inline void transpose16_to_generic(const T* __restrict src, i64 lds, int rs, int cs, T* const* drow, i64 off) {
+  for (int b = 0; b < cs; ++b)
+    if (drow[b])
+      for (int a = 0; a < rs; ++a) drow[b][off + a] = src[a * lds + b];
+}
+
+// ... or the source rows: row a from srow[a] + off (zeros where srow[a] is null)
+template <typename T>
+inline void transpose16_from_generic(const T* const* srow, i64 off, int rs, int cs, T* __restrict dst, i64 ldd) {
+  for (int b = 0; b < cs; ++b)
+    for (int a = 0; a < rs; ++a) dst[b * ldd + a] = srow[a] ? srow[a][off + b] : T(0);
+}
+
+// Y[r][0 : nb] = sum over the nonzeros e of row r of vals[e] X[idx[e] ld + 0 : nb] (rows ld apart; nb
+// a multiple of 16)
+template <typename T>
+void spmm_generic(const T* __restrict vals, const Rows& rows, const T* __restrict X, T* __restrict Y, i64 ld, i64 nb) {
+  for (i64 r = 0; r < rows.R; ++r) std::fill(Y + r * ld, Y + r * ld + nb, T(0));
+  for (i64 j = 0; j < rows.S; ++j)
+    for (i64 r = 0; r < rows.R; ++r) {
+      T* __restrict y = Y + r * ld;
+      for (i64 e = rows.begin(j, r); e < rows.end(j, r); ++e) {
+        const T w = vals[e];
+        const T* __restrict x = X + rows.idx[e] * ld;
+#pragma omp simd
+        for (i64 t = 0; t < nb; ++t) y[t] += w * x[t];
+      }
+    }
+}
+
+// part[e] += sum_{t < nb} X[r ld + t] Z[idx[e] ld + t] for the nonzeros e of every row r
+template <typename T>
+void sddmm_generic(const Rows& rows, const T* __restrict X, const T* __restrict Z, i64 ld, i64 nb, T* __restrict part) {
+  for (i64 j = 0; j < rows.S; ++j)
+    for (i64 r = 0; r < rows.R; ++r) {
+      const T* __restrict x = X + r * ld;
+      for (i64 e = rows.begin(j, r); e < rows.end(j, r); ++e) {
+        const T* __restrict z = Z + rows.idx[e] * ld;
+        T s = T(0);
+#pragma omp simd reduction(+ : s)
+        for (i64 t = 0; t < nb; ++t) s += x[t] * z[t];
+        part[e] += s;
+      }
+    }
+}
+
+#if ESDBS_HAS_GEMM
+// AVX-512 float32 versions
+
+// 16 x 16 in registers: unpack 32-bit, then 64-bit pairs, then 128-bit lanes twice (64 shuffles);
+// r holds the rows, t gets the columns
+inline void transpose16_core(__m512* r, __m512* t) {
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + m], 128-bit lane L: rows 4g .. 4g + 3 of column 4L + m
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a0 = _mm512_castps_pd(t[4 * g]), a1 = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d a2 = _mm512_castps_pd(t[4 * g + 2]), a3 = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+  }
+  // column 4L + m = lane L of u[m], u[4 + m], u[8 + m], u[12 + m]
+  for (int m = 0; m < 4; ++m) {
+    const __m512 ab0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), ab1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    const __m512 cd0 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    const __m512 cd1 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+    t[m] = _mm512_shuffle_f32x4(ab0, cd0, 0x88);       // column m
+    t[8 + m] = _mm512_shuffle_f32x4(ab0, cd0, 0xDD);   // column 8 + m
+    t[4 + m] = _mm512_shuffle_f32x4(ab1, cd1, 0x88);   // column 4 + m
+    t[12 + m] = _mm512_shuffle_f32x4(ab1, cd1, 0xDD);  // column 12 + m
+  }
+}
+
+inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+inline void transpose16_f32(const float* __restrict src, i64 lds, int rs, int cs, float* __restrict dst, i64 ldd) {
+  const __mmask16 cm = lanes(cs), rm = lanes(rs);
+  __m512 r[16], t[16];
+  for (int a = 0; a < 16; ++a) r[a] = a < rs ? _mm512_maskz_loadu_ps(cm, src + a * lds) : _mm512_setzero_ps();
+  transpose16_core(r, t);
+  for (int b = 0; b < cs; ++b) _mm512_mask_storeu_ps(dst + b * ldd, rm, t[b]);
+}
+
+inline void transpose16_to_f32(const float* __restrict src, i64 lds, int rs, int cs, float* const* drow, i64 off) {
+  const __mmask16 cm = lanes(cs), rm = lanes(rs);
+  __m512 r[16], t[16];
+  for (int a = 0; a < 16; ++a) r[a] = a < rs ? _mm512_maskz_loadu_ps(cm, src + a * lds) : _mm512_setzero_ps();
+  transpose16_core(r, t);
+  for (int b = 0; b < cs; ++b)
+    if (drow[b]) _mm512_mask_storeu_ps(drow[b] + off, rm, t[b]);
+}
+
+inline void transpose16_from_f32(const float* const* srow, i64 off, int rs, int cs, float* __restrict dst, i64 ldd) {
+  const __mmask16 cm = lanes(cs);
+  __m512 r[16], t[16];
+  for (int a = 0; a < 16; ++a)
+    r[a] = a < rs && srow[a] ? _mm512_maskz_loadu_ps(cm, srow[a] + off) : _mm512_setzero_ps();
+  transpose16_core(r, t);
+  for (int b = 0; b < cs; ++b) _mm512_store_ps(dst + b * ldd, t[b]);  // (all 16 lanes: dst is 16-aligned scratch)
+}
+
+// One block of 16 NV tiles, one column segment j, every row: the row's block of Y in registers
+// (loaded when ACC: a later segment), two sets of accumulators (even and odd nonzeros) for eight
+// independent FMA chains, summed at the end.  Memory operands are 64-byte aligned.
+template <int NV, bool ACC>
+inline void spmm_block(const float* __restrict vals, const Rows& rows, i64 j, const float* __restrict X,
+                       float* __restrict Y, i64 ld) {
+  const int32_t* __restrict idx = rows.idx;
+  for (i64 r = 0; r < rows.R; ++r) {
+    i64 e = rows.begin(j, r);
+    const i64 end = rows.end(j, r);
+    if (ACC && e == end) continue;
+    float* __restrict y = Y + r * ld;
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 a0 = ACC ? _mm512_load_ps(y) : zero, a1 = ACC && NV > 1 ? _mm512_load_ps(y + 16) : zero;
+    __m512 a2 = ACC && NV > 2 ? _mm512_load_ps(y + 32) : zero, a3 = ACC && NV > 3 ? _mm512_load_ps(y + 48) : zero;
+    __m512 b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+    for (; e + 1 < end; e += 2) {
+      const float* __restrict x = X + idx[e] * ld;
+      const float* __restrict z = X + idx[e + 1] * ld;
+      const __m512 w = _mm512_set1_ps(vals[e]), v = _mm512_set1_ps(vals[e + 1]);
+      a0 = _mm512_fmadd_ps(w, _mm512_load_ps(x), a0);
+      b0 = _mm512_fmadd_ps(v, _mm512_load_ps(z), b0);
+      if constexpr (NV > 1) a1 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16), a1);
+      if constexpr (NV > 1) b1 = _mm512_fmadd_ps(v, _mm512_load_ps(z + 16), b1);
+      if constexpr (NV > 2) a2 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 32), a2);
+      if constexpr (NV > 2) b2 = _mm512_fmadd_ps(v, _mm512_load_ps(z + 32), b2);
+      if constexpr (NV > 3) a3 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 48), a3);
+      if constexpr (NV > 3) b3 = _mm512_fmadd_ps(v, _mm512_load_ps(z + 48), b3);
+    }
+    if (e < end) {
+      const float* __restrict x = X + idx[e] * ld;
+      const __m512 w = _mm512_set1_ps(vals[e]);
+      a0 = _mm512_fmadd_ps(w, _mm512_load_ps(x), a0);
+      if constexpr (NV > 1) a1 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16), a1);
+      if constexpr (NV > 2) a2 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 32), a2);
+      if constexpr (NV > 3) a3 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 48), a3);
+    }
+    _mm512_store_ps(y, _mm512_add_ps(a0, b0));
+    if constexpr (NV > 1) _mm512_store_ps(y + 16, _mm512_add_ps(a1, b1));
+    if constexpr (NV > 2) _mm512_store_ps(y + 32, _mm512_add_ps(a2, b2));
+    if constexpr (NV > 3) _mm512_store_ps(y + 48, _mm512_add_ps(a3, b3));
+  }
+}
+
+template <int NV>
+inline void spmm_segments(const float* vals, const Rows& rows, const float* X, float* Y, i64 ld) {
+  spmm_block<NV, false>(vals, rows, 0, X, Y, ld);
+  for (i64 j = 1; j < rows.S; ++j) spmm_block<NV, true>(vals, rows, j, X, Y, ld);
+}
+
+inline void spmm_f32(const float* vals, const Rows& rows, const float* X, float* Y, i64 ld, i64 nb) {
+  for (i64 b0 = 0; b0 < nb; b0 += 64) {
+    switch (std::min<i64>(4, (nb - b0) / 16)) {
+      case 4: spmm_segments<4>(vals, rows, X + b0, Y + b0, ld); break;
+      case 3: spmm_segments<3>(vals, rows, X + b0, Y + b0, ld); break;
+      case 2: spmm_segments<2>(vals, rows, X + b0, Y + b0, ld); break;
+      default: spmm_segments<1>(vals, rows, X + b0, Y + b0, ld); break;
+    }
+  }
+}
+
+// the 16 sums of a[0 .. 15]'s lanes, lane i the sum of a[i]: halves, quarters, pairs, then single
+// lanes of two vectors at a time (45 shuffles and adds), a last permute puts them in order
+inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[2i]'s two 256-bit halves summed, lanes 8-15: a[2i + 1]'s
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane j: a[4i + j]'s four 128-bit lanes summed
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i) {  // lane j: (a[8i + j] in two lanes, a[8i + 4 + j] in two lanes)
+    const __m512d x = _mm512_castps_pd(c[2 * i]), y = _mm512_castps_pd(c[2 * i + 1]);
+    d[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // 128-bit lane j, element m: the sum of a[4m + j]
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, f);
+}
+
+// dU's dot products over one chunk of 16 NV <= 128 tiles: per segment, row r's NV vectors stay in
+// registers while its nonzeros in the segment stream their rows of Z.  The nonzeros come in their
+// storage order, so each one's 16 lane sums wait in `pend` until 16 consecutive ones are there, then
+// one hsum16 adds them to part[e0 .. e0 + 16).  Every nonzero's partial sum gets this chunk's term
+// once, in chunk order.
+template <int NV>
+void sddmm_chunk(const Rows& rows, const float* __restrict X, const float* __restrict Z, i64 ld,
+                 float* __restrict part) {
+  alignas(64) __m512 pend[16];
+  const int32_t* __restrict idx = rows.idx;
+  int cnt = 0;
+  i64 e0 = rows.first();
+  for (i64 j = 0; j < rows.S; ++j)
+    for (i64 r = 0; r < rows.R; ++r) {
+      const i64 b = rows.begin(j, r), end = rows.end(j, r);
+      if (b == end) continue;
+      const float* __restrict x = X + r * ld;
+      const __m512 x0 = _mm512_load_ps(x);
+      const __m512 x1 = NV > 1 ? _mm512_load_ps(x + 16) : x0, x2 = NV > 2 ? _mm512_load_ps(x + 32) : x0;
+      const __m512 x3 = NV > 3 ? _mm512_load_ps(x + 48) : x0, x4 = NV > 4 ? _mm512_load_ps(x + 64) : x0;
+      const __m512 x5 = NV > 5 ? _mm512_load_ps(x + 80) : x0, x6 = NV > 6 ? _mm512_load_ps(x + 96) : x0;
+      const __m512 x7 = NV > 7 ? _mm512_load_ps(x + 112) : x0;
+      for (i64 e = b; e < end; ++e) {
+        const float* __restrict z = Z + idx[e] * ld;
+        __m512 s0 = _mm512_mul_ps(x0, _mm512_load_ps(z));
+        __m512 s1 = NV > 1 ? _mm512_mul_ps(x1, _mm512_load_ps(z + 16)) : _mm512_setzero_ps();
+        if constexpr (NV > 2) s0 = _mm512_fmadd_ps(x2, _mm512_load_ps(z + 32), s0);
+        if constexpr (NV > 3) s1 = _mm512_fmadd_ps(x3, _mm512_load_ps(z + 48), s1);
+        if constexpr (NV > 4) s0 = _mm512_fmadd_ps(x4, _mm512_load_ps(z + 64), s0);
+        if constexpr (NV > 5) s1 = _mm512_fmadd_ps(x5, _mm512_load_ps(z + 80), s1);
+        if constexpr (NV > 6) s0 = _mm512_fmadd_ps(x6, _mm512_load_ps(z + 96), s0);
+        if constexpr (NV > 7) s1 = _mm512_fmadd_ps(x7, _mm512_load_ps(z + 112), s1);
+        pend[cnt++] = _mm512_add_ps(s0, s1);
+        if (cnt == 16) {
+          _mm512_storeu_ps(part + e0, _mm512_add_ps(_mm512_loadu_ps(part + e0), hsum16(pend)));
+          e0 += 16;
+          cnt = 0;
+        }
+      }
+    }
+  if (cnt) {
+    for (int i = cnt; i < 16; ++i) pend[i] = _mm512_setzero_ps();
+    const __mmask16 m = (__mmask16)((1u << cnt) - 1);
+    _mm512_mask_storeu_ps(part + e0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, part + e0), hsum16(pend)));
+  }
+}
+
+inline void sddmm_f32(const Rows& rows, const float* X, const float* Z, i64 ld, i64 nb, float* part) {
+  for (i64 b0 = 0; b0 < nb; b0 += 128) {
+    switch (std::min<i64>(8, (nb - b0) / 16)) {
+      case 8: sddmm_chunk<8>(rows, X + b0, Z + b0, ld, part); break;
+      case 7: sddmm_chunk<7>(rows, X + b0, Z + b0, ld, part); break;
+      case 6: sddmm_chunk<6>(rows, X + b0, Z + b0, ld, part); break;
+      case 5: sddmm_chunk<5>(rows, X + b0, Z + b0, ld, part); break;
+      case 4: sddmm_chunk<4>(rows, X + b0, Z + b0, ld, part); break;
+      case 3: sddmm_chunk<3>(rows, X + b0, Z + b0, ld, part); break;
+      case 2: sddmm_chunk<2>(rows, X + b0, Z + b0, ld, part); break;
+      default: sddmm_chunk<1>(rows, X + b0, Z + b0, ld, part); break;
+    }
+  }
+}
+// The backward's two products in one pass over the nonzeros (each row c of the structure by input
+// channel, each of its nonzeros (c, k) in the segment): the dM^T rows a nonzero loads feed both
+// dV^T[c] += U[c, k] dM^T[k] (the row's block of dV^T in registers, stored -- masked by the ReLU,
+// V^T[c] <= 0 -- at the row's end) and dU's dot product V^T[c] . dM^T[k] (V^T[c] in registers,
+// the 16 lane sums to `pend` as sddmm_chunk does): two multiply-adds per vector loaded instead of
+// one.  One block of 16 NV tiles, one segment j; ACC: add to dV^T's block (a later segment).
+template <int NV, bool ACC, bool RELU>
+inline void backward_block(const float* __restrict vals, const Rows& rows, i64 j, const float* __restrict VT,
+                           const float* __restrict dMT, float* __restrict dVT, i64 ld, float* __restrict part,
+                           __m512* pend, int& cnt, i64& e0) {
+  const int32_t* __restrict idx = rows.idx;
+  const __m512 zero = _mm512_setzero_ps();
+  for (i64 r = 0; r < rows.R; ++r) {
+    const i64 b = rows.begin(j, r), end = rows.end(j, r);
+    if (ACC && b == end) continue;
+    const float* __restrict x = VT + r * ld;
+    float* __restrict y = dVT + r * ld;
+    const __m512 x0 = _mm512_load_ps(x);
+    const __m512 x1 = NV > 1 ? _mm512_load_ps(x + 16) : zero, x2 = NV > 2 ? _mm512_load_ps(x + 32) : zero;
+    const __m512 x3 = NV > 3 ? _mm512_load_ps(x + 48) : zero;
+    __m512 a0 = ACC ? _mm512_load_ps(y) : zero, a1 = ACC && NV > 1 ? _mm512_load_ps(y + 16) : zero;
+    __m512 a2 = ACC && NV > 2 ? _mm512_load_ps(y + 32) : zero, a3 = ACC && NV > 3 ? _mm512_load_ps(y + 48) : zero;
+    for (i64 e = b; e < end; ++e) {
+      const float* __restrict z = dMT + idx[e] * ld;
+      const __m512 w = _mm512_set1_ps(vals[e]);
+      const __m512 z0 = _mm512_load_ps(z);
+      a0 = _mm512_fmadd_ps(w, z0, a0);
+      __m512 s0 = _mm512_mul_ps(x0, z0), s1 = zero;
+      if constexpr (NV > 1) {
+        const __m512 z1 = _mm512_load_ps(z + 16);
+        a1 = _mm512_fmadd_ps(w, z1, a1);
+        s1 = _mm512_mul_ps(x1, z1);
+      }
+      if constexpr (NV > 2) {
+        const __m512 z2 = _mm512_load_ps(z + 32);
+        a2 = _mm512_fmadd_ps(w, z2, a2);
+        s0 = _mm512_fmadd_ps(x2, z2, s0);
+      }
+      if constexpr (NV > 3) {
+        const __m512 z3 = _mm512_load_ps(z + 48);
+        a3 = _mm512_fmadd_ps(w, z3, a3);
+        s1 = _mm512_fmadd_ps(x3, z3, s1);
+      }
+      pend[cnt++] = _mm512_add_ps(s0, s1);
+      if (cnt == 16) {
+        _mm512_storeu_ps(part + e0, _mm512_add_ps(_mm512_loadu_ps(part + e0), hsum16(pend)));
+        e0 += 16;
+        cnt = 0;
+      }
+    }
+    // the ReLU's gradient mask, on every segment's part (the sum of masked parts is the masked sum)
+#define ESDBS_ST(v, acc, xv)                                                                          \
+    if constexpr (NV > v) {                                                                          \
+      const __m512 o = RELU ? _mm512_mask_mov_ps(acc, _mm512_cmp_ps_mask(xv, zero, _CMP_LE_OQ), zero) : acc; \
+      _mm512_store_ps(y + 16 * v, o);                                                                \
+    }
+    ESDBS_ST(0, a0, x0) ESDBS_ST(1, a1, x1) ESDBS_ST(2, a2, x2) ESDBS_ST(3, a3, x3)
+#undef ESDBS_ST
+  }
+}
+
+template <int NV, bool RELU>
+inline void backward_segments(const float* vals, const Rows& rows, const float* VT, const float* dMT, float* dVT,
+                              i64 ld, float* part) {
+  alignas(64) __m512 pend[16];
+  int cnt = 0;
+  i64 e0 = rows.first();
+  backward_block<NV, false, RELU>(vals, rows, 0, VT, dMT, dVT, ld, part, pend, cnt, e0);
+  for (i64 j = 1; j < rows.S; ++j) backward_block<NV, true, RELU>(vals, rows, j, VT, dMT, dVT, ld, part, pend, cnt, e0);
+  if (cnt) {
+    for (int i = cnt; i < 16; ++i) pend[i] = _mm512_setzero_ps();
+    const __mmask16 m = (__mmask16)((1u << cnt) - 1);
+    _mm512_mask_storeu_ps(part + e0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, part + e0), hsum16(pend)));
+  }
+}
+
+template <bool RELU>
+inline void backward_products_f32(const float* vals, const Rows& rows, const float* VT, const float* dMT, float* dVT,
+                                  i64 ld, i64 nb, float* part) {
+  for (i64 b0 = 0; b0 < nb; b0 += 64) {
+    switch (std::min<i64>(4, (nb - b0) / 16)) {
+      case 4: backward_segments<4, RELU>(vals, rows, VT + b0, dMT + b0, dVT + b0, ld, part); break;
+      case 3: backward_segments<3, RELU>(vals, rows, VT + b0, dMT + b0, dVT + b0, ld, part); break;
+      case 2: backward_segments<2, RELU>(vals, rows, VT + b0, dMT + b0, dVT + b0, ld, part); break;
+      default: backward_segments<1, RELU>(vals, rows, VT + b0, dMT + b0, dVT + b0, ld, part); break;
+    }
+  }
+}
+#endif  // ESDBS_HAS_GEMM
+
+// dV^T = U dM^T masked by the ReLU (V^T <= 0: 0) and part += dU's dot products, both over one
+// plane's band: fused where the AVX-512 kernels are, else the two products one after the other
+template <typename T, bool RELU>
+inline void backward_products(const T* vals, const Rows& rows, const T* VT, const T* dMT, T* dVT, i64 ld, i64 nb,
+                              T* part);
+
+// the three, by element type: the AVX-512 kernels for float32 where compiled, else the portable loops
+template <typename T>
+inline void transpose16(const T* src, i64 lds, int rs, int cs, T* dst, i64 ldd) {
+#if ESDBS_HAS_GEMM
+  if constexpr (std::is_same<T, float>::value) transpose16_f32(src, lds, rs, cs, dst, ldd);
+  else
+#endif
+    transpose16_generic(src, lds, rs, cs, dst, ldd);
+}
+
+template <typename T>
+inline void transpose16_to(const T* src, i64 lds, int rs, int cs, T* const* drow, i64 off) {
+#if ESDBS_HAS_GEMM
+  if constexpr (std::is_same<T, float>::value) transpose16_to_f32(src, lds, rs, cs, drow, off);
+  else
+#endif
+    transpose16_to_generic(src, lds, rs, cs, drow, off);
+}
+
+template <typename T>
+inline void transpose16_from(const T* const* srow, i64 off, int rs, int cs, T* dst, i64 ldd) {
+#if ESDBS_HAS_GEMM
+  if constexpr (std::is_same<T, float>::value) transpose16_from_f32(srow, off, rs, cs, dst, ldd);
+  else
+#endif
+    transpose16_from_generic(srow, off, rs, cs, dst, ldd);
+}
+
+template <typename T>
+inline void spmm(const T* vals, const Rows& rows, const T* X, T* Y, i64 ld, i64 nb) {
+#if ESDBS_HAS_GEMM
+  if constexpr (std::is_same<T, float>::value) spmm_f32(vals, rows, X, Y, ld, nb);
+  else
+#endif
+    spmm_generic(vals, rows, X, Y, ld, nb);
+}
+
+template <typename T>
+inline void sddmm(const Rows& rows, const T* X, const T* Z, i64 ld, i64 nb, T* part) {
+#if ESDBS_HAS_GEMM
+  if constexpr (std::is_same<T, float>::value) sddmm_f32(rows, X, Z, ld, nb, part);
+  else
+#endif
+    sddmm_generic(rows, X, Z, ld, nb, part);
+}
+
+// the ReLU's gradient mask on a block of rows: y = 0 where ref <= 0 (as mask<> above)
+template <typename T>
+inline void relu_mask(T* __restrict Y, const T* __restrict ref, i64 R, i64 ld, i64 nb) {
+  for (i64 r = 0; r < R; ++r) {
+    T* __restrict y = Y + r * ld;
+    const T* __restrict m = ref + r * ld;
+#pragma omp simd
+    for (i64 t = 0; t < nb; ++t) y[t] = m[t] <= T(0) ? T(0) : y[t];
+  }
+}
+
+template <typename T, bool RELU>
+inline void backward_products(const T* vals, const Rows& rows, const T* VT, const T* dMT, T* dVT, i64 ld, i64 nb,
+                              T* part) {
+#if ESDBS_HAS_GEMM
+  if constexpr (std::is_same<T, float>::value) {
+    backward_products_f32<RELU>(vals, rows, VT, dMT, dVT, ld, nb, part);
+    return;
+  }
+#endif
+  sddmm(rows, VT, dMT, ld, nb, part);
+  spmm(vals, rows, dMT, dVT, ld, nb);
+  if (RELU) relu_mask(dVT, VT, rows.R, ld, nb);
+}
+
+// this call's values of the nonzeros: vals[e] = U[flat[e]], shared by the team that calls it.  By
+// output channel the storage order walks U's rows a K-stride apart, which no hardware prefetcher
+// follows: the address PF nonzeros ahead is prefetched (C = K = 512 at 20 %: 4.4 ns a nonzero
+// without, ~2.5 with -- about one read of U).
+template <typename T>
+void gather(const T* __restrict U, const int32_t* __restrict flat, i64 nnz, T* __restrict vals) {
+  constexpr i64 PF = 256;
+#pragma omp for schedule(static)
+  for (i64 e = 0; e < nnz; ++e) {
+    if (e + PF < nnz) __builtin_prefetch(U + flat[e + PF]);
+    vals[e] = U[flat[e]];
+  }
+}
+
+// tile t of the batch -> image n, tile row i, tile column j
+struct TileAt {
+  i64 n, i, j;
+  TileAt(i64 t, i64 th, i64 tw) : n(t / (th * tw)), i(t / tw % th), j(t % tw) {}
+};
+
+// The band's input transform: tiles t0 .. t0 + nb (nb <= TB) to the channel-major planes VT (16 x C
+// rows, ld apart) of the positions in `live`, 16 tiles at a time through S (16 planes x 16 tiles x
+// C); a band's columns past nb up to the next multiple of 16 are 0.
+template <typename T, bool RELU>
+void band_input(const T* x, T* S, T* VT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 C,
+                const bool* live, const T* zc, Prof& prof) {
+  for (i64 q = 0; q < nb; q += 16) {
+    const i64 cnt = std::min<i64>(16, nb - q);
+    for (i64 l = 0; l < cnt; ++l) {
+      const TileAt a(t0 + q + l, th, tw);
+      const T* row[4];
+      bool rin[4];
+      input_rows(x, a.n, a.i, H, W, C, row, rin);
+      input_tile<T, RELU>(row, rin, S + l * C, 16 * C, a.j, W, C, zc);
+    }
+    if (cnt < 16)
+      for (i64 p = 0; p < 16; ++p) std::fill(S + (p * 16 + cnt) * C, S + (p + 1) * 16 * C, T(0));
+    prof.lap(PH_IN);
+    for (i64 p = 0; p < 16; ++p)
+      if (live[p])
+        for (i64 c0 = 0; c0 < C; c0 += 16)
+          transpose16(S + p * 16 * C + c0, C, 16, int(std::min<i64>(16, C - c0)), VT + (p * C + c0) * ld + q, ld);
+    prof.lap(PH_TIN);
+  }
+}
+
+// The band's output transform, tile-vectorised: Y = A^T M A on 16 tiles at a time straight from
+// M^T's rows (the 16 planes of one output channel), then only the four output pixels -- not the 16
+// planes -- transposed to the channels-last image, 16 channels at a time (Yb: 4 x 16 x 16 scratch).
+template <typename T>
+void band_output(const T* MT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* y, T* Yb) {
+  const i64 ps = K * ld;
+  for (i64 q = 0; q < nb; q += 16) {
+    const i64 cnt = std::min<i64>(16, nb - q);
+    T* drow[4][16];  // tile l's output pixel (a, b) = drow[2a + b][l] (null outside the image)
+    for (i64 l = 0; l < 16; ++l) {
+      if (l >= cnt) {
+        for (int ab = 0; ab < 4; ++ab) drow[ab][l] = nullptr;
+        continue;
+      }
+      const TileAt a(t0 + q + l, th, tw);
+      const bool h1 = 2 * a.i + 1 < H, w1 = 2 * a.j + 1 < W;
+      T* o = y + ((a.n * H + 2 * a.i) * W + 2 * a.j) * K;
+      drow[0][l] = o;
+      drow[1][l] = w1 ? o + K : nullptr;
+      drow[2][l] = h1 ? o + W * K : nullptr;
+      drow[3][l] = h1 && w1 ? o + W * K + K : nullptr;
+    }
+    for (i64 k0 = 0; k0 < K; k0 += 16) {
+      const int kk = int(std::min<i64>(16, K - k0));
+      for (int kr = 0; kr < kk; ++kr) {
+        const T* __restrict m = MT + (k0 + kr) * ld + q;
+        T* __restrict o = Yb + kr * 16;
+#pragma omp simd
+        for (int l = 0; l < 16; ++l) {
+          T t[4][2];  // t[p][b]: A^T along the columns of M's row p
+          for (int p = 0; p < 4; ++p) {
+            const T m0 = m[(4 * p + 0) * ps + l], m1 = m[(4 * p + 1) * ps + l];
+            const T m2 = m[(4 * p + 2) * ps + l], m3 = m[(4 * p + 3) * ps + l];
+            t[p][0] = m0 + m1 + m2;
+            t[p][1] = m1 - m2 - m3;
+          }
+          o[0 * 256 + l] = t[0][0] + t[1][0] + t[2][0];
+          o[1 * 256 + l] = t[0][1] + t[1][1] + t[2][1];
+          o[2 * 256 + l] = t[1][0] - t[2][0] - t[3][0];
+          o[3 * 256 + l] = t[1][1] - t[2][1] - t[3][1];
+        }
+      }
+      for (int ab = 0; ab < 4; ++ab) transpose16_to(Yb + ab * 256, 16, kk, int(cnt), drow[ab], k0);
+    }
+  }
+}
+
+// The band's dM^T = (A dY A^T)^T: the four gradient pixels of 16 tiles transposed from the image (zero
+// outside it), then the 16 planes, tile-vectorised, into dMT (K rows per plane, ld apart); the
+// band's columns past nb up to the next multiple of 16 are 0.  Gb: 4 x 16 x 16 scratch.
+template <typename T>
+void band_output_adjoint(const T* gy, T* dMT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* Gb) {
+  const i64 ps = K * ld;
+  for (i64 q = 0; q < nb; q += 16) {
+    const i64 cnt = std::min<i64>(16, nb - q);
+    const T* srow[4][16];
+    for (i64 l = 0; l < 16; ++l) {
+      if (l >= cnt) {
+        for (int ab = 0; ab < 4; ++ab) srow[ab][l] = nullptr;
+        continue;
+      }
+      const TileAt a(t0 + q + l, th, tw);
+      const bool h1 = 2 * a.i + 1 < H, w1 = 2 * a.j + 1 < W;
+      const T* g = gy + ((a.n * H + 2 * a.i) * W + 2 * a.j) * K;
+      srow[0][l] = g;
+      srow[1][l] = w1 ? g + K : nullptr;
+      srow[2][l] = h1 ? g + W * K : nullptr;
+      srow[3][l] = h1 && w1 ? g + W * K + K : nullptr;
+    }
+    for (i64 k0 = 0; k0 < K; k0 += 16) {
+      const int kk = int(std::min<i64>(16, K - k0));
+      for (int ab = 0; ab < 4; ++ab) transpose16_from(srow[ab], k0, 16, kk, Gb + ab * 256, 16);
+      for (int kr = 0; kr < kk; ++kr) {
+        const T* __restrict g = Gb + kr * 16;
+        T* __restrict out = dMT + (k0 + kr) * ld + q;
+#pragma omp simd
+        for (int l = 0; l < 16; ++l) {
+          // A = (A^T)^T sends (g0, g1) to (g0, g0 + g1, g0 - g1, -g1), along columns, then rows
+          const T a0 = g[l], a1 = g[256 + l], b0 = g[512 + l], b1 = g[768 + l];
+          const T s0[4] = {a0, a0 + a1, a0 - a1, -a1};
+          const T s1[4] = {b0, b0 + b1, b0 - b1, -b1};
+          for (int c = 0; c < 4; ++c) {
+            out[(0 + c) * ps + l] = s0[c];
+            out[(4 + c) * ps + l] = s0[c] + s1[c];
+            out[(8 + c) * ps + l] = s0[c] - s1[c];
+            out[(12 + c) * ps + l] = -s1[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+// the structure's rows of position p (ptr: 16 S (R + 1) pointers)
+inline Rows rows_of(const int32_t* ptr, const int32_t* idx, i64 p, i64 R, i64 ncols) {
+  const i64 S = (ncols + SEG - 1) / SEG;
+  return Rows{ptr + p * S * (R + 1), idx, R, S};
+}
+
+template <typename T, bool RELU>
+void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i64 K, const int32_t* fptr,
+                    const int32_t* fidx, const int32_t* fflat, int nt, double* prof_out) {
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, tiles = N * th * tw;
+  if (tiles == 0) return;
+  const i64 TB = sparse_band_tiles(C + K, sizeof(T)), ld = sparse_ld(TB), bands = (tiles + TB - 1) / TB;
+  const i64 nnz = rows_of(fptr, fidx, 15, K, C).last();
+  bool live[16];
+  for (int p = 0; p < 16; ++p) {
+    const Rows rp = rows_of(fptr, fidx, p, K, C);
+    live[p] = rp.last() > rp.first();
+  }
+  Aligned<T> vals(nnz);
+#pragma omp parallel num_threads(nt)
+  {
+    Prof prof(prof_out);
+    gather(U, fflat, nnz, vals.data());  // (a barrier at its end)
+    prof.lap(PH_PACK);
+    T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * C);
+    T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
+    T* MT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
+    T* Yb = thread_scratch<T>(SLOT_YB, 4 * 16 * 16);
+    std::vector<T> zc(C, T(0));
+#pragma omp for schedule(static)
+    for (i64 b = 0; b < bands; ++b) {
+      const i64 t0 = b * TB, nb = std::min(TB, tiles - t0), nbp = (nb + 15) / 16 * 16;
+      band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
+      for (i64 p = 0; p < 16; ++p) {
+        T* Mp = MT + p * K * ld;
+        if (live[p])
+          spmm(vals.data(), rows_of(fptr, fidx, p, K, C), (const T*)(VT + p * C * ld), Mp, ld, nbp);
+        else
+          for (i64 k = 0; k < K; ++k) std::fill(Mp + k * ld, Mp + k * ld + nbp, T(0));
+      }
+      prof.lap(PH_MUL);
+      band_output((const T*)MT, ld, t0, nb, th, tw, H, W, K, y, Yb);
+      prof.lap(PH_OUT);
+    }
+    prof.flush();
+  }
+}
+
+template <typename T, bool RELU>
+void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i64 H, i64 W, i64 C, i64 K,
+                     const int32_t* bptr, const int32_t* bidx, const int32_t* bflat, bool need_x, bool need_u, int nt,
+                     double* prof_out) {
+  if (N == 0) {  // an empty batch: dx has no elements, dU is an empty sum
+    if (need_u) std::fill(dU, dU + 16 * C * K, T(0));
+    return;
+  }
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, per_image = th * tw;
+  const i64 TB = sparse_band_tiles(2 * C + K, sizeof(T)), ld = sparse_ld(TB);
+  const i64 nnz = rows_of(bptr, bidx, 15, C, K).last(), G = sparse_groups(N, nnz, sizeof(T));
+  bool live[16];
+  for (int p = 0; p < 16; ++p) {
+    const Rows rp = rows_of(bptr, bidx, p, C, K);
+    live[p] = rp.last() > rp.first();
+  }
+  Aligned<T> vals(nnz), part(need_u ? G * nnz : 0);
+#pragma omp parallel num_threads(nt)
+  {
+    Prof prof(prof_out);
+    gather(U, bflat, nnz, vals.data());
+    if (need_u) {
+#pragma omp for schedule(static)
+      for (i64 e = 0; e < G * nnz; ++e) part.data()[e] = T(0);
+    }
+    prof.lap(PH_PACK);
+    T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * C);
+    T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
+    T* dMT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
+    T* dVT = need_x ? thread_scratch<T>(SLOT_DVT, 16 * C * ld) : nullptr;
+    T* Yb = thread_scratch<T>(SLOT_YB, 4 * 16 * 16);
+    std::vector<T> zc(C, T(0)), sink(16 * C);
+#pragma omp for schedule(static)
+    for (i64 g = 0; g < G; ++g) {
+      const i64 n0 = g * N / G, n1 = (g + 1) * N / G;
+      if (need_x) std::fill(dx + n0 * H * W * C, dx + n1 * H * W * C, T(0));
+      for (i64 t0 = n0 * per_image; t0 < n1 * per_image; t0 += TB) {
+        const i64 nb = std::min(TB, n1 * per_image - t0), nbp = (nb + 15) / 16 * 16;
+        band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
+        band_output_adjoint(gy, dMT, ld, t0, nb, th, tw, H, W, K, Yb);
+        prof.lap(PH_OADJ);
+        if (need_u && need_x) {  // both products in one pass
+          for (i64 p = 0; p < 16; ++p) {
+            T* dVp = dVT + p * C * ld;
+            if (live[p])
+              backward_products<T, RELU>(vals.data(), rows_of(bptr, bidx, p, C, K), VT + p * C * ld,
+                                         dMT + p * K * ld, dVp, ld, nbp, part.data() + g * nnz);
+            else
+              for (i64 c = 0; c < C; ++c) std::fill(dVp + c * ld, dVp + c * ld + nbp, T(0));
+          }
+          prof.lap(PH_DV);
+        } else if (need_u) {
+          for (i64 p = 0; p < 16; ++p)
+            if (live[p])
+              sddmm(rows_of(bptr, bidx, p, C, K), (const T*)(VT + p * C * ld), (const T*)(dMT + p * K * ld), ld,
+                    nbp, part.data() + g * nnz);
+          prof.lap(PH_DU);
+        } else {
+          for (i64 p = 0; p < 16; ++p) {
+            T* dVp = dVT + p * C * ld;
+            if (live[p]) {
+              spmm(vals.data(), rows_of(bptr, bidx, p, C, K), (const T*)(dMT + p * K * ld), dVp, ld, nbp);
+              if (RELU) relu_mask(dVp, (const T*)(VT + p * C * ld), C, ld, nbp);
+            } else {
+              for (i64 c = 0; c < C; ++c) std::fill(dVp + c * ld, dVp + c * ld + nbp, T(0));
+            }
+          }
+          prof.lap(PH_DV);
+        }
+        if (!need_x) continue;
+        for (i64 q = 0; q < nb; q += 16) {
+          const i64 cnt = std::min<i64>(16, nb - q);
+          for (i64 p = 0; p < 16; ++p)
+            for (i64 c0 = 0; c0 < C; c0 += 16)
+              transpose16((const T*)(dVT + (p * C + c0) * ld + q), ld, int(std::min<i64>(16, C - c0)), int(cnt),
+                          Sb + p * 16 * C + c0, C);
+          prof.lap(PH_TDV);
+          for (i64 l = 0; l < cnt; ++l) {  // the ReLU's mask is applied (above): B dV B^T only
+            const TileAt a(t0 + q + l, th, tw);
+            T* row[4];
+            image_rows(dx + a.n * H * W * C, a.i, H, W, C, row);
+            input_adjoint_tile<T, false>(row, Sb + l * C, Sb + l * C, 16 * C, a.j, W, C, sink.data());
+          }
+          prof.lap(PH_IADJ);
+        }
+      }
+    }
+    if (need_u) {  // zero off the mask; on it the group sums, in group order
+      prof.skip();
+#pragma omp for schedule(static)
+      for (i64 e = 0; e < 16 * C * K; ++e) dU[e] = T(0);
+      const T* pt = part.data();
+#pragma omp for schedule(static)
+      for (i64 e = 0; e < nnz; ++e) {
+        T acc = pt[e];
+        for (i64 g = 1; g < G; ++g) acc += pt[g * nnz + e];
+        dU[bflat[e]] = acc;
+      }
+      prof.lap(PH_RED);
+    }
+    prof.flush();
+  }
+}
+
 }  // namespace
 
 // C entry points (ctypes): dtype 0 = float32, 1 = float64; relu 0 / 1.  Pointers are the tensors' data.
 extern "C" {
 
-int esdbs_wino_abi_version() { return 3; }
+int esdbs_wino_abi_version() { return 4; }
 
 // 1 where the GEMMs below were compiled (AVX-512); else the caller runs torch.bmm.
 int esdbs_wino_has_gemm() { return ESDBS_HAS_GEMM; }
@@ -530,6 +1431,55 @@ void esdbs_wino_input_transform_adjoint(int dtype, const void* dV, const void* V
     input_transform_adjoint<double, true>((const double*)dV, (const double*)V, (double*)dx, N, H, W, C, nt);
   else
     input_transform_adjoint<double, false>((const double*)dV, (const double*)V, (double*)dx, N, H, W, C, nt);
+}
+
+// the sparse layer (float32 / float64 by dtype): x, y, gy, dx NHWC; U, dU (16, C, K); the mask's
+// structure as winograd_sparse.py builds it (int32, segment-major, see the sparse layer above): by
+// output channel fptr (16 ceil(C / SEG) (K + 1)), fidx, fflat (nnz); by input channel bptr
+// (16 ceil(K / SEG) (C + 1)), bidx, bflat.  prof: nullptr, or esdbs_wino_sparse_phases() doubles to
+// add each phase's seconds into.
+int esdbs_wino_sparse_phases() { return PH_COUNT; }
+
+// the column segment of the structure's storage order
+i64 esdbs_wino_sparse_segment() { return SEG; }
+
+// the tiles per band of a forward (backward = 0) or backward pass (dtype 0 float32, 1 float64)
+i64 esdbs_wino_sparse_band_tiles(i64 C, i64 K, int dtype, int backward) {
+  return sparse_band_tiles(backward ? 2 * C + K : C + K, dtype == 0 ? 4 : 8);
+}
+
+void esdbs_wino_sparse_forward(int dtype, const void* x, const void* U, void* y, i64 N, i64 H, i64 W, i64 C, i64 K,
+                               const int32_t* fptr, const int32_t* fidx, const int32_t* fflat, int relu, int nt,
+                               double* prof) {
+  if (dtype == 0 && relu)
+    sparse_forward<float, true>((const float*)x, (const float*)U, (float*)y, N, H, W, C, K, fptr, fidx, fflat, nt, prof);
+  else if (dtype == 0)
+    sparse_forward<float, false>((const float*)x, (const float*)U, (float*)y, N, H, W, C, K, fptr, fidx, fflat, nt,
+                                 prof);
+  else if (relu)
+    sparse_forward<double, true>((const double*)x, (const double*)U, (double*)y, N, H, W, C, K, fptr, fidx, fflat, nt,
+                                 prof);
+  else
+    sparse_forward<double, false>((const double*)x, (const double*)U, (double*)y, N, H, W, C, K, fptr, fidx, fflat,
+                                  nt, prof);
+}
+
+void esdbs_wino_sparse_backward(int dtype, const void* x, const void* gy, const void* U, void* dx, void* dU, i64 N,
+                                i64 H, i64 W, i64 C, i64 K, const int32_t* bptr, const int32_t* bidx,
+                                const int32_t* bflat, int relu, int need_x, int need_u, int nt, double* prof) {
+  const bool nx = need_x != 0, nu = need_u != 0;
+  if (dtype == 0 && relu)
+    sparse_backward<float, true>((const float*)x, (const float*)gy, (const float*)U, (float*)dx, (float*)dU, N, H, W,
+                                 C, K, bptr, bidx, bflat, nx, nu, nt, prof);
+  else if (dtype == 0)
+    sparse_backward<float, false>((const float*)x, (const float*)gy, (const float*)U, (float*)dx, (float*)dU, N, H,
+                                  W, C, K, bptr, bidx, bflat, nx, nu, nt, prof);
+  else if (relu)
+    sparse_backward<double, true>((const double*)x, (const double*)gy, (const double*)U, (double*)dx, (double*)dU,
+                                  N, H, W, C, K, bptr, bidx, bflat, nx, nu, nt, prof);
+  else
+    sparse_backward<double, false>((const double*)x, (const double*)gy, (const double*)U, (double*)dx, (double*)dU,
+                                   N, H, W, C, K, bptr, bidx, bflat, nx, nu, nt, prof);
 }
 
 }  // extern "C"

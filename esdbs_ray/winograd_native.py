@@ -17,6 +17,10 @@ AVX-512 CPUs the 16 GEMMs -- called from a custom autograd Function.  Two costs 
   2x2 output tile written and read between the passes: where C * K is small and the batch has enough
   tiles, the layer runs fused, band by band in L2 (``FUSED_MAX_CK`` below).
 
+The same library holds the sparse layer's kernels (the products on a pruned U's nonzeros only, band
+by band; AVX-512 in float32, portable loops elsewhere): :mod:`esdbs_ray.winograd_sparse` builds the
+mask's index structure and calls them (``esdbs_wino_sparse_forward`` / ``_backward``).
+
 Evidence: ``bench/winograd.py`` (training step per registry layer shape against F.conv2d and the
 compiled layer) and ``bench/throughput.py`` (models in the trainer).
 
@@ -58,7 +62,7 @@ __all__ = ["NativeUnavailable", "CACHE_ENV", "MODE_ENV", "MODES", "SOURCE", "lib
 
 SOURCE = Path(__file__).with_name("winograd_native.cpp")
 CACHE_ENV = "ESDBS_KERNEL_CACHE"
-_ABI = 3  # esdbs_wino_abi_version() of the source this module calls
+_ABI = 4  # esdbs_wino_abi_version() of the source this module calls
 # How the library runs a step: "auto" (its AVX-512 GEMMs where compiled, fused band by band where
 # measured faster), "fused" (fused wherever it can: C * K <= FUSED_MAX_CK), "unfused" (its GEMMs, the
 # passes one after another) or "bmm" (torch.bmm for the GEMMs, what runs without AVX-512 and in
@@ -223,9 +227,16 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fn, args in (("esdbs_wino_input_transform", [ci, vp, vp, i64, i64, i64, i64, ci, ci]),
                      ("esdbs_wino_output_transform", [ci, vp, vp, i64, i64, i64, i64, ci]),
                      ("esdbs_wino_output_transform_adjoint", [ci, vp, vp, i64, i64, i64, i64, ci]),
-                     ("esdbs_wino_input_transform_adjoint", [ci, vp, vp, vp, i64, i64, i64, i64, ci, ci])):
+                     ("esdbs_wino_input_transform_adjoint", [ci, vp, vp, vp, i64, i64, i64, i64, ci, ci]),
+                     # the sparse layer (esdbs_ray/winograd_sparse.py)
+                     ("esdbs_wino_sparse_forward", [ci, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci, ci, vp]),
+                     ("esdbs_wino_sparse_backward", [ci, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci,
+                                                     ci, ci, ci, vp])):
         getattr(lib, fn).argtypes = args
         getattr(lib, fn).restype = None
+    lib.esdbs_wino_sparse_phases.argtypes, lib.esdbs_wino_sparse_phases.restype = [], ci
+    lib.esdbs_wino_sparse_segment.argtypes, lib.esdbs_wino_sparse_segment.restype = [], i64
+    lib.esdbs_wino_sparse_band_tiles.argtypes, lib.esdbs_wino_sparse_band_tiles.restype = [i64, i64, ci, ci], i64
     return lib
 
 
