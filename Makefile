@@ -41,8 +41,10 @@ data: $(STAMP)
 		|| { echo "data: Fashion-MNIST not found. Install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or put the four idx .gz files in a directory and set ESDBS_DATA=DIR." >&2; exit 1; }; \
 	fi
 
+# A second `make demo` replaces runs/demo: the previous run is moved aside to runs/demo.replaced-<time>
+# (one line says so), never deleted.
 demo: setup
-	$(VENV)/bin/esdbs run --preset quick --out runs/demo
+	$(VENV)/bin/esdbs run --preset quick --out runs/demo --force
 
 # Two pytest-xdist workers, a test file per worker (--dist loadfile: its module-scoped Ray clusters stay
 # in one process); the workers share one smoke run (tests/conftest.py); each trains on one thread.

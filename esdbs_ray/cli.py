@@ -35,7 +35,10 @@ _ORDER = ("run", "train-one", "dbs-plan", "stack", "dbs-search", "report", "resu
 
 
 def build_parser() -> Parser:
+    from . import __version__
+
     parser = Parser(prog="esdbs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"esdbs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     adders = {**cli_train.COMMANDS, **cli_results.COMMANDS}
     for name in _ORDER:
@@ -62,6 +65,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the usage and the command list, as --help gives them
+        build_parser().print_help()
+        return 2
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -74,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esdbs: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug or the run itself failing: one line, the traceback kept in a file
-        from .pipeline import RunFailed
+        from .pipeline import RunFailed, RunInterrupted
+
+        if isinstance(exc, RunInterrupted):  # a stop signal: the trials' state is saved, say how to go on
+            print(f"esdbs: {exc}", file=sys.stderr)
+            return 130
 
         if os.environ.get("ESDBS_DEBUG") == "1":
             traceback.print_exc()

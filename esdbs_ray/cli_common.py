@@ -188,7 +188,10 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None, help="shrink epochs and training set by this factor (0, 1]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.width=0.25 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true", help="print only the final line (and errors)")
+    g.add_argument("--verbose", action="store_true", help="Tune's own trial tables and Ray's notes, instead of "
+                   "esdbs's line per member-epoch")
 
 
 def pipeline_config(args, extra: dict | None = None):

@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
         print(format_trials(cfg))
         return 0
     run_pipeline(cfg, out, resume=bool(args.resume), force=args.force, address=args.address,
-                 num_cpus=args.num_cpus, progress=not args.quiet)
+                 num_cpus=args.num_cpus, progress=not args.quiet, verbose=args.verbose)
     return 0
 
 
@@ -183,7 +183,7 @@ def cmd_dbs_search(args) -> int:
     claim_dir(out, "dbs-search", force=args.force, check_only=True)
     data = load_configured(cfg)
     layout = ExperimentLayout(claim_dir(out, "dbs-search", force=args.force))
-    init_ray(args.address, args.num_cpus)
+    init_ray(args.address, args.num_cpus, quiet=not args.verbose)
     record = run_dbs_search(cfg, layout, data, progress=not args.quiet)
     print(f"{'last-epoch val':>14} {'epochs':>6} {'train s':>8} {'steps':>7}  front  constants")
     for t in sorted(record["trials"], key=lambda t: t["train_seconds"] or 0.0):

@@ -133,6 +133,12 @@ class Ensemble:
         self.class_names = list(self.manifest["task"]["class_names"])
         self._scale, self._shift = _normalizer(inp["mean"], inp["std"], self.device)
 
+    def __repr__(self) -> str:
+        members = ", ".join(f"{m} {w:.3f}" for m, w in zip(self.members, self.weights))
+        c, h, w = self.input_shape
+        return (f"Ensemble({self.manifest.get('group')!r}: {members}; {len(self.class_names)} classes, "
+                f"input {c}x{h}x{w}, on {self.device}; {self.root})")
+
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "auto", verify: bool = True,
@@ -186,7 +192,11 @@ class Ensemble:
                 images = np.stack([_pil_to_array(im, self.input_shape) for im in images])
             else:
                 images = np.stack([np.asarray(im) for im in images])
-        t = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        if not isinstance(images, torch.Tensor):
+            images = np.asarray(images)
+            if not images.flags.writeable:  # torch wraps numpy memory; a read-only array would warn
+                images = images.copy()
+        t = torch.as_tensor(images)
         if t.dim() == 3 and self.input_shape[0] == 1:
             t = t.unsqueeze(1)
         if t.dim() != 4 or tuple(t.shape[1:]) != self.input_shape:

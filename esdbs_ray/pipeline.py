@@ -31,12 +31,20 @@ import yaml
 from . import storage, tracking
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .layout import ExperimentLayout, claim_dir
-from .ray_env import cluster_capacity, gpus_per_trial, init_ray
-from .records import MemberSummary, RungResult
+from .ray_env import cluster_capacity, gpus_per_trial, init_ray, quiet_tune
+from .records import MemberSummary
 
 
 class RunFailed(RuntimeError):
     """Trials failed (the run itself, not the user's input)."""
+
+
+class RunInterrupted(Exception):
+    """A stop signal (SIGINT, SIGTERM) ended the run; Tune saved the trials' state."""
+
+    def __init__(self, experiment: str):
+        super().__init__(f"interrupted; the trials' state is saved: esdbs run --resume {experiment}")
+        self.experiment = experiment
 
 
 def _resources(cfg: PipelineConfig, n_trials: int) -> dict:
@@ -53,9 +61,12 @@ def _resources(cfg: PipelineConfig, n_trials: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Stage: base
 # --------------------------------------------------------------------------------------------------
-def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: bool = False, progress: bool = True):
+def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: bool = False, progress: bool = True,
+             verbose: bool = False):
+    """``progress``: one line per member-epoch (progress.py); ``verbose``: Tune's own tables instead."""
     from ray import tune
 
+    from .progress import Progress
     from .provenance import provenance
     from .trainable import train_member
 
@@ -69,7 +80,9 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
     # more by default; a driver killed in between would rerun work on --resume.  A few trials make
     # the save cheap, so save often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    shown = [Progress({m: t.train.total_epochs for m, t in specs.items()})] if progress and not verbose else []
     if resume and tune.Tuner.can_restore(layout.base):
+        # the run's callbacks come back with it (a progress printer too, when the run had one)
         tuner = tune.Tuner.restore(layout.base, trainable, resume_unfinished=True, resume_errored=True)
     else:
         # Longest trials first: the run does not end with one slow trial alone on the machine.
@@ -88,11 +101,14 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 sync_config=tune.SyncConfig(sync_artifacts=True),
                 # the trainer's TensorBoard stream only; MLflow runs when tracking is on
-                callbacks=tracking.tune_callbacks(cfg, layout.root, specs),
-                verbose=1 if progress else 0,
+                callbacks=[*tracking.tune_callbacks(cfg, layout.root, specs), *shown],
+                verbose=1 if verbose else 0,
             ),
         )
-    results = tuner.fit()
+    with quiet_tune(verbose):
+        results = tuner.fit()
+    if any(r.error is None and not (r.metrics or {}).get("done") for r in results):
+        raise RunInterrupted(layout.root)  # a stop signal ended the trials early; their state is saved
     if results.errors:
         raise RunFailed(f"{len(results.errors)} base trial(s) failed: "
                         + "; ".join(str(e).splitlines()[0] for e in results.errors))
@@ -154,7 +170,10 @@ def load_resumed_config(out: str) -> PipelineConfig:
 
 
 def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: bool = False,
-                 address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> dict:
+                 address: str | None = None, num_cpus: int | None = None, progress: bool = True,
+                 verbose: bool = False) -> dict:
+    """``progress`` False: only the final line (``--quiet``); ``verbose``: Tune's tables and Ray's notes."""
+    from .progress import format_summary, summary_line
     from .provenance import device_info, provenance
 
     t0 = time.perf_counter()
@@ -168,12 +187,13 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
     layout = ExperimentLayout(claim_dir(out, "experiment", resume=resume, force=force))
     if not resume:
         storage.write_text(layout.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(f"[esdbs] {data.describe()}", flush=True)
-    print(f"[esdbs] variants {', '.join(cfg.variants)}; members {', '.join(m.model for m in cfg.members)} "
-          f"-> {layout.root}", flush=True)
-    init_ray(address, num_cpus)
+    if progress:
+        print(f"[esdbs] {data.describe()}", flush=True)
+        print(f"[esdbs] variants {', '.join(cfg.variants)}; members {', '.join(m.model for m in cfg.members)} "
+              f"-> {layout.root}", flush=True)
+    init_ray(address, num_cpus, quiet=not verbose)
 
-    results = run_base(cfg, layout, data, resume=resume, progress=progress)
+    results = run_base(cfg, layout, data, resume=resume, progress=progress, verbose=verbose)
     base_seconds = time.perf_counter() - t0
     members = _collect_members(results, layout)
     stacking = run_stack(cfg, layout)
@@ -189,7 +209,7 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
         "dbs_search": dbs_best, "config": cfg.to_dict(), "provenance": {**provenance(), "device": device_info()},
     }
     storage.write_json(layout.summary, summary)
-    print(format_summary(summary), flush=True)
+    print(format_summary(summary) if progress else summary_line(summary), flush=True)
     tracked = tracking.log_experiment(cfg, layout, summary)
     if tracked:
         print(f"[esdbs] MLflow: experiment {tracked['experiment_name']!r} at {tracked['tracking_uri']} "
@@ -213,31 +233,6 @@ def _ensemble_row(stacking: dict) -> dict:
     return {"method": chosen, "weights": m["weights"], "val_accuracy": m["val_accuracy"],
             "test_accuracy": m["test_accuracy"], "val_nll": m["val_nll"], "test_nll": m["test_nll"],
             "sparsity": stacking.get("sparsity"), "basis_threshold": stacking.get("basis_threshold")}
-
-
-def _or(x, default):
-    return default if x is None else x
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"{'member':<28} {'variant':<12} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'B':>10} {'s/epoch':>8}"]
-    stack = summary["config"]["stack"]
-    for m in map(MemberSummary.from_dict, summary["members"]):
-        # the rung the stack uses: by target sparsity, or by threshold t for a BasisConv ladder
-        r = m.stacked_rung(stack.get("sparsity"), stack.get("basis_threshold")) or m.final or RungResult()
-        b = m.batch_size_range or ["?", "?"]
-        shown = f"t={r.basis_threshold:g}" if r.basis_threshold is not None else f"{r.sparsity or 0.0:.3f}"
-        nan = float("nan")
-        lines.append(f"{m.member:<28} {m.variant:<12} {_or(r.val_accuracy, nan):8.4f} "
-                     f"{_or(r.test_accuracy, nan):8.4f} {shown:>8} "
-                     f"{str(b[0]) + '-' + str(b[1]):>10} {m.mean_epoch_seconds:8.1f}")
-    for variant, e in summary["ensembles"].items():
-        lines.append(f"{'ensemble (' + e['method'] + ')':<28} {variant:<12} {e['val_accuracy']:8.4f} "
-                     f"{e['test_accuracy']:8.4f}")
-    lines.append(f"wall time {summary['wall_seconds']:.0f}s (base stage {summary['base_wall_seconds']:.0f}s); "
-                 f"results in {summary['experiment_dir']}")
-    lines.append(f"TensorBoard: tensorboard --logdir {ExperimentLayout(summary['experiment_dir']).tune} --host 127.0.0.1")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +301,7 @@ def run_dbs_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *, progr
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   callbacks=tracking.tune_callbacks(cfg, layout.root),
-                                  verbose=1 if progress else 0),
+                                  verbose=1 if progress else 0),  # a search is one table, no progress lines
     )
     results = tuner.fit()
     if results.errors:

@@ -16,6 +16,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import math
 import os
 from pathlib import Path
@@ -24,8 +27,11 @@ from typing import Any
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Connect to a cluster (``address`` or ``$RAY_ADDRESS``), else start a local Ray on loopback only."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             quiet: bool = False) -> None:
+    """Connect to a cluster (``address`` or ``$RAY_ADDRESS``), else start a local Ray on loopback only.
+    ``quiet``: Ray's own notes (the local instance it started, token authentication on: what esdbs
+    chose) stay out of the console; its errors do not."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # A local Ray serves this process only: keep all of it on loopback.  On Linux Ray would
@@ -41,15 +47,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     from .provenance import git_revision
 
     env = None if inherited else {"env_vars": {"ESDBS_GIT_REVISION": git_revision()}}
+    level = logging.ERROR if quiet else logging.INFO
+    if quiet:
+        logging.getLogger("ray").setLevel(level)
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level=level)
     else:
         import ray._private.ray_constants as rc
 
         rc.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
         # address="local": start a fresh Ray, never attach to another one found on this machine.
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=False)
+                 _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=False, logging_level=level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,3 +139,34 @@ def trial_device(requested: str, gpu_share: float) -> str:
         raise ValueError("device 'cuda' requested but the trial was given no GPU "
                          "(resources.gpus_per_trial is 0, or the cluster has no GPU)")
     return "cpu"
+
+
+@contextlib.contextmanager
+def quiet_tune(verbose: bool):
+    """Tune's own notes stay out of the console unless ``verbose``: its hint to resume with Python,
+    the metrics it could not fetch from stopped trials, its checkpoint-frequency advice; and SIGTERM
+    stops the trials as SIGINT does (Tune handles SIGINT only)."""
+    import logging
+    import signal
+
+    loggers = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING if verbose else logging.ERROR)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints its experiment box and a TensorBoard hint (at a path that
+    # holds no event files) at any verbosity; the older one prints nothing at verbosity 0
+    new_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    term = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        if new_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = new_output
+        signal.signal(signal.SIGTERM, term)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
