@@ -116,17 +116,21 @@ class _DenseNative(torch.autograd.Function):
         return dx, du, None
 
 
-def _round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` interleaved rounds after one warm-up call each."""
+def _round_robin(fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each function, ``repeats`` interleaved rounds after one
+    warm-up call each.  (CPU time, summed over threads, leaves out the time other processes hold the
+    cores -- a check on the wall figures on a shared machine -- but counts OpenMP's spin-waits.)"""
     for f in fns.values():
         f()
-    times = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             f()
-            times[k].append(time.perf_counter() - t)
-    return times
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return wall, cpu
 
 
 def _ratio(times: dict, a: str, b: str) -> float:
@@ -208,7 +212,7 @@ def bench_shape(e: dict, train_batch: int, infer_batch: int, repeats: int, densi
         return lambda: ws.WinogradSparseFn.apply(x_cl, u_req[d], structs[d], True).backward(gy)
 
     fns = {"dense": step_dense, "conv": step_conv, **{f"sparse@{d}": step_sparse(d) for d in densities}}
-    train = _round_robin(fns, repeats)
+    train, train_cpu = _round_robin(fns, repeats)
     train_prof = _sparse_profile(step_sparse(0.3), 3) if profile and 0.3 in densities else None
     del x_cl, x_nchw, gy, gy_nchw, g_req, u_dense, u_req
 
@@ -219,7 +223,7 @@ def bench_shape(e: dict, train_batch: int, infer_batch: int, repeats: int, densi
         fns = {"dense": lambda: native.forward(xi_cl, u_full, True),
                "conv": lambda: F.conv2d(F.relu(xi), g, padding=1),
                **{f"sparse@{d}": (lambda d=d: ws.sparse_forward(xi_cl, us[d], structs[d], True)) for d in densities}}
-        infer = _round_robin(fns, repeats)
+        infer, infer_cpu = _round_robin(fns, repeats)
         infer_prof = dense_prof = None
         if profile and 0.2 in densities:
             infer_prof = _sparse_profile(lambda: ws.sparse_forward(xi_cl, us[0.2], structs[0.2], True), 3)
@@ -234,6 +238,7 @@ def bench_shape(e: dict, train_batch: int, infer_batch: int, repeats: int, densi
             "infer_ms": {v: statistics.median(infer[v]) * 1e3 for v in ("dense", "conv", key)},
             "train_vs_dense": _ratio(train, key, "dense"), "train_vs_conv": _ratio(train, key, "conv"),
             "infer_vs_dense": _ratio(infer, key, "dense"), "infer_vs_conv": _ratio(infer, key, "conv"),
+            "cpu_train_vs_dense": _ratio(train_cpu, key, "dense"), "cpu_infer_vs_dense": _ratio(infer_cpu, key, "dense"),
             "auto_sparse_train": ws.should_run_sparse(s.density, c, k, tiles_t, True),
             "auto_sparse_infer": ws.should_run_sparse(s.density, c, k, tiles_i, False),
         }
@@ -250,13 +255,52 @@ def bench_shape(e: dict, train_batch: int, infer_batch: int, repeats: int, densi
     return out
 
 
-def _auto_ratio(r: dict, d: str, mode: str) -> float:
-    """What auto runs against the dense layer: the sparse ratio where it chooses sparse, else 1."""
+def _auto_ratio(r: dict, d: str, mode: str, rule: dict | None = None) -> float:
+    """What auto runs against the dense layer: the sparse ratio where it chooses sparse, else 1.  The
+    choice: the module's rule as it was in this run (``auto_sparse_*``), or ``rule``'s thresholds."""
     e = r["densities"][d]
-    return e[f"{mode}_vs_dense"] if e[f"auto_sparse_{mode}"] else 1.0
+    if rule is None:
+        sparse = e[f"auto_sparse_{mode}"]
+    else:
+        sparse = r["c"] * r["k"] >= rule["min_ck"] and e["density"] <= rule[mode]
+    return e[f"{mode}_vs_dense"] if sparse else 1.0
 
 
-def summarise(rows: list[dict], densities) -> dict:
+def _wins(rs: list[dict], key: str, mode: str) -> bool:
+    """The sparse layer at density `key` is faster than the dense one on these shapes: median ratio
+    <= 1, and at least as fast on 3 of 4 shapes or more."""
+    v = [r["densities"][key][f"{mode}_vs_dense"] for r in rs]
+    return bool(v) and median(v) <= 1.0 and sum(x <= 1.0 for x in v) * 4 >= len(v) * 3
+
+
+def crossover(rows: list[dict], densities) -> dict:
+    """The rule of should_run_sparse: per pass, the largest tested density at which the sparse layer
+    wins (``_wins``) on the shapes with C * K >= 64^2; then min_ck, the smallest C * K from which on
+    it wins at both thresholds (on the shapes of that C * K and larger)."""
+    out: dict = {}
+    big = [r for r in rows if r["c"] * r["k"] >= TARGET_CK]
+    for mode in ("train", "infer"):
+        per_density = {}
+        for d in densities:
+            key = f"{d:g}"
+            rs = [r["densities"][key][f"{mode}_vs_dense"] for r in big]
+            per_density[key] = {"shapes_sparse_faster": sum(v <= 1.0 for v in rs), "of": len(rs),
+                                "median_vs_dense": median(rs)}
+        ok = [d for d in densities if _wins(big, f"{d:g}", mode)]
+        out[mode] = {"per_density_ck_ge_4096": per_density, "threshold": max(ok) if ok else 0.0,
+                     "per_shape": {f"{r['c']}x{r['k']}@{r['h']}x{r['w']}": r[f"crossover_{mode}"] for r in rows}}
+    min_ck = None
+    for ck in sorted({r["c"] * r["k"] for r in rows}):
+        rs = [r for r in rows if r["c"] * r["k"] >= ck]
+        if all(out[m]["threshold"] == 0.0 or _wins(rs, f"{out[m]['threshold']:g}", m) for m in ("train", "infer")):
+            min_ck = ck
+            break
+    out["rule"] = {"train": out["train"]["threshold"], "infer": out["infer"]["threshold"],
+                   "min_ck": min_ck if min_ck is not None else TARGET_CK}
+    return out
+
+
+def summarise(rows: list[dict], densities, rule: dict) -> dict:
     big = [r for r in rows if r["c"] * r["k"] >= TARGET_CK]
     groups = {"all_ck_ge_4096": big}
     for width in WIDTHS:
@@ -270,9 +314,11 @@ def summarise(rows: list[dict], densities) -> dict:
         for d in densities:
             key = f"{d:g}"
             g[f"d{key}"] = {m: median(r["densities"][key][m] for r in rs)
-                            for m in ("infer_vs_dense", "train_vs_dense", "infer_vs_conv", "train_vs_conv")}
-            g[f"d{key}"]["auto_infer_vs_dense"] = median(_auto_ratio(r, key, "infer") for r in rs)
-            g[f"d{key}"]["auto_train_vs_dense"] = median(_auto_ratio(r, key, "train") for r in rs)
+                            for m in ("infer_vs_dense", "train_vs_dense", "infer_vs_conv", "train_vs_conv",
+                                      "cpu_infer_vs_dense", "cpu_train_vs_dense")}
+            for mode in ("infer", "train"):
+                g[f"d{key}"][f"auto_{mode}_vs_dense"] = median(_auto_ratio(r, key, mode, rule) for r in rs)
+                g[f"d{key}"][f"auto_{mode}_vs_dense_rule_in_run"] = median(_auto_ratio(r, key, mode) for r in rs)
         g["dense_vs_conv_train"] = median(r["dense_vs_conv_train"] for r in rs)
         g["dense_vs_conv_infer"] = median(r["dense_vs_conv_infer"] for r in rs)
         out[name] = g
@@ -282,24 +328,17 @@ def summarise(rows: list[dict], densities) -> dict:
                "training_d0.3_vs_dense": s["d0.3"]["train_vs_dense"],
                "d1.0_auto_vs_dense": max(s["d1"]["auto_infer_vs_dense"], s["d1"]["auto_train_vs_dense"])}
         out["targets"] = {k: {"target": TARGETS[k], "median": v, "met": v <= TARGETS[k]} for k, v in got.items()}
-    return out
-
-
-def crossover(rows: list[dict], densities) -> dict:
-    """The rule: per pass, the largest tested density at which the sparse layer was at least as fast as
-    the dense one on most of the shapes with C * K >= the smallest such shape where it ever is."""
-    out = {}
-    for mode in ("train", "infer"):
-        per_density = {}
-        for d in densities:
-            key = f"{d:g}"
-            rs = [r["densities"][key][f"{mode}_vs_dense"] for r in rows]
-            per_density[key] = {"shapes_sparse_faster": sum(v <= 1.0 for v in rs), "of": len(rs),
-                                "median_vs_dense": median(rs)}
-        ok = [d for d in densities if per_density[f"{d:g}"]["median_vs_dense"] <= 1.0
-              and per_density[f"{d:g}"]["shapes_sparse_faster"] * 2 >= per_density[f"{d:g}"]["of"]]
-        out[mode] = {"per_density": per_density, "threshold": max(ok) if ok else 0.0,
-                     "per_shape": {f"{r['c']}x{r['k']}@{r['h']}x{r['w']}": r[f"crossover_{mode}"] for r in rows}}
+        out["targets"]["per_width"] = {
+            name: {"inference_d0.2_vs_dense": g["d0.2"]["infer_vs_dense"],
+                   "training_d0.3_vs_dense": g["d0.3"]["train_vs_dense"],
+                   "inference_d0.2_vs_conv": g["d0.2"]["infer_vs_conv"],
+                   "training_d0.3_vs_conv": g["d0.3"]["train_vs_conv"],
+                   "d1_infer_vs_dense": g["d1"]["infer_vs_dense"], "d1_train_vs_dense": g["d1"]["train_vs_dense"],
+                   "d1_auto_vs_dense": max(g["d1"]["auto_infer_vs_dense"], g["d1"]["auto_train_vs_dense"]),
+                   "d1_infer_vs_conv": g["d1"]["infer_vs_conv"], "d1_train_vs_conv": g["d1"]["train_vs_conv"],
+                   "dense_vs_conv_infer": g["dense_vs_conv_infer"], "dense_vs_conv_train": g["dense_vs_conv_train"],
+                   "shapes": g["shapes"]}
+            for name, g in out.items() if name.startswith("w") or name == "all_ck_ge_4096"}
     return out
 
 
@@ -319,7 +358,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 7)
     shapes = registry_shapes()
     if args.quick:
         shapes = [e for e in shapes if (e["c"], e["k"], e["h"], e["w"]) in QUICK]
@@ -341,8 +380,8 @@ def main(argv=None) -> int:
               f" infer x{r['dense_vs_conv_infer']:.2f} | sparse/dense train "
               + " ".join(f"{d}:{dd[d]['train_vs_dense']:.2f}" for d in dd) + " | infer "
               + " ".join(f"{d}:{dd[d]['infer_vs_dense']:.2f}" for d in dd), flush=True)
-    summary = summarise(rows, DENSITIES)
-    cross = crossover([r for r in rows if r["c"] * r["k"] >= ws.CROSSOVER["min_ck"]], DENSITIES)
+    cross = crossover(rows, DENSITIES)
+    summary = summarise(rows, DENSITIES, cross["rule"])
     table = []
     for r in rows:
         dd = r["densities"]
@@ -369,7 +408,7 @@ def main(argv=None) -> int:
         "crossover": cross,
         "results": rows,
     }
-    print(json.dumps({"summary": summary.get("targets"), "crossover": {m: cross[m]["threshold"] for m in cross}},
+    print(json.dumps({"summary": summary.get("targets"), "crossover": cross["rule"]},
                      indent=1))
     path = write_result("sparse_winograd_quick" if args.quick and not args.out else "sparse_winograd", doc, args.out)
     print(f"wrote {path} in {doc['wall_s']:.0f}s")

@@ -229,6 +229,57 @@ inline void input_adjoint_row(const T* __restrict dV, const T* __restrict V, i64
   for (i64 j = 0; j < tw; ++j) input_adjoint_tile<T, RELU>(row, dV + j * C, V + j * C, ps, j, W, C, sink);
 }
 
+// The two per-tile transforms above on 16 given tap pointers (d[4a + b]: the tile's input pixel (a, b),
+// or a zero row; o[4a + b]: where its gradient adds up, or a sink row), channels c0 .. c0 + nc: the
+// sparse layer computes a tile's taps once and then runs these a channel block at a time.
+template <typename T, bool RELU>
+inline void input_taps(const T* const* d, i64 c0, i64 nc, T* __restrict out, i64 ps) {
+  const T *__restrict d00 = d[0] + c0, *__restrict d01 = d[1] + c0, *__restrict d02 = d[2] + c0, *__restrict d03 = d[3] + c0;
+  const T *__restrict d10 = d[4] + c0, *__restrict d11 = d[5] + c0, *__restrict d12 = d[6] + c0, *__restrict d13 = d[7] + c0;
+  const T *__restrict d20 = d[8] + c0, *__restrict d21 = d[9] + c0, *__restrict d22 = d[10] + c0, *__restrict d23 = d[11] + c0;
+  const T *__restrict d30 = d[12] + c0, *__restrict d31 = d[13] + c0, *__restrict d32 = d[14] + c0, *__restrict d33 = d[15] + c0;
+#pragma omp simd
+  for (i64 c = 0; c < nc; ++c) {
+    const T r00 = d00[c] - d02[c], r01 = d01[c] + d02[c], r02 = d02[c] - d01[c], r03 = d01[c] - d03[c];
+    const T r10 = d10[c] - d12[c], r11 = d11[c] + d12[c], r12 = d12[c] - d11[c], r13 = d11[c] - d13[c];
+    const T r20 = d20[c] - d22[c], r21 = d21[c] + d22[c], r22 = d22[c] - d21[c], r23 = d21[c] - d23[c];
+    const T r30 = d30[c] - d32[c], r31 = d31[c] + d32[c], r32 = d32[c] - d31[c], r33 = d31[c] - d33[c];
+    T* __restrict o = out + c;
+    o[0 * ps] = clip<RELU>(r00 - r20); o[1 * ps] = clip<RELU>(r01 - r21);
+    o[2 * ps] = clip<RELU>(r02 - r22); o[3 * ps] = clip<RELU>(r03 - r23);
+    o[4 * ps] = clip<RELU>(r10 + r20); o[5 * ps] = clip<RELU>(r11 + r21);
+    o[6 * ps] = clip<RELU>(r12 + r22); o[7 * ps] = clip<RELU>(r13 + r23);
+    o[8 * ps] = clip<RELU>(r20 - r10); o[9 * ps] = clip<RELU>(r21 - r11);
+    o[10 * ps] = clip<RELU>(r22 - r12); o[11 * ps] = clip<RELU>(r23 - r13);
+    o[12 * ps] = clip<RELU>(r10 - r30); o[13 * ps] = clip<RELU>(r11 - r31);
+    o[14 * ps] = clip<RELU>(r12 - r32); o[15 * ps] = clip<RELU>(r13 - r33);
+  }
+}
+
+// (the gradient, already masked by the ReLU: B g B^T added into the 16 taps)
+template <typename T>
+inline void input_adjoint_taps(T* const* o, i64 c0, i64 nc, const T* __restrict g, i64 ps) {
+  T *__restrict o00 = o[0] + c0, *__restrict o01 = o[1] + c0, *__restrict o02 = o[2] + c0, *__restrict o03 = o[3] + c0;
+  T *__restrict o10 = o[4] + c0, *__restrict o11 = o[5] + c0, *__restrict o12 = o[6] + c0, *__restrict o13 = o[7] + c0;
+  T *__restrict o20 = o[8] + c0, *__restrict o21 = o[9] + c0, *__restrict o22 = o[10] + c0, *__restrict o23 = o[11] + c0;
+  T *__restrict o30 = o[12] + c0, *__restrict o31 = o[13] + c0, *__restrict o32 = o[14] + c0, *__restrict o33 = o[15] + c0;
+#pragma omp simd
+  for (i64 c = 0; c < nc; ++c) {
+    const T* __restrict gc = g + c;
+    T e[4][4];
+    for (int p = 0; p < 4; ++p) {
+      const T g0 = gc[(4 * p + 0) * ps], g1 = gc[(4 * p + 1) * ps], g2 = gc[(4 * p + 2) * ps], g3 = gc[(4 * p + 3) * ps];
+      e[p][0] = g0; e[p][1] = g1 - g2 + g3; e[p][2] = g1 + g2 - g0; e[p][3] = -g3;
+    }
+    o00[c] += e[0][0]; o01[c] += e[0][1]; o02[c] += e[0][2]; o03[c] += e[0][3];
+    o10[c] += e[1][0] - e[2][0] + e[3][0]; o11[c] += e[1][1] - e[2][1] + e[3][1];
+    o12[c] += e[1][2] - e[2][2] + e[3][2]; o13[c] += e[1][3] - e[2][3] + e[3][3];
+    o20[c] += e[1][0] + e[2][0] - e[0][0]; o21[c] += e[1][1] + e[2][1] - e[0][1];
+    o22[c] += e[1][2] + e[2][2] - e[0][2]; o23[c] += e[1][3] + e[2][3] - e[0][3];
+    o30[c] -= e[3][0]; o31[c] -= e[3][1]; o32[c] -= e[3][2]; o33[c] -= e[3][3];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // the unfused passes: each over the whole batch, V / M / dM / dV whole (16, N * th * tw, C) tensors
 // ---------------------------------------------------------------------------------------------------
@@ -1094,82 +1145,106 @@ void gather(const T* __restrict U, const int32_t* __restrict flat, i64 nnz, T* _
   }
 }
 
-// tile t of the batch -> image n, tile row i, tile column j
+// tile t of the batch -> image n, tile row i, tile column j; next(): tile t + 1 (no divisions)
 struct TileAt {
-  i64 n, i, j;
-  TileAt(i64 t, i64 th, i64 tw) : n(t / (th * tw)), i(t / tw % th), j(t % tw) {}
+  i64 n, i, j, th, tw;
+  TileAt(i64 t, i64 th_, i64 tw_) : n(t / (th_ * tw_)), i(t / tw_ % th_), j(t % tw_), th(th_), tw(tw_) {}
+  void next() {
+    if (++j == tw) {
+      j = 0;
+      if (++i == th) {
+        i = 0;
+        ++n;
+      }
+    }
+  }
 };
 
 // The band's input transform: tiles t0 .. t0 + nb (nb <= TB) to the channel-major planes VT (16 x C
-// rows, ld apart) of the positions in `live`, 16 tiles at a time through S (16 planes x 16 tiles x
-// C); a band's columns past nb up to the next multiple of 16 are 0.
+// rows, ld apart) of the positions in `live`.  16 tiles at a time: their 16 taps each found once,
+// then 16 channels at a time the transform into S (16 planes x 16 tiles x 16 channels, 16 KiB: L1)
+// and one 16 x 16 transpose per plane into VT.  A band's columns past nb up to the next multiple of
+// 16 are 0 (tiles past nb read the zero row).
 template <typename T, bool RELU>
 void band_input(const T* x, T* S, T* VT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 C,
                 const bool* live, const T* zc, Prof& prof) {
+  TileAt a(t0, th, tw);
   for (i64 q = 0; q < nb; q += 16) {
     const i64 cnt = std::min<i64>(16, nb - q);
-    for (i64 l = 0; l < cnt; ++l) {
-      const TileAt a(t0 + q + l, th, tw);
+    const T* taps[16][16];
+    for (i64 l = 0; l < 16; ++l, a.next()) {
+      if (l >= cnt) {
+        for (int k = 0; k < 16; ++k) taps[l][k] = zc;
+        continue;
+      }
       const T* row[4];
       bool rin[4];
       input_rows(x, a.n, a.i, H, W, C, row, rin);
-      input_tile<T, RELU>(row, rin, S + l * C, 16 * C, a.j, W, C, zc);
+      for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < 4; ++b) {
+          const i64 w = 2 * a.j + b - 1;
+          taps[l][4 * r + b] = rin[r] && w >= 0 && w < W ? row[r] + w * C : zc;
+        }
     }
-    if (cnt < 16)
-      for (i64 p = 0; p < 16; ++p) std::fill(S + (p * 16 + cnt) * C, S + (p + 1) * 16 * C, T(0));
-    prof.lap(PH_IN);
-    for (i64 p = 0; p < 16; ++p)
-      if (live[p])
-        for (i64 c0 = 0; c0 < C; c0 += 16)
-          transpose16(S + p * 16 * C + c0, C, 16, int(std::min<i64>(16, C - c0)), VT + (p * C + c0) * ld + q, ld);
-    prof.lap(PH_TIN);
+    for (i64 c0 = 0; c0 < C; c0 += 16) {
+      const i64 nc = std::min<i64>(16, C - c0);
+      for (i64 l = 0; l < 16; ++l) input_taps<T, RELU>(taps[l], c0, nc, S + l * 16, 256);
+      prof.lap(PH_IN);
+      for (i64 p = 0; p < 16; ++p)
+        if (live[p]) transpose16(S + p * 256, 16, 16, int(nc), VT + (p * C + c0) * ld + q, ld);
+      prof.lap(PH_TIN);
+    }
   }
 }
 
-// The band's output transform, tile-vectorised: Y = A^T M A on 16 tiles at a time straight from
-// M^T's rows (the 16 planes of one output channel), then only the four output pixels -- not the 16
-// planes -- transposed to the channels-last image, 16 channels at a time (Yb: 4 x 16 x 16 scratch).
+// Tile l's output pixel (a, b), for each of the band's tiles: drow[(2a + b) TB + l] (null outside the
+// image)
 template <typename T>
-void band_output(const T* MT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* y, T* Yb) {
-  const i64 ps = K * ld;
-  for (i64 q = 0; q < nb; q += 16) {
-    const i64 cnt = std::min<i64>(16, nb - q);
-    T* drow[4][16];  // tile l's output pixel (a, b) = drow[2a + b][l] (null outside the image)
-    for (i64 l = 0; l < 16; ++l) {
-      if (l >= cnt) {
-        for (int ab = 0; ab < 4; ++ab) drow[ab][l] = nullptr;
-        continue;
-      }
-      const TileAt a(t0 + q + l, th, tw);
-      const bool h1 = 2 * a.i + 1 < H, w1 = 2 * a.j + 1 < W;
-      T* o = y + ((a.n * H + 2 * a.i) * W + 2 * a.j) * K;
-      drow[0][l] = o;
-      drow[1][l] = w1 ? o + K : nullptr;
-      drow[2][l] = h1 ? o + W * K : nullptr;
-      drow[3][l] = h1 && w1 ? o + W * K + K : nullptr;
-    }
-    for (i64 k0 = 0; k0 < K; k0 += 16) {
-      const int kk = int(std::min<i64>(16, K - k0));
-      for (int kr = 0; kr < kk; ++kr) {
-        const T* __restrict m = MT + (k0 + kr) * ld + q;
-        T* __restrict o = Yb + kr * 16;
+void output_rows(T* y, T** drow, i64 TB, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K) {
+  TileAt a(t0, th, tw);
+  for (i64 l = 0; l < nb; ++l, a.next()) {
+    const bool h1 = 2 * a.i + 1 < H, w1 = 2 * a.j + 1 < W;
+    T* o = y + ((a.n * H + 2 * a.i) * W + 2 * a.j) * K;
+    drow[l] = o;
+    drow[TB + l] = w1 ? o + K : nullptr;
+    drow[2 * TB + l] = h1 ? o + W * K : nullptr;
+    drow[3 * TB + l] = h1 && w1 ? o + W * K + K : nullptr;
+  }
+}
+
+// The band's output transform, tile-vectorised: Y = A^T M A straight from M^T's rows, each of the 16
+// plane rows of an output channel streamed along the band's tiles into Yb (four output pixels x K
+// channels x the band), then only those four pixels -- not the 16 planes -- transposed into the
+// channels-last image, a pixel's channel blocks one after another.  Yb: 4 K ld scratch; drow: 4 TB
+// row pointers.
+template <typename T>
+void band_output(const T* MT, i64 ld, i64 TB, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* y, T* Yb,
+                 T** drow) {
+  const i64 ps = K * ld, nbp = (nb + 15) / 16 * 16, ys = K * ld;
+  output_rows(y, drow, TB, t0, nb, th, tw, H, W, K);
+  for (i64 k = 0; k < K; ++k) {
+    const T* __restrict m = MT + k * ld;
+    T* __restrict o = Yb + k * ld;
 #pragma omp simd
-        for (int l = 0; l < 16; ++l) {
-          T t[4][2];  // t[p][b]: A^T along the columns of M's row p
-          for (int p = 0; p < 4; ++p) {
-            const T m0 = m[(4 * p + 0) * ps + l], m1 = m[(4 * p + 1) * ps + l];
-            const T m2 = m[(4 * p + 2) * ps + l], m3 = m[(4 * p + 3) * ps + l];
-            t[p][0] = m0 + m1 + m2;
-            t[p][1] = m1 - m2 - m3;
-          }
-          o[0 * 256 + l] = t[0][0] + t[1][0] + t[2][0];
-          o[1 * 256 + l] = t[0][1] + t[1][1] + t[2][1];
-          o[2 * 256 + l] = t[1][0] - t[2][0] - t[3][0];
-          o[3 * 256 + l] = t[1][1] - t[2][1] - t[3][1];
-        }
+    for (i64 l = 0; l < nbp; ++l) {
+      T t[4][2];  // t[p][b]: A^T along the columns of M's row p
+      for (int p = 0; p < 4; ++p) {
+        const T m0 = m[(4 * p + 0) * ps + l], m1 = m[(4 * p + 1) * ps + l];
+        const T m2 = m[(4 * p + 2) * ps + l], m3 = m[(4 * p + 3) * ps + l];
+        t[p][0] = m0 + m1 + m2;
+        t[p][1] = m1 - m2 - m3;
       }
-      for (int ab = 0; ab < 4; ++ab) transpose16_to(Yb + ab * 256, 16, kk, int(cnt), drow[ab], k0);
+      o[0 * ys + l] = t[0][0] + t[1][0] + t[2][0];
+      o[1 * ys + l] = t[0][1] + t[1][1] + t[2][1];
+      o[2 * ys + l] = t[1][0] - t[2][0] - t[3][0];
+      o[3 * ys + l] = t[1][1] - t[2][1] - t[3][1];
     }
+  }
+  for (i64 q = 0; q < nb; q += 16) {
+    const int cnt = int(std::min<i64>(16, nb - q));
+    for (int ab = 0; ab < 4; ++ab)
+      for (i64 k0 = 0; k0 < K; k0 += 16)
+        transpose16_to(Yb + ab * ys + k0 * ld + q, ld, int(std::min<i64>(16, K - k0)), cnt, drow + ab * TB + q, k0);
   }
 }
 
@@ -1179,15 +1254,15 @@ void band_output(const T* MT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64
 template <typename T>
 void band_output_adjoint(const T* gy, T* dMT, i64 ld, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* Gb) {
   const i64 ps = K * ld;
+  TileAt a(t0, th, tw);
   for (i64 q = 0; q < nb; q += 16) {
     const i64 cnt = std::min<i64>(16, nb - q);
     const T* srow[4][16];
-    for (i64 l = 0; l < 16; ++l) {
+    for (i64 l = 0; l < 16; ++l, a.next()) {
       if (l >= cnt) {
         for (int ab = 0; ab < 4; ++ab) srow[ab][l] = nullptr;
         continue;
       }
-      const TileAt a(t0 + q + l, th, tw);
       const bool h1 = 2 * a.i + 1 < H, w1 = 2 * a.j + 1 < W;
       const T* g = gy + ((a.n * H + 2 * a.i) * W + 2 * a.j) * K;
       srow[0][l] = g;
@@ -1219,6 +1294,31 @@ void band_output_adjoint(const T* gy, T* dMT, i64 ld, i64 t0, i64 nb, i64 th, i6
   }
 }
 
+// The image memory a band of tiles reads (x, C channels) or writes (y, K channels): one contiguous
+// range of the NHWC tensor, from the first tile row's top input row to the last one's bottom row.
+struct Span {
+  const char* p = nullptr;
+  i64 bytes = 0;
+};
+template <typename T>
+inline Span band_span(const T* img, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 ch, bool input) {
+  if (nb <= 0) return {};
+  const TileAt a(t0, th, tw), b(t0 + nb - 1, th, tw);
+  const i64 h0 = std::max<i64>(0, 2 * a.i - (input ? 1 : 0)), h1 = std::min<i64>(H, 2 * b.i + (input ? 3 : 2));
+  const i64 first = (a.n * H + h0) * W * ch, last = (b.n * H + h1) * W * ch;
+  return {reinterpret_cast<const char*>(img + first), (last - first) * i64(sizeof(T))};
+}
+
+// Part `part` of `parts` of a span brought towards the core (into L2) while other work runs: the next
+// band's input read, and its output lines owned for writing, during this band's products.
+inline void prefetch_part(const Span& s, i64 part, i64 parts, bool write) {
+  const i64 lines = (s.bytes + 63) / 64, l0 = lines * part / parts, l1 = lines * (part + 1) / parts;
+  for (i64 l = l0; l < l1; ++l) {
+    if (write) __builtin_prefetch(s.p + 64 * l, 1, 2);
+    else __builtin_prefetch(s.p + 64 * l, 0, 2);
+  }
+}
+
 // the structure's rows of position p (ptr: 16 S (R + 1) pointers)
 inline Rows rows_of(const int32_t* ptr, const int32_t* idx, i64 p, i64 R, i64 ncols) {
   const i64 S = (ncols + SEG - 1) / SEG;
@@ -1243,16 +1343,21 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
     Prof prof(prof_out);
     gather(U, fflat, nnz, vals.data());  // (a barrier at its end)
     prof.lap(PH_PACK);
-    T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * C);
+    T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * 16);
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* MT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
-    T* Yb = thread_scratch<T>(SLOT_YB, 4 * 16 * 16);
+    T* Yb = thread_scratch<T>(SLOT_YB, 4 * K * ld);
+    std::vector<T*> drow(4 * TB);
     std::vector<T> zc(C, T(0));
 #pragma omp for schedule(static)
     for (i64 b = 0; b < bands; ++b) {
       const i64 t0 = b * TB, nb = std::min(TB, tiles - t0), nbp = (nb + 15) / 16 * 16;
       band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
+      const i64 t1 = t0 + nb, nb1 = std::min(TB, tiles - t1);  // the next band (this thread's, mostly)
+      const Span xs = band_span(x, t1, nb1, th, tw, H, W, C, true), ys = band_span(y, t0, nb, th, tw, H, W, K, false);
       for (i64 p = 0; p < 16; ++p) {
+        prefetch_part(xs, p, 16, false);
+        prefetch_part(ys, p, 16, true);
         T* Mp = MT + p * K * ld;
         if (live[p])
           spmm(vals.data(), rows_of(fptr, fidx, p, K, C), (const T*)(VT + p * C * ld), Mp, ld, nbp);
@@ -1260,7 +1365,7 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
           for (i64 k = 0; k < K; ++k) std::fill(Mp + k * ld, Mp + k * ld + nbp, T(0));
       }
       prof.lap(PH_MUL);
-      band_output((const T*)MT, ld, t0, nb, th, tw, H, W, K, y, Yb);
+      band_output((const T*)MT, ld, TB, t0, nb, th, tw, H, W, K, y, Yb, drow.data());
       prof.lap(PH_OUT);
     }
     prof.flush();
@@ -1293,7 +1398,7 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
       for (i64 e = 0; e < G * nnz; ++e) part.data()[e] = T(0);
     }
     prof.lap(PH_PACK);
-    T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * C);
+    T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * 16);
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* dMT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
     T* dVT = need_x ? thread_scratch<T>(SLOT_DVT, 16 * C * ld) : nullptr;
@@ -1337,20 +1442,27 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
           prof.lap(PH_DV);
         }
         if (!need_x) continue;
-        for (i64 q = 0; q < nb; q += 16) {
+        TileAt a(t0, th, tw);
+        for (i64 q = 0; q < nb; q += 16) {  // dx += B dV B^T (the ReLU's mask is applied above)
           const i64 cnt = std::min<i64>(16, nb - q);
-          for (i64 p = 0; p < 16; ++p)
-            for (i64 c0 = 0; c0 < C; c0 += 16)
-              transpose16((const T*)(dVT + (p * C + c0) * ld + q), ld, int(std::min<i64>(16, C - c0)), int(cnt),
-                          Sb + p * 16 * C + c0, C);
-          prof.lap(PH_TDV);
-          for (i64 l = 0; l < cnt; ++l) {  // the ReLU's mask is applied (above): B dV B^T only
-            const TileAt a(t0 + q + l, th, tw);
+          T* taps[16][16];
+          for (i64 l = 0; l < cnt; ++l, a.next()) {
             T* row[4];
             image_rows(dx + a.n * H * W * C, a.i, H, W, C, row);
-            input_adjoint_tile<T, false>(row, Sb + l * C, Sb + l * C, 16 * C, a.j, W, C, sink.data());
+            for (int r = 0; r < 4; ++r)
+              for (int b = 0; b < 4; ++b) {
+                const i64 w = 2 * a.j + b - 1;
+                taps[l][4 * r + b] = row[r] && w >= 0 && w < W ? row[r] + w * C : sink.data() + (4 * r + b) * C;
+              }
           }
-          prof.lap(PH_IADJ);
+          for (i64 c0 = 0; c0 < C; c0 += 16) {
+            const i64 nc = std::min<i64>(16, C - c0);
+            for (i64 p = 0; p < 16; ++p)
+              transpose16((const T*)(dVT + (p * C + c0) * ld + q), ld, int(nc), int(cnt), Sb + p * 256, 16);
+            prof.lap(PH_TDV);
+            for (i64 l = 0; l < cnt; ++l) input_adjoint_taps(taps[l], c0, nc, (const T*)(Sb + l * 16), 256);
+            prof.lap(PH_IADJ);
+          }
         }
       }
     }
