@@ -25,7 +25,8 @@ def add_stack(sub) -> None:
                    help="which method's weights the ensemble uses: a method, or best_val (default nll_optimal)")
     p.add_argument("--seed", type=int, default=0, help="seed of the accuracy searches (default 0)")
     p.add_argument("--output", default=None,
-                   help="a new JSON file (default: EXPERIMENT_DIR/stack-<time>-<variant>.json, a new file per call)")
+                   help="a new JSON file (default: EXPERIMENT_DIR/stack-<time>-<group>-<rung>.json, a new file per "
+                        "call, e.g. stack-20261206T101500-swr-cnn-dbs-ts0300.json)")
     p.add_argument("--force", action="store_true", help="replace an existing --output file (atomically)")
     p.set_defaults(func=cmd_stack)
 
@@ -44,6 +45,8 @@ def add_results(sub) -> None:
     p = sub.add_parser("results", help="one tidy table of every trial, member, rung and ensemble of an experiment")
     p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
     p.add_argument("--format", default="table", help="table | csv | parquet (default: table)")
+    p.add_argument("--columns", default=None, help="the table's columns instead of its default view, comma-"
+                   "separated (any of csv's; e.g. kind,member,target_sparsity,test_accuracy,wall_seconds)")
     p.add_argument("--out", default=None, help="write to this new file instead of standard output "
                    "(required for parquet)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file (atomically)")
@@ -82,7 +85,7 @@ def cmd_stack(args) -> int:
     from .config import STACK_CHOICES
     from .layout import ExperimentLayout, claim_file
     from .stacking import format_stacking_table
-    from .stacking_run import stack_experiment
+    from .stacking_run import RERUN, stack_experiment
 
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
@@ -93,15 +96,13 @@ def cmd_stack(args) -> int:
     if args.tune_samples < 0:
         raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
     layout = ExperimentLayout.at(args.experiment_dir)
-    output = (claim_file(args.output, force=args.force) if args.output
-              else layout.stacking_rerun(f"{args.variant or 'all'}-s{args.sparsity if args.sparsity is not None else 'last'}"
-                                         + (f"-t{args.basis_threshold:g}" if args.basis_threshold is not None else "")))
+    output = claim_file(args.output, force=args.force) if args.output else RERUN
     result = stack_experiment(layout.root, sparsity=args.sparsity, basis_threshold=args.basis_threshold,
                               variant=args.variant,
                               tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=output,
                               storage_path=layout.tune)
     print(format_stacking_table(result))
-    print(f"-> {output}")
+    print(f"-> {result['output']}")
     return 0
 
 
@@ -122,7 +123,9 @@ def cmd_report(args) -> int:
     counts: dict[str, int] = {}
     for claim in result["claims"]:
         counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
-    print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {out / 'report.html'}")
+    for line in result["headline"]:
+        print(line)
+    print("claims: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + f" -> {out / 'report.html'}")
     for problem in result["problems"]:
         print(f"note: {problem}")
     from .tracking import log_report
@@ -144,7 +147,7 @@ def cmd_results(args) -> int:
     out = claim_file(args.out, force=args.force, flag="--out") if args.out else None
     tree = experiment_tree(args.experiment_dir)
     df = results_table(tree.root)
-    data = format_results(df, args.format)
+    data = format_results(df, args.format, [c.strip() for c in args.columns.split(",")] if args.columns else None)
     for note in df.attrs.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     if out:
@@ -200,8 +203,9 @@ def cmd_predict(args) -> int:
     print(f"{meta['images']} images ({inputs.description}) in {meta['seconds']:.2f} s on {meta['device']} -> {out}")
     if meta["accuracy"]:
         a = meta["accuracy"]
-        print(f"accuracy on {a['labelled']} labelled images: ensemble {a['ensemble']:.4f}; "
-              + ", ".join(f"{m} {v:.4f}" for m, v in a["members"].items()))
+        e = meta["evaluation"]["ensemble"]
+        print(f"accuracy on {a['labelled']} labelled images: ensemble {a['ensemble']:.4f} (macro F1 "
+              f"{e['macro_f1']:.4f}, ECE {e['ece']:.4f}); " + ", ".join(f"{m} {v:.4f}" for m, v in a["members"].items()))
     return 0
 
 

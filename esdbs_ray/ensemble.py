@@ -450,16 +450,23 @@ def prediction_table(ensemble: Ensemble, inputs: Inputs, pred: Prediction, *, se
     }
     for m in ensemble.members:
         cols[f"probs.{m}"] = fixed(pred.member_probs[m].astype(np.float32), c, pa.float32())
-    accuracy = None
+    accuracy = evaluation = None
     if known.any():
+        from .evaluation import evaluate_probs
+
         y = inputs.labels[known]
         accuracy = {"ensemble": float(np.mean(pred.labels[known] == y)), "labelled": int(known.sum()),
                     "members": {m: float(np.mean(pred.member_probs[m][known].argmax(1) == y)) for m in ensemble.members}}
+        # the labelled images: confusion, per-class precision / recall / F1, calibration (evaluation.py)
+        evaluation = {"ensemble": evaluate_probs(pred.probs[known], y, c).to_dict(),
+                      "members": {m: evaluate_probs(pred.member_probs[m][known], y, c).to_dict()
+                                  for m in ensemble.members}}
     meta = {"export_dir": str(ensemble.root), "name": ensemble.manifest.get("name"),
             "group": ensemble.manifest.get("group"), "members": ensemble.members,
             "weights": dict(zip(ensemble.members, ensemble.weights.tolist())),
             "method": ensemble.manifest["ensemble"].get("method"), "class_names": names, "inputs": inputs.description,
-            "images": n, "seconds": seconds, "device": str(ensemble.device), "accuracy": accuracy, **provenance()}
+            "images": n, "seconds": seconds, "device": str(ensemble.device), "accuracy": accuracy,
+            "evaluation": evaluation, **provenance()}
     table = pa.table(cols)
     return table.replace_schema_metadata({"esdbs_predict": json.dumps(meta)}), meta
 

@@ -233,6 +233,8 @@ class RungResult(_Record):
     val_loss: float = _float()
     test_accuracy: float = _float()
     test_loss: float = _float()
+    val_ece: float | None = _float()  # expected calibration error (evaluation.py)
+    test_ece: float | None = _float()
     train_seconds: float = _float()
     steps: int = _int_field()
     mean_epoch_seconds: float = _float()
@@ -248,7 +250,7 @@ class RungResult(_Record):
     direct_conversion: dict | None = None  # basis: the trained spatial model converted at this t
     extra: dict = field(default_factory=dict)
 
-    _OPTIONAL = ("before_finetune", "direct_conversion")
+    _OPTIONAL = ("val_ece", "test_ece", "before_finetune", "direct_conversion")
 
     @property
     def rung(self) -> Rung:

@@ -28,18 +28,16 @@ from typing import Any
 from .errors import UserError
 from .layout import ExperimentLayout as L
 from .records import EpochRecord, MemberSummary, Rung, RungResult
+from .stacking_run import config_member_order
 from .storage import Tree
 from .tune_analysis import tune_trials
 
 COLUMNS = (
     "kind", "group", "variant", "member", "model", "conv", "schedule", "batch_size", "method", "chosen",
     "trial_id", "status", "iterations", "epoch", "target_sparsity", "basis_threshold", "sparsity", "model_sparsity",
-    "nonzero_weights", "total_weights", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "steps",
+    "nonzero_weights", "total_weights", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "test_ece", "steps",
     "train_seconds", "mean_epoch_seconds", "wall_seconds", "batch_min", "batch_max", "weights", "source",
 )
-TABLE_COLUMNS = ("kind", "group", "member", "method", "target_sparsity", "basis_threshold", "val_accuracy",
-                 "test_accuracy", "test_loss",
-                 "sparsity", "model_sparsity", "nonzero_weights", "steps", "wall_seconds", "batch_min", "batch_max")
 FORMATS = ("table", "csv", "parquet")
 
 __all__ = ["results_table", "format_results", "COLUMNS", "FORMATS", "ResultsError"]
@@ -90,7 +88,9 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
     notes += tune_notes
     rows: list[dict] = []
     by_member = {m.member: m for m in members}
-    for m in sorted(members, key=lambda m: (str(m.group), m.member)):
+    config_order = {name: i for i, name in enumerate(config_member_order(tree))}
+    position = {m.member: (config_order.get(m.member, len(config_order)), m.member) for m in members}
+    for m in sorted(members, key=lambda m: (str(m.group), position[m.member])):
         cfg = m.config or {}
         t = tune.get(m.member, {})
         history = m.history
@@ -117,7 +117,7 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
                          **{k: getattr(r, k) for k in ("target_sparsity", "basis_threshold", "sparsity",
                                                        "model_sparsity", "nonzero_weights", "total_weights",
                                                        "val_accuracy", "val_loss", "test_accuracy", "test_loss",
-                                                       "steps", "train_seconds", "mean_epoch_seconds")},
+                                                       "test_ece", "steps", "train_seconds", "mean_epoch_seconds")},
                          "wall_seconds": (t.get("wall_by_epoch") or {}).get(end), "batch_min": lo, "batch_max": hi})
             first = end + 1
     rung_rows = {(r["member"], r["rung"]): r for r in rows if r["kind"] == "rung"}
@@ -150,14 +150,18 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
                        wall_seconds=max(walls) if len(walls) == len(parts) else None,
                        batch_min=min((p["batch_min"] for p in parts if p["batch_min"] is not None), default=None),
                        batch_max=max((p["batch_max"] for p in parts if p["batch_max"] is not None), default=None))
+        evaluation = st.get("evaluation") if isinstance(st.get("evaluation"), dict) else {}
         for method, r in st["methods"].items():
-            rows.append({"kind": "ensemble", "group": group, "variant": group, "member": "+".join(names),
+            rows.append({"kind": "ensemble", "group": group, "variant": group,
+                         "member": "+".join(sorted(names, key=lambda n: position.get(n, (0, n)))),
                          "method": method, "chosen": method == st.get("chosen"), **agg,
                          "val_accuracy": r.get("val_accuracy"), "val_loss": r.get("val_nll"),
                          "test_accuracy": r.get("test_accuracy"), "test_loss": r.get("test_nll"),
-                         "weights": json.dumps(r.get("weights"), sort_keys=True), "source": name})
+                         # the stacking file evaluates its chosen ensemble only
+                         "test_ece": (evaluation.get("ensemble") or {}).get("ece") if method == st.get("chosen") else None,
+                         "weights": json.dumps(_in_order(r.get("weights"), position)), "source": name})
     order = {"trial": 0, "rung": 1, "ensemble": 2}
-    rows.sort(key=lambda r: (str(r.get("group")), order[r["kind"]], str(r.get("member")),
+    rows.sort(key=lambda r: (str(r.get("group")), order[r["kind"]], position.get(r.get("member"), (0, str(r.get("member")))),
                              -1.0 if r.get("target_sparsity") is None else float(r["target_sparsity"]),
                              0.0 if r.get("basis_threshold") is None else 2.0 - float(r["basis_threshold"]),
                              str(r.get("source")), str(r.get("method"))))
@@ -166,7 +170,7 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
         df[c] = df[c].astype("Int64")
     for c in ("target_sparsity", "basis_threshold", "sparsity", "model_sparsity", "val_accuracy", "val_loss",
               "test_accuracy",
-              "test_loss", "train_seconds", "mean_epoch_seconds", "wall_seconds"):
+              "test_loss", "test_ece", "train_seconds", "mean_epoch_seconds", "wall_seconds"):
         df[c] = df[c].astype("float64")
     df["chosen"] = df["chosen"].astype("boolean")
     df.attrs["notes"] = notes
@@ -174,9 +178,11 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
     return df
 
 
-def format_results(df, fmt: str) -> bytes:
-    """``table``: the main columns, aligned, for a terminal; ``csv``: every column; ``parquet``: every
-    column with its type (nullable integers stay integers)."""
+def format_results(df, fmt: str, columns: list[str] | None = None) -> bytes:
+    """``table``: per group, each member's rungs and each stacking file's methods, with validation and
+    test accuracy and loss and the ensembles' weights, fitting 120 columns (``columns``: an aligned
+    table of those columns instead); ``csv``: every column; ``parquet``: every column with its type
+    (nullable integers stay integers)."""
     if fmt == "csv":
         return df.to_csv(index=False).encode()
     if fmt == "parquet":
@@ -186,17 +192,55 @@ def format_results(df, fmt: str) -> bytes:
         df.to_parquet(buf, index=False)
         return buf.getvalue()
     if fmt != "table":
-        raise ValueError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
-    import pandas as pd
+        raise ResultsError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
+    if columns:
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown:
+            raise ResultsError(f"--columns: unknown {unknown}; choose from {', '.join(COLUMNS)}")
+        shown = df[list(columns)].astype(object).where(df[list(columns)].notna(), "")
+        return (shown.astype(str).to_string(index=False) + "\n").encode()
+    return _compact(df).encode()
 
-    shown = df[list(TABLE_COLUMNS)].copy()
-    for c in ("target_sparsity", "basis_threshold", "val_accuracy", "test_accuracy", "test_loss", "sparsity",
-              "model_sparsity"):
-        shown[c] = shown[c].map(lambda v: "" if v != v or v is None else f"{v:.4f}")
-    shown["wall_seconds"] = shown["wall_seconds"].map(lambda v: "" if v != v or v is None else f"{v:.1f}")
-    shown["method"] = [("* " if c is not None and c is not pd.NA and bool(c) else "") + (m if isinstance(m, str) else "")
-                       for m, c in zip(df["method"], df["chosen"].astype(object))]
-    return (shown.fillna("").astype(str).to_string(index=False) + "\n").encode()
+
+def _num(v, spec: str) -> str:
+    return "" if v is None or v != v else format(v, spec)
+
+
+def _compact(df) -> str:
+    """The default view: a block per group; trial rows (Tune's status, wall time) only in csv/parquet."""
+    sources: dict[str, int] = {}
+    width = max([len(str(m)) for m in df.loc[df["kind"] == "rung", "member"]] + [6])
+    head = (f"{'kind':<8} {'member':<{width}} {'method':<17} {'rung':>6} {'val acc':>8} {'val loss':>8} "
+            f"{'test acc':>8} {'test loss':>9} {'ECE':>6}  weights")
+    out = []
+    for group in dict.fromkeys(df["group"]):
+        g = df[df["group"] == group]
+        members = [m for m in dict.fromkeys(g.loc[g["kind"] == "rung", "member"])]
+        out += ["", f"{group}: members {', '.join(members)} (ensemble weights in this order)", head]
+        for r in g[g["kind"] != "trial"].itertuples(index=False):
+            rung = (f"t={r.basis_threshold:g}" if r.basis_threshold == r.basis_threshold and r.basis_threshold is not None
+                    else _num(r.target_sparsity, "g"))
+            if r.kind == "ensemble":
+                src = sources.setdefault(r.source, len(sources) + 1)
+                w = json.loads(r.weights) if isinstance(r.weights, str) else {}
+                method = ("* " if r.chosen is not None and r.chosen == r.chosen and bool(r.chosen) else "  ") + str(r.method)
+                tail = "  " + " ".join(f"{w[m]:.3f}" for m in members if m in w) + f"  [{src}]"
+                member = ""
+            else:
+                method, tail, member = "", "", r.member
+            out.append(f"{r.kind:<8} {member:<{width}} {method:<17} {rung:>6} {_num(r.val_accuracy, '.4f'):>8} "
+                       f"{_num(r.val_loss, '.4f'):>8} {_num(r.test_accuracy, '.4f'):>8} {_num(r.test_loss, '.4f'):>9} "
+                       f"{_num(r.test_ece, '.4f'):>6}" + tail)
+    if sources:
+        out += ["", "* the method whose weights the file's ensemble uses; [n] the stacking file:"]
+        out += [f"  [{i}] {name}" for name, i in sources.items()]
+    return "\n".join(line.rstrip() for line in out[1:]) + "\n"
+
+
+def _in_order(weights, position: dict) -> dict | None:
+    if not isinstance(weights, dict):
+        return weights
+    return {k: weights[k] for k in sorted(weights, key=lambda n: position.get(n, (0, n)))}
 
 
 def _stacked_rung(info: Any) -> Rung | None:

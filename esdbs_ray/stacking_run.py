@@ -11,13 +11,18 @@ import os
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
+import pyarrow.compute as pc
+
 from . import predictions as _pred
 from . import stacking_tune  # noqa: F401  registers the "tune_accuracy_search" method
 from . import storage
+from .config import slug
+from .evaluation import evaluate_probs, weighted_probs
 from .layout import ExperimentLayout
+from .records import Rung
 from .stacking import DEFAULT_METHODS, per_class_accuracy, stack
 
-__all__ = ["stack_experiment"]
+__all__ = ["stack_experiment", "config_member_order", "RERUN"]
 
 
 def stack_experiment(
@@ -51,6 +56,10 @@ def stack_experiment(
     exp = storage.normalize(experiment_dir_or_uri)
     pdir = _pred.predictions_dir(exp)
     table = _pred.read_predictions(pdir)
+    if members is None:  # the config's order (as the run's own stacks, the report and the export use)
+        present = set(table.filter(pc.equal(table["split"], "val"))["member"].to_pylist()) if variant is None \
+            else set(table.filter(pc.equal(table["variant"], variant))["member"].to_pylist())
+        members = [m for m in config_member_order(exp) if m in present] + sorted(present - set(config_member_order(exp)))
     Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True,
                                                     basis_threshold=basis_threshold)
     Pt, yt, names_t, info_t = _pred.prediction_matrix(table, "test", names, sparsity, variant=variant, return_info=True,
@@ -69,18 +78,56 @@ def stack_experiment(
         seed=seed, choose=choose, ray_init_kwargs=ray_init_kwargs,
     )
     used = set(names)
+    # what was stacked, also when it was not asked for: the members' one group and one rung
+    groups = {info_v[n]["variant"] for n in names}
+    rungs = {Rung.of(info_v[n]) for n in names}
+    rung = next(iter(rungs)) if len(rungs) == 1 else None
     result["experiment"] = exp
-    result["sparsity"] = None if sparsity is None else float(sparsity)
-    result["basis_threshold"] = None if basis_threshold is None else float(basis_threshold)
-    result["variant"] = variant
+    result["sparsity"] = float(sparsity) if sparsity is not None else (rung.target_sparsity if rung else None)
+    result["basis_threshold"] = (float(basis_threshold) if basis_threshold is not None
+                                 else (rung.basis_threshold if rung else None))
+    result["variant"] = variant or (next(iter(groups)) if len(groups) == 1 else None)
     result["rungs"] = info_v
     result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]
     result["class_names"] = _class_names(result["provenance"], Pt.shape[2])
     result["per_class"] = per_class_accuracy(result["ensemble"]["weights"], Pt, yt, names)
+    w = [result["ensemble"]["weights"][n] for n in names]
+    result["evaluation"] = {  # the test split: confusion, per-class precision / recall / F1, calibration
+        "split": "test", "ensemble": evaluate_probs(weighted_probs(w, Pt), yt).to_dict(),
+        "members": {n: evaluate_probs(Pt[k], yt).to_dict() for k, n in enumerate(names)}}
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = json.dumps(result, indent=2, allow_nan=False, default=_pred._json_default).encode()
-    _pred.atomic_write_bytes(output if output is not None else ExperimentLayout(exp).stacking(), data)
+    if output is None:
+        output = ExperimentLayout(exp).stacking()
+    elif output is RERUN:  # esdbs stack: a new file per call, named by what it stacked
+        tag = f"{slug(result['variant'] or 'all')}-{rung.tag() if rung else 'mixed'}"
+        output = ExperimentLayout(exp).stacking_rerun(tag)
+    _pred.atomic_write_bytes(output, data)
+    result["output"] = str(output)
     return result
+
+
+class _Rerun:
+    """``output=RERUN``: a new ``stack-<time>-<group>-<rung>.json`` beside the run's own stacking files."""
+
+    def __repr__(self) -> str:
+        return "RERUN"
+
+
+RERUN = _Rerun()
+
+
+def config_member_order(experiment: str | storage.Tree) -> list[str]:
+    """The members in the order of the experiment's config (its trials); [] without a readable config.
+    ``experiment``: a local path or URI, or a :class:`~esdbs_ray.storage.Tree` (any pyarrow filesystem)."""
+    from .config import parse_saved_config
+
+    tree = experiment if isinstance(experiment, storage.Tree) else storage.Tree(experiment)
+    try:
+        cfg = parse_saved_config(tree.read_text(ExperimentLayout.CONFIG), "config.yaml")
+    except (OSError, ValueError):  # absent, not text, not a config (ConfigError is a ValueError)
+        return []
+    return [t.member for t in cfg.trials()]
 
 
 def _class_names(sources: Sequence[Mapping[str, Any]], num_classes: int) -> list[str] | None:

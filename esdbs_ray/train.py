@@ -43,6 +43,7 @@ from .config import TrainConfig
 from .cosine import CosineSchedule
 from .data import BatchIterator, DatasetBundle
 from .dbs import build_schedule
+from .evaluation import ECE_BINS
 from .hooks import HookList, PrintHooks, RungEnd
 from .layout import RunLayout
 from .networks import build_network, pick_device
@@ -50,7 +51,7 @@ from .pruning import sparsity_accounting
 from .records import EpochRecord, MemberSummary, RungResult
 from .run_record import RunRecorder
 
-__all__ = ["TrainConfig", "train", "Interrupted", "Evaluation", "evaluate", "build_model", "build_optimizer"]
+__all__ = ["TrainConfig", "train", "Interrupted", "Scores", "evaluate", "build_model", "build_optimizer"]
 
 
 @dataclass(frozen=True)
@@ -176,27 +177,37 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.dbs.lr0, momentum=cfg.dbs.m0)
 
 
-class Evaluation(NamedTuple):
+class Scores(NamedTuple):
     loss: float
     accuracy: float
     probs: Any = None  # numpy [N, C] softmax outputs, when asked for
+    ece: float | None = None  # expected calibration error (evaluation.py's bins)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: BatchIterator, *, keep_probs: bool = False, amp: bool = False) -> Evaluation:
+def evaluate(model: nn.Module, batches: BatchIterator, *, keep_probs: bool = False, amp: bool = False) -> Scores:
     model.eval()
-    loss_sum = torch.zeros((), device=batches.device)
-    correct = torch.zeros((), device=batches.device, dtype=torch.long)
+    dev = batches.device
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    conf_sum, hit_sum = (torch.zeros(ECE_BINS, device=dev, dtype=torch.float64) for _ in range(2))
     probs = []
     for x, y in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        hit = logits.argmax(1) == y
+        correct += hit.sum()
+        p = logits.softmax(1)
+        conf = p.max(1).values.double()
+        which = (conf * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
+        conf_sum += torch.bincount(which, weights=conf, minlength=ECE_BINS)
+        hit_sum += torch.bincount(which, weights=hit.double(), minlength=ECE_BINS)
         if keep_probs:
-            probs.append(logits.softmax(1).cpu())
+            probs.append(p.cpu())
     n = len(batches)
-    return Evaluation(loss_sum.item() / n, correct.item() / n, torch.cat(probs).numpy() if keep_probs else None)
+    ece = float((hit_sum - conf_sum).abs().sum().item() / max(n, 1))
+    return Scores(loss_sum.item() / n, correct.item() / n, torch.cat(probs).numpy() if keep_probs else None, ece)
 
 
 def probe_max_batch(model: nn.Module, sample: torch.Tensor, cap: int, step: int = 32) -> int:
@@ -300,7 +311,7 @@ class _Trainer:
             else:
                 g["betas"] = (momentum, g["betas"][1])
 
-    def evaluate(self, batches: BatchIterator, keep_probs: bool = False) -> Evaluation:
+    def evaluate(self, batches: BatchIterator, keep_probs: bool = False) -> Scores:
         return evaluate(self.model, batches, keep_probs=keep_probs, amp=self.amp)
 
     def start_rung(self, rung_index: int) -> None:
@@ -346,8 +357,8 @@ class _Trainer:
         self.state.train_seconds += seconds
         return _EpochStats(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen, steps, seconds)
 
-    def record(self, epoch: int, plan, stats: _EpochStats, val: Evaluation, lr_scale: float, restored: bool,
-               early: _Early | None, best: Evaluation | None) -> EpochRecord:
+    def record(self, epoch: int, plan, stats: _EpochStats, val: Scores, lr_scale: float, restored: bool,
+               early: _Early | None, best: Scores | None) -> EpochRecord:
         counts = sparsity_accounting(self.model)
         fields = self.compression.epoch_fields(epoch)
         return EpochRecord(
@@ -369,7 +380,7 @@ class _Trainer:
                                                                  "fine_tuning_stage")},
         )
 
-    def finish_rung(self, epoch: int, rung_index: int, val: Evaluation, keep_probs: bool, last: bool) -> RungEnd:
+    def finish_rung(self, epoch: int, rung_index: int, val: Scores, keep_probs: bool, last: bool) -> RungEnd:
         """``val``: the evaluation of the model's current weights on the validation split."""
         test = self.evaluate(self.test_batches, keep_probs)
         counts = sparsity_accounting(self.model)
@@ -384,6 +395,7 @@ class _Trainer:
             **self.compression.rung_key(rung_index), **counts,
             layer_sparsity=self.compression.layer_sparsity() if rung_index >= 0 else {}, epoch=epoch,
             val_accuracy=val.accuracy, val_loss=val.loss, test_accuracy=test.accuracy, test_loss=test.loss,
+            val_ece=val.ece, test_ece=test.ece,
             train_seconds=self.state.train_seconds, steps=self.state.steps,
             mean_epoch_seconds=sum(h.epoch_seconds for h in epochs) / len(epochs),
             # multiplications, weights and filters beside the dense spatial network (compression.py)

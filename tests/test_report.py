@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import report_fixture as F  # noqa: E402
 from esdbs_ray.analysis import paper_numbers as PN  # noqa: E402
 from esdbs_ray.analysis.report import build_report  # noqa: E402
-FIGURES = ("accuracy_vs_sparsity", "accuracy_vs_batch", "kernels", "momentum", "dbs_schedule", "speed_vs_sparsity")
+FIGURES = ("accuracy_vs_sparsity", "accuracy_vs_batch", "kernels", "momentum", "dbs_schedule", "speed_vs_sparsity",
+           "reliability")
 
 
 @pytest.fixture(scope="module")
@@ -461,3 +462,43 @@ def test_basis_sections_on_trained_members(tmp_path):
     assert "## Compression methods at equal multiplications" in md
     assert "SC-CNN: magnitude pruning" in md and "SBC-CNN: BasisConv eigen ladder" in md
     assert "SRB-CNN: random basis (from scratch)" in md
+
+
+_SCREEN_PROBE = """<script>
+// Where the first occurrence of WANT sits in the first screen, and how many table rows say "not run".
+window.addEventListener('load', function () {
+  var top = null, walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    if (walker.currentNode.nodeValue.indexOf('WANT') >= 0) {
+      var r = document.createRange(); r.selectNode(walker.currentNode); top = r.getBoundingClientRect().top; break;
+    }
+  }
+  var rows = Array.from(document.querySelectorAll('tr')).filter(function (tr) { return /not run/.test(tr.textContent); });
+  var pre = document.createElement('pre'); pre.id = 'esdbs-screen';
+  pre.textContent = JSON.stringify({top: top, height: window.innerHeight, not_run_rows: rows.length});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_the_first_screen_shows_the_runs_ensemble_against_its_members(smoke_run, tmp_path):
+    """A report of a small run (the smoke preset: the quick preset's shape) leads with the run: its
+    ensemble's test accuracy is in the first screenful of a 1280x900 browser window, and no table row
+    is a "not run" claim."""
+    chromium = _chromium()
+    out, summary = smoke_run
+    result = build_report(out, tmp_path / "report")
+    want = f"{100 * summary['ensembles']['SWR-CNN+DBS']['test_accuracy']:.2f}%"
+    page = Path(result["html"])
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace("</body>", _SCREEN_PROBE.replace("WANT", want) + "</body>"))
+    run = subprocess.run(_headless(chromium, tmp_path / "profile") + ["--window-size=1280,900",
+                                                                      "--virtual-time-budget=5000", "--dump-dom",
+                                                                      probe.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    m = re.search(r'<pre id="esdbs-screen">(.*?)</pre>', run.stdout, re.S)
+    assert m, f"no probe output from chromium (rc {run.returncode}): {run.stderr[-2000:]}"
+    seen = json.loads(htmllib.unescape(m.group(1)))
+    assert seen["top"] is not None and 0 <= seen["top"] < seen["height"], seen
+    assert seen["not_run_rows"] == 0, seen
+    assert result["sections"]["run"] == "ok" and result["headline"][0].startswith("SWR-CNN+DBS ensemble test " + want)

@@ -287,3 +287,39 @@ def test_every_configurable_method_is_implemented():
 
     assert set(STACK_METHODS) <= set(S.METHODS) and S.DEFAULT_METHODS == STACK_METHODS
     assert set(STACK_CHOICES) - set(S.METHODS) == {"best_val"}
+
+
+def test_stack_and_results_agree_on_members_files_and_the_chosen_ensemble(tmp_path, capsys):
+    """`esdbs stack` lists members in the config's order, names its file by what it stacked and says so
+    in the file; `esdbs results` then shows each stacking file's methods under a reference to the file,
+    one chosen method per file, weights in the config's order, within 120 columns."""
+    import shutil
+    from pathlib import Path
+
+    from esdbs_ray.cli import main
+
+    exp = tmp_path / "exp"
+    shutil.copytree(Path(__file__).parent / "data" / "legacy" / "smoke", exp)
+    config_order = ["alexnet", "convpool_cnn_c", "all_cnn_c"]
+    assert main(["stack", str(exp)]) == 0
+    out = capsys.readouterr().out
+    written = Path(out.strip().splitlines()[-1].removeprefix("-> "))
+    assert written.parent == exp and written.name.startswith("stack-") and written.name.endswith(
+        "-swr-cnn-dbs-ts0500.json")
+    st = json.loads(written.read_text())
+    assert st["member_names"] == config_order and list(st["methods"]["equal"]["weights"]) == config_order
+    assert st["variant"] == "SWR-CNN+DBS" and st["sparsity"] == 0.5 and st["basis_threshold"] is None
+    assert main(["results", str(exp)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert max(map(len, table)) <= 120, max(table, key=len)
+    assert table[0].startswith("SWR-CNN+DBS: members alexnet, convpool_cnn_c, all_cnn_c")
+    assert "val loss" in table[1] and "weights" in table[1]
+    files = sorted(p.name for p in exp.glob("stack*.json"))
+    refs = dict(line.strip().split(" ", 1) for line in table if line.startswith("  ["))  # "[1]" -> file
+    assert sorted(refs.values()) == files
+    for ref in refs:
+        rows = [ln for ln in table if ln.startswith("ensemble") and ln.endswith(ref)]
+        assert len(rows) == len(st["methods"]) and sum("* " in ln for ln in rows) == 1, rows
+    chosen = next(ln for ln in table if ln.startswith("ensemble") and "* nll_optimal" in ln)
+    w = st["methods"]["nll_optimal"]["weights"]
+    assert " ".join(f"{w[m]:.3f}" for m in config_order) in chosen

@@ -165,18 +165,47 @@ def dbs_schedule(path: str, traces: Mapping[str, Mapping[str, Sequence[tuple[int
     plt = _plt()
     tags = ("schedule/batch_size", "schedule/lr", "schedule/momentum")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("P", "--")]
     for ax, tag in zip(axes, tags):
-        for name, tr in traces.items():
+        for i, (name, tr) in enumerate(traces.items()):
             pts = tr.get(tag) or []
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker=".", label=name)
+                mk, ls = styles[i % len(styles)]
+                # members that followed the same schedule overlap: later ones thinner, hollow, on top
+                ax.plot(xs, ys, marker=mk, ls=ls, lw=2.6 - 0.5 * min(i, 4), ms=9 - min(i, 4), mfc="none",
+                        label=name, zorder=2 + i)
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     if axes[0].lines:
         axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reliability(path: str, curves: Mapping[str, Sequence[Mapping]], *, title: str) -> str:
+    """Reliability diagram: per model (ensembles first), accuracy against mean confidence of each
+    non-empty bin, dot area ~ images in it, and the diagonal of perfect calibration."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls=":", label="calibrated")
+    total = max((sum(b["count"] for b in bins) for bins in curves.values()), default=1) or 1
+    for i, (label, bins) in enumerate(curves.items()):
+        pts = [(b["confidence"], b["accuracy"], b["count"]) for b in bins if b["count"]]
+        if not pts:
+            continue
+        ensemble = "ensemble" in label
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if ensemble else "--", color="black" if ensemble else
+                f"C{i % 10}", lw=2 if ensemble else 1, label=label, zorder=3 if ensemble else 2)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=[8 + 400 * p[2] / total for p in pts],
+                   color="black" if ensemble else f"C{i % 10}", alpha=0.6, zorder=3 if ensemble else 2)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

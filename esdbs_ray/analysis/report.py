@@ -33,6 +33,7 @@ from . import paper_numbers as PN
 from .basis import basis_sections, has_basis_members
 from .claims import build_claims
 from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, Experiment, load_experiment
+from .overview import run_title, section_evaluation, section_run
 from .render import Doc
 from .sections import (_hardware, _scale_text, _section_accuracy, _section_batch_tables, _section_claims,
                        _section_dbs_decisions, _section_classes, _section_dbs_trace, _section_kernels,
@@ -72,15 +73,18 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     base, base_txt = exp.baseline()
 
     doc = Doc()
-    title = f"esdbs report: {exp.config.get('name', tree.root.rstrip('/').rsplit('/', 1)[-1])}" + (f" -- {P['title']}" if P else "")
+    title = f"esdbs report: {run_title(exp)}"
     doc.h(1, title)
-    doc.p(f"Paper: *Efficient Ensemble Sparse CNNs with Dynamic Batch Size* (Zheng, Wang, Gupta), section "
-          f"{P['section'] if P else '4'}. Paper's numbers: {PN.HARDWARE}. Ours: {_hardware(exp)}; scale: {_scale_text(exp)}.")
-    claims = build_claims(exp, P)
+    doc.p(f"Ours: {_hardware(exp)}; scale: {_scale_text(exp)}. Beside the paper: *Efficient Ensemble Sparse CNNs "
+          f"with Dynamic Batch Size* (Zheng, Wang, Gupta), section {P['section'] if P else '4'}"
+          + (f", {P['title']}" if P else "") + f"; its numbers: {PN.HARDWARE}.")
     figs: dict[str, str | None] = {}
+    run_ok = section_run(doc, exp)
+    figs["reliability"] = section_evaluation(doc, exp, out)
+    claims = build_claims(exp, P)
     _section_claims(doc, exp, P, claims)
     curves = _section_sparsity_tables(doc, exp, P, base, base_txt, tno[0])
-    if curves:
+    if any(v is not None for c in curves.values() for v in c.values()):  # no speeds without a baseline: no panel
         from . import figures
 
         figs["speed_vs_sparsity"] = figures.time_vs_sparsity(
@@ -112,6 +116,7 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     md_path.write_text(doc.markdown(out))
     html_path.write_text(doc.html(title))
     sections = {
+        "run": "ok" if run_ok else NOT_RUN,
         "claims": "ok" if claims else NOT_RUN,
         "sparsity_table": "ok" if curves else NOT_RUN,
         "batch_table": "ok" if any(exp.sweep_cell(v, b) for v in SWEEP_VARIANTS for b in [*exp.sweep_batch_sizes(), "DBS"]) else NOT_RUN,
@@ -122,8 +127,12 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         **{f"figure:{k}": ("ok" if v else NOT_RUN) for k, v in figs.items()},
         **({"basis_targets": basis["sections"]["basis_targets"]} if basis else {}),
     }
+    headline = [f"{g} ensemble test {100 * st['ensemble']['test_accuracy']:.2f}% ({st.get('chosen')}; members "
+                + " / ".join(f"{100 * (st.get('members') or {}).get(n, {}).get('test_accuracy', float('nan')):.2f}"
+                             for n in st.get("member_names") or []) + " %)"
+                for g, st in exp.stackings.items() if isinstance(st.get("ensemble"), dict)]
     return {"out_dir": str(out), "markdown": str(md_path), "html": str(html_path), "figures": figs,
-            "claims": claims, "sections": sections, "problems": list(exp.problems)}
+            "claims": claims, "sections": sections, "problems": list(exp.problems), "headline": headline}
 
 
 def main(argv=None) -> int:  # python -m esdbs_ray.analysis.report EXPERIMENT_DIR [--out DIR]

@@ -201,7 +201,7 @@ def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_
                 for b in (64, 128, 1024, "DBS")]
         doc.table(["batch size"] + list(SWEEP_VARIANTS), rows,
                   f"The paper's accuracies quoted in section {P['section']} (Fig. {fig_no}b; B=128 from Fig. {fig_no}a)")
-    if bcurves:
+    if sum(v is not None for c in bcurves.values() for v in c.values()) >= 2:  # one bar is a table's job
         figs["accuracy_vs_batch"] = figures.accuracy_vs_batch(
             str(out / f"fig{fig_no}b_accuracy_vs_batch.png"), {v: bcurves.get(v, {}) for v in SWEEP_VARIANTS}, pb,
             title=f"Fig. {fig_no}b: test accuracy vs batch size", ours_note=f"{100 * s:g}% sparsity; {_short_scale(exp)}",
@@ -337,13 +337,20 @@ def _section_claims(doc: Doc, exp: Experiment, P: dict | None, claims: list[dict
     doc.p(order_line(exp, P))
     cv, n = exp.timing_noise()
     doc.p(f"Timing noise of this run: " + (f"median within-trial coefficient of variation of epoch times {100 * cv:.1f}% "
-                                         f"({n} fixed-batch trials)" if cv is not None else "unknown (no progress.csv)")
+                                         f"({n} fixed-batch trials)" if cv is not None
+                                         else "not measured (no fixed-batch trial with a progress.csv)")
           + f"; our speed factors count as faster/slower only beyond ±{100 * exp.time_margin:.0f}%.")
     active, why = exp.dbs_activity()
     if active is not None:
         doc.p(f"DBS activity: {'the schedule acted' if active else '**the schedule never acted**'} ({why}).")
-    doc.table(["id", "claim", "paper", "ours", "verdict", "rule", "note"],
-              [[c["id"], c["claim"], c["paper"], c["ours"], c["verdict"], c["rule"], c["detail"]] for c in claims])
+    judged = [c for c in claims if c["verdict"] != NOT_RUN]
+    if judged:
+        doc.table(["id", "claim", "paper", "ours", "verdict", "rule", "note"],
+                  [[c["id"], c["claim"], c["paper"], c["ours"], c["verdict"], c["rule"], c["detail"]] for c in judged])
+    skipped = [c["id"] for c in claims if c["verdict"] == NOT_RUN]
+    if skipped:
+        doc.p(f"Not run ({len(skipped)}): {', '.join(skipped)} -- this run lacks a group, rung, batch size or "
+              "timing they need (the paper's whole matrix: `--preset paper-fashion-mnist-cpu`).")
     doc.p("Verdict rules:")
     doc.ul([f"**{k}**: {v}" for k, v in RULES.items()] +
            [f"**not run**: the run lacks a group, rung or artifact the claim needs."])
