@@ -5,4 +5,5 @@ rejected in well under two seconds, before torch or Ray is imported.  ``models.r
 refuses a name that is missing here, and a test checks that the two agree, so a new model is one
 line here and its builder in ``models.py``.
 """
-MODEL_NAMES: tuple[str, ...] = ("alexnet", "all_cnn_c", "convpool_cnn_c", "resnet32", "resnet50", "vgg16")
+MODEL_NAMES: tuple[str, ...] = ("alexnet", "all_cnn_c", "convpool_cnn_c", "resnet32", "resnet50", "secnn",
+                                "vgg16")

@@ -24,7 +24,8 @@ from torch import nn
 
 from .model_names import MODEL_NAMES
 
-__all__ = ["ReLUConv2d", "register_model", "create_model", "list_models", "MODEL_REGISTRY"]
+__all__ = ["ReLUConv2d", "register_model", "create_model", "list_models", "MODEL_REGISTRY", "SECNN", "SECNNBlock",
+           "ResidualUnit"]
 
 
 class ReLUConv2d(nn.Conv2d):
@@ -305,3 +306,76 @@ def _create_resnet50(num_classes, in_channels, image_size, dropout, width):
 @register_model("resnet50")
 def resnet50(**kw) -> nn.Module:
     return _create_resnet50(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# SE-CNN: the seed network of the self-expanding CNN (../shared/spec/self-expanding.md)
+# --------------------------------------------------------------------------------------------------
+# The published base network is three blocks Conv3x3 -> Dropout2d -> BN -> LeakyReLU(0.2) -> MaxPool2
+# of 16 channels and a small head.  Here, in ReLU-into-conv form: block = conv -> Dropout2d -> BN ->
+# [residual units] -> MaxPool2, the activation owned by the next conv (a ReLUConv2d, Winograd-ReLU
+# eligible) or the head.  Two differences from the paper, both for the Winograd-ReLU method: ReLU
+# instead of LeakyReLU(0.2) (the Winograd-ReLU layer moves exactly a ReLU into the Winograd domain;
+# max-pooling commutes with it, so BN -> pool -> ReLUConv2d is BN -> ReLU -> pool -> conv), and the head
+# is ReLU -> global average pool -> Dropout(dropout / 2) -> Linear, one head for 28x28 and 32x32
+# inputs whose input width is the last block's (a widening adds columns to it; the paper's conv and
+# dense dropouts are 0.1 / 0.05).  ``expansion.py`` grows it (``widen`` / ``add_layer``).
+class ResidualUnit(nn.Module):
+    """``x + alpha * BN(conv3x3(relu(x)))`` with a per-channel ``alpha``: the layer an expansion adds
+    before a block's pooling; ``alpha`` starts at 0, so the unit starts as the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = ReLUConv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.alpha = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha.view(1, -1, 1, 1) * self.bn(self.conv(x))
+
+
+class SECNNBlock(nn.Module):
+    """conv -> Dropout2d -> BN -> residual units (``layers``, none at first) -> MaxPool2."""
+
+    def __init__(self, conv: nn.Conv2d, dropout: float):
+        super().__init__()
+        self.conv = conv
+        self.drop = nn.Dropout2d(dropout)
+        self.bn = nn.BatchNorm2d(conv.out_channels)
+        self.layers = nn.ModuleList()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.drop(self.conv(x)))
+        for unit in self.layers:
+            x = unit(x)
+        return self.pool(x)
+
+
+class SECNN(nn.Module):
+    """The self-expanding CNN: ``blocks`` (SECNNBlock) and ``head`` (``head[-1]`` the classifier)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...], dropout: float):
+        super().__init__()
+        convs, c_in = [], in_channels
+        for i, c in enumerate(widths):
+            cls = nn.Conv2d if i == 0 else ReLUConv2d  # the image stem has no preceding activation
+            convs.append(cls(c_in, c, 3, padding=1, bias=False))
+            c_in = c
+        self.blocks = nn.ModuleList(SECNNBlock(conv, dropout) for conv in convs)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout / 2),
+                                  nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def architecture(self) -> dict:
+        """``{"widths": [...], "layers": [...]}``: each block's channels and residual units."""
+        return {"widths": [b.bn.num_features for b in self.blocks], "layers": [len(b.layers) for b in self.blocks]}
+
+
+@register_model("secnn")
+def secnn(num_classes, in_channels, image_size, dropout, width) -> nn.Module:
+    return SECNN(in_channels, num_classes, tuple(_ch(16, width) for _ in range(3)), dropout)

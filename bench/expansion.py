@@ -1,0 +1,157 @@
+"""Benchmark: what the self-expanding member's growth checks cost against its training.
+
+What it answers (issue: self-expanding CNN members, target "scoring <= 15 % of training time"): in a
+run of ``secnn`` on Fashion-MNIST at the default settings with a check every epoch
+(``check_every=1``) and ``cooldown=5``, how long is one check -- the current network's natural
+expansion score over 1,024 training images (``torch.func`` per-sample gradients) and, for each of the
+three blocks, a widening by 4 and 4 initialisations of a new layer (15 candidates) -- against one
+training epoch, and what share of the run's time the checks take.
+
+How: one process, the trainer's loop written out (``esdbs_ray.train`` is not imported, so this runs
+beside the trainer's restructuring): ``secnn`` at width 1, SGD lr 0.02, momentum 0.9, batch 128 (the
+TrainConfig defaults ``dbs.lr0``, ``dbs.m0``, ``dbs.b0``; no warm-up or plateau rule), the training
+split of ``esdbs_ray.data.load_dataset("fashion-mnist")`` (54,000 images; synthetic images of the same
+shape when the data set is absent, said in the result).  Each epoch is timed, then the controller's
+``step`` (the check, and after an expansion the optimizer's state carried over): epochs and checks
+interleave, so both see the same load of the shared machine.  The validation accuracy after each
+epoch is recorded for context, not timed.
+
+    python bench/expansion.py                 # 6 epochs (~2-3 min on 2 idle cores)
+    python bench/expansion.py --epochs 12 --tau 1.1    # a run that grows (cooldown visible)
+
+Results: ``bench/results/expansion.json`` (or ``--result PATH``) with provenance: per epoch the
+training seconds, the check's seconds and decision; totals ``check_share`` (checks / training) and
+``one_check_vs_epoch`` (median check / median epoch), the first check (it pays ``torch.func``'s
+one-time set-up) reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import format_table, hardware_line, provenance_block, write_result  # noqa: E402
+
+TARGET = 0.15
+
+
+def _data(seed: int, synthetic: bool):
+    import numpy as np
+
+    from esdbs_ray.data import DataError, DatasetBundle, Split, load_dataset
+
+    if not synthetic:
+        try:
+            return load_dataset("fashion-mnist", seed=seed), "fashion-mnist"
+        except (DataError, FileNotFoundError, OSError) as exc:
+            print(f"Fashion-MNIST not found ({exc}); synthetic images of its shape instead", file=sys.stderr)
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64),
+                     np.arange(n))
+
+    return DatasetBundle("synthetic", split(54_000), split(6_000), split(10_000), 10, tuple("0123456789"),
+                         (0.286,), (0.353,)), "synthetic (Fashion-MNIST's shape)"
+
+
+def run(a) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from esdbs_ray import expansion as E
+    from esdbs_ray.config import TrainConfig
+    from esdbs_ray.data import BatchIterator
+    from esdbs_ray.models import create_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    data, source = _data(a.seed, a.synthetic)
+    cfg = TrainConfig(model="secnn", epochs=a.epochs + 1, seed=a.seed,
+                      expansion={"enabled": True, "check_every": 1, "cooldown": a.cooldown, "tau": a.tau})
+    torch.manual_seed(cfg.seed)
+    model = create_model("secnn", num_classes=data.num_classes, in_channels=data.in_channels,
+                         image_size=data.image_size, dropout=cfg.dropout, width=cfg.width)
+
+    def optimizer():
+        return torch.optim.SGD(model.parameters(), lr=cfg.dbs.lr0, momentum=cfg.dbs.m0)
+
+    opt = optimizer()
+    controller = E.GrowthController.from_config(cfg, data)
+    batches = BatchIterator(data.train, batch_size=cfg.dbs.b0, mean=data.mean, std=data.std, shuffle=True,
+                            seed=cfg.seed)
+    val = BatchIterator(data.val, batch_size=1000, mean=data.mean, std=data.std)
+    epochs = []
+    for epoch in range(a.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        d = controller.step(model, epoch)
+        if d is not None and d.expanded:
+            opt = E.carry_optimizer_state(opt, optimizer(), d.change)
+        check_s = time.perf_counter() - t0 if d is not None else None
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
+        row = {"epoch": epoch, "train_seconds": round(train_s, 3),
+               "check_seconds": None if check_s is None else round(check_s, 3),
+               "val_accuracy": round(correct / len(data.val), 4), "params": E.count_params(model),
+               "architecture": model.architecture()}
+        if d is not None:
+            row.update(decision=d.decision, ratio=d.ratio, score_current=d.score_current, candidates=len(d.candidates))
+        epochs.append(row)
+        print(f"epoch {epoch}: train {train_s:.1f} s, check "
+              + ("-" if check_s is None else f"{check_s:.2f} s: {d.decision}"), flush=True)
+
+    train_total = sum(r["train_seconds"] for r in epochs)
+    checks = [r["check_seconds"] for r in epochs if r["check_seconds"] is not None]
+    share = sum(checks) / train_total
+    one = statistics.median(checks[1:] or checks) / statistics.median(r["train_seconds"] for r in epochs)
+    return {
+        "data": source, "train_images": len(data.train), "score_samples": cfg.expansion.score_samples,
+        "epochs": epochs, "checks": len(checks), "expansions": len(controller.ops),
+        "train_seconds": round(train_total, 2), "check_seconds": round(sum(checks), 2),
+        "check_share": round(share, 4), "one_check_vs_epoch": round(one, 4),
+        "first_check_seconds": checks[0] if checks else None,
+        "median_check_seconds_after_first": statistics.median(checks[1:]) if len(checks) > 1 else None,
+        "target_share": TARGET, "meets_target": share <= TARGET,
+        "controller_state": controller.state_dict()["ops"],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--cooldown", type=int, default=5)
+    ap.add_argument("--tau", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--synthetic", action="store_true", help="synthetic images even when Fashion-MNIST is present")
+    ap.add_argument("--result", default=None, help="output JSON (default bench/results/expansion.json)")
+    a = ap.parse_args(argv)
+    config = {k: getattr(a, k) for k in ("epochs", "cooldown", "tau", "seed", "threads", "synthetic")}
+    doc = {"provenance": provenance_block(config)}
+    print(hardware_line(doc["provenance"]["hardware"]), flush=True)
+    doc.update(run(a))
+    print(format_table(doc["epochs"], [("epoch", "epoch", ""), ("train s", "train_seconds", ".1f"),
+                                       ("check s", "check_seconds", ".2f"), ("val acc", "val_accuracy", ".4f"),
+                                       ("params", "params", ""), ("decision", "decision", "")]))
+    print(f"checks {doc['check_seconds']:.1f} s / training {doc['train_seconds']:.1f} s = "
+          f"{100 * doc['check_share']:.1f} % (target <= {100 * TARGET:.0f} %); one check / one epoch "
+          f"{100 * doc['one_check_vs_epoch']:.1f} %")
+    print("wrote", write_result("expansion", doc, a.result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
