@@ -10,6 +10,7 @@ URI); every module that reads or writes one asks it, so the layout is spelled he
     OUT/predictions/*.parquet    every member's val/test probabilities at every pruning rung
     OUT/members/<member>.json    each member's own training summary (per-epoch history, rungs)
     OUT/weights/<member>-tsNNNN.pt  each member's weights (masks included) at the rung its stack uses
+    OUT/tensorboard/<group>/<member>/  each member's TensorBoard events (tensorboard --logdir OUT/tensorboard)
     OUT/mlruns/                  the MLflow file store, when tracking is on with no tracking URI
     OUT/tracking.json            which MLflow experiment and runs hold this run
     OUT/stacking[-<group>].json  stacking weights and metrics per method
@@ -70,6 +71,7 @@ class ExperimentLayout:
     PREDICTIONS = "predictions"
     MEMBERS = "members"
     WEIGHTS = "weights"
+    TENSORBOARD = "tensorboard"  # one run per member: <group>/<member>
     STACKING_GLOB = "stacking*.json"  # the run's own stacking files
     RESTACK_GLOB = "stack-*.json"  # esdbs stack's re-runs, newest last by name
 
@@ -137,6 +139,14 @@ class ExperimentLayout:
         return self._join(self.WEIGHTS, self.rung_weights_name(member, target_sparsity))
 
     @property
+    def tensorboard(self) -> str:
+        """``tensorboard --logdir`` this: the members' runs, named <group>/<member>."""
+        return self._join(self.TENSORBOARD)
+
+    def tensorboard_run(self, group: str | None, member: str) -> str:
+        return self._join(self.TENSORBOARD, safe_name(group or "members"), safe_name(member))
+
+    @property
     def mlruns(self) -> str:
         return self._join("mlruns")
 
@@ -168,7 +178,8 @@ class ExperimentLayout:
         return self._join("report")
 
     # top-level names esdbs writes into an experiment (the rest of a directory is the user's)
-    ENTRIES = ("config.yaml", "tune", "predictions", "members", "weights", "summary.json", "dbs_constants.json",
+    ENTRIES = ("config.yaml", "tune", "predictions", "members", "weights", "tensorboard", "summary.json",
+               "dbs_constants.json",
                "dbs_search.png", "report", "mlruns", "tracking.json", MARKER)
 
 

@@ -123,7 +123,8 @@ def format_summary(summary: dict) -> str:
                      f"{e['test_accuracy']:8.4f}")
     lines.append(f"wall time {summary['wall_seconds']:.0f}s (base stage {summary['base_wall_seconds']:.0f}s); "
                  f"results in {summary['experiment_dir']}")
-    lines.append(f"TensorBoard: tensorboard --logdir {ExperimentLayout(summary['experiment_dir']).tune} --host 127.0.0.1")
+    lines.append(f"TensorBoard: tensorboard --logdir {ExperimentLayout(summary['experiment_dir']).tensorboard} "
+                 "--host 127.0.0.1")
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@ writes, into the run directory (``RunLayout``) and, for a member of an experimen
 directory (``ExperimentLayout``, local or a URI):
 
 * TensorBoard: every epoch's metrics (:data:`TB_SCALARS`), the schedule's phase and decisions, early
-  stopping notes, per-rung accuracy and sparsity, and the Winograd-domain kernel figure;
+  stopping notes, per-rung accuracy and sparsity, the Winograd-domain kernel figure and the HParams
+  view's settings and final figures -- for a member of an experiment in ``OUT/tensorboard/<group>/
+  <member>`` (copied there after every epoch), for ``train-one`` in the run's ``tb/``;
 * Parquet predictions (``predictions.py``) of the validation and test splits at the end of every rung;
 * the weights at the rungs named in ``keep_weights`` (what ``esdbs export`` packages);
 * ``kernels.png`` (paper Fig. 5a: a Winograd layer's 4x4 kernels at each rung) and ``summary.json``.
@@ -15,6 +17,8 @@ The kernel snapshots of earlier rungs are its only state; they travel in the che
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ class RunRecorder:
         self.keep_weights = {Rung(s) for s in keep_weights}
         self.kernels: dict[float, Any] = {}
         self.writer = None
+        self._mirror: tuple[Path, str] | None = None  # (local events, the experiment's copy)
         self.summary: MemberSummary | None = None
 
     @property
@@ -71,7 +76,16 @@ class RunRecorder:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run.root.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run.tensorboard), purge_step=start_epoch)
+        if self.experiment is not None and self.experiment != str(self.run.root):
+            # A member of an experiment: the events are written here and copied after every epoch to
+            # the experiment's tensorboard/<group>/<member>/ (any storage pyarrow writes), so that
+            # `tensorboard --logdir OUT/tensorboard` names the runs by group and member; kept out of
+            # the trial directory, which Tune would copy to storage a second time.
+            local = Path(tempfile.mkdtemp(prefix="esdbs-tb-"))
+            self._mirror = (local, ExperimentLayout(self.experiment).tensorboard_run(self.variant, self.member))
+        else:
+            local = self.run.tensorboard
+        self.writer = SummaryWriter(str(local), purge_step=start_epoch)
 
     def on_epoch(self, r: EpochRecord, checkpoint: Path) -> None:
         for tag, key in TB_SCALARS.items():
@@ -82,6 +96,14 @@ class RunRecorder:
         if r.early_stopping:
             self.writer.add_text("early_stopping", r.early_stopping, r.epoch)
         self.writer.flush()
+        self._copy_events()
+
+    def _copy_events(self) -> None:
+        if self._mirror is None:
+            return
+        local, remote = self._mirror
+        for f in local.glob("events.out.tfevents.*"):
+            storage.write_bytes(storage.join(remote, f.name), f.read_bytes())
 
     def on_rung(self, end: RungEnd) -> None:
         r, rung = end.result, end.result.rung
@@ -109,12 +131,35 @@ class RunRecorder:
 
             image = plot_winograd_kernels(self.kernels, self.run.kernels)
             self.writer.add_image("winograd_kernels", image, summary.history[-1].epoch, dataformats="HWC")
+        self._hparams(summary)
         self.close()
         storage.write_json(self.run.summary, self.summary.to_dict())
+
+    def _hparams(self, summary: MemberSummary) -> None:
+        """TensorBoard's HParams view: the member's settings beside its final figures, in its own run."""
+        from torch.utils.tensorboard.summary import hparams
+
+        cfg = self.cfg
+        settings = {"member": self.member, "group": self.variant or "", "model": cfg.model, "width": cfg.width,
+                    "conv": cfg.conv, "schedule": cfg.schedule, "b0": cfg.dbs.b0, "lr0": cfg.dbs.lr0,
+                    "epochs": cfg.epochs, "ladder": ",".join(f"{s:g}" for s in cfg.sparsity_ladder) or "none",
+                    "seed": cfg.seed}
+        metrics = {f"hparam/{k}": v for k, v in (("val_accuracy", summary.val_accuracy),
+                                                 ("test_accuracy", summary.test_accuracy),
+                                                 ("sparsity", summary.sparsity)) if v is not None}
+        for s in hparams(settings, metrics):
+            self.writer._get_file_writer().add_summary(s)
+        last = summary.history[-1].epoch if summary.history else 0
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, last)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self._copy_events()
+            if self._mirror is not None:
+                shutil.rmtree(self._mirror[0], ignore_errors=True)
+            self.writer = None
 
     # -- the rung's files -------------------------------------------------------------------------
     def _write_predictions(self, end: RungEnd) -> None:

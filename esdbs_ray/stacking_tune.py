@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import storage
+from .tracking import no_tune_tensorboard
 from .stacking import METHODS, TUNE_METHOD, _best_lex, _check_py, _check_weights, _nll_opt_q, _true_class_probs, evaluate
 
 __all__ = ["tune_accuracy_search"]
@@ -112,6 +113,8 @@ def tune_accuracy_search(
                 name=name or f"stacking-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}",
                 storage_path=str(storage_path),
                 verbose=0,
+                # no TensorBoard files of its own: the experiment's tensorboard/ holds the members' runs
+                callbacks=[no_tune_tensorboard()],
             ),
         )
         results = tuner.fit()

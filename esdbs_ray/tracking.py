@@ -104,7 +104,7 @@ def tune_callbacks(cfg: PipelineConfig, experiment_root: str, specs: dict | None
     """The loggers of a Tune stage besides Tune's CSV and JSON: a TensorBoard logger that writes
     nothing (no second stream) and, when MLflow is on, Ray's MLflow callback logging each trial's
     params (``specs``: member -> TrialSpec) and per-epoch metrics."""
-    callbacks = [_no_tune_tensorboard()]
+    callbacks = [no_tune_tensorboard()]
     s = settings(cfg, experiment_root)
     if s is not None:
         callbacks.append(_mlflow_callback(s, {m: trial_params(t) for m, t in (specs or {}).items()}))
@@ -135,7 +135,7 @@ def _mlflow_callback(s: dict, params: dict[str, dict]):
                                      tags=s["tags"])
 
 
-def _no_tune_tensorboard():
+def no_tune_tensorboard():
     from ray.tune.logger import TBXLoggerCallback
 
     class NoTuneTensorBoard(TBXLoggerCallback):

@@ -277,6 +277,8 @@ def test_tune_accuracy_search_with_real_ray(tmp_path, data, ray_connected):
     assert (tmp_path / "tune").is_dir()
     t = r["methods"]["tune_accuracy_search"]
     assert t["trials"] == 8
+    # the search writes no TensorBoard files beside the members' runs
+    assert not list((tmp_path / "tune2").rglob("events.out.tfevents.*"))
     _on_simplex(list(t["weights"].values()), 3)
     assert t["val_accuracy"] >= r["methods"]["nll_optimal"]["val_accuracy"]
 

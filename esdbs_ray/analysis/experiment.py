@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from ..layout import ExperimentLayout as L
+from ..layout import safe_name
 from ..records import MemberSummary, Rung, RungResult, number
 from ..storage import Tree
 from . import paper_numbers as PN
@@ -383,7 +384,10 @@ class Experiment:
         return record.history if record is not None else []
 
     def tb_events(self, member: MemberSummary) -> list[str]:
-        d = self.trial_dir(member)
+        """The member's TensorBoard event files: OUT/tensorboard/<group>/<member>, or for runs written
+        before that, its Tune trial directory."""
+        own = "/".join((L.TENSORBOARD, safe_name(member.group or member.variant or "members"), safe_name(member.member)))
+        d = own if self.tree.is_dir(own) else self.trial_dir(member)
         if d is None:
             return []
         events = [e.path for e in self.tree.entries(d, recursive=True)
