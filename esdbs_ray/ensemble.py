@@ -152,6 +152,8 @@ class Ensemble:
         from safetensors import SafetensorError
         from safetensors.torch import load as load_safetensors
 
+        from .inference import prepare_for_inference
+
         manifest, layout = read_manifest(path)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,7 +181,7 @@ class Ensemble:
             except RuntimeError as exc:
                 raise ExportError(f"{file}: does not fit registry model {m['model']!r} "
                                   f"({' '.join(str(exc).split())[:300]})") from None
-            models[m["name"]] = model.to(device).eval()
+            models[m["name"]] = prepare_for_inference(model.to(device))  # eval, batch norm folded
         return cls(root=layout.root, manifest=manifest, models=models, device=torch.device(device))
 
     # -- inputs ------------------------------------------------------------------------------------
