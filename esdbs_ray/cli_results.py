@@ -199,7 +199,8 @@ def cmd_predict(args) -> int:
     ensemble = Ensemble.load(args.export_dir, device=args.device, tune_allocator=True)
     inputs = read_inputs(args.inputs, shape=ensemble.input_shape, class_names=ensemble.class_names,
                          data_dir=args.data_dir)
-    meta = predict_to_parquet(ensemble, inputs, out, top_k=args.top_k, batch_size=args.batch_size)
+    meta = predict_to_parquet(ensemble, inputs, out, top_k=args.top_k, batch_size=args.batch_size,
+                              progress=_progress_bar if sys.stderr.isatty() else None)
     print(f"{meta['images']} images ({inputs.description}) in {meta['seconds']:.2f} s on {meta['device']} -> {out}")
     if meta["accuracy"]:
         a = meta["accuracy"]
@@ -207,6 +208,15 @@ def cmd_predict(args) -> int:
         print(f"accuracy on {a['labelled']} labelled images: ensemble {a['ensemble']:.4f} (macro F1 "
               f"{e['macro_f1']:.4f}, ECE {e['ece']:.4f}); " + ", ".join(f"{m} {v:.4f}" for m, v in a["members"].items()))
     return 0
+
+
+def _progress_bar(done: int, total: int) -> None:
+    """One line on a terminal, rewritten after each batch."""
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    print(f"\r[esdbs] predict [{'#' * filled}{'.' * (width - filled)}] {done}/{total} images", end=end,
+          file=sys.stderr, flush=True)
 
 
 COMMANDS = {"stack": add_stack, "report": add_report, "results": add_results, "export": add_export, "predict": add_predict}

@@ -211,8 +211,8 @@ class Ensemble:
         raise UserError(f"images of dtype {t.dtype}: expected uint8 pixels or floats in [0, 1]")
 
     # -- prediction --------------------------------------------------------------------------------
-    def member_proba(self, images, *, batch_size: int = 1000) -> dict[str, np.ndarray]:
-        """Each member's softmax output, {member: (N, C) float32}."""
+    def member_proba(self, images, *, batch_size: int = 1000, progress=None) -> dict[str, np.ndarray]:
+        """Each member's softmax output, {member: (N, C) float32}; ``progress(done, total)`` after each batch."""
         import torch
 
         pixels = self._as_pixels(images)
@@ -222,6 +222,8 @@ class Ensemble:
                 x = torch.addcmul(self._shift, pixels[a:a + batch_size].to(self.device).float(), self._scale)
                 for m in self.members:
                     out[m].append(self.models[m](x).float().softmax(1).cpu())
+                if progress is not None:
+                    progress(min(a + batch_size, len(pixels)), len(pixels))
         c = len(self.class_names)
         return {m: (torch.cat(v).numpy() if v else np.zeros((0, c), np.float32)) for m, v in out.items()}
 
@@ -233,8 +235,8 @@ class Ensemble:
         """The ensemble's probabilities, (N, C) float64."""
         return self.combine(self.member_proba(images, batch_size=batch_size))
 
-    def predict(self, images, *, top_k: int = 3, batch_size: int = 1000) -> Prediction:
-        member = self.member_proba(images, batch_size=batch_size)
+    def predict(self, images, *, top_k: int = 3, batch_size: int = 1000, progress=None) -> Prediction:
+        member = self.member_proba(images, batch_size=batch_size, progress=progress)
         probs = self.combine(member)
         k = max(1, min(int(top_k), probs.shape[1]))
         # a stable sort on -p keeps numpy's arg-max rule: ties go to the lower class index
@@ -474,7 +476,7 @@ def prediction_table(ensemble: Ensemble, inputs: Inputs, pred: Prediction, *, se
 
 
 def predict_to_parquet(ensemble: Ensemble, inputs: Inputs, out: str, *, top_k: int = 3,
-                       batch_size: int = 1000) -> dict:
+                       batch_size: int = 1000, progress=None) -> dict:
     """Predict ``inputs`` and write the Parquet file ``out`` atomically; returns the metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -482,7 +484,7 @@ def predict_to_parquet(ensemble: Ensemble, inputs: Inputs, out: str, *, top_k: i
     from . import storage
 
     t0 = time.perf_counter()
-    pred = ensemble.predict(inputs.images, top_k=top_k, batch_size=batch_size)
+    pred = ensemble.predict(inputs.images, top_k=top_k, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - t0
     table, meta = prediction_table(ensemble, inputs, pred, seconds=seconds)
     sink = pa.BufferOutputStream()

@@ -35,6 +35,7 @@ import copy
 import io
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -304,6 +305,37 @@ def _input_from_data(cfg: PipelineConfig) -> dict:
             "in_channels": data.in_channels, "image_size": data.image_size, "dataset": data.describe()}
 
 
+def _latency(models: dict, shape: tuple[int, int, int]) -> dict:
+    """Milliseconds per image of the members as ``esdbs predict`` runs them (batch norm folded, no
+    gradients, the default layer implementation), at batch 1 and 256, on this machine: median of
+    timed batches after a warm-up one."""
+    import statistics
+
+    import torch
+
+    from .inference import prepare_for_inference
+    from .provenance import cpu_model
+
+    out = {"hardware": cpu_model(), "device": "cpu", "torch_threads": torch.get_num_threads(), "members": {}}
+    for batch, reps in ((1, 20), (256, 3)):
+        x = torch.randn(batch, *shape)
+        total = 0.0
+        for name, model in models.items():
+            m = prepare_for_inference(copy.deepcopy(model).cpu())
+            times = []
+            with torch.inference_mode():
+                m(x)
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    m(x)
+                    times.append(time.perf_counter() - t0)
+            ms = 1000 * statistics.median(times) / batch
+            out["members"].setdefault(name, {})[f"batch_{batch}_ms_per_image"] = round(ms, 4)
+            total += ms
+        out[f"batch_{batch}_ms_per_image"] = round(total, 4)
+    return out
+
+
 def _rung_of(info) -> Rung | None:
     try:
         return Rung.of(info) if isinstance(info, dict) else None
@@ -408,6 +440,7 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
             pass  # the member's own summary is informative only
         models[t.member] = model
         members.append(entry)
+    latency = _latency(models, shape)
     try:
         summary = tree.read_json(ExperimentLayout.SUMMARY)
     except (OSError, ValueError):
@@ -426,6 +459,7 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
                   "resize": f"bilinear to {shape[1]}x{shape[2]} (as esdbs reads image folders)",
                   "source": info.get("dataset")},
         "members": members,
+        "latency": latency,
         "ensemble": {"method": stack["method"], "weights": stack["weights"], "sparsity": rung,
                      "combine": "probs = sum_m weights[m] * softmax_m(x)",
                      **{k: stack.get(k) for k in ("val_accuracy", "val_nll", "test_accuracy", "test_nll", "n_val",

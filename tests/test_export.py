@@ -121,6 +121,11 @@ def test_export_is_self_describing(exported):
     assert manifest["ensemble"]["method"] == stacking["chosen"] and manifest["ensemble"]["sparsity"] == 0.5
     assert manifest["task"]["class_names"][0] == "T-shirt/top" and manifest["input"]["channels"] == 1
     assert manifest["provenance"]["config"]["name"] == "smoke"
+    lat = manifest["latency"]  # measured at export, on the export's machine, as predict runs the members
+    assert lat["hardware"] and set(lat["members"]) == set(MEMBERS)
+    for b in (1, 256):
+        per = [lat["members"][m][f"batch_{b}_ms_per_image"] for m in MEMBERS]
+        assert all(v > 0 for v in per) and lat[f"batch_{b}_ms_per_image"] == pytest.approx(sum(per), rel=1e-3)
     from safetensors.torch import load_file
 
     for m in manifest["members"]:
