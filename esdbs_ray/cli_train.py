@@ -90,7 +90,10 @@ def add_run(sub) -> None:
     p.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run in DIR")
     p.add_argument("--force", action="store_true", help="replace an existing esdbs experiment in --out "
                    "(it is moved aside to OUT.replaced-TIME, not deleted)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the trial table; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, the trial table and the "
+                   "cost in trial-epochs; run nothing")
+    p.add_argument("--calibrate", action="store_true", help="with --dry-run: also time a training step of each "
+                   "member here (a few seconds) and estimate the wall time on this machine")
     p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
     _dbs_constants_arg(p)
     p.set_defaults(func=cmd_run)
@@ -105,6 +108,65 @@ def format_trials(cfg) -> str:
         rows.append(f"{t.member:<30} {t.variant:<12} {t.group:<16} {tr.model:<15} {tr.conv:<13} {tr.schedule_kind:<8} "
                     f"{tr.dbs.b0:>5} {tr.total_epochs:>6}  {ladder}")
     return "\n".join(rows)
+
+
+# training images per dataset (before the validation split), for a cost estimate without reading the data
+_TRAIN_IMAGES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
+
+
+def cost_line(cfg, calibrate: bool = False) -> str:
+    """The run's cost: trial-epochs and image-epochs from the config alone; with ``calibrate``, a wall
+    time on this machine from one timed training step per member (synthetic images, the member's B0),
+    the trials sharing the cores as Tune places them."""
+    trials = cfg.trials()
+    images = cfg.subset or _TRAIN_IMAGES.get(cfg.dataset)
+    epochs = sum(t.train.total_epochs for t in trials)
+    line = f"# cost: {epochs} trial-epochs"
+    if images:
+        line += f", {epochs * images * (1 - cfg.val_fraction):,.0f} training images through a network"
+    if not calibrate or not images:
+        return line + ("" if calibrate else " (--calibrate for a wall-time estimate here)")
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    threads = max(1, int(cfg.resources.cpus_per_trial))  # what the trainable gives each trial
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds = sum(_step_seconds(t.train, cfg) * t.train.total_epochs * images * (1 - cfg.val_fraction)
+                      / t.train.dbs.b0 for t in trials)
+    finally:
+        torch.set_num_threads(previous)
+    concurrent = max(1, min(len(trials), int(cores / max(cfg.resources.cpus_per_trial, 1e-9))))
+    streams = max(1.0, min(concurrent, cores / threads))  # trials beyond the cores share them
+    return line + (f"; about {seconds / streams / 60:.0f} min of training on these {cores} cores (one timed "
+                   f"step per member at B0 and {threads} thread(s); evaluation and DBS's larger batches not counted)")
+
+
+def _step_seconds(train, cfg) -> float:
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from .networks import build_network
+
+    side = cfg.image_size if str(cfg.dataset).startswith("imagefolder:") else (28 if cfg.dataset == "fashion-mnist" else 32)
+    channels = 1 if cfg.dataset == "fashion-mnist" else 3
+    model = build_network(train.model, num_classes=10, in_channels=channels, image_size=side, width=train.width,
+                          conv=train.conv, basis=train.basis, seed=train.seed).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(train.dbs.b0, channels, side, side), torch.zeros(train.dbs.b0, dtype=torch.long)
+    times = []
+    for _ in range(3):  # the first step pays one-time costs (allocation, kernel loading)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def cmd_run(args) -> int:
@@ -126,6 +188,7 @@ def cmd_run(args) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print(f"# {len(cfg.trials())} trial(s) -> {out}")
         print(format_trials(cfg))
+        print(cost_line(cfg, calibrate=args.calibrate))
         return 0
     run_pipeline(cfg, out, resume=bool(args.resume), force=args.force, address=args.address,
                  num_cpus=args.num_cpus, progress=not args.quiet, verbose=args.verbose)

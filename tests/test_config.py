@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def test_dry_run_prints_config_and_trial_table_and_writes_nothing(tmp_path, caps
     assert f"# {len(cfg.trials())} trial(s) -> exp" in out
     for t in cfg.trials():
         assert t.member in out
+    epochs = sum(t.train.total_epochs for t in cfg.trials())
+    assert f"# cost: {epochs} trial-epochs, {epochs * 9000 * 0.9:,.0f} training images" in out
+    assert list(tmp_path.iterdir()) == []
+    # --calibrate: one timed step per member here, a wall-time estimate
+    assert main(["run", "--preset", "smoke", "--dry-run", "--calibrate", "--out", "exp"]) == 0
+    assert re.search(r"about \d+ min of training on these \d+ cores", capsys.readouterr().out)
     assert list(tmp_path.iterdir()) == []
 
 
