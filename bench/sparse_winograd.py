@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import format_table, hardware_line, median, provenance_block, write_result  # noqa: E402
+from bench.common import format_table, hardware_line, load_average, median, provenance_block, write_result  # noqa: E402
 from esdbs_ray import winograd_native as native  # noqa: E402
 from esdbs_ray import winograd_sparse as ws  # noqa: E402
 
@@ -368,7 +368,8 @@ def main(argv=None) -> int:
     config = {"train_batch": args.train_batch, "infer_batch": args.infer_batch, "repeats": repeats,
               "threads": args.threads, "quick": args.quick, "densities": list(DENSITIES), "malloc_tuned": tuned,
               "shapes": [f"{e['c']}x{e['k']}@{e['h']}x{e['w']}" for e in shapes],
-              "vectorised_kernels": ws.kernels_vectorised(), "crossover_in_use": dict(ws.CROSSOVER)}
+              "vectorised_kernels": ws.kernels_vectorised(), "crossover_in_use": dict(ws.CROSSOVER),
+              "load_average_start": load_average()}
     print(f"sparse winograd bench: {hardware_line()}; {len(shapes)} shapes, {repeats} repeats", flush=True)
     t0 = time.perf_counter()
     rows = []

@@ -564,22 +564,26 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
 //   backward  dV^T_p[c, t] = sum over the nonzeros (c, k) of row c of U_p:    U_p[c, k] dM^T_p[k, t]
 //             dU_p[c, k]  = sum_t V^T_p[c, t] dM^T_p[k, t], at the nonzeros only (zero elsewhere)
 //
-// so every multiply-add is one broadcast weight times 16 tiles.  The mask's structure comes from
+// so every multiply-add is one broadcast weight times 16 tiles; the backward's two products run in
+// one pass over the nonzeros (each dM^T row loaded feeds both).  The mask's structure comes from
 // esdbs_ray/winograd_sparse.py, built once per mask version, twice: by output channel for the
 // forward, by input channel for the backward.  Per position p the nonzeros are stored segment-major:
-// output row r (k, or c in the backward), column segment j (SEG input -- or output -- channels),
-// the row's nonzeros in that segment by column; ptr holds their global starts, idx their columns,
-// flat their index into U.  The products take a 64-tile block of the operand a segment at a time
-// (128 rows x 64 tiles, 32 KiB, stays in L1) while every output row adds its nonzeros of that
-// segment, reading the structure front to back.  The values are U's at every call, gathered through
-// `flat` in O(nnz).  Positions without a nonzero are skipped.
+// column segment j (SEG input -- or output -- channels), output row r (k, or c in the backward), the
+// row's nonzeros in that segment by column; ptr holds their global starts, idx their columns, flat
+// their index into U.  The products take a 64-tile block of the operand a segment at a time (128
+// rows x 64 tiles, 32 KiB: L1) while every output row adds its nonzeros of that segment, reading the
+// structure front to back.  The values are U's at every call, gathered through `flat` in O(nnz).
+// Positions without a nonzero are skipped.
 //
 // The layer runs band by band, as the fused dense layer does: a band is TB consecutive tiles (a
-// multiple of 16, across tile rows and images).  The transforms stay the channel-vectorised per-tile
-// code above, 16 tiles at a time into a scratch (16 planes x 16 tiles x channels), and 16 x 16
-// blocks are transposed between that and the band's channel-major planes; V, M, dM and dV never
-// leave the caches, and the layer reads x (and dY) and writes y (and dx) only.  The backward
-// computes V again from x (what the autograd Function saves).
+// multiple of 16, across tile rows and images) whose planes stay in L2.  Between the channels-last
+// images and the channel-major planes: the input transform 16 tiles x 16 channels at a time (the
+// channel-vectorised code above on each tile's 16 taps, then one 16 x 16 transpose per plane); the
+// output transform tile-vectorised on M^T's rows, then only the four output pixels transposed (not
+// the 16 planes); dM^T likewise from the four gradient pixels; the input adjoint from dV^T by 16 x 16
+// blocks.  V, M, dM and dV never leave the caches; the layer reads x (and dY) and writes y (and dx),
+// the next band's x prefetched while this band's products run.  The backward computes V again from x
+// (what the autograd Function saves).
 //
 // Determinism: every output element is computed by one thread in one order.  Forward: bands are
 // independent.  Backward: the batch is cut into G groups of images, fixed by N and nnz only (not by
@@ -587,10 +591,7 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
 // order, and dU's per-group partial sums are added in group order at the end.
 
 // columns per segment of a row's nonzeros (see above)
-#ifndef ESDBS_SEG
-#define ESDBS_SEG 128
-#endif
-constexpr i64 SEG = ESDBS_SEG;
+constexpr i64 SEG = 128;
 
 // Tiles per band.  The band's 16 planes (of `per_tile` channels per tile, rows padded by 16) within
 // ~1 MiB, so that they stay in L2 on most CPUs: 256, 128 or 64 tiles (a full register block of the
@@ -606,12 +607,15 @@ inline i64 sparse_band_tiles(i64 per_tile, i64 elem) {
 // 64-byte boundaries and (an odd number of cache lines apart) spread over the L1 sets
 inline i64 sparse_ld(i64 TB) { return TB + 16; }
 
-// groups of images in the backward: dU's partial sums (G x nnz) within ~16 MiB, G in {1, 2, 4, 8,
-// 16} (at most N): a power of two balances 2 and 4 threads alike
-inline i64 sparse_groups(i64 N, i64 nnz, i64 elem) {
+// Groups of images in the backward, G a power of two up to 16 (2 and 4 threads share them out
+// evenly): at most N, dU's partial sums (G x nnz) within ~16 MiB, and at least 48 tiles a group -- each
+// band of a group walks all the nonzeros, so a band of a few tiles (2 x 2 images, 16 groups of a
+// batch of 128: 8 tiles) pays the structure's traversal for a fraction of a vector (C = K = 128 at
+// density 0.3, 2 threads: the backward's products 2.4 ms in 8-tile groups, 0.6 ms in 64-tile ones).
+inline i64 sparse_groups(i64 N, i64 tiles, i64 nnz, i64 elem) {
   i64 G = 16;
-  while (G > 1 && G * std::max<i64>(1, nnz) * elem > (i64(16) << 20)) G /= 2;
-  return std::max<i64>(1, std::min(G, N));
+  while (G > 1 && (G > N || G * std::max<i64>(1, nnz) * elem > (i64(16) << 20) || tiles < 48 * G)) G /= 2;
+  return G;
 }
 
 // 64-byte aligned scratch (std::vector's 16-byte alignment made every 64-byte load of the products
@@ -1135,10 +1139,20 @@ inline void backward_products(const T* vals, const Rows& rows, const T* VT, cons
 // output channel the storage order walks U's rows a K-stride apart, which no hardware prefetcher
 // follows: the address PF nonzeros ahead is prefetched (C = K = 512 at 20 %: 4.4 ns a nonzero
 // without, ~2.5 with -- about one read of U).
+// Shared by the calling team (`omp for`, without its barrier: the caller's next loop has one), or
+// by the caller alone before its parallel region where there is little to gather (SERIAL_GATHER).
+constexpr i64 SERIAL_GATHER = i64(1) << 15;
 template <typename T>
-void gather(const T* __restrict U, const int32_t* __restrict flat, i64 nnz, T* __restrict vals) {
+void gather(const T* __restrict U, const int32_t* __restrict flat, i64 nnz, T* __restrict vals, bool team) {
   constexpr i64 PF = 256;
-#pragma omp for schedule(static)
+  if (!team) {
+    for (i64 e = 0; e < nnz; ++e) {
+      if (e + PF < nnz) __builtin_prefetch(U + flat[e + PF]);
+      vals[e] = U[flat[e]];
+    }
+    return;
+  }
+#pragma omp for schedule(static) nowait
   for (i64 e = 0; e < nnz; ++e) {
     if (e + PF < nnz) __builtin_prefetch(U + flat[e + PF]);
     vals[e] = U[flat[e]];
@@ -1338,11 +1352,21 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
     live[p] = rp.last() > rp.first();
   }
   Aligned<T> vals(nnz);
+  const bool team_gather = nnz >= SERIAL_GATHER;
+  if (!team_gather) {
+    Prof prof(prof_out);
+    gather(U, fflat, nnz, vals.data(), false);
+    prof.lap(PH_PACK);
+    prof.flush();
+  }
 #pragma omp parallel num_threads(nt)
   {
     Prof prof(prof_out);
-    gather(U, fflat, nnz, vals.data());  // (a barrier at its end)
-    prof.lap(PH_PACK);
+    if (team_gather) {
+      gather(U, fflat, nnz, vals.data(), true);
+#pragma omp barrier
+      prof.lap(PH_PACK);
+    }
     T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * 16);
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* MT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
@@ -1382,22 +1406,28 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
   }
   const i64 th = (H + 1) / 2, tw = (W + 1) / 2, per_image = th * tw;
   const i64 TB = sparse_band_tiles(2 * C + K, sizeof(T)), ld = sparse_ld(TB);
-  const i64 nnz = rows_of(bptr, bidx, 15, C, K).last(), G = sparse_groups(N, nnz, sizeof(T));
+  const i64 nnz = rows_of(bptr, bidx, 15, C, K).last(), G = sparse_groups(N, N * per_image, nnz, sizeof(T));
   bool live[16];
   for (int p = 0; p < 16; ++p) {
     const Rows rp = rows_of(bptr, bidx, p, C, K);
     live[p] = rp.last() > rp.first();
   }
   Aligned<T> vals(nnz), part(need_u ? G * nnz : 0);
+  const bool team_gather = nnz >= SERIAL_GATHER;
+  if (!team_gather) {
+    Prof prof(prof_out);
+    gather(U, bflat, nnz, vals.data(), false);
+    prof.lap(PH_PACK);
+    prof.flush();
+  }
 #pragma omp parallel num_threads(nt)
   {
     Prof prof(prof_out);
-    gather(U, bflat, nnz, vals.data());
-    if (need_u) {
-#pragma omp for schedule(static)
-      for (i64 e = 0; e < G * nnz; ++e) part.data()[e] = T(0);
+    if (team_gather) {
+      gather(U, bflat, nnz, vals.data(), true);
+#pragma omp barrier
+      prof.lap(PH_PACK);
     }
-    prof.lap(PH_PACK);
     T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * 16);
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* dMT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
@@ -1408,6 +1438,7 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
     for (i64 g = 0; g < G; ++g) {
       const i64 n0 = g * N / G, n1 = (g + 1) * N / G;
       if (need_x) std::fill(dx + n0 * H * W * C, dx + n1 * H * W * C, T(0));
+      if (need_u) std::fill(part.data() + g * nnz, part.data() + (g + 1) * nnz, T(0));  // (this group's thread only)
       for (i64 t0 = n0 * per_image; t0 < n1 * per_image; t0 += TB) {
         const i64 nb = std::min(TB, n1 * per_image - t0), nbp = (nb + 15) / 16 * 16;
         band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
@@ -1466,16 +1497,18 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
         }
       }
     }
-    if (need_u) {  // zero off the mask; on it the group sums, in group order
+    if (need_u) {  // per position: zero off the mask, on it the group sums in group order
       prof.skip();
-#pragma omp for schedule(static)
-      for (i64 e = 0; e < 16 * C * K; ++e) dU[e] = T(0);
       const T* pt = part.data();
-#pragma omp for schedule(static)
-      for (i64 e = 0; e < nnz; ++e) {
-        T acc = pt[e];
-        for (i64 g = 1; g < G; ++g) acc += pt[g * nnz + e];
-        dU[bflat[e]] = acc;
+#pragma omp for schedule(static) nowait
+      for (i64 p = 0; p < 16; ++p) {
+        std::fill(dU + p * C * K, dU + (p + 1) * C * K, T(0));
+        const Rows rp = rows_of(bptr, bidx, p, C, K);
+        for (i64 e = rp.first(); e < rp.last(); ++e) {
+          T acc = pt[e];
+          for (i64 g = 1; g < G; ++g) acc += pt[g * nnz + e];
+          dU[bflat[e]] = acc;
+        }
       }
       prof.lap(PH_RED);
     }

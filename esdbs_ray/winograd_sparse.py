@@ -57,10 +57,13 @@ __all__ = [
 SPARSE_ENV = "ESDBS_NATIVE_SPARSE"
 SPARSE_MODES = ("auto", "on", "off")
 
-# The kernels' phases, in the order of their profile counters (esdbs_wino_sparse_phases()):
-# pack (gather U's values), input transform, V -> V^T transposes, forward products, M^T transposes,
-# output transform, output adjoint, dM -> dM^T transposes, dU products, dV products, dV^T transposes,
-# input adjoint, dU's group sums and scatter.
+# The kernels' phases, in the order of their profile counters (esdbs_wino_sparse_phases()): pack
+# (gather U's values; in the backward also zero dU's partial sums), the input transform and its
+# V -> V^T transposes, the forward products, the output transform (with its transposes of the four
+# output pixels), the output adjoint (dM^T, with its transposes of the four gradient pixels), the dU
+# products alone (dx not needed), the dV products (with dU's in the same pass when both are needed),
+# the dV^T transposes and the input adjoint, dU's group sums and scatter.  transpose_m and
+# transpose_dm stay 0: those transposes are counted in output_transform and output_adjoint.
 PHASES = ("pack", "input_transform", "transpose_v", "products_fwd", "transpose_m", "output_transform",
           "output_adjoint", "transpose_dm", "products_du", "products_dv", "transpose_dv", "input_adjoint",
           "du_reduce")
