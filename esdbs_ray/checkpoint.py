@@ -42,19 +42,22 @@ class TrainState:
     epoch: int = 0  # the next epoch to train
     history: list[EpochRecord] = field(default_factory=list)
     rungs: list[RungResult] = field(default_factory=list)
+    levels: list[RungResult] = field(default_factory=list)  # a growing member's closed levels
     steps: int = 0
     train_seconds: float = 0.0
     snapshot: dict | None = None  # the divergence guard's pre-increase copy: {"model", "optimizer"}
     early: dict | None = None  # early stopping: the best epoch so far (and its weights during the dense phase)
     compression: dict | None = None  # what the compression strategy decided (basis: Q per layer)
     rung_start: dict | None = None  # basis: the rung's metrics right after compressing, for its record
+    expansion: dict | None = None  # a growing member's controller: the operations applied, every check
     hooks: dict = field(default_factory=dict)  # what hooks keep across a resume, by hook name
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "history": [r.to_dict() for r in self.history],
-                "rungs": [r.to_dict() for r in self.rungs], "steps": self.steps, "train_seconds": self.train_seconds,
-                "snapshot": self.snapshot, "early": self.early, "compression": self.compression,
-                "rung_start": self.rung_start, "hooks": self.hooks}
+                "rungs": [r.to_dict() for r in self.rungs], "levels": [r.to_dict() for r in self.levels],
+                "steps": self.steps, "train_seconds": self.train_seconds, "snapshot": self.snapshot,
+                "early": self.early, "compression": self.compression, "rung_start": self.rung_start,
+                "expansion": self.expansion, "hooks": self.hooks}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
@@ -62,9 +65,11 @@ class TrainState:
         if d.get("kernels") and "record" not in hooks:  # written before hooks kept their own state
             hooks["record"] = {"kernels": d["kernels"]}
         return cls(epoch=int(d.get("epoch", 0)), history=[EpochRecord.from_dict(r) for r in d.get("history") or []],
-                   rungs=[RungResult.from_dict(r) for r in d.get("rungs") or []], steps=int(d.get("steps", 0)),
+                   rungs=[RungResult.from_dict(r) for r in d.get("rungs") or []],
+                   levels=[RungResult.from_dict(r) for r in d.get("levels") or []], steps=int(d.get("steps", 0)),
                    train_seconds=float(d.get("train_seconds", 0.0)), snapshot=d.get("snapshot"), early=d.get("early"),
-                   compression=d.get("compression"), rung_start=d.get("rung_start"), hooks=hooks)
+                   compression=d.get("compression"), rung_start=d.get("rung_start"), expansion=d.get("expansion"),
+                   hooks=hooks)
 
 
 def model_keys(config: dict) -> dict:

@@ -19,6 +19,8 @@ def add_stack(sub) -> None:
     p.add_argument("--sparsity", type=float, default=None, help="rung to stack (a fraction, e.g. 0.3); default: last")
     p.add_argument("--basis-threshold", type=float, default=None,
                    help="BasisConv rung to stack, by its t (e.g. 0.9; SBC-CNN groups); default: last")
+    p.add_argument("--level", type=int, default=None,
+                   help="a self-expanding member's level to stack (0: the seed network; default: not a level)")
     p.add_argument("--variant", default=None, help="the group to stack (default: every member present)")
     p.add_argument("--tune-samples", type=int, default=0, help="also run the accuracy search as a Tune search")
     p.add_argument("--choose", default="nll_optimal",
@@ -59,6 +61,8 @@ def add_export(sub) -> None:
     p.add_argument("--variant", default=None, help="the group to export (default: the experiment's only stacked group)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="the rung to export, a fraction (default: the rung the stack used)")
+    p.add_argument("--level", type=int, default=None, help="a self-expanding group's level to export (its weights "
+                   "and architecture at that level; 0: the seed network)")
     p.add_argument("--out", required=True, help="a new local directory")
     p.add_argument("--force", action="store_true", help="replace an earlier export there (swapped in atomically)")
     p.add_argument("--no-onnx", action="store_true", help="weights and manifest only (no ONNX graphs, no onnxruntime check)")
@@ -97,8 +101,10 @@ def cmd_stack(args) -> int:
         raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
     layout = ExperimentLayout.at(args.experiment_dir)
     output = claim_file(args.output, force=args.force) if args.output else RERUN
+    if args.level is not None and args.level < 0:
+        raise ConfigError(f"--level={args.level}: must be >= 0")
     result = stack_experiment(layout.root, sparsity=args.sparsity, basis_threshold=args.basis_threshold,
-                              variant=args.variant,
+                              level=args.level, variant=args.variant,
                               tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=output,
                               storage_path=layout.tune)
     print(format_stacking_table(result))
@@ -174,7 +180,7 @@ def cmd_export(args) -> int:
                               "(or pass --no-onnx)")
     tree = experiment_tree(args.experiment_dir)
     manifest = export_experiment(tree.root, args.out, variant=args.variant, sparsity=args.sparsity, force=args.force,
-                                 onnx=not args.no_onnx)
+                                 onnx=not args.no_onnx, level=args.level)
     e = manifest["ensemble"]
     acc = f"; the run's test accuracy {e['test_accuracy']:.4f}" if e.get("test_accuracy") is not None else ""
     print(f"{manifest['group']}: {len(manifest['members'])} member(s) at sparsity {e['sparsity']:g}, "

@@ -54,9 +54,14 @@ def build_model(member: dict, num_classes: int, in_channels: int, image_size: in
     (export refuses BasisConv members, so a manifest names spatial or winograd_relu)."""
     from .networks import build_network
 
-    return build_network(member["model"], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                         dropout=float(member.get("dropout", 0.0)), width=float(member.get("width", 1.0)),
-                         conv=member.get("conv") or "spatial").eval()
+    net = build_network(member["model"], num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                        dropout=float(member.get("dropout", 0.0)), width=float(member.get("width", 1.0)),
+                        conv=member.get("conv") or "spatial")
+    for op in member.get("growth_ops") or []:  # a self-expanding member: its expansions, replayed
+        from .expansion import apply_op
+
+        apply_op(net, op["op"], int(op["block"]), int(op["amount"]))
+    return net.eval()
 
 
 def fold_masks(state: dict) -> dict:

@@ -255,10 +255,11 @@ def _load_torch(tree: storage.Tree, *parts: str):
         raise ExportError(f"{tree.uri(*parts)}: not a readable weights file ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _member_weights(tree: storage.Tree, spec, sparsity: float) -> dict:
-    """{"state", "input" (or None), "source", "epoch"} of one member at rung ``sparsity``."""
+def _member_weights(tree: storage.Tree, spec, sparsity: float, level: int | None = None) -> dict:
+    """{"state", "input" (or None), "source", "epoch", "growth_ops"} of one member at rung ``sparsity``
+    (or at a growing member's ``level``)."""
     train = spec.train
-    name = ExperimentLayout.rung_weights_name(spec.member, sparsity)
+    name = ExperimentLayout.rung_weights_name(spec.member, sparsity, level)
     if tree.is_file(ExperimentLayout.WEIGHTS, name):
         w = _load_torch(tree, ExperimentLayout.WEIGHTS, name)
         if not isinstance(w, dict) or not {"model", "config", "input"} <= set(w):
@@ -266,7 +267,10 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float) -> dict:
         if not same_training(w["config"], train.to_dict()):
             raise ExportError(f"{tree.uri(ExperimentLayout.WEIGHTS, name)}: written by a different config than "
                               f"{spec.member}'s")
-        return {"state": w["model"], "input": w["input"], "source": f"weights/{name}", "epoch": w.get("epoch")}
+        return {"state": w["model"], "input": w["input"], "source": f"weights/{name}", "epoch": w.get("epoch"),
+                "growth_ops": list(w.get("growth_ops") or [])}
+    if level is not None:
+        raise ExportError(f"member {spec.member!r}: no weights at level {level} ({tree.uri(ExperimentLayout.WEIGHTS, name)})")
     # An experiment from before the trainer kept rung weights: the last Tune checkpoint, last rung only.
     last = train.sparsity_ladder[-1] if train.sparsity_ladder else 0.0
     trials = [d for d in tree.listdir(*ExperimentLayout.TUNE_BASE, kind="dir") if d.startswith(f"{spec.member}_")]
@@ -291,7 +295,7 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float) -> dict:
     if (ckpt.get("state") or {}).get("epoch") != train.total_epochs:
         raise ExportError(f"{ckpt_uri}: the trial did not finish "
                           f"(epoch {(ckpt.get('state') or {}).get('epoch')} of {train.total_epochs})")
-    return {"state": ckpt["model"], "input": None, "source": f"{checkpoints[-1]}/{ckpt_name}",
+    return {"state": ckpt["model"], "input": None, "source": f"{checkpoints[-1]}/{ckpt_name}", "growth_ops": [],
             "epoch": train.total_epochs - 1}
 
 
@@ -343,9 +347,11 @@ def _rung_of(info) -> Rung | None:
         return None
 
 
-def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[str], sparsity: float) -> dict:
-    """Weights of the group's stack at ``sparsity``: the run's stacking file, an ``esdbs stack``
-    re-run, or the NLL optimum fitted now on the rung's validation predictions."""
+def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[str], sparsity: float,
+              level: int | None = None) -> dict:
+    """Weights of the group's stack at ``sparsity`` (or ``level``): the run's stacking file, an
+    ``esdbs stack`` re-run, or the NLL optimum fitted now on the rung's validation predictions."""
+    want = Rung(sparsity, level=level)
     if len(names) == 1:
         return {"method": "single member", "weights": {names[0]: 1.0}, "source": None}
     own = ExperimentLayout.stacking_name(None if len(cfg.groups()) == 1 else slug(group))
@@ -360,7 +366,7 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
         if name != own and st.get("variant") not in (group, None):
             continue
         rungs = st.get("rungs") or {}
-        if not all(_rung_of(rungs.get(n)) == Rung(sparsity) for n in names):
+        if not all(_rung_of(rungs.get(n)) == want for n in names):
             continue
         chosen = st.get("chosen")
         m = (st.get("methods") or {}).get(chosen) or {}
@@ -373,8 +379,8 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
     from .stacking import evaluate, nll_optimal
 
     table = read_predictions(tree.path(ExperimentLayout.PREDICTIONS), filesystem=tree.fs)
-    Pv, yv, _ = prediction_matrix(table, "val", names, sparsity, variant=group)
-    Pt, yt, _ = prediction_matrix(table, "test", names, sparsity, variant=group)
+    Pv, yv, _ = prediction_matrix(table, "val", names, sparsity, variant=group, level=level)
+    Pt, yt, _ = prediction_matrix(table, "test", names, sparsity, variant=group, level=level)
     w = nll_optimal(Pv, yv)
     v, t = evaluate(w, Pv, yv), evaluate(w, Pt, yt)
     return {"method": "nll_optimal", "weights": dict(zip(names, map(float, w))), "source": "fitted at export",
@@ -387,7 +393,7 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
 # --------------------------------------------------------------------------------------------------
 def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, variant: str | None = None,
                       sparsity: float | None = None, force: bool = False, filesystem=None,
-                      onnx: bool = True) -> dict:
+                      onnx: bool = True, level: int | None = None) -> dict:
     """Export one group's ensemble of ``experiment`` (a local path, a URI, or a path on ``filesystem``)
     into the new local directory ``out``; returns the manifest.  Everything is read and checked before
     anything is written; the directory appears whole or not at all (built aside, then renamed)."""
@@ -404,14 +410,17 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
         # registry models only: exporting BasisConv members would need the shapes in the manifest.
         raise ExportError(f"group {group!r} has BasisConv members ({specs[0].variant}): esdbs export does not "
                           "export BasisConv models yet; choose another group with --variant")
-    rung = float(sparsity if sparsity is not None else specs[0].export_sparsity)
+    rung = float(sparsity if sparsity is not None else (0.0 if level is not None else specs[0].export_sparsity))
     ladder = (0.0, *specs[0].train.sparsity_ladder) if specs[0].train.epochs else specs[0].train.sparsity_ladder
-    if Rung(rung) not in {Rung(s) for s in ladder}:
+    if level is not None and (sparsity not in (None, 0.0) or not specs[0].train.expansion.enabled):
+        raise ExportError(f"--level {level}: group {group!r} " + ("has no self-expanding members" if not
+                          specs[0].train.expansion.enabled else "levels are not pruned: drop --sparsity"))
+    if level is None and Rung(rung) not in {Rung(s) for s in ladder}:
         raise ExportError(f"--sparsity {rung:g}: not a rung of group {group!r} (rungs: {', '.join(f'{s:g}' for s in ladder)})")
 
-    loaded = {t.member: _member_weights(tree, t, rung) for t in specs}
+    loaded = {t.member: _member_weights(tree, t, rung, level) for t in specs}
     info = next((w["input"] for w in loaded.values() if w["input"]), None) or _input_from_data(cfg)
-    stack = _stacking(tree, cfg, group, names, rung)
+    stack = _stacking(tree, cfg, group, names, rung, level)
     shape = (int(info["in_channels"]), int(info["image_size"]), int(info["image_size"]))
     models, members = {}, []
     for t in specs:
@@ -419,7 +428,8 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
         state = fold_masks(w["state"])
         entry = {"name": t.member, "model": t.train.model, "width": t.train.width, "conv": t.train.conv,
                  "dropout": t.train.dropout, "schedule": t.train.schedule, "variant": t.variant,
-                 "target_sparsity": rung, "epoch": w["epoch"], "weights_source": w["source"]}
+                 "target_sparsity": rung, "epoch": w["epoch"], "weights_source": w["source"],
+                 **({"level": level, "growth_ops": w["growth_ops"]} if w["growth_ops"] or level is not None else {})}
         model = build_model(entry, len(info["class_names"]), shape[0], shape[1])
         try:
             model.load_state_dict(state, strict=True)
@@ -433,7 +443,8 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
                      total_weights=counts["total_weights"])
         try:
             rec = MemberSummary.from_dict(tree.read_json(ExperimentLayout.MEMBERS,
-                                                         ExperimentLayout.member_name(t.member))).rung(Rung(rung))
+                                                         ExperimentLayout.member_name(t.member))).rung(
+                Rung(rung, level=level))
             if rec is not None:
                 entry.update(sparsity=rec.sparsity, val_accuracy=rec.val_accuracy, test_accuracy=rec.test_accuracy)
         except (OSError, ValueError):
@@ -460,7 +471,7 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
                   "source": info.get("dataset")},
         "members": members,
         "latency": latency,
-        "ensemble": {"method": stack["method"], "weights": stack["weights"], "sparsity": rung,
+        "ensemble": {"method": stack["method"], "weights": stack["weights"], "sparsity": rung, "level": level,
                      "combine": "probs = sum_m weights[m] * softmax_m(x)",
                      **{k: stack.get(k) for k in ("val_accuracy", "val_nll", "test_accuracy", "test_nll", "n_val",
                                                    "n_test", "source")}},

@@ -29,6 +29,7 @@ class RungEnd:
     val_probs: Any = None  # numpy [N_val, C]
     test_probs: Any = None  # numpy [N_test, C]
     last: bool = False  # the run's final rung
+    growth_ops: tuple = ()  # a growing member's expansions so far: what rebuilds its architecture
 
 
 @runtime_checkable
@@ -105,6 +106,10 @@ class PrintHooks:
 
     def on_rung(self, end: RungEnd) -> None:
         r = end.result
+        if r.level is not None:
+            print(f"{self.prefix}level {r.level} ({r.params:,} parameters): val {r.val_accuracy:.4f} test "
+                  f"{r.test_accuracy:.4f} | {r.expansion}", flush=True)
+            return
         if r.basis_threshold is not None:
             b = r.basis
             print(f"{self.prefix}rung basis t={r.basis_threshold:g} ({b['retained_filters']}/"

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from . import storage
 from .errors import UserError
+from .records import Rung
 
 MARKER = ".esdbs.json"
 KINDS = ("experiment", "dbs-search", "run", "report", "export")
@@ -80,8 +81,8 @@ class ExperimentLayout:
         return f"{safe_name(member)}.json"
 
     @staticmethod
-    def rung_weights_name(member: str, target_sparsity: float) -> str:
-        return f"{safe_name(member)}-{_sparsity_tag(target_sparsity)}.pt"
+    def rung_weights_name(member: str, target_sparsity: float, level: int | None = None) -> str:
+        return f"{safe_name(member)}-{_sparsity_tag(target_sparsity) if level is None else f'lv{level:02d}'}.pt"
 
     @staticmethod
     def stacking_name(group_slug: str | None = None) -> str:
@@ -118,10 +119,10 @@ class ExperimentLayout:
     def predictions(self) -> str:
         return self._join(self.PREDICTIONS)
 
-    def prediction(self, member: str, target_sparsity: float, basis_threshold: float | None = None) -> str:
-        # a basis rung is named by its threshold t: <member>-bt0900.parquet
-        tag = _sparsity_tag(target_sparsity) if basis_threshold is None else f"bt{round(float(basis_threshold) * 1000):04d}"
-        return self._join("predictions", f"{safe_name(member)}-{tag}.parquet")
+    def prediction(self, member: str, target_sparsity: float, basis_threshold: float | None = None,
+                   level: int | None = None) -> str:
+        # a basis rung is named by its threshold t (<member>-bt0900.parquet), a level by its number (-lv02)
+        return self._join(self.PREDICTIONS, f"{safe_name(member)}-{Rung(target_sparsity, basis_threshold, level).tag()}.parquet")
 
     @property
     def members(self) -> str:
@@ -134,9 +135,10 @@ class ExperimentLayout:
     def weights(self) -> str:
         return self._join(self.WEIGHTS)
 
-    def rung_weights(self, member: str, target_sparsity: float) -> str:
-        """The member's weights at the end of one rung (the trainer keeps the rung its stack uses)."""
-        return self._join(self.WEIGHTS, self.rung_weights_name(member, target_sparsity))
+    def rung_weights(self, member: str, target_sparsity: float, level: int | None = None) -> str:
+        """The member's weights at the end of one rung (the trainer keeps the rung its stack uses) or
+        of a growing member's level (kept for every level)."""
+        return self._join(self.WEIGHTS, self.rung_weights_name(member, target_sparsity, level))
 
     @property
     def tensorboard(self) -> str:

@@ -138,7 +138,8 @@ def prediction_schema(num_classes: int) -> pa.Schema:
 
 _COLUMNS = tuple(prediction_schema(1).names)
 # Optional columns: written only when given, always present (null where absent) in what is read back.
-OPTIONAL_FIELDS = (pa.field("basis_threshold", pa.float32(), nullable=True),)
+OPTIONAL_FIELDS = (pa.field("basis_threshold", pa.float32(), nullable=True),
+                   pa.field("level", pa.int32(), nullable=True), pa.field("params", pa.int64(), nullable=True))
 _OPTIONAL = tuple(f.name for f in OPTIONAL_FIELDS)
 
 
@@ -169,7 +170,7 @@ def predictions_dir(experiment_dir: str | os.PathLike) -> str:
 
 
 def prediction_path(experiment_dir: str | os.PathLike, member: str, target_sparsity: float,
-                    basis_threshold: float | None = None) -> str:
+                    basis_threshold: float | None = None, level: int | None = None) -> str:
     """Canonical file for one member's rung: ``<dir>/predictions/<member>-ts0800.parquet``, or
     ``<member>-bt0900.parquet`` for the basis rung at t = 0.9.
 
@@ -183,7 +184,7 @@ def prediction_path(experiment_dir: str | os.PathLike, member: str, target_spars
         raise PredictionsError(f"target_sparsity must be a fraction in [0, 1], got {target_sparsity}")
     if basis_threshold is not None and not 0.0 < float(basis_threshold) <= 1.0:
         raise PredictionsError(f"basis_threshold must be in (0, 1], got {basis_threshold}")
-    return ExperimentLayout(str(experiment_dir)).prediction(member, ts, basis_threshold)
+    return ExperimentLayout(str(experiment_dir)).prediction(member, ts, basis_threshold, level)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,6 +318,12 @@ def _validate_part(part: Mapping[str, Any], where: str) -> dict[str, Any]:
         if not np.all(np.isfinite(bt)) or np.any(bt <= 0) or np.any(bt > 1):
             raise PredictionsError(f"{where}: basis_threshold must be in (0, 1], got {part['basis_threshold']!r}")
         out["basis_threshold"] = bt.astype(np.float32)
+    for k, dtype in (("level", np.int32), ("params", np.int64)):  # a growing member's levels
+        if part.get(k) is not None:
+            v = _broadcast(k, part[k], n, "num")
+            if not np.issubdtype(v.dtype, np.integer) or v.min() < 0:
+                raise PredictionsError(f"{where}: {k} must be a non-negative integer, got {part[k]!r}")
+            out[k] = v.astype(dtype)
     return out
 
 
@@ -383,6 +390,8 @@ def write_predictions(
     epoch: int | None = None,
     metadata: Mapping[str, Any] | None = None,
     basis_threshold: float | None = None,
+    level: int | None = None,
+    params: int | None = None,
 ) -> str:
     """Validate and atomically write one predictions Parquet file; returns the path/URI written.
 
@@ -402,7 +411,7 @@ def write_predictions(
     table = build_table(
         parts=parts, metadata=metadata, probs=probs, labels=labels, indices=indices, split=split,
         model=model, member=member, variant=variant, sparsity=sparsity,
-        target_sparsity=target_sparsity, epoch=epoch, basis_threshold=basis_threshold,
+        target_sparsity=target_sparsity, epoch=epoch, basis_threshold=basis_threshold, level=level, params=params,
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -504,7 +513,7 @@ def read_predictions(path_or_dir_or_uri: str | os.PathLike, *, filesystem: pafs.
             for f in OPTIONAL_FIELDS:
                 if f.name not in t.schema.names:
                     t = t.append_column(f, pa.nulls(t.num_rows, f.type))
-            t = t.cast(_read_schema(c))
+            t = t.select(_read_schema(c).names).cast(_read_schema(c))
         except (pa.ArrowException, ValueError) as e:
             raise PredictionsError(f"{shown}: columns cannot be cast to the predictions schema: {e}") from None
         if t.num_rows and pc.any(pc.is_null(t["probs"])).as_py():
@@ -530,10 +539,11 @@ def prediction_sources(table: pa.Table) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 def _columns_np(table: pa.Table) -> dict[str, np.ndarray]:
     cols = {}
-    if "basis_threshold" in table.schema.names:  # null -> NaN: "not a basis rung"
-        cols["basis_threshold"] = table["basis_threshold"].to_numpy(zero_copy_only=False).astype(np.float64)
-    else:
-        cols["basis_threshold"] = np.full(table.num_rows, np.nan)
+    for name in ("basis_threshold", "level"):  # null -> NaN: "not a basis rung", "not a level"
+        if name in table.schema.names:
+            cols[name] = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            cols[name] = np.full(table.num_rows, np.nan)
     for name in _COLUMNS:
         if name == "probs":
             c = table.schema.field("probs").type.list_size
@@ -552,6 +562,8 @@ def prediction_rungs(table: pa.Table, split: str | None = None) -> list[dict[str
     keys = ["member", "model", "variant", "split", "target_sparsity", "epoch"]
     if "basis_threshold" in table.schema.names:
         keys.insert(5, "basis_threshold")
+    if "level" in table.schema.names:
+        keys.insert(5, "level")
     t = table if split is None else table.filter(pc.equal(table["split"], split))
     g = t.group_by(keys).aggregate([("index", "count")]).to_pylist()
     for r in g:
@@ -564,15 +576,17 @@ def prediction_rungs(table: pa.Table, split: str | None = None) -> list[dict[str
 
 def _row_rungs(cols: dict[str, np.ndarray], sel: np.ndarray) -> list[Rung]:
     ts = cols["target_sparsity"][sel].astype(np.float64)
-    bt = cols["basis_threshold"][sel]
-    return sorted({Rung(t, None if np.isnan(b) else b) for t, b in set(zip(ts.tolist(), bt.tolist()))})
+    bt, lv = cols["basis_threshold"][sel], cols["level"][sel]
+    return sorted({Rung(t, None if np.isnan(b) else b, None if np.isnan(v) else int(v))
+                   for t, b, v in set(zip(ts.tolist(), bt.tolist(), lv.tolist()))})
 
 
 def _rows_at(cols: dict[str, np.ndarray], rung: Rung) -> np.ndarray:
     """Rows of ``rung``, by the package's one rule: values rounded as :class:`Rung` rounds them."""
     at = np.round(cols["target_sparsity"].astype(np.float64), 6) == rung.target_sparsity
-    bt = cols["basis_threshold"]
-    return at & (np.isnan(bt) if rung.basis_threshold is None else np.round(bt, 6) == rung.basis_threshold)
+    bt, lv = cols["basis_threshold"], cols["level"]
+    at &= np.isnan(bt) if rung.basis_threshold is None else np.round(bt, 6) == rung.basis_threshold
+    return at & (np.isnan(lv) if rung.level is None else lv == rung.level)
 
 
 def prediction_matrix(
@@ -584,6 +598,7 @@ def prediction_matrix(
     variant: str | None = None,
     return_info: bool = False,
     basis_threshold: float | None = None,
+    level: int | None = None,
 ):
     """Stack the members' predictions on one split, aligned by ``index``.
 
@@ -630,14 +645,14 @@ def prediction_matrix(
         if len(variants) > 1:
             raise PredictionsError(f"member {m!r} appears under several variants {variants}; pass variant=")
         rungs = _row_rungs(cols, sel)
-        if sparsity is None and basis_threshold is None:
+        if sparsity is None and basis_threshold is None and level is None:
             want = rungs[-1]
         else:
-            hits = [r for r in rungs if r.matches(sparsity, basis_threshold)]
+            hits = [r for r in rungs if r.matches(sparsity, basis_threshold, level)]
             if not hits:
                 asked = " and ".join(x for x in (f"target_sparsity {sparsity}" if sparsity is not None else "",
                                                  f"basis_threshold {basis_threshold}" if basis_threshold is not None
-                                                 else "") if x)
+                                                 else "", f"level {level}" if level is not None else "") if x)
                 raise PredictionsError(
                     f"member {m!r} has no rung with {asked} on split {split!r}; "
                     f"available: {', '.join(r.text() for r in rungs)}"
@@ -674,6 +689,7 @@ def prediction_matrix(
         info[m] = {
             "target_sparsity": want.target_sparsity,
             "basis_threshold": want.basis_threshold,
+            "level": want.level,
             "sparsity": round(float(np.mean(cols["sparsity"][sel])), 6),
             "epoch": last_epoch,
             "model": str(cols["model"][sel][0]),

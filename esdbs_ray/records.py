@@ -45,14 +45,17 @@ def _int(x: Any) -> int | None:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rung:
-    """A rung: ``(target_sparsity, basis_threshold)``.
+    """A rung: ``(target_sparsity, basis_threshold, level)``.
 
     The dense rung is ``Rung(0.0)``; a sparsity rung ``Rung(s)``; a BasisConv rung ``Rung(0.0, t)`` (it
-    prunes nothing, so its target sparsity is honestly 0, and its threshold t tells the rungs apart).
-    Values are rounded on construction, so ``==``, ``hash`` and sorting agree everywhere."""
+    prunes nothing, so its target sparsity is honestly 0, and its threshold t tells the rungs apart);
+    a self-expanding member's level k -- the network as it was before its k-th expansion, the last
+    level the grown one -- ``Rung(0.0, level=k)``.  Values are rounded on construction, so ``==``,
+    ``hash`` and sorting agree everywhere."""
 
     target_sparsity: float = 0.0
     basis_threshold: float | None = None
+    level: int | None = None
 
     def __post_init__(self):
         ts = number(self.target_sparsity)
@@ -64,6 +67,11 @@ class Rung:
             if bt is None or not 0.0 < bt <= 1.0:
                 raise ValueError(f"basis_threshold must be in (0, 1], got {self.basis_threshold!r}")
             object.__setattr__(self, "basis_threshold", round(bt, _DIGITS))
+        if self.level is not None:
+            if isinstance(self.level, bool) or number(self.level) is None or int(self.level) != self.level \
+                    or self.level < 0:
+                raise ValueError(f"level must be an integer >= 0, got {self.level!r}")
+            object.__setattr__(self, "level", int(self.level))
 
     @classmethod
     def of(cls, record: Mapping[str, Any] | Any) -> "Rung":
@@ -72,35 +80,53 @@ class Rung:
         get = record.get if isinstance(record, Mapping) else (lambda k, d=None: getattr(record, k, d))
         bt = get("basis_threshold", None)
         bt = None if bt is None or (isinstance(bt, float) and math.isnan(bt)) else bt
-        return cls(get("target_sparsity", 0.0) or 0.0, bt)
+        level = get("level", None)
+        level = None if level is None or (isinstance(level, float) and math.isnan(level)) else level
+        return cls(get("target_sparsity", 0.0) or 0.0, bt, level)
 
     @property
     def is_basis(self) -> bool:
         return self.basis_threshold is not None
 
+    @property
+    def is_level(self) -> bool:
+        return self.level is not None
+
     def order(self) -> tuple:
-        """Sort key from the least to the most compressed rung: the dense rung, then the sparsity
-        rungs by target, or the basis rungs by decreasing t (a member climbs one ladder, never both)."""
-        return (self.target_sparsity, 0.0 if self.basis_threshold is None else 2.0 - self.basis_threshold)
+        """Sort key from the least to the most compressed rung: a growing member's levels, the dense
+        rung, then the sparsity rungs by target, or the basis rungs by decreasing t (a member climbs
+        one ladder, never both)."""
+        return (self.target_sparsity, 0.0 if self.basis_threshold is None else 2.0 - self.basis_threshold,
+                -1.0 / (1 + self.level) if self.level is not None else 0.0)
 
     def __lt__(self, other: "Rung") -> bool:
         return self.order() < other.order()
 
     def text(self) -> str:
+        if self.is_level:
+            return f"level {self.level}"
         return f"basis t={self.basis_threshold:g}" if self.is_basis else f"sparsity {self.target_sparsity:g}"
 
     def tag(self) -> str:
-        """The file-name tag: ``ts0800`` (sparsity 0.8) or ``bt0900`` (basis t = 0.9)."""
+        """The file-name tag: ``ts0800`` (sparsity 0.8), ``bt0900`` (basis t = 0.9) or ``lv02`` (level 2)."""
+        if self.is_level:
+            return f"lv{self.level:02d}"
         if self.is_basis:
             return f"bt{round(self.basis_threshold * 1000):04d}"
         return f"ts{round(self.target_sparsity * 1000):04d}"
 
     def as_dict(self) -> dict:
-        return {"target_sparsity": self.target_sparsity, "basis_threshold": self.basis_threshold}
+        d = {"target_sparsity": self.target_sparsity, "basis_threshold": self.basis_threshold}
+        if self.level is not None:
+            d["level"] = self.level
+        return d
 
-    def matches(self, target_sparsity: float | None = None, basis_threshold: float | None = None) -> bool:
+    def matches(self, target_sparsity: float | None = None, basis_threshold: float | None = None,
+                level: int | None = None) -> bool:
         """Whether this rung is the one a user asked for: ``target_sparsity`` None = any target;
-        ``basis_threshold`` None = a rung that is not a basis rung."""
+        ``basis_threshold`` None = a rung that is not a basis rung; ``level`` None = not a level."""
+        if (self.is_level if level is None else self.level != level):
+            return False
         want_ts = None if target_sparsity is None else Rung(target_sparsity).target_sparsity
         if want_ts is not None and self.target_sparsity != want_ts:
             return False
@@ -205,14 +231,17 @@ class EpochRecord(_Record):
     restored: bool = False
     decision: str = ""
     lr_scale: float | None = _float()  # the optimizer ran at lr * lr_scale (basis fine-tuning steps)
+    params: int | None = _int_field()  # growing members: learnable parameters after the epoch's check
+    expansion_ratio: float | None = _float()  # growing members: the best candidate's score over eta_current
+    expansion: str | None = None  # growing members: what the check did (widen / add_layer), if it grew
     early_stopping: str | None = None
     best_epoch: int | None = _int_field()
     best_val_loss: float | None = _float()
     best_val_accuracy: float | None = _float()
     extra: dict = field(default_factory=dict)
 
-    _OPTIONAL = ("basis_threshold", "fine_tuning_stage", "lr_scale", "early_stopping", "best_epoch",
-                 "best_val_loss", "best_val_accuracy")
+    _OPTIONAL = ("basis_threshold", "fine_tuning_stage", "lr_scale", "params", "expansion_ratio", "expansion",
+                 "early_stopping", "best_epoch", "best_val_loss", "best_val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -222,6 +251,9 @@ class RungResult(_Record):
 
     target_sparsity: float = _float(0.0)
     basis_threshold: float | None = _float()
+    level: int | None = _int_field()  # a growing member's level (the network before its level-th expansion)
+    params: int | None = _int_field()  # learnable parameters (levels)
+    expansion: str | None = None  # levels: the decision that ended the level
     sparsity: float = _float()
     model_sparsity: float = _float()
     nonzero_weights: int = _int_field()
@@ -250,7 +282,7 @@ class RungResult(_Record):
     direct_conversion: dict | None = None  # basis: the trained spatial model converted at this t
     extra: dict = field(default_factory=dict)
 
-    _OPTIONAL = ("val_ece", "test_ece", "before_finetune", "direct_conversion")
+    _OPTIONAL = ("level", "params", "expansion", "val_ece", "test_ece", "before_finetune", "direct_conversion")
 
     @property
     def rung(self) -> Rung:
@@ -284,6 +316,8 @@ class MemberSummary(_Record):
     steps: int | None = _int_field()
     mean_epoch_seconds: float | None = _float()
     rungs: list = field(default_factory=list, metadata={"kind": RungResult})
+    levels: list = field(default_factory=list, metadata={"kind": RungResult})  # growing members
+    expansion: dict | None = None  # growing members: every check and the operations applied
     history: list = field(default_factory=list, metadata={"kind": EpochRecord})
     config: dict = field(default_factory=dict)
     device: str | None = None
@@ -302,11 +336,11 @@ class MemberSummary(_Record):
     wall_seconds: float | None = _float()
     extra: dict = field(default_factory=dict)
 
-    _OPTIONAL = ("winograd_impl", "group", "batch_size", "trial_path", "wall_seconds")
+    _OPTIONAL = ("expansion", "winograd_impl", "group", "batch_size", "trial_path", "wall_seconds")
 
     def rung(self, rung: Rung) -> RungResult | None:
-        """The record of ``rung``, None when the member did not reach it."""
-        return next((r for r in self.rungs if r.rung == rung), None)
+        """The record of ``rung`` (a level too), None when the member did not reach it."""
+        return next((r for r in (self.levels if rung.is_level else self.rungs) if r.rung == rung), None)
 
     @property
     def final(self) -> RungResult | None:

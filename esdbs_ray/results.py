@@ -5,6 +5,8 @@ One row per observation, one column per quantity (``COLUMNS``):
 * ``kind="trial"``    one per Tune trial: its member, Tune's status, iterations and wall time
   (``ExperimentAnalysis``), the final rung's accuracy, loss and sparsity, steps, training seconds, the
   batch-size range it trained at;
+* ``kind="level"``    one per level of a self-expanding member (the network before each expansion,
+  then the grown one): its parameter count and validation and test figures;
 * ``kind="rung"``     one per member and pruning rung: validation and test accuracy and loss, the
   sparsity of the pruned layers and of the whole model, nonzero weights, steps and training seconds
   up to the rung, Tune's wall time at the rung's last epoch, the batch-size range within the rung;
@@ -34,7 +36,8 @@ from .tune_analysis import tune_trials
 
 COLUMNS = (
     "kind", "group", "variant", "member", "model", "conv", "schedule", "batch_size", "method", "chosen",
-    "trial_id", "status", "iterations", "epoch", "target_sparsity", "basis_threshold", "sparsity", "model_sparsity",
+    "trial_id", "status", "iterations", "epoch", "target_sparsity", "basis_threshold", "level", "params", "sparsity",
+    "model_sparsity",
     "nonzero_weights", "total_weights", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "test_ece", "steps",
     "train_seconds", "mean_epoch_seconds", "wall_seconds", "batch_min", "batch_max", "weights", "source",
 )
@@ -120,7 +123,14 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
                                                        "test_ece", "steps", "train_seconds", "mean_epoch_seconds")},
                          "wall_seconds": (t.get("wall_by_epoch") or {}).get(end), "batch_min": lo, "batch_max": hi})
             first = end + 1
-    rung_rows = {(r["member"], r["rung"]): r for r in rows if r["kind"] == "rung"}
+        for r in m.levels:  # a growing member's levels: the network before each expansion, then the grown one
+            rows.append({**common, "kind": "level", "epoch": r.epoch, "rung": r.rung, "level": r.level,
+                         "params": r.params, **{k: getattr(r, k) for k in (
+                             "target_sparsity", "sparsity", "model_sparsity", "nonzero_weights", "total_weights",
+                             "val_accuracy", "val_loss", "test_accuracy", "test_loss", "test_ece", "steps",
+                             "train_seconds")},
+                         "wall_seconds": (t.get("wall_by_epoch") or {}).get(r.epoch)})
+    rung_rows = {(r["member"], r["rung"]): r for r in rows if r["kind"] in ("rung", "level")}
     for name in tree.listdir(pattern=L.STACKING_GLOB, kind="file") + tree.listdir(pattern=L.RESTACK_GLOB, kind="file"):
         try:
             st = tree.read_json(name)
@@ -160,13 +170,14 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
                          # the stacking file evaluates its chosen ensemble only
                          "test_ece": (evaluation.get("ensemble") or {}).get("ece") if method == st.get("chosen") else None,
                          "weights": json.dumps(_in_order(r.get("weights"), position)), "source": name})
-    order = {"trial": 0, "rung": 1, "ensemble": 2}
+    order = {"trial": 0, "level": 1, "rung": 2, "ensemble": 3}
     rows.sort(key=lambda r: (str(r.get("group")), order[r["kind"]], position.get(r.get("member"), (0, str(r.get("member")))),
                              -1.0 if r.get("target_sparsity") is None else float(r["target_sparsity"]),
                              0.0 if r.get("basis_threshold") is None else 2.0 - float(r["basis_threshold"]),
                              str(r.get("source")), str(r.get("method"))))
     df = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
-    for c in ("batch_size", "iterations", "epoch", "nonzero_weights", "total_weights", "steps", "batch_min", "batch_max"):
+    for c in ("batch_size", "iterations", "epoch", "level", "params", "nonzero_weights", "total_weights", "steps",
+              "batch_min", "batch_max"):
         df[c] = df[c].astype("Int64")
     for c in ("target_sparsity", "basis_threshold", "sparsity", "model_sparsity", "val_accuracy", "val_loss",
               "test_accuracy",
@@ -202,28 +213,35 @@ def format_results(df, fmt: str, columns: list[str] | None = None) -> bytes:
     return _compact(df).encode()
 
 
+def _present(v) -> bool:
+    """Neither None, nor pandas' NA, nor NaN."""
+    import pandas as pd
+
+    return v is not None and not pd.isna(v)
+
+
 def _num(v, spec: str) -> str:
-    return "" if v is None or v != v else format(v, spec)
+    return format(v, spec) if _present(v) else ""
 
 
 def _compact(df) -> str:
     """The default view: a block per group; trial rows (Tune's status, wall time) only in csv/parquet."""
     sources: dict[str, int] = {}
-    width = max([len(str(m)) for m in df.loc[df["kind"] == "rung", "member"]] + [6])
+    width = max([len(str(m)) for m in df.loc[df["kind"].isin(("rung", "level")), "member"]] + [6])
     head = (f"{'kind':<8} {'member':<{width}} {'method':<17} {'rung':>6} {'val acc':>8} {'val loss':>8} "
             f"{'test acc':>8} {'test loss':>9} {'ECE':>6}  weights")
     out = []
     for group in dict.fromkeys(df["group"]):
         g = df[df["group"] == group]
-        members = [m for m in dict.fromkeys(g.loc[g["kind"] == "rung", "member"])]
+        members = [m for m in dict.fromkeys(g.loc[g["kind"].isin(("rung", "level")), "member"])]
         out += ["", f"{group}: members {', '.join(members)} (ensemble weights in this order)", head]
         for r in g[g["kind"] != "trial"].itertuples(index=False):
-            rung = (f"t={r.basis_threshold:g}" if r.basis_threshold == r.basis_threshold and r.basis_threshold is not None
-                    else _num(r.target_sparsity, "g"))
+            rung = (f"t={r.basis_threshold:g}" if _present(r.basis_threshold)
+                    else f"L{r.level}" if _present(r.level) else _num(r.target_sparsity, "g"))
             if r.kind == "ensemble":
                 src = sources.setdefault(r.source, len(sources) + 1)
                 w = json.loads(r.weights) if isinstance(r.weights, str) else {}
-                method = ("* " if r.chosen is not None and r.chosen == r.chosen and bool(r.chosen) else "  ") + str(r.method)
+                method = ("* " if _present(r.chosen) and bool(r.chosen) else "  ") + str(r.method)
                 tail = "  " + " ".join(f"{w[m]:.3f}" for m in members if m in w) + f"  [{src}]"
                 member = ""
             else:

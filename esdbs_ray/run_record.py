@@ -36,6 +36,7 @@ TB_SCALARS = {  # TensorBoard tag -> epoch record field
     "perf/samples_per_second": "samples_per_second", "pruning/sparsity": "sparsity",
     "pruning/model_sparsity": "model_sparsity", "pruning/nonzero_weights": "nonzero_weights",
 }
+_GROWTH_CODES = {None: 0, "widen": 1, "add_layer": 2}  # growth/op scalar: what a check did
 _PHASE_CODES = {"warmup": 0, "lr": 1, "momentum": 2, "hold": 3, "fixed": 4, "cosine": 5}  # schedule/phase scalar
 _BASIS_TB = ("threshold", "val_accuracy", "test_accuracy", "filter_ratio", "mult_ratio", "conv_learnable_reduction")
 
@@ -95,6 +96,11 @@ class RunRecorder:
             self.writer.add_text("schedule/decision", r.decision, r.epoch)
         if r.early_stopping:
             self.writer.add_text("early_stopping", r.early_stopping, r.epoch)
+        if r.params is not None:  # a growing member's check: size, the best candidate's ratio, what it did
+            self.writer.add_scalar("growth/params", r.params, r.epoch)
+            if r.expansion_ratio is not None:
+                self.writer.add_scalar("growth/best_ratio", r.expansion_ratio, r.epoch)
+            self.writer.add_scalar("growth/op", _GROWTH_CODES.get(r.expansion, 0), r.epoch)
         self.writer.flush()
         self._copy_events()
 
@@ -107,6 +113,13 @@ class RunRecorder:
 
     def on_rung(self, end: RungEnd) -> None:
         r, rung = end.result, end.result.rung
+        if rung.is_level:  # a growing member's level: its own scalars, predictions and weights (export)
+            for tag, v in (("val_accuracy", r.val_accuracy), ("test_accuracy", r.test_accuracy), ("params", r.params)):
+                self.writer.add_scalar(f"level/{tag}", v, rung.level)
+            if self.experiment is not None:
+                self._write_predictions(end)
+                self._save_weights(end)
+            return
         if not rung.is_basis:
             step = int(round(rung.target_sparsity * 100))
             for tag, v in (("val_accuracy", r.val_accuracy), ("test_accuracy", r.test_accuracy),
@@ -174,9 +187,11 @@ class RunRecorder:
                   "model_sparsity": r.model_sparsity, "nonzero_weights": r.nonzero_weights,
                   "total_weights": r.total_weights}
         write_predictions(
-            prediction_path(self.experiment, self.member, rung.target_sparsity, basis_threshold=rung.basis_threshold),
+            prediction_path(self.experiment, self.member, rung.target_sparsity, basis_threshold=rung.basis_threshold,
+                            level=rung.level),
             parts=parts, model=self.cfg.model, member=self.member, variant=self.variant or "", sparsity=r.sparsity,
-            target_sparsity=rung.target_sparsity, basis_threshold=rung.basis_threshold, epoch=r.epoch,
+            target_sparsity=rung.target_sparsity, basis_threshold=rung.basis_threshold, level=rung.level,
+            params=r.params, epoch=r.epoch,
             metadata={"config": self.cfg.to_dict(), "seed": self.cfg.seed, "sparsity_accounting": counts,
                       "class_names": list(data.class_names), **({"basis": r.basis} if r.basis else {}),
                       **self.provenance},
@@ -185,10 +200,11 @@ class RunRecorder:
     def _save_weights(self, end: RungEnd) -> None:
         """The model (pruning masks included) at the end of a rung, with what a consumer of the weights
         needs to feed it: the input normalisation and the class names."""
-        data, target = self.data, end.result.rung.target_sparsity
-        storage.save_torch(ExperimentLayout(self.experiment).rung_weights(self.member, target), {
+        data, rung = self.data, end.result.rung
+        storage.save_torch(ExperimentLayout(self.experiment).rung_weights(self.member, rung.target_sparsity, rung.level), {
             "model": {k: v.detach().cpu() for k, v in end.model.state_dict().items()}, "config": self.cfg.to_dict(),
-            "epoch": end.result.epoch, "target_sparsity": target,
+            "epoch": end.result.epoch, "target_sparsity": rung.target_sparsity, "level": rung.level,
+            "growth_ops": list(end.growth_ops),  # what rebuilds a grown architecture (expansion.apply_op)
             "input": {"mean": list(data.mean), "std": list(data.std), "class_names": list(data.class_names),
                       "in_channels": data.in_channels, "image_size": data.image_size, "dataset": data.describe()},
         })

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from esdbs_ray.config import STACK_METHODS
+from esdbs_ray.errors import UserError
 
 __all__ = [
     "EPS",
@@ -72,34 +73,34 @@ _SUM_TOL = 1e-6
 def _check_py(P: Any, y: Any, what: str = "validation", names: Sequence[str] | None = None):
     P = np.asarray(P)
     if P.ndim != 3:
-        raise ValueError(f"{what} probabilities must have shape [K, N, C], got {P.shape}")
+        raise UserError(f"{what} probabilities must have shape [K, N, C], got {P.shape}")
     K, N, C = P.shape
     if K < 2:
-        raise ValueError(f"stacking needs at least 2 members, got K={K}")
+        raise UserError(f"stacking needs at least 2 members, got K={K}")
     if N < 1 or C < 2:
-        raise ValueError(f"{what} probabilities need N >= 1 samples and C >= 2 classes, got {P.shape}")
+        raise UserError(f"{what} probabilities need N >= 1 samples and C >= 2 classes, got {P.shape}")
     finite = np.isfinite(P).all(axis=(1, 2))
     if not finite.all():
         bad = [names[k] if names else k for k in np.flatnonzero(~finite)]
-        raise ValueError(f"{what} probabilities of member(s) {bad} contain NaN or inf")
+        raise UserError(f"{what} probabilities of member(s) {bad} contain NaN or inf")
     if P.min() < 0:
-        raise ValueError(f"{what} probabilities contain negative values")
+        raise UserError(f"{what} probabilities contain negative values")
     y = np.asarray(y)
     if y.shape != (N,):
-        raise ValueError(f"{what} labels must have shape ({N},), got {y.shape}")
+        raise UserError(f"{what} labels must have shape ({N},), got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{what} labels must be integers, got dtype {y.dtype}")
+        raise UserError(f"{what} labels must be integers, got dtype {y.dtype}")
     if y.min() < 0 or y.max() >= C:
-        raise ValueError(f"{what} labels must lie in [0, {C}), got range [{y.min()}, {y.max()}]")
+        raise UserError(f"{what} labels must lie in [0, {C}), got range [{y.min()}, {y.max()}]")
     return P, y.astype(np.int64)
 
 
 def _check_weights(w: Any, K: int) -> np.ndarray:
     w = np.asarray(w, dtype=np.float64).reshape(-1)
     if w.shape != (K,):
-        raise ValueError(f"weights must have {K} entries, got {w.shape[0]}")
+        raise UserError(f"weights must have {K} entries, got {w.shape[0]}")
     if not np.all(np.isfinite(w)) or w.min() < -1e-12 or abs(w.sum() - 1.0) > _SUM_TOL:
-        raise ValueError(f"weights must lie on the simplex (>= 0, sum 1), got {w.tolist()}")
+        raise UserError(f"weights must lie on the simplex (>= 0, sum 1), got {w.tolist()}")
     w = np.clip(w, 0.0, None)
     return w / w.sum()
 
@@ -127,7 +128,7 @@ def evaluate(weights: Any, P: Any, y: Any) -> dict[str, float]:
     """
     P = np.asarray(P)
     if P.ndim != 3:
-        raise ValueError(f"probabilities must have shape [K, N, C], got {P.shape}")
+        raise UserError(f"probabilities must have shape [K, N, C], got {P.shape}")
     y = np.asarray(y).astype(np.int64)
     w = _check_weights(weights, P.shape[0])
     p = np.tensordot(w, P, axes=1)  # float64 [N, C]
@@ -422,7 +423,7 @@ def equal_weights(P_val: Any, y_val: Any = None) -> np.ndarray:
     """``1/K`` for every member."""
     K = np.asarray(P_val).shape[0]
     if K < 2:
-        raise ValueError(f"stacking needs at least 2 members, got K={K}")
+        raise UserError(f"stacking needs at least 2 members, got K={K}")
     return np.full(K, 1.0 / K)
 
 
@@ -448,9 +449,9 @@ def caruana_greedy(P_val: Any, y_val: Any, rounds: int = 50, metric: str = "nll"
     """
     P, y = _check_py(P_val, y_val)
     if metric not in ("nll", "accuracy"):
-        raise ValueError(f"metric must be 'nll' or 'accuracy', got {metric!r}")
+        raise UserError(f"metric must be 'nll' or 'accuracy', got {metric!r}")
     if int(rounds) < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+        raise UserError(f"rounds must be >= 1, got {rounds}")
     K, N, _ = P.shape
     Q = _true_class_probs(P, y)
     counts = np.zeros(K, dtype=np.int64)
@@ -584,20 +585,20 @@ def stack(
     Pt, yt = _check_py(P_test, y_test, "test", names)
     K, _, C = Pv.shape
     if Pt.shape[0] != K or Pt.shape[2] != C:
-        raise ValueError(f"validation probabilities are {Pv.shape} but test probabilities are {Pt.shape}")
+        raise UserError(f"validation probabilities are {Pv.shape} but test probabilities are {Pt.shape}")
     if len(names) != K or len(set(names)) != K:
-        raise ValueError(f"member_names must be {K} distinct names, got {names}")
+        raise UserError(f"member_names must be {K} distinct names, got {names}")
     methods = list(dict.fromkeys(methods))
     if tune_samples and TUNE_METHOD not in methods:
         methods.append(TUNE_METHOD)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise ValueError(f"unknown stacking method(s) {unknown}; choose from {list(ALL_METHODS)}")
+        raise UserError(f"unknown stacking method(s) {unknown}; choose from {list(ALL_METHODS)}")
     if TUNE_METHOD in methods and TUNE_METHOD not in METHODS:
-        raise ValueError(f"{TUNE_METHOD} runs on Ray Tune: import esdbs_ray.stacking_tune first "
+        raise UserError(f"{TUNE_METHOD} runs on Ray Tune: import esdbs_ray.stacking_tune first "
                          "(esdbs_ray.stacking_run does)")
     if not methods:
-        raise ValueError("no stacking methods requested")
+        raise UserError("no stacking methods requested")
 
     out: dict[str, Any] = {
         "member_names": names,
@@ -640,7 +641,7 @@ def stack(
         chosen = choose
         rule = f"fixed: {choose}"
     else:
-        raise ValueError(f"choose={choose!r} is not a computed method ({methods}) nor 'best_val'")
+        raise UserError(f"choose={choose!r} is not a computed method ({methods}) nor 'best_val'")
     out["chosen"] = chosen
     out["chosen_rule"] = rule
     out["ensemble"] = {"method": chosen, **{k: v for k, v in out["methods"][chosen].items()

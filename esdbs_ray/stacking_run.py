@@ -39,6 +39,7 @@ def stack_experiment(
     output: str | os.PathLike | None = None,
     ray_init_kwargs: Mapping[str, Any] | None = None,
     basis_threshold: float | None = None,
+    level: int | None = None,
 ) -> dict[str, Any]:
     """Stack the members found in ``<experiment>/predictions/*.parquet``; write ``<experiment>/stacking.json``.
 
@@ -61,12 +62,12 @@ def stack_experiment(
             else set(table.filter(pc.equal(table["variant"], variant))["member"].to_pylist())
         members = [m for m in config_member_order(exp) if m in present] + sorted(present - set(config_member_order(exp)))
     Pv, yv, names, info_v = _pred.prediction_matrix(table, "val", members, sparsity, variant=variant, return_info=True,
-                                                    basis_threshold=basis_threshold)
+                                                    basis_threshold=basis_threshold, level=level)
     Pt, yt, names_t, info_t = _pred.prediction_matrix(table, "test", names, sparsity, variant=variant, return_info=True,
-                                                      basis_threshold=basis_threshold)
+                                                      basis_threshold=basis_threshold, level=level)
     for n in names:
         a, b = info_v[n], info_t[n]
-        rung = ("target_sparsity", "basis_threshold", "epoch")
+        rung = ("target_sparsity", "basis_threshold", "level", "epoch")
         if tuple(a[k] for k in rung) != tuple(b[k] for k in rung):
             raise ValueError(
                 f"member {n!r}: validation predictions are from rung {a['target_sparsity']} (basis t "
@@ -86,6 +87,7 @@ def stack_experiment(
     result["sparsity"] = float(sparsity) if sparsity is not None else (rung.target_sparsity if rung else None)
     result["basis_threshold"] = (float(basis_threshold) if basis_threshold is not None
                                  else (rung.basis_threshold if rung else None))
+    result["level"] = level if level is not None else (rung.level if rung else None)
     result["variant"] = variant or (next(iter(groups)) if len(groups) == 1 else None)
     result["rungs"] = info_v
     result["provenance"] = [s for s in _pred.prediction_sources(table) if used & set(s["members"])]

@@ -26,6 +26,7 @@ CPUs (validation accuracy 0.70-0.79); ``bench/throughput.py`` times the loop aga
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from .hooks import HookList, PrintHooks, RungEnd
 from .layout import RunLayout
 from .networks import build_network, pick_device
 from .pruning import sparsity_accounting
-from .records import EpochRecord, MemberSummary, RungResult
+from .records import EpochRecord, MemberSummary, Rung, RungResult
 from .run_record import RunRecorder
 
 __all__ = ["TrainConfig", "train", "Interrupted", "Scores", "evaluate", "build_model", "build_optimizer"]
@@ -95,7 +96,8 @@ def train(cfg: TrainConfig, data: DatasetBundle, run_dir: str | Path, *, hooks=N
 
         # --- validate; the schedule's guard may restore the pre-increase snapshot.  At a rung's end the
         # probabilities are kept for its predictions, so the rung does not evaluate the same weights again.
-        keep = hooks.wants_probs and (epoch in rung_ends or (cfg.early_stopping.patience > 0 and epoch < cfg.epochs))
+        keep = hooks.wants_probs and (epoch in rung_ends or (cfg.early_stopping.patience > 0 and epoch < cfg.epochs)
+                                      or t.growth_due(epoch))
         val = t.evaluate(t.val_batches, keep)
         restored = t.schedule.step(val.accuracy, math.isfinite(stats.loss) and math.isfinite(val.loss))
         if restored:  # the latest pre-increase snapshot stays valid: after a restore nothing increases
@@ -110,8 +112,10 @@ def train(cfg: TrainConfig, data: DatasetBundle, run_dir: str | Path, *, hooks=N
         if early is not None and early.restored:
             best = val_now = t.evaluate(t.val_batches, keep)
 
-        # --- record
+        # --- record; a growing member's check (an expansion first closes the level it ends)
         record = t.record(epoch, plan, stats, val, lr_scale, restored, early, best)
+        if t.growth_due(epoch):
+            record = t.check_growth(record, val_now, keep, hooks)
         state.history.append(record)
         stopped = early is not None and early.stop
         next_epoch = cfg.epochs if stopped else epoch + 1  # a stop jumps to the first rung (or the end)
@@ -120,11 +124,15 @@ def train(cfg: TrainConfig, data: DatasetBundle, run_dir: str | Path, *, hooks=N
 
         # --- end of a rung: test evaluation, the rung's record, its predictions and weights (hooks)
         if epoch in rung_ends or stopped:
-            hooks.on_rung(t.finish_rung(epoch, rung_index, val_now, keep, last=next_epoch == cfg.total_epochs))
+            end = t.finish_rung(epoch, rung_index, val_now, keep, last=next_epoch == cfg.total_epochs)
+            hooks.on_rung(end)
+            if rung_index < 0 and t.growth is not None:  # the grown network is the last level
+                hooks.on_rung(t.last_level(end))
 
         # --- checkpoint (atomic), then tell the hooks
         state.epoch = next_epoch
         state.compression = t.compression.state_dict()
+        state.expansion = t.growth.state_dict() if t.growth is not None else None
         state.hooks = hooks.state_dict()
         t.save()
         hooks.on_epoch(record, t.run.checkpoint)
@@ -141,12 +149,15 @@ def train(cfg: TrainConfig, data: DatasetBundle, run_dir: str | Path, *, hooks=N
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, data: DatasetBundle) -> tuple[nn.Module, Any]:
-    """The member's network (:func:`~esdbs_ray.networks.build_network`) and its compression strategy
-    (pruning masks are registered now, before any checkpoint is loaded)."""
+def build_model(cfg: TrainConfig, data: DatasetBundle, growth=None) -> tuple[nn.Module, Any]:
+    """The member's network (:func:`~esdbs_ray.networks.build_network`; a growing member's grown as
+    ``growth``, a resumed controller, says) and its compression strategy (pruning masks are registered
+    now, before any checkpoint is loaded)."""
     model = build_network(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                           image_size=data.image_size, dropout=cfg.dropout, width=cfg.width, conv=cfg.conv,
                           basis=cfg.basis, seed=cfg.seed, winograd_impl=cfg.winograd_impl)
+    if growth is not None:
+        growth.rebuild(model)
     return model, build_compression(cfg, model)
 
 
@@ -267,8 +278,15 @@ class _Trainer:
             check_impl_runs(cfg.winograd_impl, self.device, self.compute_dtype, "train.winograd_impl")
             if self.device.type == "cpu":
                 tune_cpu_allocator()  # reuse the transforms' large buffers instead of page-faulting each step
-        self.model, self.compression = build_model(cfg, data)
         ckpt = load_checkpoint(resume_from, cfg.to_dict()) if resume_from is not None else None
+        self.growth = None  # a self-expanding member's controller (expansion.py)
+        if cfg.expansion.enabled:
+            from .expansion import GrowthController
+
+            self.growth = GrowthController.from_config(cfg, data, self.device)
+            if ckpt is not None and ckpt["state"].get("expansion"):
+                self.growth.load_state_dict(ckpt["state"]["expansion"])  # the architecture it grew
+        self.model, self.compression = build_model(cfg, data, self.growth)
         if ckpt is not None:  # basis layers of the checkpoint's shapes, before the optimizer sees the parameters
             self.compression.restore_structure(self.model, ckpt["model"])
         self.model.to(self.device)
@@ -383,7 +401,6 @@ class _Trainer:
     def finish_rung(self, epoch: int, rung_index: int, val: Scores, keep_probs: bool, last: bool) -> RungEnd:
         """``val``: the evaluation of the model's current weights on the validation split."""
         test = self.evaluate(self.test_batches, keep_probs)
-        counts = sparsity_accounting(self.model)
         history = self.state.history
         # the dense rung comes first, so all epochs so far are its own (fewer than cfg.epochs after a stop)
         epochs = history[-(len(history) if rung_index < 0 else self.cfg.retrain_epochs):]
@@ -391,19 +408,63 @@ class _Trainer:
             epochs = epochs[1:]  # the run's first epoch (start-up, lazy initialisation) is left out
         start = self.state.rung_start or {}
         self.state.rung_start = None
-        result = RungResult(
-            **self.compression.rung_key(rung_index), **counts,
-            layer_sparsity=self.compression.layer_sparsity() if rung_index >= 0 else {}, epoch=epoch,
-            val_accuracy=val.accuracy, val_loss=val.loss, test_accuracy=test.accuracy, test_loss=test.loss,
-            val_ece=val.ece, test_ece=test.ece,
-            train_seconds=self.state.train_seconds, steps=self.state.steps,
-            mean_epoch_seconds=sum(h.epoch_seconds for h in epochs) / len(epochs),
-            # multiplications, weights and filters beside the dense spatial network (compression.py)
-            **rung_counts(self.model, (self.data.in_channels, self.data.image_size, self.data.image_size)),
-            before_finetune=start.get("before_finetune"), direct_conversion=start.get("direct_conversion"),
-        )
+        result = self._result(epoch, Rung.of(self.compression.rung_key(rung_index)), val, test,
+                              layer_sparsity=self.compression.layer_sparsity() if rung_index >= 0 else {},
+                              mean_epoch_seconds=sum(h.epoch_seconds for h in epochs) / len(epochs),
+                              before_finetune=start.get("before_finetune"),
+                              direct_conversion=start.get("direct_conversion"))
         self.state.rungs.append(result)
-        return RungEnd(result, rung_index, self.model, val.probs, test.probs, last)
+        return RungEnd(result, rung_index, self.model, val.probs, test.probs, last,
+                       growth_ops=tuple(self.growth.ops) if self.growth is not None else ())
+
+    def _result(self, epoch: int, rung: Rung, val: Scores, test: Scores, **extra) -> RungResult:
+        """The record of the model as it is: sparsity, validation and test figures, training so far, and
+        the multiplications and weights beside the dense spatial network (compression.py)."""
+        return RungResult(
+            **rung.as_dict(), **sparsity_accounting(self.model), epoch=epoch, val_accuracy=val.accuracy,
+            val_loss=val.loss, test_accuracy=test.accuracy, test_loss=test.loss, val_ece=val.ece, test_ece=test.ece,
+            train_seconds=self.state.train_seconds, steps=self.state.steps,
+            **rung_counts(self.model, (self.data.in_channels, self.data.image_size, self.data.image_size)), **extra)
+
+    # -- growing members ----------------------------------------------------------------------------
+    def growth_due(self, epoch: int) -> bool:
+        return self.growth is not None and self.growth.due(epoch)
+
+    def check_growth(self, record: EpochRecord, val: Scores, keep_probs: bool, hooks) -> EpochRecord:
+        """The controller's check at the end of the record's epoch.  Before an expansion the network as
+        it is closes a level (evaluated on test, its predictions and weights written by the hooks); then
+        it grows, the optimizer keeping its state for the old parameters, and whatever holds the old
+        shapes (the divergence guard's snapshot, early stopping's best weights) starts afresh."""
+        from .expansion import carry_optimizer_state, count_params
+
+        d = self.growth.decide(self.model, record.epoch)
+        if d.expanded:
+            hooks.on_rung(self._level_end(record.epoch, val, keep_probs, d.decision))
+            change = self.growth.commit(self.model, d)
+            self.model.to(self.device)
+            self.optimizer = carry_optimizer_state(self.optimizer, build_optimizer(self.cfg, self.model), change)
+            self.compression = build_compression(self.cfg, self.model)  # masks for the new layers too
+            self.state.snapshot = self.state.early = None
+        return dataclasses.replace(record, params=count_params(self.model), expansion_ratio=d.ratio,
+                                   expansion=d.op, decision="; ".join(x for x in (record.decision, d.decision) if x))
+
+    def _level_end(self, epoch: int, val: Scores, keep_probs: bool, why: str) -> RungEnd:
+        from .expansion import count_params
+
+        test = self.evaluate(self.test_batches, keep_probs)
+        level = Rung(0.0, level=len(self.growth.ops))
+        result = self._result(epoch, level, val, test, params=count_params(self.model), expansion=why)
+        self.state.levels.append(result)
+        return RungEnd(result, -1, self.model, val.probs, test.probs, growth_ops=tuple(self.growth.ops))
+
+    def last_level(self, end: RungEnd) -> RungEnd:
+        """The dense phase's end closes the last level: the grown network, the dense rung's evaluation."""
+        from .expansion import count_params
+
+        r = dataclasses.replace(end.result, level=len(self.growth.ops), params=count_params(self.model),
+                                expansion="the grown network (end of the dense phase)")
+        self.state.levels.append(r)
+        return dataclasses.replace(end, result=r, last=False, growth_ops=tuple(self.growth.ops))
 
     def save(self) -> None:
         save_checkpoint(self.run.checkpoint, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
@@ -431,13 +492,19 @@ class _Trainer:
             basis_threshold=final.basis_threshold if final else None, basis=final.basis if final else None,
             batch_size_range=[min(h.batch_size for h in history), max(h.batch_size for h in history)],
             train_seconds=state.train_seconds, steps=state.steps,
-            mean_epoch_seconds=state.train_seconds / max(len(history), 1), rungs=list(rungs), history=list(history),
+            mean_epoch_seconds=state.train_seconds / max(len(history), 1), rungs=list(rungs),
+            levels=list(state.levels), expansion=self._expansion_summary(), history=list(history),
             config=cfg.to_dict(), device=str(self.device), train_size=len(data.train), val_size=len(data.val),
             test_size=len(data.test), provenance={}, class_names=list(data.class_names), epochs_run=len(history),
             early_stopping={k: v for k, v in (state.early or {}).items() if k != "weights"} or None,
             bmax=getattr(self.schedule, "bmax", None),  # DBS: the largest batch the schedule may reach
             winograd_impl=impl,
         )
+
+    def _expansion_summary(self) -> dict | None:
+        if self.growth is None:
+            return None
+        return {"ops": list(self.growth.ops), "checks": [d.to_dict() for d in self.growth.history]}
 
 
 def _early_stopping(cfg: TrainConfig, state: TrainState, model: nn.Module, epoch: int, val_loss: float) -> _Early | None:

@@ -49,10 +49,15 @@ def test_round_trip_schema_and_metadata(tmp_path):
     assert t.num_rows == 200
     splits = t["split"].to_pylist()
     assert splits.count("val") == 120 and splits.count("test") == 80
-    # read tables carry the optional basis_threshold column (null: not a BasisConv rung) so files of
-    # both kinds concatenate; the file itself keeps the canonical schema
-    assert t.schema.remove_metadata().equals(P.prediction_schema(C).append(P.OPTIONAL_FIELDS[0]))
-    assert t["basis_threshold"].null_count == t.num_rows
+    # read tables carry the optional columns (basis_threshold: null where not a BasisConv rung; level
+    # and params: null where not a growing member's level) so files of every kind concatenate; the
+    # file itself keeps the canonical schema
+    want = P.prediction_schema(C)
+    for f in P.OPTIONAL_FIELDS:
+        want = want.append(f)
+    assert t.schema.remove_metadata().equals(want)
+    for name in ("basis_threshold", "level", "params"):
+        assert t[name].null_count == t.num_rows
     assert t.schema.field("probs").type == pa.list_(pa.float32(), C)
     probs = np.asarray(t["probs"].to_pylist(), dtype=np.float64)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
