@@ -263,6 +263,31 @@ def test_score_equals_a_per_sample_loop_in_float64():
     assert m.training and all(mod.training for mod in m.modules())
 
 
+def test_the_activation_method_gives_the_loops_score():
+    """check_scores' default for spatial nets: every per-sample gradient from one batch forward and
+    backward per chunk (conv, BN, alpha, linear), equal to the loop and to torch.func."""
+    m = _trained(layer_in=1)  # a residual unit: its conv, BN and alpha are parameters too
+    x, y = _data(n=20, seed=6)
+    ref, lam = _loop_score(m, x, y)
+    for method in ("activations", "func"):
+        current, incs = E.check_scores(m, [], x, y, damping=1e-3, chunk=7, method=method)
+        assert incs == [] and current.numel == E.count_params(m)
+        assert current.eta == pytest.approx(ref, rel=1e-10) and current.lam == pytest.approx(lam, rel=1e-12)
+    to_winograd_relu(m, impl="reference")
+    with pytest.raises(ValueError, match="'activations' needs spatial convs"):
+        E.check_scores(m, [], x, y, method="activations")
+
+
+def test_controller_decides_alike_with_either_method():
+    a, b = _trained(), _trained()
+    x, y = _data(n=16, seed=10)
+    da = E.GrowthController(_settings(tau=1.0), x, y, seed=3, method="func").step(a, 0)
+    db = E.GrowthController(_settings(tau=1.0), x, y, seed=3, method="activations").step(b, 0)
+    assert (da.op, da.block, da.init) == (db.op, db.block, db.init)
+    assert [c.eta for c in da.candidates] == pytest.approx([c.eta for c in db.candidates], rel=1e-9)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.parametrize("op,block,amount", OPS)
 def test_candidate_score_is_the_current_plus_its_live_entries(op, block, amount):
     """At the function-preserving start only ``Change.live`` entries (outgoing weights, alpha) have a
