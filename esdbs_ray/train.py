@@ -478,8 +478,14 @@ class _Trainer:
         if cfg.conv == "winograd_relu":  # which implementation of the layer trained and evaluated it
             from .winograd import resolved_impls
 
+            from .winograd import winograd_layers
+
             impl = resolved_impls(self.device, self.compute_dtype,
                                   None if cfg.winograd_impl == "auto" else cfg.winograd_impl)
+            # per layer: the weights' density and the path its last training step and evaluation took
+            # (native-sparse where the sparse kernels pay, native-dense, or another implementation)
+            impl["layers"] = {name: {"density": round(float((layer.weight != 0).float().mean()), 6), **layer.ran}
+                              for name, layer in winograd_layers(self.model)}
         return MemberSummary(
             member=cfg.model, variant=None, model=cfg.model, dataset=data.describe(), epochs=cfg.total_epochs,
             dense_epochs=cfg.epochs,

@@ -23,7 +23,7 @@ from torch import nn
 
 from .models import ReLUConv2d
 from .winograd_dispatch import (IMPL_ENV, IMPLS, _check_impl, check_impl_runs, choose_impl, default_impl,
-                                fused_compile_log, resolved_impls, tune_cpu_allocator, winograd_relu_conv)
+                                fused_compile_log, resolved_impls, run_layer, tune_cpu_allocator, winograd_relu_conv)
 from .winograd_math import (AT, BT, G, _input_transform, _output_transform, _pad_nhwc, _tiles,
                             spatial_to_winograd)
 
@@ -67,6 +67,7 @@ class WinogradReLUConv2d(nn.Module):
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"in_channels and out_channels must be > 0, got {in_channels}, {out_channels}")
         self.in_channels, self.out_channels, self.relu = in_channels, out_channels, relu
+        self.ran: dict[str, str] = {}  # "training" / "inference" -> the path the layer's last call took
         self.impl = None if impl is None else _check_impl(impl)
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(16, in_channels, out_channels, **fk))
@@ -104,7 +105,10 @@ class WinogradReLUConv2d(nn.Module):
         return self.weight.detach().permute(2, 1, 0).reshape(self.out_channels, self.in_channels, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd_relu_conv(x, self.weight, self.bias, self.relu, self.impl)
+        y, path = run_layer(x, self.weight, self.bias, self.relu, self.impl, getattr(self, "weight_mask", None))
+        if not torch.compiler.is_compiling():  # which path the last training step and evaluation took
+            self.ran["training" if torch.is_grad_enabled() and self.training else "inference"] = path
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), padding=(1, 1), "

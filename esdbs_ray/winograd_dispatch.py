@@ -237,7 +237,7 @@ def _reset_fused_state() -> None:
 
 def winograd_relu_conv(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = True,
-    impl: str | None = None,
+    impl: str | None = None, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Functional form: x (N, C_in, H, W), u (16, C_in, C_out) -> (N, C_out, H, W).
 
@@ -245,8 +245,16 @@ def winograd_relu_conv(
     full copy per layer, and batch norm, pooling and the next Winograd layer all take channels-last
     input directly.  ``impl``: "auto" (default, or ``$ESDBS_WINOGRAD_IMPL``), "native", "fused",
     "triton", "reference" or "functional"; see :func:`choose_impl`.  Under autocast the layer computes in the autocast
-    dtype (e.g. bf16 on CUDA), all of it, like the GEMM-bound ops autocast lowers.
+    dtype (e.g. bf16 on CUDA), all of it, like the GEMM-bound ops autocast lowers.  ``mask``: the pruning
+    mask of ``u`` (1 = kept; ``u`` is zero elsewhere): where the native kernels run and the mask is sparse
+    enough, the 16 products run on its nonzeros only (:mod:`esdbs_ray.winograd_sparse`).
     """
+    return run_layer(x, u, bias, relu, impl, mask)[0]
+
+
+def run_layer(x, u, bias=None, relu=True, impl=None, mask=None) -> tuple[torch.Tensor, str]:
+    """:func:`winograd_relu_conv`, and which path ran it: the implementation, with "native" as
+    "native-sparse" or "native-dense" (what a member's summary records per layer)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if u.dim() != 3 or u.shape[0] != 16 or u.shape[1] != x.shape[1]:
@@ -256,15 +264,15 @@ def winograd_relu_conv(
         # Custom Functions run outside autocast: apply its policy for GEMM-bound ops here.
         dtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _winograd_run(x, u, bias, relu, impl, dtype)
+            return _winograd_run(x, u, bias, relu, impl, dtype, mask)
     if x.dtype != u.dtype:
         raise ValueError(f"x dtype {x.dtype} differs from weight dtype {u.dtype}")
-    return _winograd_run(x, u, bias, relu, impl, x.dtype)
+    return _winograd_run(x, u, bias, relu, impl, x.dtype, mask)
 
 
-def _winograd_run(x, u, bias, relu, impl, dtype) -> torch.Tensor:
+def _winograd_run(x, u, bias, relu, impl, dtype, mask=None) -> tuple[torch.Tensor, str]:
     if torch.compiler.is_compiling():  # part of the caller's graph (checked first: no env reads traced)
-        y = _winograd_traceable(x.to(dtype), u.to(dtype), relu)
+        y, choice = _winograd_traceable(x.to(dtype), u.to(dtype), relu), "functional"
     else:
         requested = default_impl() if impl is None else _check_impl(impl)
         choice = choose_impl(x, u, requested, dtype)
@@ -273,12 +281,18 @@ def _winograd_run(x, u, bias, relu, impl, dtype) -> torch.Tensor:
             x, u = x.to(dtype), u.to(dtype)
             if choice == "native" and not native.supports(x, u):
                 raise ValueError(f"impl 'native' runs float32 / float64 on CPU; got {dtype} on {x.device.type}")
-            fn = {"native": _WinogradNativeFn, "functional": _WinogradFunctionalFn,
-                  "triton": _WinogradTritonFn}.get(choice, _WinogradReLUFn)
-            y = fn.apply(x, u, relu)
+            if choice == "native":
+                from .winograd_sparse import sparse_conv_or_none
+
+                y = sparse_conv_or_none(x, u, mask, relu)
+                choice = "native-dense" if y is None else "native-sparse"
+            if y is None:
+                fn = {"native-dense": _WinogradNativeFn, "functional": _WinogradFunctionalFn,
+                      "triton": _WinogradTritonFn}.get(choice, _WinogradReLUFn)
+                y = fn.apply(x, u, relu)
     if bias is not None:
         y = y + bias.to(dtype).view(1, -1, 1, 1)
-    return y
+    return y, choice
 
 
 def tune_cpu_allocator() -> bool:
