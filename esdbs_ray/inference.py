@@ -85,9 +85,16 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Eval mode, batch norm folded, no parameter asks for a gradient; returns ``model``."""
+    """Eval mode, batch norm folded, no parameter asks for a gradient, and every pruned Winograd-ReLU
+    layer given back its mask (``weight_mask`` from the weights' zeros: an export folds the masks into
+    the weights) so that the sparse kernels can run it where they pay; returns ``model``."""
+    from .winograd import winograd_layers
+
     model.eval()
     fold_batchnorm(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    for _, layer in winograd_layers(model):
+        if getattr(layer, "weight_mask", None) is None and bool((layer.weight == 0).any()):
+            layer.register_buffer("weight_mask", (layer.weight != 0).to(layer.weight.dtype))
     return model

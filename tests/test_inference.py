@@ -59,6 +59,7 @@ def test_a_folded_winograd_layer_keeps_its_zeros_and_training_mode_is_refused():
     zeros = layer.weight == 0
     prepare_for_inference(model)
     assert torch.equal(layer.weight == 0, zeros) and layer.bias is not None
+    assert torch.equal(layer.weight_mask == 0, zeros)  # the mask back from the zeros: the sparse kernels' input
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(model.train())
