@@ -190,6 +190,7 @@ def bench_shape(e: dict, train_batch: int, infer_batch: int, repeats: int, densi
     out = {**e, "tiles_train": train_batch * ((h + 1) // 2) * ((w + 1) // 2),
            "tiles_infer": infer_batch * ((h + 1) // 2) * ((w + 1) // 2),
            "native_path": native.path(torch.float32, c, k, train_batch * ((h + 1) // 2) * ((w + 1) // 2)),
+           "native_path_infer": native.path(torch.float32, c, k, infer_batch * ((h + 1) // 2) * ((w + 1) // 2)),
            "densities": {}}
 
     # training step, batch train_batch
@@ -255,14 +256,26 @@ def bench_shape(e: dict, train_batch: int, infer_batch: int, repeats: int, densi
     return out
 
 
+MODES = {"train": "training", "infer": "inference"}
+
+
+def _dense_path(r: dict, mode: str) -> str:
+    """How the dense native layer ran this shape in this pass: "fused" or "unfused"."""
+    key = "native_path" if mode == "train" else "native_path_infer"
+    path = r.get(key) or native.path(torch.float32, r["c"], r["k"], r["tiles_train" if mode == "train" else "tiles_infer"])
+    return "fused" if path == "fused" else "unfused"
+
+
+def _chooses_sparse(rule: dict, r: dict, mode: str, density: float) -> bool:
+    """should_run_sparse's rule (CROSSOVER's form) applied to a measured shape."""
+    return r["c"] * r["k"] >= rule["min_ck"] and density <= rule[MODES[mode]][_dense_path(r, mode)]
+
+
 def _auto_ratio(r: dict, d: str, mode: str, rule: dict | None = None) -> float:
     """What auto runs against the dense layer: the sparse ratio where it chooses sparse, else 1.  The
-    choice: the module's rule as it was in this run (``auto_sparse_*``), or ``rule``'s thresholds."""
+    choice: the module's rule as it was in this run (``auto_sparse_*``), or ``rule``."""
     e = r["densities"][d]
-    if rule is None:
-        sparse = e[f"auto_sparse_{mode}"]
-    else:
-        sparse = r["c"] * r["k"] >= rule["min_ck"] and e["density"] <= rule[mode]
+    sparse = e[f"auto_sparse_{mode}"] if rule is None else _chooses_sparse(rule, r, mode, e["density"])
     return e[f"{mode}_vs_dense"] if sparse else 1.0
 
 
@@ -274,29 +287,35 @@ def _wins(rs: list[dict], key: str, mode: str) -> bool:
 
 
 def crossover(rows: list[dict], densities) -> dict:
-    """The rule of should_run_sparse: per pass, the largest tested density at which the sparse layer
-    wins (``_wins``) on the shapes with C * K >= 64^2; then min_ck, the smallest C * K from which on
-    it wins at both thresholds (on the shapes of that C * K and larger)."""
-    out: dict = {}
+    """The rule of should_run_sparse (winograd_sparse.CROSSOVER): per pass and per path the dense
+    layer takes there ("fused": band by band in cache, the stronger; "unfused"), the largest tested
+    density at which the sparse layer wins (``_wins``) on the shapes with C * K >= 64^2; then min_ck,
+    the smallest C * K from which on it wins on every (pass, path) class at those densities."""
     big = [r for r in rows if r["c"] * r["k"] >= TARGET_CK]
+    out: dict = {"per_class": {}}
+    rule: dict = {}
     for mode in ("train", "infer"):
-        per_density = {}
-        for d in densities:
-            key = f"{d:g}"
-            rs = [r["densities"][key][f"{mode}_vs_dense"] for r in big]
-            per_density[key] = {"shapes_sparse_faster": sum(v <= 1.0 for v in rs), "of": len(rs),
-                                "median_vs_dense": median(rs)}
-        ok = [d for d in densities if _wins(big, f"{d:g}", mode)]
-        out[mode] = {"per_density_ck_ge_4096": per_density, "threshold": max(ok) if ok else 0.0,
-                     "per_shape": {f"{r['c']}x{r['k']}@{r['h']}x{r['w']}": r[f"crossover_{mode}"] for r in rows}}
-    min_ck = None
+        rule[MODES[mode]] = {}
+        for path in ("fused", "unfused"):
+            rs = [r for r in big if _dense_path(r, mode) == path]
+            ok = [d for d in densities if _wins(rs, f"{d:g}", mode)]
+            rule[MODES[mode]][path] = max(ok) if ok else 0.0
+            out["per_class"][f"{mode}_{path}"] = {
+                "shapes": [f"{r['c']}x{r['k']}@{r['h']}x{r['w']}" for r in rs], "threshold": rule[MODES[mode]][path],
+                "median_vs_dense": {f"{d:g}": median(r["densities"][f"{d:g}"][f"{mode}_vs_dense"] for r in rs)
+                                    for d in densities},
+                "shapes_sparse_faster": {f"{d:g}": sum(r["densities"][f"{d:g}"][f"{mode}_vs_dense"] <= 1.0 for r in rs)
+                                         for d in densities}}
+    rule["min_ck"] = TARGET_CK
     for ck in sorted({r["c"] * r["k"] for r in rows}):
         rs = [r for r in rows if r["c"] * r["k"] >= ck]
-        if all(out[m]["threshold"] == 0.0 or _wins(rs, f"{out[m]['threshold']:g}", m) for m in ("train", "infer")):
-            min_ck = ck
+        if all(not [r for r in rs if _dense_path(r, m) == path] or rule[MODES[m]][path] == 0.0
+               or _wins([r for r in rs if _dense_path(r, m) == path], f"{rule[MODES[m]][path]:g}", m)
+               for m in MODES for path in ("fused", "unfused")):
+            rule["min_ck"] = ck
             break
-    out["rule"] = {"train": out["train"]["threshold"], "infer": out["infer"]["threshold"],
-                   "min_ck": min_ck if min_ck is not None else TARGET_CK}
+    out["per_shape"] = {f"{r['c']}x{r['k']}@{r['h']}x{r['w']}": {m: r[f"crossover_{m}"] for m in MODES} for r in rows}
+    out["rule"] = rule
     return out
 
 
@@ -352,7 +371,21 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*", default=None, metavar="CxKxHxW", help="only these shapes")
     ap.add_argument("--no-malloc-tuning", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reanalyse", default=None, metavar="JSON",
+                    help="derive the summary and crossover again from a results file's measurements, no timing")
     args = ap.parse_args(argv)
+    if args.reanalyse:
+        doc = json.loads(Path(args.reanalyse).read_text())
+        doc["crossover"] = crossover(doc["results"], DENSITIES)
+        doc["summary"] = summarise(doc["results"], DENSITIES, doc["crossover"]["rule"])
+        doc["provenance"]["reanalysed_by"] = " ".join(sys.argv)
+        print(json.dumps({"targets": doc["summary"].get("targets"), "rule": doc["crossover"]["rule"]}, indent=1))
+        path = Path(args.out or args.reanalyse)
+        from esdbs_ray import storage
+
+        storage.write_json(path, doc)
+        print(f"wrote {path}")
+        return 0
 
     from esdbs_ray.winograd import tune_cpu_allocator
 

@@ -13,6 +13,7 @@
 // each 4x4 input tile is read once and the 16 planes are written once.  B^T, A^T hold only 0 and +-1:
 // the transforms are additions, written out below as in Lavin & Gray (paper eq. 1 and 2).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -510,7 +511,7 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
   {
     std::vector<float> Vb(16 * br * tw * C), dMb(16 * br * tw * K), dVb(need_x ? 16 * br * tw * C : 0);
     std::vector<float> zc(C, 0.0f), zk(K, 0.0f), sink(16 * C);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  // (a group's results do not depend on the thread that computes it)
     for (i64 g = 0; g < G; ++g) {
       const i64 n0 = g * N / G, n1 = (g + 1) * N / G;
       float* part = need_u ? partial.data() + g * 16 * C * K : nullptr;
@@ -658,7 +659,7 @@ T* thread_scratch(int slot, i64 n) {
   }
   return b.p;
 }
-enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB };
+enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB, SLOT_VALS };
 
 // optional timing of the phases (bench/sparse_winograd.py's profile): seconds per phase, summed over
 // threads, added into `out` (nullptr: no clock reads)
@@ -1139,9 +1140,11 @@ inline void backward_products(const T* vals, const Rows& rows, const T* VT, cons
 // output channel the storage order walks U's rows a K-stride apart, which no hardware prefetcher
 // follows: the address PF nonzeros ahead is prefetched (C = K = 512 at 20 %: 4.4 ns a nonzero
 // without, ~2.5 with -- about one read of U).
-// Shared by the calling team (`omp for`, without its barrier: the caller's next loop has one), or
-// by the caller alone before its parallel region where there is little to gather (SERIAL_GATHER).
-constexpr i64 SERIAL_GATHER = i64(1) << 15;
+// Where the structure is small each thread gathers its own copy (PRIVATE_GATHER values at most): no
+// barrier after it, so a thread that starts late -- the cores busy with other processes, as on the
+// project's shared 2-core machines -- holds no one up; else the team shares one copy (`omp for`,
+// then a barrier).
+constexpr i64 PRIVATE_GATHER = i64(1) << 20;
 template <typename T>
 void gather(const T* __restrict U, const int32_t* __restrict flat, i64 nnz, T* __restrict vals, bool team) {
   constexpr i64 PF = 256;
@@ -1152,11 +1155,23 @@ void gather(const T* __restrict U, const int32_t* __restrict flat, i64 nnz, T* _
     }
     return;
   }
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(static)
   for (i64 e = 0; e < nnz; ++e) {
     if (e + PF < nnz) __builtin_prefetch(U + flat[e + PF]);
     vals[e] = U[flat[e]];
   }
+}
+
+// this thread's copy of the values, or the team's (see gather)
+template <typename T>
+const T* team_values(const T* U, const int32_t* flat, i64 nnz, T* shared) {
+  if (nnz <= PRIVATE_GATHER) {
+    T* v = thread_scratch<T>(SLOT_VALS, std::max<i64>(1, nnz));
+    gather(U, flat, nnz, v, false);
+    return v;
+  }
+  gather(U, flat, nnz, shared, true);  // (the omp for's barrier: all of it there)
+  return shared;
 }
 
 // tile t of the batch -> image n, tile row i, tile column j; next(): tile t + 1 (no divisions)
@@ -1351,46 +1366,38 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
     const Rows rp = rows_of(fptr, fidx, p, K, C);
     live[p] = rp.last() > rp.first();
   }
-  Aligned<T> vals(nnz);
-  const bool team_gather = nnz >= SERIAL_GATHER;
-  if (!team_gather) {
-    Prof prof(prof_out);
-    gather(U, fflat, nnz, vals.data(), false);
-    prof.lap(PH_PACK);
-    prof.flush();
-  }
+  Aligned<T> shared(nnz > PRIVATE_GATHER ? nnz : 0);
+  std::atomic<i64> next{0};  // the next band to claim: threads take bands as they come (a late one takes fewer)
 #pragma omp parallel num_threads(nt)
   {
     Prof prof(prof_out);
-    if (team_gather) {
-      gather(U, fflat, nnz, vals.data(), true);
-#pragma omp barrier
-      prof.lap(PH_PACK);
-    }
+    const T* vals = team_values(U, fflat, nnz, shared.data());
+    prof.lap(PH_PACK);
     T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * 16);
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* MT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
     T* Yb = thread_scratch<T>(SLOT_YB, 4 * K * ld);
     std::vector<T*> drow(4 * TB);
     std::vector<T> zc(C, T(0));
-#pragma omp for schedule(static)
-    for (i64 b = 0; b < bands; ++b) {
+    for (i64 b = next.fetch_add(1); b < bands;) {
+      const i64 b1 = next.fetch_add(1);  // this thread's next band, claimed now so that its input is prefetched
       const i64 t0 = b * TB, nb = std::min(TB, tiles - t0), nbp = (nb + 15) / 16 * 16;
       band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
-      const i64 t1 = t0 + nb, nb1 = std::min(TB, tiles - t1);  // the next band (this thread's, mostly)
-      const Span xs = band_span(x, t1, nb1, th, tw, H, W, C, true), ys = band_span(y, t0, nb, th, tw, H, W, K, false);
+      const Span xs = b1 < bands ? band_span(x, b1 * TB, std::min(TB, tiles - b1 * TB), th, tw, H, W, C, true) : Span{};
+      const Span ys = band_span(y, t0, nb, th, tw, H, W, K, false);
       for (i64 p = 0; p < 16; ++p) {
         prefetch_part(xs, p, 16, false);
         prefetch_part(ys, p, 16, true);
         T* Mp = MT + p * K * ld;
         if (live[p])
-          spmm(vals.data(), rows_of(fptr, fidx, p, K, C), (const T*)(VT + p * C * ld), Mp, ld, nbp);
+          spmm(vals, rows_of(fptr, fidx, p, K, C), (const T*)(VT + p * C * ld), Mp, ld, nbp);
         else
           for (i64 k = 0; k < K; ++k) std::fill(Mp + k * ld, Mp + k * ld + nbp, T(0));
       }
       prof.lap(PH_MUL);
       band_output((const T*)MT, ld, TB, t0, nb, th, tw, H, W, K, y, Yb, drow.data());
       prof.lap(PH_OUT);
+      b = b1;
     }
     prof.flush();
   }
@@ -1412,29 +1419,19 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
     const Rows rp = rows_of(bptr, bidx, p, C, K);
     live[p] = rp.last() > rp.first();
   }
-  Aligned<T> vals(nnz), part(need_u ? G * nnz : 0);
-  const bool team_gather = nnz >= SERIAL_GATHER;
-  if (!team_gather) {
-    Prof prof(prof_out);
-    gather(U, bflat, nnz, vals.data(), false);
-    prof.lap(PH_PACK);
-    prof.flush();
-  }
+  Aligned<T> shared(nnz > PRIVATE_GATHER ? nnz : 0), part(need_u ? G * nnz : 0);
 #pragma omp parallel num_threads(nt)
   {
     Prof prof(prof_out);
-    if (team_gather) {
-      gather(U, bflat, nnz, vals.data(), true);
-#pragma omp barrier
-      prof.lap(PH_PACK);
-    }
+    const T* vals = team_values(U, bflat, nnz, shared.data());
+    prof.lap(PH_PACK);
     T* Sb = thread_scratch<T>(SLOT_S, 16 * 16 * 16);
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* dMT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
     T* dVT = need_x ? thread_scratch<T>(SLOT_DVT, 16 * C * ld) : nullptr;
     T* Yb = thread_scratch<T>(SLOT_YB, 4 * 16 * 16);
     std::vector<T> zc(C, T(0)), sink(16 * C);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  // (a group's results do not depend on the thread that computes it)
     for (i64 g = 0; g < G; ++g) {
       const i64 n0 = g * N / G, n1 = (g + 1) * N / G;
       if (need_x) std::fill(dx + n0 * H * W * C, dx + n1 * H * W * C, T(0));
@@ -1448,7 +1445,7 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
           for (i64 p = 0; p < 16; ++p) {
             T* dVp = dVT + p * C * ld;
             if (live[p])
-              backward_products<T, RELU>(vals.data(), rows_of(bptr, bidx, p, C, K), VT + p * C * ld,
+              backward_products<T, RELU>(vals, rows_of(bptr, bidx, p, C, K), VT + p * C * ld,
                                          dMT + p * K * ld, dVp, ld, nbp, part.data() + g * nnz);
             else
               for (i64 c = 0; c < C; ++c) std::fill(dVp + c * ld, dVp + c * ld + nbp, T(0));
@@ -1464,7 +1461,7 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
           for (i64 p = 0; p < 16; ++p) {
             T* dVp = dVT + p * C * ld;
             if (live[p]) {
-              spmm(vals.data(), rows_of(bptr, bidx, p, C, K), (const T*)(dMT + p * K * ld), dVp, ld, nbp);
+              spmm(vals, rows_of(bptr, bidx, p, C, K), (const T*)(dMT + p * K * ld), dVp, ld, nbp);
               if (RELU) relu_mask(dVp, (const T*)(VT + p * C * ld), C, ld, nbp);
             } else {
               for (i64 c = 0; c < C; ++c) std::fill(dVp + c * ld, dVp + c * ld + nbp, T(0));

@@ -68,10 +68,14 @@ PHASES = ("pack", "input_transform", "transpose_v", "products_fwd", "transpose_m
           "output_adjoint", "transpose_dm", "products_du", "products_dv", "transpose_dv", "input_adjoint",
           "du_reduce")
 
-# Densities at or below which the sparse layer runs, by pass, and the smallest C * K for which it
-# does; the measurement behind them: bench/sparse_winograd.py (bench/results/sparse_winograd.json,
-# "crossover").  Filled in from the benchmark below.
-CROSSOVER = {"inference": 0.6, "training": 0.5, "min_ck": 16 * 16}
+# The rule of should_run_sparse: per pass, and per path the dense native layer would take for the
+# layer ("fused": band by band in cache, where C * K <= 128^2 and the batch has >= 64 K tiles;
+# "unfused" otherwise), the density at or below which the sparse layer runs; and the smallest C * K
+# for which it does.  Derived by bench/sparse_winograd.py (bench/results/sparse_winograd.json,
+# "crossover"): the largest tested density at which the sparse layer was at least as fast as the
+# dense one in median and on 3 of 4 shapes or more of that class.
+CROSSOVER = {"training": {"fused": 0.5, "unfused": 0.8}, "inference": {"fused": 0.3, "unfused": 0.5},
+             "min_ck": 64}
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
@@ -264,16 +268,23 @@ def kernels_vectorised() -> bool:
 
 
 def should_run_sparse(density: float, c: int, k: int, tiles: int, training: bool) -> bool:
-    """Whether a C -> K layer at this weight density runs faster sparse than dense, for a training
+    """Whether a C -> K layer at this weight density runs faster sparse than dense: for a training
     step (forward and backward) or an inference forward over ``tiles`` 2x2 output tiles
     (N * ceil(H/2) * ceil(W/2)), float32 on the AVX-512 kernels.
 
-    The rule: sparse at density <= CROSSOVER["training"] / ["inference"], for C * K >=
-    CROSSOVER["min_ck"] and at least one tile.  The thresholds are where the sparse layer's time
-    crossed the dense native layer's in bench/sparse_winograd.py (see its JSON's "crossover")."""
+    The rule (``CROSSOVER``): sparse when C * K >= CROSSOVER["min_ck"] and the density is at most the
+    threshold of the pass for the path the dense native layer would take (``winograd_native.path``:
+    fused band by band -- the stronger competitor -- or unfused).  The thresholds are where the
+    sparse layer's time crossed the dense layer's in bench/sparse_winograd.py, recorded in
+    bench/results/sparse_winograd.json ("crossover"); below min_ck the transforms, which the sparse
+    layer does not shorten, outweigh the products."""
     if tiles <= 0 or c * k < CROSSOVER["min_ck"]:
         return False
-    return density <= CROSSOVER["training" if training else "inference"]
+    try:
+        dense = native.path(torch.float32, c, k, tiles)
+    except native.NativeUnavailable:
+        return False
+    return density <= CROSSOVER["training" if training else "inference"]["fused" if dense == "fused" else "unfused"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -390,15 +390,24 @@ def test_input_changed_in_place_after_forward_is_caught():
 # the choice
 # --------------------------------------------------------------------------------------------------
 def test_should_run_sparse_rule():
-    ck = max(ws.CROSSOVER["min_ck"], 64 * 64)
-    assert not ws.should_run_sparse(1.0, 64, 64, 1000, True)
-    assert not ws.should_run_sparse(1.0, 64, 64, 1000, False)
+    """Sparse at or below the pass's threshold for the path the dense layer would take (fused band by
+    band where C * K <= 128^2 and the batch has many tiles, else unfused), from min_ck on."""
+    rule = ws.CROSSOVER
+    c = 64
+    k = max(2, -(-rule["min_ck"] // c))
+    paths = {native.path(torch.float32, c, k, tiles) for tiles in (1, 1 << 20)}
+    assert paths == {"fused", "unfused"} or not ws.kernels_vectorised()  # both classes exercised
     for training in (True, False):
-        t = ws.CROSSOVER["training" if training else "inference"]
-        assert ws.should_run_sparse(t, 64, ck // 64, 1000, training)
-        assert not ws.should_run_sparse(min(1.0, t + 0.05), 64, ck // 64, 1000, training)
-        assert not ws.should_run_sparse(0.1, 64, ck // 64, 0, training)  # no tiles
-    assert not ws.should_run_sparse(0.1, 2, 2, 1000, True) or ws.CROSSOVER["min_ck"] <= 4
+        for tiles in (1, 1 << 20):
+            path = "fused" if native.path(torch.float32, c, k, tiles) == "fused" else "unfused"
+            t = rule["training" if training else "inference"][path]
+            assert 0.0 <= t < 1.0  # density 1: dense, always
+            assert ws.should_run_sparse(t, c, k, tiles, training) == (t > 0)
+            assert not ws.should_run_sparse(t + 0.01, c, k, tiles, training)
+            assert not ws.should_run_sparse(1.0, c, k, tiles, training)
+        assert not ws.should_run_sparse(0.01, c, k, 0, training)  # no tiles
+        if rule["min_ck"] > 1:
+            assert not ws.should_run_sparse(0.01, 1, rule["min_ck"] - 1, 1 << 20, training)
 
 
 def test_sparse_conv_or_none_follows_the_switch(monkeypatch):
