@@ -768,6 +768,7 @@ class TrialSpec(_Model):
     stacked: Bool
     train: TrainConfig
     export_sparsity: Fraction | None = None
+    keep_all_weights: Bool = False  # keep the weights of every rung of the ladder, not only export_sparsity's
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,6 +829,9 @@ class PipelineConfig(_Model):
     tracking: TrackingConfig = TrackingConfig()
     checkpoints_to_keep: PosInt = 2
     max_failures: NonNegInt = 2
+    # Which rungs' weights each trial keeps for `esdbs export` (OUT/weights/): "stacked" the rung its
+    # group's stack uses; "all" every rung of its ladder (exports at any sparsity; MBs per rung).
+    keep_weights: Literal["stacked", "all"] = "stacked"
 
     @model_validator(mode="before")
     @classmethod
@@ -935,7 +939,8 @@ class PipelineConfig(_Model):
                 where = f"trial {member} (members / variant_overrides / train)"
                 specs.append(validate(TrialSpec, {"member": member, "variant": g["variant"], "group": g["group"],
                                                   "batch_size": g["batch_size"], "stacked": stacked,
-                                                  "train": train, "export_sparsity": export}, where))
+                                                  "train": train, "export_sparsity": export,
+                                                  "keep_all_weights": self.keep_weights == "all"}, where))
         return specs
 
     # -- (de)serialisation -------------------------------------------------------------------------

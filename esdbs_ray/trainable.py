@@ -84,13 +84,22 @@ def train_member(config: dict, *, specs: dict[str, TrialSpec], data, experiment_
     spec = specs[config["member"]]
     summary = _run(spec.train, spec.member, data=data, experiment_dir=experiment_dir, group=spec.group,
                    provenance=provenance,
-                   keep_weights=() if spec.export_sparsity is None else (spec.export_sparsity,))
+                   keep_weights=_kept_rungs(spec))
     # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
     # shared experiment directory, like the predictions: the driver reads it back, not Tune's
     # flattened metrics.
     summary = summary.replace(variant=spec.variant, group=spec.group, batch_size=spec.batch_size,
                               config=spec.train.to_dict())
     storage.write_json(ExperimentLayout(experiment_dir).member(spec.member), summary.to_dict())
+
+
+def _kept_rungs(spec: TrialSpec) -> tuple[float, ...]:
+    """The rungs whose weights the trial keeps: the stacked one, or with keep_weights "all" every rung."""
+    if spec.export_sparsity is None:
+        return ()
+    if spec.keep_all_weights:
+        return (0.0, *spec.train.sparsity_ladder) if spec.train.epochs else tuple(spec.train.sparsity_ladder)
+    return (spec.export_sparsity,)
 
 
 def train_dbs_trial(config: dict, *, data, base: dict, provenance: dict) -> None:
