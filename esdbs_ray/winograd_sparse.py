@@ -72,8 +72,8 @@ PHASES = ("pack", "input_transform", "transpose_v", "products_fwd", "transpose_m
 # layer ("fused": band by band in cache, where C * K <= 128^2 and the batch has >= 64 K tiles;
 # "unfused" otherwise), the density at or below which the sparse layer runs; and the smallest C * K
 # for which it does.  Derived by bench/sparse_winograd.py (bench/results/sparse_winograd.json,
-# "crossover"): the largest tested density at which the sparse layer was at least as fast as the
-# dense one in median and on 3 of 4 shapes or more of that class.
+# "crossover"): the largest tested density at which the sparse layer was faster than the dense one
+# by 5 % or more in median and at least as fast on 3 of 4 shapes of that class (C * K >= 64^2).
 CROSSOVER = {"training": {"fused": 0.5, "unfused": 0.8}, "inference": {"fused": 0.3, "unfused": 0.5},
              "min_ck": 64}
 
