@@ -95,6 +95,10 @@ def add_run(sub) -> None:
     p.add_argument("--calibrate", action="store_true", help="with --dry-run: also time a training step of each "
                    "member here (a few seconds) and estimate the wall time on this machine")
     p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
+    p.add_argument("--expansion-search", action="store_true",
+                   help="also run the expansion search stage: a Tune search over the growth settings (tau, penalty; "
+                        "config section expansion_search) of the config's growing member; writes "
+                        "expansion_search.json, whose chosen values a run takes with --set train.expansion.tau=...")
     _dbs_constants_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -177,11 +181,14 @@ def cmd_run(args) -> int:
     check_num_cpus(args)
     if args.resume:
         given = [f for f, v in (("--config", args.config), ("--preset", args.preset), ("--out", args.out),
-                                ("--scale", args.scale), ("--set", args.set), ("--force", args.force)) if v]
+                                ("--scale", args.scale), ("--set", args.set), ("--force", args.force),
+                                ("--expansion-search", args.expansion_search)) if v]
         if given:
             raise ConfigError(f"--resume DIR continues DIR with its saved config.yaml; drop {', '.join(given)}")
         cfg, out = load_resumed_config(args.resume), args.resume
     else:
+        if args.expansion_search:  # validated with the rest: the config must have a growing member
+            args.set = [*args.set, "run_expansion_search=true"]
         cfg = pipeline_config(args)
         out = args.out or default_out(cfg.name)
     if args.dry_run:
@@ -189,10 +196,45 @@ def cmd_run(args) -> int:
         print(f"# {len(cfg.trials())} trial(s) -> {out}")
         print(format_trials(cfg))
         print(cost_line(cfg, calibrate=args.calibrate))
+        if cfg.run_expansion_search:
+            s = cfg.expansion_search
+            from .expansion_search import search_points
+
+            n = len(search_points(s.space, s.num_samples, 0, s.seeds))
+            print(f"# expansion search: {n} trial(s) of {s.epochs} epochs, member "
+                  f"{cfg.expansion_search_trial().member}, over {', '.join(s.space)}")
         return 0
     run_pipeline(cfg, out, resume=bool(args.resume), force=args.force, address=args.address,
                  num_cpus=args.num_cpus, progress=not args.quiet, verbose=args.verbose)
+    if cfg.run_expansion_search:
+        _expansion_search_stage(cfg, out, quiet=args.quiet)
     return 0
+
+
+def _expansion_search_stage(cfg, out: str, *, quiet: bool) -> None:
+    """After the base and stacking stages (Ray is up, the directory claimed): the expansion search."""
+    from .data import load_configured
+    from .expansion_search import format_search, run_expansion_search
+    from .layout import ExperimentLayout
+
+    layout = ExperimentLayout.at(out)
+    record = run_expansion_search(cfg, layout, load_configured(cfg), progress=not quiet)
+    chosen = ", ".join(f"{k} {v:g}" for k, v in record["chosen"].items())
+    if not quiet:
+        print(format_search(record))
+    print(f"[esdbs] expansion search ({record['member']}, {record['epochs']} epochs, {record['seeds']} seed(s)): "
+          f"chosen {chosen} -> {layout.root}/expansion_search.json (reuse: "
+          + " ".join(f"--set train.expansion.{k}={_yaml_number(v)}" for k, v in record["chosen"].items()) + ")",
+          flush=True)
+
+
+def _yaml_number(v) -> str:
+    """``v`` as --set reads it back as a number: YAML takes 1e-09 for text, 1.0e-09 for a float."""
+    if isinstance(v, int):
+        return str(v)
+    text = repr(float(v))
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
 
 
 def add_config(sub) -> None:

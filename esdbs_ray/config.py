@@ -46,6 +46,7 @@ __all__ = [
     "AUGMENT_OPS",
     "BasisConfig", "VARIANT_LADDERS", "variant_ladder",  # BasisConv
     "ExpansionConfig",  # self-expanding secnn members (esdbs_ray/expansion.py)
+    "ExpansionSearchConfig", "EXPANSION_SEARCH_KEYS",  # esdbs run --expansion-search (expansion_search.py)
 ]
 
 
@@ -640,10 +641,22 @@ def _overrides(v: Any) -> dict:
 Overrides = Annotated[dict[str, Any], BeforeValidator(_overrides)]
 
 
+# A member's name: its trials' names, file names (predictions, weights, members/<name>.json) and Tune's.
+MemberName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")]
+_MEMBER_KEYS = ("model", "name", "seed")  # a member mapping's own keys; the rest are its train settings
+
+
 class MemberSpec(_Model):
-    """One base CNN of the stack; ``overrides`` are train settings for this member only."""
+    """One base CNN of the stack; ``overrides`` are train settings for this member only.
+
+    ``name``: the member's (and its trials') name; None gives the model's name, and a model's second,
+    third, ... unnamed member ``<model>-2``, ``<model>-3`` (:meth:`PipelineConfig.member_names`).
+    ``seed``: this member's initialisation, batch order and growth draws (None: the config's ``seed``);
+    the validation split is the config's for every member, so their predictions stack."""
 
     model: ModelName
+    name: MemberName | None = None
+    seed: NonNegInt | None = None
     overrides: Overrides = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -652,19 +665,24 @@ class MemberSpec(_Model):
         if isinstance(data, str):
             return {"model": data}
         if isinstance(data, dict) and "overrides" not in data and "model" in data:
-            return {"model": data["model"], "overrides": {k: v for k, v in data.items() if k != "model"}}
+            return {**{k: data[k] for k in _MEMBER_KEYS if k in data},
+                    "overrides": {k: v for k, v in data.items() if k not in _MEMBER_KEYS}}
         if not isinstance(data, (dict, cls)):
             raise ValueError(f"a member is a model name or a mapping with 'model', got {data!r}")
         return data
 
     def to_yaml(self) -> Any:
-        return {"model": self.model, **self.overrides} if self.overrides else self.model
+        own = {k: v for k, v in (("name", self.name), ("seed", self.seed)) if v is not None}
+        return {"model": self.model, **own, **self.overrides} if own or self.overrides else self.model
 
 
 # What a user writes for a member: a model name, or a mapping with "model" and train settings.
 _MEMBER_SCHEMA = {"anyOf": [
     {"type": "string", "enum": list(MODEL_NAMES)},
-    {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "enum": list(MODEL_NAMES)}}},
+    {"type": "object", "required": ["model"], "properties": {
+        "model": {"type": "string", "enum": list(MODEL_NAMES)},
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", "maxLength": 64},
+        "seed": {"type": "integer", "minimum": 0}}},
 ]}
 
 
@@ -741,6 +759,57 @@ class DBSSearchConfig(_Model):
         if self.grace_period > self.epochs:
             raise ValueError(f"grace_period={self.grace_period} exceeds epochs={self.epochs}")
         return self
+
+
+# What the expansion search may vary: the growth settings that decide when and how a member grows.
+EXPANSION_SEARCH_KEYS = ("tau", "penalty", "cooldown", "check_every", "widen_channels", "n_init", "damping")
+
+
+def _expansion_space(v: Any) -> dict:
+    """Growth setting -> {uniform|loguniform|randint: [low, high]} or {choice|grid: [values]}, each value
+    one the setting takes (``grid``: every value is tried, ``choice``: drawn)."""
+    if not isinstance(v, dict) or not v:
+        raise ValueError("expected a non-empty mapping of growth setting -> {kind: arguments}")
+    kinds = {**_SEARCH_KINDS, "grid": 1}
+    for key, spec in v.items():
+        if key not in EXPANSION_SEARCH_KEYS:
+            raise ValueError(f"{key!r} is not a searchable growth setting; choose from {', '.join(EXPANSION_SEARCH_KEYS)}")
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds):
+            raise ValueError(f"{key}: expected one of {sorted(kinds)} mapping to its arguments")
+        kind, args = next(iter(spec.items()))
+        listed = kind in ("choice", "grid")
+        if not isinstance(args, (list, tuple)) or not args or (not listed and len(args) != 2):
+            raise ValueError(f"{key}.{kind}: expected a list of {'values' if listed else '[low, high]'}")
+        if not listed and not args[0] < args[1]:
+            raise ValueError(f"{key}.{kind}: low must be < high")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"{key}.loguniform: bounds must be > 0")
+        for a in args:  # every value (or bound) must be one the setting accepts
+            try:
+                ExpansionConfig.model_validate({key: a})
+            except ValidationError as exc:
+                raise ValueError(f"{key}.{kind}: {format_validation_error(exc)}") from None
+    return dict(v)
+
+
+class ExpansionSearchConfig(_Model):
+    """``esdbs run --expansion-search``: a Tune experiment over the growth settings (``space``) of one
+    growing member -- ``member`` by name, else the first with ``train.expansion.enabled`` -- each
+    setting trained with ``seeds`` seeds (``seed``, +1, ...; None: the member's seed) for ``epochs`` dense
+    epochs, every trial to the end (no early stopping: growth late in a run would be cut off).  The choice: the setting
+    with the fewest final parameters among those whose mean validation accuracy at the last epoch is
+    within one standard error of the best (``expansion_search.py``)."""
+
+    member: MemberName | None = None
+    epochs: PosInt = 6
+    seeds: PosInt = 1
+    # Seeds apart from the members' keep the run's members out of the choice of their own settings.
+    seed: NonNegInt | None = None
+    num_samples: PosInt = 1  # draws of the space: every grid point this many times, sampled kinds drawn anew
+    space: Annotated[dict[str, Any], BeforeValidator(_expansion_space)] = Field(default_factory=lambda: {
+        "tau": {"grid": [1.05, 1.1, 1.2, 1.5, 2.0]},
+        "penalty": {"grid": [0.0, 1e-9, 1e-8]},
+    })
 
 
 class BatchSweepConfig(_Model):
@@ -826,6 +895,8 @@ class PipelineConfig(_Model):
     resources: ResourcesConfig = ResourcesConfig()
     dbs_search: DBSSearchConfig = DBSSearchConfig()
     run_dbs_search: Bool = False
+    expansion_search: ExpansionSearchConfig = ExpansionSearchConfig()  # esdbs run --expansion-search
+    run_expansion_search: Bool = False
     tracking: TrackingConfig = TrackingConfig()
     checkpoints_to_keep: PosInt = 2
     max_failures: NonNegInt = 2
@@ -856,9 +927,16 @@ class PipelineConfig(_Model):
             raise ValueError("variants: at least one variant is required; choose from " + ", ".join(VARIANTS))
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants: duplicates in {list(self.variants)}")
-        names = [m.model for m in self.members]
-        if len(set(names)) != len(names):
-            raise ValueError(f"members: duplicate model names {names}; give each member a distinct model")
+        trains = [(m.model, m.overrides, self.seed if m.seed is None else m.seed) for m in self.members]
+        for i, t in enumerate(trains):
+            if t in trains[:i]:
+                raise ValueError(f"members: duplicate members {trains.index(t)} and {i} ({t[0]}): both would train "
+                                 "the same network with the same seed; give one another seed: or other settings")
+        names = self.member_names()
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"members.{i}: two members named {n!r}; give each a distinct name: (repeats of a "
+                                 "model are named <model>-2, <model>-3, ...)")
         if any(parse_variant(v)[2] for v in self.variants) and len(self.members) < 2:
             raise ValueError("members: a stacked variant needs at least two members")
         for v in self.variants:
@@ -877,6 +955,12 @@ class PipelineConfig(_Model):
             raise ValueError(f"batch_sweep.sparsity={self.batch_sweep.sparsity} is not a rung of "
                              f"train.sparsity_ladder {list(ladder)}")
         self.trials()  # every trial's TrainConfig is valid now, at the edge
+        search = self.expansion_search
+        if search.member is not None and search.member not in names:
+            raise ValueError(f"expansion_search.member={search.member!r}: no such member; members: {', '.join(names)}")
+        if self.run_expansion_search and self.expansion_search_trial() is None:
+            raise ValueError("run_expansion_search: needs a growing member (model secnn with expansion.enabled: true)"
+                             + (f"; member {search.member!r} does not grow" if search.member else ""))
         return self
 
     # -- per-trial configs -------------------------------------------------------------------------
@@ -911,9 +995,36 @@ class PipelineConfig(_Model):
             return None, None
         return (self.stack.sparsity if group in self.variants else self.batch_sweep.sparsity), None
 
+    def member_names(self) -> list[str]:
+        """Each member's name, in order: its ``name``, else its model's, the second, third, ... unnamed
+        member of one model ``<model>-2``, ``<model>-3`` (a config of distinct models names its members
+        by their models, as it always has)."""
+        seen: dict[str, int] = {}
+        names = []
+        for m in self.members:
+            if m.name is None:
+                seen[m.model] = seen.get(m.model, 0) + 1
+            names.append(m.name or (m.model if seen[m.model] == 1 else f"{m.model}-{seen[m.model]}"))
+        return names
+
+    def expansion_search_trial(self) -> TrialSpec | None:
+        """The trial whose settings ``--expansion-search`` varies: ``expansion_search.member`` (else the
+        first growing member) in the first group that trains it; None if that member does not grow."""
+        want = self.expansion_search.member
+        single = len(self.groups()) == 1
+        for t in self.trials():
+            name = t.member if single else t.member.removeprefix(f"{slug(t.group)}-")
+            if want is None or name == want:
+                if t.train.expansion.enabled:
+                    return t
+                if want is not None:
+                    return None
+        return None
+
     def trials(self) -> list[TrialSpec]:
         specs = []
         groups = self.groups()
+        names = self.member_names()
         for g in groups:
             conv, schedule, stacked = parse_variant(g["variant"])
             base = g["variant"].removesuffix("+DBS")
@@ -924,18 +1035,19 @@ class PipelineConfig(_Model):
                 export = g["ladder"][-1] if g["ladder"] else 0.0
             if g["basis_ladder"] or conv == "basis_random":
                 export = None
-            for m in (self.members if stacked else self.members[:1]):
+            for m, name in zip(self.members if stacked else self.members[:1], names):
                 train = self.train.model_dump()
                 for key in (base, g["variant"]):
                     train.update(self.variant_overrides.get(key, {}))
                 train.update(m.overrides)
                 train.update(model=m.model, conv=conv, schedule=schedule, dataset=self.dataset, data_dir=self.data_dir,
                              subset=self.subset, test_subset=self.test_subset, val_fraction=self.val_fraction,
-                             image_size=self.image_size, seed=self.seed, sparsity_ladder=list(g["ladder"]),
+                             image_size=self.image_size, seed=self.seed if m.seed is None else m.seed,
+                             sparsity_ladder=list(g["ladder"]),
                              basis={**train["basis"], "ladder": list(g["basis_ladder"])})
                 if g["batch_size"] is not None:
                     train["dbs"] = {**train["dbs"], "b0": g["batch_size"]}
-                member = m.model if len(groups) == 1 else f"{slug(g['group'])}-{m.model}"
+                member = name if len(groups) == 1 else f"{slug(g['group'])}-{name}"
                 where = f"trial {member} (members / variant_overrides / train)"
                 specs.append(validate(TrialSpec, {"member": member, "variant": g["variant"], "group": g["group"],
                                                   "batch_size": g["batch_size"], "stacked": stacked,

@@ -89,7 +89,8 @@ def test_the_cli_starts_without_torch_or_ray():
 # The package's layers.  Ray is imported only by the Tune adapters and the pipeline that drives them;
 # the trainer only by its Tune adapter and the CLI's train-one; the pipeline only by the CLI.  Every other
 # module -- the maths, the records, the readers, inference, the report -- runs without them.
-TUNE_ADAPTERS = {"trainable", "ray_env", "stacking_tune", "tune_analysis", "tracking", "submit", "progress"}
+TUNE_ADAPTERS = {"trainable", "ray_env", "stacking_tune", "tune_analysis", "tracking", "submit", "progress",
+                 "expansion_search"}
 CLI = {"cli", "cli_train", "cli_results", "cli_common"}
 MAY_IMPORT = {"ray": TUNE_ADAPTERS | {"pipeline"}, "train": {"trainable"} | CLI, "pipeline": CLI}
 
