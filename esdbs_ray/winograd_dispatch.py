@@ -291,7 +291,9 @@ def _winograd_run(x, u, bias, relu, impl, dtype, mask=None) -> tuple[torch.Tenso
                       "triton": _WinogradTritonFn}.get(choice, _WinogradReLUFn)
                 y = fn.apply(x, u, relu)
     if bias is not None:
-        y = y + bias.to(dtype).view(1, -1, 1, 1)
+        b = bias.to(dtype).view(1, -1, 1, 1)
+        # in place when nothing records it (inference, a folded batch norm's bias): no second buffer
+        y = y.add_(b) if not (torch.is_grad_enabled() and (y.requires_grad or b.requires_grad)) else y + b
     return y, choice
 
 
