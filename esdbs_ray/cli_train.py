@@ -214,11 +214,15 @@ def cmd_run(args) -> int:
 def _expansion_search_stage(cfg, out: str, *, quiet: bool) -> None:
     """After the base and stacking stages (Ray is up, the directory claimed): the expansion search."""
     from .data import load_configured
-    from .expansion_search import format_search, run_expansion_search
+    from .expansion_search import SearchFailed, format_search, run_expansion_search
     from .layout import ExperimentLayout
+    from .pipeline import RunFailed
 
     layout = ExperimentLayout.at(out)
-    record = run_expansion_search(cfg, layout, load_configured(cfg), progress=not quiet)
+    try:
+        record = run_expansion_search(cfg, layout, load_configured(cfg), progress=not quiet)
+    except SearchFailed as exc:
+        raise RunFailed(str(exc)) from None
     chosen = ", ".join(f"{k} {v:g}" for k, v in record["chosen"].items())
     if not quiet:
         print(format_search(record))

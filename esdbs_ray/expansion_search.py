@@ -35,7 +35,7 @@ from .config import PipelineConfig, TrainConfig, validate
 from .layout import ExperimentLayout
 from .ray_env import cluster_capacity, gpus_per_trial
 
-__all__ = ["run_expansion_search", "search_points", "choose", "train_expansion_trial", "RESULT", "FIGURE", "RULE",
+__all__ = ["SearchFailed", "run_expansion_search", "search_points", "choose", "train_expansion_trial", "RESULT", "FIGURE", "RULE",
            "TUNE_NAME", "format_search"]
 
 RESULT = "expansion_search.json"
@@ -43,6 +43,10 @@ FIGURE = "expansion_search.png"
 TUNE_NAME = "expansion_search"  # Tune's experiment under OUT/tune
 RULE = ("validation accuracy at the last epoch, mean over seeds; among the settings within one standard error "
         "(binomial, of the best setting's mean) of the best, the one with the fewest final parameters")
+
+
+class SearchFailed(RuntimeError):
+    """Trials of the search failed (the run, not the user's input)."""
 
 
 def search_points(space: dict, num_samples: int, seed: int, seeds: int = 1) -> list[dict]:
@@ -118,17 +122,15 @@ def train_expansion_trial(config: dict, *, data, base: dict, provenance: dict) -
                    "expansion_search sample")
     summary = _run(cfg, "expansion-search", data=data, experiment_dir=None, group="expansion-search",
                    provenance=provenance)
-    checks = (summary.expansion or {}).get("checks") or []
+    ops = (summary.expansion or {}).get("ops") or []
     levels = summary.levels
     final = levels[-1] if levels else None
+    # a check is an epoch whose record carries the best candidate's ratio (whether or not it grew)
+    checks = sum(h.expansion_ratio is not None for h in summary.history)
     tune.report({"final": True, "val_accuracy": summary.val_accuracy, "test_accuracy": summary.test_accuracy,
                  "params": final.params if final else None, "base_params": levels[0].params if levels else None,
-                 "expansions": len((summary.expansion or {}).get("ops") or []), "checks": len(checks),
-                 "train_seconds": summary.train_seconds,
-                 "check_seconds": sum(float(c.get("seconds") or 0.0) for c in checks),
-                 "architecture": json.dumps(checks[-1]["architecture"] if checks else None),
-                 "ops": json.dumps([f"{o['op']}@{o['block']}:e{o['epoch']}" for o in
-                                    (summary.expansion or {}).get("ops") or []])})
+                 "expansions": len(ops), "checks": checks, "train_seconds": summary.train_seconds,
+                 "ops": json.dumps([f"{o['op']} block {o['block']} (epoch {o['epoch']})" for o in ops])})
 
 
 def _resources(cfg: PipelineConfig, n_trials: int) -> dict:
@@ -172,20 +174,19 @@ def run_expansion_search(cfg: PipelineConfig, layout: ExperimentLayout, data, *,
     )
     results = tuner.fit()
     if results.errors:
-        raise RuntimeError(f"{len(results.errors)} expansion-search trial(s) failed: "
+        raise SearchFailed(f"{len(results.errors)} expansion-search trial(s) failed: "
                            + "; ".join(str(e).splitlines()[0] for e in results.errors))
     trials = []
     for r in results:
         m = r.metrics or {}
         if not m.get("final"):
-            raise RuntimeError(f"expansion-search trial {r.path} ended without its final report")
+            raise SearchFailed(f"expansion-search trial {r.path} ended without its final report")
         point = dict(r.config["point"])
         trials.append({"setting": {k: point[k] for k in s.space}, "seed": point["seed"],
                        "val_accuracy": m["val_accuracy"], "val_size": len(data.val),
                        "test_accuracy": m.get("test_accuracy"), "params": m["params"], "base_params": m["base_params"],
                        "expansions": m["expansions"], "checks": m["checks"], "train_seconds": m["train_seconds"],
-                       "check_seconds": m["check_seconds"], "wall_seconds": m.get("time_total_s"),
-                       "architecture": json.loads(m["architecture"]), "ops": json.loads(m["ops"])})
+                       "wall_seconds": m.get("time_total_s"), "ops": json.loads(m["ops"])})
     trials.sort(key=lambda t: (_key(t["setting"]), t["seed"]))
     settings, chosen = choose(trials)
     record = {"member": name, "epochs": s.epochs, "seeds": s.seeds, "space": s.space, "objective": RULE,
