@@ -208,8 +208,12 @@ def format_results(df, fmt: str, columns: list[str] | None = None) -> bytes:
         unknown = [c for c in columns if c not in COLUMNS]
         if unknown:
             raise ResultsError(f"--columns: unknown {unknown}; choose from {', '.join(COLUMNS)}")
-        shown = df[list(columns)].astype(object).where(df[list(columns)].notna(), "")
-        return (shown.astype(str).to_string(index=False) + "\n").encode()
+        def cell(v) -> str:
+            # floats at 4 decimals as in the default view (csv / parquet keep every digit)
+            return "" if not _present(v) else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+        shown = df[list(columns)].astype(object).map(cell)
+        return (shown.to_string(index=False) + "\n").encode()
     return _compact(df).encode()
 
 

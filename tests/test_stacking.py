@@ -325,3 +325,27 @@ def test_stack_and_results_agree_on_members_files_and_the_chosen_ensemble(tmp_pa
     chosen = next(ln for ln in table if ln.startswith("ensemble") and "* nll_optimal" in ln)
     w = st["methods"]["nll_optimal"]["weights"]
     assert " ".join(f"{w[m]:.3f}" for m in config_order) in chosen
+
+
+def test_results_columns_view_shows_the_asked_columns_rounded_and_refuses_unknown_ones(capsys):
+    """`esdbs results --columns`: an aligned table of exactly those columns, floats at 4 decimals, empty
+    cells for values a row does not have; an unknown column is one error line naming it."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from esdbs_ray.cli import main
+    from esdbs_ray.results import results_table
+
+    exp = Path(__file__).parent / "data" / "legacy" / "smoke"
+    assert main(["results", str(exp), "--columns", "kind,member,test_accuracy,test_ece"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["kind", "member", "test_accuracy", "test_ece"]
+    df = results_table(str(exp))
+    rung = df[df["kind"] == "rung"].iloc[0]
+    row = next(ln for ln in lines[1:] if ln.split()[:2] == ["rung", rung["member"]])
+    assert row.split()[2] == f"{rung['test_accuracy']:.4f}"
+    assert len(row.split()) == 3 + (0 if pd.isna(rung["test_ece"]) else 1)
+    assert main(["results", str(exp), "--columns", "kind,bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bogus" in err[0]
