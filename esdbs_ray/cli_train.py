@@ -95,6 +95,10 @@ def add_run(sub) -> None:
     p.add_argument("--calibrate", action="store_true", help="with --dry-run: also time a training step of each "
                    "member here (a few seconds) and estimate the wall time on this machine")
     p.add_argument("--dbs-search", action="store_true", help="also run the DBS-constant search stage")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="train the whole matrix once per seed (e.g. 0,1,2) as trials of one Tune experiment, each "
+                        "seed's experiment in OUT/seed-<s>/ (config key seeds); esdbs report OUT judges the claims "
+                        "across them")
     p.add_argument("--expansion-search", action="store_true",
                    help="also run the expansion search stage: a Tune search over the growth settings (tau, penalty; "
                         "config section expansion_search) of the config's growing member; writes "
@@ -121,8 +125,8 @@ _TRAIN_IMAGES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 def cost_line(cfg, calibrate: bool = False) -> str:
     """The run's cost: trial-epochs and image-epochs from the config alone; with ``calibrate``, a wall
     time on this machine from one timed training step per member (synthetic images, the member's B0),
-    the trials sharing the cores as Tune places them."""
-    trials = cfg.trials()
+    the trials sharing the cores as Tune places them (every seed's trials)."""
+    trials = [t for r in cfg.replicates() for t in r.trials()]
     images = cfg.subset or _TRAIN_IMAGES.get(cfg.dataset)
     epochs = sum(t.train.total_epochs for t in trials)
     line = f"# cost: {epochs} trial-epochs"
@@ -182,18 +186,22 @@ def cmd_run(args) -> int:
     if args.resume:
         given = [f for f, v in (("--config", args.config), ("--preset", args.preset), ("--out", args.out),
                                 ("--scale", args.scale), ("--set", args.set), ("--force", args.force),
-                                ("--expansion-search", args.expansion_search)) if v]
+                                ("--expansion-search", args.expansion_search), ("--seeds", args.seeds)) if v]
         if given:
             raise ConfigError(f"--resume DIR continues DIR with its saved config.yaml; drop {', '.join(given)}")
         cfg, out = load_resumed_config(args.resume), args.resume
     else:
         if args.expansion_search:  # validated with the rest: the config must have a growing member
             args.set = [*args.set, "run_expansion_search=true"]
+        if args.seeds is not None:  # validated with the rest (config key seeds: integers, none twice)
+            args.set = [*args.set, f"seeds={args.seeds.strip()!r}"]
         cfg = pipeline_config(args)
         out = args.out or default_out(cfg.name)
     if args.dry_run:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        print(f"# {len(cfg.trials())} trial(s) -> {out}")
+        print(f"# {len(cfg.trials())} trial(s) -> {out}" + (
+            f"; once per seed {', '.join(map(str, cfg.seeds))}: {len(cfg.trials()) * len(cfg.seeds)} trials, each "
+            "seed's in OUT/seed-<s>/" if cfg.seeds else ""))
         print(format_trials(cfg))
         print(cost_line(cfg, calibrate=args.calibrate))
         if cfg.run_expansion_search:

@@ -903,6 +903,10 @@ class PipelineConfig(_Model):
     # Which rungs' weights each trial keeps for `esdbs export` (OUT/weights/): "stacked" the rung its
     # group's stack uses; "all" every rung of its ladder (exports at any sparsity; MBs per rung).
     keep_weights: Literal["stacked", "all"] = "stacked"
+    # Replicates: the whole matrix once per seed, as trials of one Tune experiment, each seed's
+    # experiment in OUT/seed-<s>/ (:meth:`replicate`).  () is one run at ``seed``; given, ``seed`` is
+    # their smallest.  Stored sorted.
+    seeds: tuple[NonNegInt, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -911,6 +915,7 @@ class PipelineConfig(_Model):
             data = dict(data)
             if isinstance(data.get("variants"), str):
                 data["variants"] = [data["variants"]]
+            data.update(_seeds(data.get("seeds"), data.get("seed", 0)))
             train = data.get("train")
             if isinstance(train, dict):
                 bad = sorted(set(train) & set(PER_TRIAL_KEYS))
@@ -955,6 +960,8 @@ class PipelineConfig(_Model):
             raise ValueError(f"batch_sweep.sparsity={self.batch_sweep.sparsity} is not a rung of "
                              f"train.sparsity_ladder {list(ladder)}")
         self.trials()  # every trial's TrainConfig is valid now, at the edge
+        for seed in self.seeds:  # and every seed's (members' own seeds shift with it)
+            self.replicate(seed)
         search = self.expansion_search
         if search.member is not None and search.member not in names:
             raise ValueError(f"expansion_search.member={search.member!r}: no such member; members: {', '.join(names)}")
@@ -1055,11 +1062,51 @@ class PipelineConfig(_Model):
                                                   "keep_all_weights": self.keep_weights == "all"}, where))
         return specs
 
+    # -- replicates (seeds) ------------------------------------------------------------------------
+    def replicate(self, seed: int) -> "PipelineConfig":
+        """The config of seed ``seed``'s experiment in a multi-seed run: what ``--set seed=<seed>`` runs
+        alone.  A member with a seed of its own keeps its distance from the run's: its seed moves by
+        ``seed - self.seed`` (kept as it was, the replicates' members would differ only by the split)."""
+        shift = seed - self.seed
+        d = self.to_dict()
+        d.pop("seeds", None)
+        d["seed"] = seed
+        d["members"] = [m.replace(seed=m.seed + shift).to_yaml() if m.seed is not None else m.to_yaml()
+                        for m in self.members]
+        return validate(PipelineConfig, d, f"seed {seed}")
+
+    def replicates(self) -> list["PipelineConfig"]:
+        """One config per seed of the run: itself when it has no ``seeds``."""
+        return [self.replicate(s) for s in self.seeds] if self.seeds else [self]
+
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = self.model_dump(mode="json")
         d["members"] = [m.to_yaml() for m in self.members]
+        if not self.seeds:  # a one-seed run's config.yaml reads as it always has
+            del d["seeds"]
         return d
+
+
+def _seeds(seeds: Any, seed: Any) -> dict:
+    """``seeds`` (a list, one number, or "0,1,2") as the sorted list the model keeps, and ``seed`` their
+    smallest; one seed is a plain run at that seed (``seeds`` empty)."""
+    if seeds is None or (isinstance(seeds, (list, tuple)) and not seeds):
+        return {}
+    if isinstance(seeds, str):
+        try:
+            seeds = [int(v) for v in seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"seeds={seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, (list, tuple)) or not seeds
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)):
+        raise ValueError(f"seeds={str(seeds)[:60]}: expected a list of integers >= 0, e.g. [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={list(seeds)}: a seed given twice")
+    ordered = sorted(seeds)
+    return {"seed": ordered[0], "seeds": ordered if len(ordered) > 1 else []}
 
 
 def slug(name: str) -> str:

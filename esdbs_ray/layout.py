@@ -88,6 +88,24 @@ class ExperimentLayout:
     def stacking_name(group_slug: str | None = None) -> str:
         return f"stacking-{group_slug}.json" if group_slug else "stacking.json"
 
+    # A multi-seed run (config ``seeds``): one experiment directory per seed, laid out as above, and the
+    # one Tune experiment of all their trials in OUT/tune/base, a trial directory <member>_s<seed>_<id>.
+    REPLICATE_GLOB = "seed-*"
+
+    @staticmethod
+    def replicate_name(seed: int) -> str:
+        return f"seed-{int(seed)}"
+
+    def replicate(self, seed: int) -> "ExperimentLayout":
+        """Seed ``seed``'s experiment directory in a multi-seed run."""
+        return ExperimentLayout(self._join(self.replicate_name(seed)))
+
+    @staticmethod
+    def trial_key(member: str, seed: int | None) -> str:
+        """A base trial's Tune directory prefix and display name: the member's name, and in a multi-seed
+        run its seed (member names hold no '_')."""
+        return member if seed is None else f"{member}_s{int(seed)}"
+
     @classmethod
     def at(cls, path: str | os.PathLike) -> "ExperimentLayout":
         return cls(storage.normalize(path))

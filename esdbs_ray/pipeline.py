@@ -22,7 +22,6 @@ into Tune as typed :class:`~esdbs_ray.config.TrialSpec` objects, keyed by member
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -31,8 +30,9 @@ import yaml
 from . import storage, tracking
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .layout import ExperimentLayout, claim_dir
+from .layout import ExperimentLayout as L
 from .ray_env import cluster_capacity, gpus_per_trial, init_ray, quiet_tune
-from .records import MemberSummary
+from .replicates import run_summary, seed_layouts, seed_summary, trial_order, trials_by_seed
 
 
 class RunFailed(RuntimeError):
@@ -63,34 +63,43 @@ def _resources(cfg: PipelineConfig, n_trials: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: bool = False, progress: bool = True,
              verbose: bool = False):
-    """``progress``: one line per member-epoch (progress.py); ``verbose``: Tune's own tables instead."""
+    """``progress``: one line per member-epoch (progress.py); ``verbose``: Tune's own tables instead.
+
+    A multi-seed config (``seeds``) runs every seed's trials in this one experiment, Tune's config of a
+    trial ``{"member": name, "seed": s}``; ``data`` is then ``{seed: dataset}``."""
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .progress import Progress
     from .provenance import provenance
     from .trainable import train_member
 
-    specs = {t.member: t for t in cfg.trials()}
+    by_seed = trials_by_seed(cfg)
+    keyed = {L.trial_key(m, s): t for s, specs in by_seed.items() for m, t in specs.items()}
     trainable = tune.with_resources(
-        tune.with_parameters(train_member, specs=specs, data=data, experiment_dir=layout.root,
-                             provenance=provenance()),
-        _resources(cfg, len(specs)),
+        tune.with_parameters(train_member, specs=by_seed if cfg.seeds else by_seed[None], data=data,
+                             experiment_dir=layout.root, provenance=provenance()),
+        _resources(cfg, len(keyed)),
     )
     # Tune saves its experiment state (which trials finished, their latest checkpoints) every 10 s or
     # more by default; a driver killed in between would rerun work on --resume.  A few trials make
     # the save cheap, so save often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    shown = [Progress({m: t.train.total_epochs for m, t in specs.items()})] if progress and not verbose else []
+    shown = [Progress({k: t.train.total_epochs for k, t in keyed.items()})] if progress and not verbose else []
     if resume and tune.Tuner.can_restore(layout.base):
         # the run's callbacks come back with it (a progress printer too, when the run had one)
         tuner = tune.Tuner.restore(layout.base, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        # Longest trials first: the run does not end with one slow trial alone on the machine.
-        order = sorted(specs, key=lambda m: -_cost(specs[m]))
+        order = trial_order(by_seed, _cost)  # longest first
+        space = ({"param_space": {"member": None, "seed": None},
+                  "search": {"num_samples": len(order), "search_alg": BasicVariantGenerator(
+                      points_to_evaluate=[{"member": m, "seed": s} for m, s in order])}}
+                 if cfg.seeds else {"param_space": {"member": tune.grid_search([m for m, _ in order])}, "search": {}})
         tuner = tune.Tuner(
             trainable,
-            param_space={"member": tune.grid_search(order)},
+            param_space=space["param_space"],
             tune_config=tune.TuneConfig(
+                **space["search"],
                 max_concurrent_trials=cfg.resources.max_concurrent_trials or None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                 reuse_actors=cfg.resources.reuse_actors,
@@ -101,7 +110,7 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 sync_config=tune.SyncConfig(sync_artifacts=True),
                 # the trainer's TensorBoard stream only; MLflow runs when tracking is on
-                callbacks=[*tracking.tune_callbacks(cfg, layout.root, specs), *shown],
+                callbacks=[*tracking.tune_callbacks(cfg, layout.root, keyed), *shown],
                 verbose=1 if verbose else 0,
             ),
         )
@@ -121,7 +130,7 @@ def _cost(spec) -> float:
 
 
 def _trial_name(trial) -> str:
-    return f"{trial.config['member']}_{trial.trial_id}"
+    return f"{L.trial_key(trial.config['member'], trial.config.get('seed'))}_{trial.trial_id}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,56 +192,45 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
     tracking.settings(cfg, storage.normalize(out))  # MLflow on but unusable: refused now
     from .data import load_configured
 
-    data = load_configured(cfg)
+    # one experiment per seed: the run itself, or OUT/seed-<s>/ of a multi-seed run (each what the
+    # seed's config run alone leaves, so that every reader takes it as it is)
+    replicates = {r.seed: r for r in cfg.replicates()}
+    data = {s: load_configured(r) for s, r in replicates.items()}
     layout = ExperimentLayout(claim_dir(out, "experiment", resume=resume, force=force))
     if not resume:
         storage.write_text(layout.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    where = seed_layouts(cfg, layout)
     if progress:
-        print(f"[esdbs] {data.describe()}", flush=True)
-        print(f"[esdbs] variants {', '.join(cfg.variants)}; members {', '.join(m.model for m in cfg.members)} "
-              f"-> {layout.root}", flush=True)
+        for d in dict.fromkeys(d.describe() for d in data.values()):
+            print(f"[esdbs] {d}", flush=True)
+        print(f"[esdbs] variants {', '.join(cfg.variants)}; members {', '.join(m.model for m in cfg.members)}"
+              + (f"; seeds {', '.join(map(str, cfg.seeds))}" if cfg.seeds else "") + f" -> {layout.root}", flush=True)
     init_ray(address, num_cpus, quiet=not verbose)
 
-    results = run_base(cfg, layout, data, resume=resume, progress=progress, verbose=verbose)
+    results = run_base(cfg, layout, data if cfg.seeds else data[cfg.seed], resume=resume, progress=progress,
+                       verbose=verbose)
     base_seconds = time.perf_counter() - t0
-    members = _collect_members(results, layout)
-    stacking = run_stack(cfg, layout)
-    dbs_best = run_dbs_search(cfg, layout, data) if cfg.run_dbs_search else None
-
-    summary = {
-        "name": cfg.name, "experiment_dir": layout.root, "dataset": data.describe(), "variants": list(cfg.variants),
-        "groups": [g["group"] for g in cfg.groups()],
-        "members": members,
-        "ensembles": {v: _ensemble_row(r) for v, r in stacking.items()},
-        # After --resume these time the resumed part only (flagged by "resumed").
-        "base_wall_seconds": base_seconds, "wall_seconds": time.perf_counter() - t0, "resumed": resume,
-        "dbs_search": dbs_best, "config": cfg.to_dict(), "provenance": {**provenance(), "device": device_info()},
-    }
-    storage.write_json(layout.summary, summary)
-    print(format_summary(summary) if progress else summary_line(summary), flush=True)
+    summaries = {}
+    for s, r in replicates.items():  # each seed's members stack among themselves
+        mine = [x for x in results if x.config.get("seed") == (s if cfg.seeds else None)]
+        summaries[s] = seed_summary(r, where[s], mine, run_stack(r, where[s]), dataset=data[s].describe(),
+                                    base_seconds=base_seconds, resumed=resume,
+                                    provenance={**provenance(), "device": device_info()})
+    summary = summaries[cfg.seed] if not cfg.seeds else run_summary(
+        cfg, layout, base_wall_seconds=base_seconds, resumed=resume, provenance=summaries[cfg.seed]["provenance"])
+    summary["dbs_search"] = run_dbs_search(cfg, layout, data[cfg.seed]) if cfg.run_dbs_search else None
+    for s in replicates:
+        summaries[s]["wall_seconds"] = time.perf_counter() - t0
+        storage.write_json(where[s].summary, summaries[s])
+        print(format_summary(summaries[s]) if progress else summary_line(summaries[s]), flush=True)
+    if cfg.seeds:
+        summary["wall_seconds"] = time.perf_counter() - t0
+        storage.write_json(layout.summary, summary)
     tracked = tracking.log_experiment(cfg, layout, summary)
     if tracked:
         print(f"[esdbs] MLflow: experiment {tracked['experiment_name']!r} at {tracked['tracking_uri']} "
               f"(run {tracked['run_id']}; {len(tracked['trial_runs'])} trial runs)", flush=True)
     return summary
-
-
-def _collect_members(results, layout: ExperimentLayout) -> list[dict]:
-    """Each trial's own summary (written by the trainable to OUT/members/), with Tune's wall time;
-    ``summary.json`` keeps these rows without the per-epoch history."""
-    rows = []
-    for r in results:
-        m = MemberSummary.from_dict(json.loads(storage.read_bytes(layout.member(r.config["member"]))))
-        rows.append(m.replace(trial_path=r.path, wall_seconds=(r.metrics or {}).get("time_total_s")).row())
-    return sorted(rows, key=lambda m: m["member"])
-
-
-def _ensemble_row(stacking: dict) -> dict:
-    chosen = stacking["chosen"]
-    m = stacking["methods"][chosen]
-    return {"method": chosen, "weights": m["weights"], "val_accuracy": m["val_accuracy"],
-            "test_accuracy": m["test_accuracy"], "val_nll": m["val_nll"], "test_nll": m["test_nll"],
-            "sparsity": stacking.get("sparsity"), "basis_threshold": stacking.get("basis_threshold")}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class Progress(tune.Callback):
             self.t0 = time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        member = result.get("member") or (trial.config or {}).get("member")
+        member = _key(trial, result)
         if member not in self.total or "epoch" not in result:
             return
         if self.t0 is None:
@@ -80,15 +80,22 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        member = last.get("member") or (trial.config or {}).get("member")
+        member = _key(trial, last)
         if member in self.total:
             self.done[member] = set(range(self.total[member]))
             acc = last.get("rung_test_accuracy")
             self._print(f"{self._overall()} | {member} done" + (f": test {acc:.4f} at its last rung" if acc else ""))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        member = (trial.config or {}).get("member")
+        member = _key(trial)
         self._print(f"{member}: trial failed (Tune retries it up to max_failures; see its error.txt)")
+
+
+def _key(trial, result: dict | None = None) -> str | None:
+    """The trial's name in ``total_epochs``: its member's, with its seed in a multi-seed run."""
+    config = trial.config or {}
+    member = (result or {}).get("member") or config.get("member")
+    return None if member is None else ExperimentLayout.trial_key(member, config.get("seed"))
 
 
 def _clock(seconds: float) -> str:

@@ -125,6 +125,8 @@ def _mlflow_callback(s: dict, params: dict[str, dict]):
         def log_trial_start(self, trial):
             if trial not in self._trial_runs:
                 member = str(trial.config.get("member", trial))
+                if trial.config.get("seed") is not None:  # a multi-seed run: the member at one seed
+                    member = L.trial_key(member, trial.config["seed"])
                 tags = {**self.tags, "trial_name": str(trial), "esdbs.member": member, "esdbs.kind": "trial"}
                 run = self.mlflow_util.start_run(tags=tags, run_name=member)
                 self._trial_runs[trial] = run.info.run_id

@@ -36,8 +36,9 @@ from .train import train
 class TuneHooks:
     """Forwards each epoch to Tune with its checkpoint; rung results ride along in the next report."""
 
-    def __init__(self, member: str):
+    def __init__(self, member: str, seed: int | None = None):
         self.member = member
+        self.seed = seed  # a multi-seed run's trials report their seed too
         self._rung: dict | None = None
 
     def on_rung(self, end: RungEnd) -> None:
@@ -46,6 +47,8 @@ class TuneHooks:
     def on_epoch(self, record: EpochRecord, checkpoint: Path) -> None:
         metrics = {k: v for k, v in record.to_dict().items() if isinstance(v, (int, float, str, bool))}
         metrics["member"] = self.member
+        if self.seed is not None:
+            metrics["seed"] = self.seed
         if self._rung is not None:
             metrics.update({f"rung_{k}": v for k, v in self._rung.items() if isinstance(v, (int, float))})
             self._rung = None
@@ -57,7 +60,7 @@ class TuneHooks:
 
 
 def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, group: str | None,
-         provenance: dict, keep_weights: tuple[float, ...] = ()) -> MemberSummary:
+         provenance: dict, keep_weights: tuple[float, ...] = (), seed: int | None = None) -> MemberSummary:
     resources = tune.get_context().get_trial_resources().required_resources
     if not cfg.threads:
         import torch
@@ -75,16 +78,21 @@ def _run(cfg: TrainConfig, member: str, *, data, experiment_dir: str | None, gro
             shutil.copy2(Path(d) / CHECKPOINT, resume_from)
     recorder = RunRecorder(workdir, cfg, data, experiment=experiment_dir, member=member, variant=group,
                            provenance=provenance, keep_weights=keep_weights)
-    train(cfg, data, workdir, hooks=[recorder, TuneHooks(member)], resume_from=resume_from, device=device)
+    train(cfg, data, workdir, hooks=[recorder, TuneHooks(member, seed)], resume_from=resume_from, device=device)
     return recorder.summary
 
 
-def train_member(config: dict, *, specs: dict[str, TrialSpec], data, experiment_dir: str, provenance: dict) -> None:
-    """Tune entry point of the base stage: ``config = {"member": name}``."""
-    spec = specs[config["member"]]
+def train_member(config: dict, *, specs: dict, data, experiment_dir: str, provenance: dict) -> None:
+    """Tune entry point of the base stage: ``config = {"member": name}`` with ``specs`` member -> TrialSpec;
+    in a multi-seed run ``{"member": name, "seed": s}`` with ``specs`` and ``data`` by seed, the trial
+    writing into its seed's experiment (OUT/seed-<s>/)."""
+    seed = config.get("seed")
+    if seed is not None:
+        specs, data = specs[seed], data[seed]
+        experiment_dir = ExperimentLayout(experiment_dir).replicate(seed).root
+    spec: TrialSpec = specs[config["member"]]
     summary = _run(spec.train, spec.member, data=data, experiment_dir=experiment_dir, group=spec.group,
-                   provenance=provenance,
-                   keep_weights=_kept_rungs(spec))
+                   provenance=provenance, keep_weights=_kept_rungs(spec), seed=seed)
     # The trainer's own summary (per-epoch history, rungs, schedule decisions) goes straight to the
     # shared experiment directory, like the predictions: the driver reads it back, not Tune's
     # flattened metrics.
