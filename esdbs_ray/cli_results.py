@@ -23,8 +23,12 @@ def add_stack(sub) -> None:
                    help="a self-expanding member's level to stack (0: the seed network; default: not a level)")
     p.add_argument("--variant", default=None, help="the group to stack (default: every member present)")
     p.add_argument("--tune-samples", type=int, default=0, help="also run the accuracy search as a Tune search")
-    p.add_argument("--choose", default="nll_optimal",
-                   help="which method's weights the ensemble uses: a method, or best_val (default nll_optimal)")
+    p.add_argument("--choose", default=None,
+                   help="which method's weights the ensemble uses: a method, best_val, or cv (the lowest "
+                        "cross-validated NLL inside the validation split); default: the experiment's stack.choose "
+                        "(cv for a new config)")
+    p.add_argument("--cv-folds", type=int, default=None,
+                   help="folds of the cross-validated estimate (default: the experiment's stack.cv_folds, 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the accuracy searches (default 0)")
     p.add_argument("--output", default=None,
                    help="a new JSON file (default: EXPERIMENT_DIR/stack-<time>-<group>-<rung>.json, a new file per "
@@ -95,18 +99,25 @@ def cmd_stack(args) -> int:
         raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
     if args.basis_threshold is not None and not 0.0 < args.basis_threshold <= 1.0:
         raise ConfigError(f"--basis-threshold={args.basis_threshold}: a threshold t in (0, 1] (e.g. 0.9)")
-    if args.choose not in STACK_CHOICES:
+    if args.choose is not None and args.choose not in STACK_CHOICES:
         raise ConfigError(f"--choose={args.choose!r}: choose one of {', '.join(STACK_CHOICES)}")
+    if args.cv_folds is not None and not 2 <= args.cv_folds <= 100:
+        raise ConfigError(f"--cv-folds={args.cv_folds}: must be in [2, 100]")
     if args.tune_samples < 0:
         raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
     layout = ExperimentLayout.at(args.experiment_dir)
     output = claim_file(args.output, force=args.force) if args.output else RERUN
     if args.level is not None and args.level < 0:
         raise ConfigError(f"--level={args.level}: must be >= 0")
+    from .stacking_run import config_stack_settings
+
+    settings = config_stack_settings(layout.root)  # re-run the stack by the rule the run chose by
+    choose = args.choose or (settings.choose if settings else "cv")
+    cv_folds = args.cv_folds or (settings.cv_folds if settings else 5)
     result = stack_experiment(layout.root, sparsity=args.sparsity, basis_threshold=args.basis_threshold,
                               level=args.level, variant=args.variant,
-                              tune_samples=args.tune_samples, seed=args.seed, choose=args.choose, output=output,
-                              storage_path=layout.tune)
+                              tune_samples=args.tune_samples, seed=args.seed, choose=choose, output=output,
+                              storage_path=layout.tune, cv_folds=cv_folds)
     print(format_stacking_table(result))
     print(f"-> {result['output']}")
     return 0

@@ -228,3 +228,19 @@ PRESETS: dict[str, dict] = {
         "resources": {"cpus_per_trial": 2},
     },
 }
+
+# pool-fashion-mnist-cpu: a pool worth selecting from (`esdbs stack EXP --pool`, pool.py): the quick
+# preset's members in four variants (the C-CNN base model with the paper's regularisation, SC-CNN,
+# SWR-CNN and SWR-CNN+DBS) at every rung of a 0/30/70 % ladder, plus the SWR-CNN stack at batch 512
+# (the batch sweep at the 30 % rung), every rung's weights kept (keep_weights: all) so that any
+# selection can be exported and timed.  Sized for 30-40 minutes on a loaded 2-core CPU machine
+# (analysis/results/pool-fashion-mnist-cpu/README.md has the run); the quick preset's schedule
+# choices are kept as they were measured there.
+PRESETS["pool-fashion-mnist-cpu"] = deep_merge(PRESETS["quick"], {
+    "name": "pool-fashion-mnist-cpu", "subset": 20000,
+    "variants": ["SWR-CNN+DBS", "SWR-CNN", "SC-CNN", "C-CNN"],
+    "variant_overrides": {"C-CNN": {"dropout": 0.2, "l2": 0.01}},
+    "train": {"sparsity_ladder": [0.3, 0.7]},
+    "batch_sweep": {"batch_sizes": [512], "variants": ["SWR-CNN"], "with_dbs": False, "sparsity": 0.3},
+    "keep_weights": "all",
+})

@@ -12,7 +12,9 @@ One row per observation, one column per quantity (``COLUMNS``):
   up to the rung, Tune's wall time at the rung's last epoch, the batch-size range within the rung;
 * ``kind="ensemble"`` one per stacking file and method (``chosen`` marks the one the ensemble uses):
   weights, validation and test accuracy and NLL (in the ``*_loss`` columns: a member's loss is its
-  mean cross-entropy, the same quantity), and the members' summed weights and steps at that rung.
+  mean cross-entropy, the same quantity), the cross-validated estimate inside the validation split
+  (``cv_accuracy``, ``cv_loss``: weights fitted on the other folds; empty in files written before
+  it), and the members' summed weights and steps at that rung.
 
 Sources: Tune's experiment analysis of ``tune/base`` (trial ids, status, wall times) and the project's
 JSON (``members/<member>.json``: per-epoch history and rungs; ``stacking*.json``; ``stack-*.json``
@@ -38,7 +40,8 @@ COLUMNS = (
     "kind", "group", "variant", "member", "model", "conv", "schedule", "batch_size", "method", "chosen",
     "trial_id", "status", "iterations", "epoch", "target_sparsity", "basis_threshold", "level", "params", "sparsity",
     "model_sparsity",
-    "nonzero_weights", "total_weights", "val_accuracy", "val_loss", "test_accuracy", "test_loss", "test_ece", "steps",
+    "nonzero_weights", "total_weights", "val_accuracy", "val_loss", "cv_accuracy", "cv_loss", "test_accuracy",
+    "test_loss", "test_ece", "steps",
     "train_seconds", "mean_epoch_seconds", "wall_seconds", "batch_min", "batch_max", "weights", "source",
 )
 FORMATS = ("table", "csv", "parquet")
@@ -166,6 +169,7 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
                          "member": "+".join(sorted(names, key=lambda n: position.get(n, (0, n)))),
                          "method": method, "chosen": method == st.get("chosen"), **agg,
                          "val_accuracy": r.get("val_accuracy"), "val_loss": r.get("val_nll"),
+                         "cv_accuracy": r.get("cv_accuracy"), "cv_loss": r.get("cv_nll"),
                          "test_accuracy": r.get("test_accuracy"), "test_loss": r.get("test_nll"),
                          # the stacking file evaluates its chosen ensemble only
                          "test_ece": (evaluation.get("ensemble") or {}).get("ece") if method == st.get("chosen") else None,
@@ -180,7 +184,7 @@ def results_table(experiment: str | os.PathLike, *, filesystem=None):
               "batch_min", "batch_max"):
         df[c] = df[c].astype("Int64")
     for c in ("target_sparsity", "basis_threshold", "sparsity", "model_sparsity", "val_accuracy", "val_loss",
-              "test_accuracy",
+              "cv_accuracy", "cv_loss", "test_accuracy",
               "test_loss", "test_ece", "train_seconds", "mean_epoch_seconds", "wall_seconds"):
         df[c] = df[c].astype("float64")
     df["chosen"] = df["chosen"].astype("boolean")
@@ -232,8 +236,8 @@ def _compact(df) -> str:
     """The default view: a block per group; trial rows (Tune's status, wall time) only in csv/parquet."""
     sources: dict[str, int] = {}
     width = max([len(str(m)) for m in df.loc[df["kind"].isin(("rung", "level")), "member"]] + [6])
-    head = (f"{'kind':<8} {'member':<{width}} {'method':<17} {'rung':>6} {'val acc':>8} {'val loss':>8} "
-            f"{'test acc':>8} {'test loss':>9} {'ECE':>6}  weights")
+    head = (f"{'kind':<8} {'member':<{width}} {'method':<17} {'rung':>6} {'val acc':>7} {'val loss':>8} "
+            f"{'cv acc':>6} {'test acc':>8} {'test loss':>9} {'ECE':>6} weights")
     out = []
     for group in dict.fromkeys(df["group"]):
         g = df[df["group"] == group]
@@ -246,15 +250,17 @@ def _compact(df) -> str:
                 src = sources.setdefault(r.source, len(sources) + 1)
                 w = json.loads(r.weights) if isinstance(r.weights, str) else {}
                 method = ("* " if _present(r.chosen) and bool(r.chosen) else "  ") + str(r.method)
-                tail = "  " + " ".join(f"{w[m]:.3f}" for m in members if m in w) + f"  [{src}]"
+                tail = " " + " ".join(f"{w[m]:.3f}" for m in members if m in w) + f" [{src}]"
                 member = ""
             else:
                 method, tail, member = "", "", r.member
-            out.append(f"{r.kind:<8} {member:<{width}} {method:<17} {rung:>6} {_num(r.val_accuracy, '.4f'):>8} "
-                       f"{_num(r.val_loss, '.4f'):>8} {_num(r.test_accuracy, '.4f'):>8} {_num(r.test_loss, '.4f'):>9} "
+            out.append(f"{r.kind:<8} {member:<{width}} {method:<17} {rung:>6} {_num(r.val_accuracy, '.4f'):>7} "
+                       f"{_num(r.val_loss, '.4f'):>8} {_num(r.cv_accuracy, '.4f'):>6} {_num(r.test_accuracy, '.4f'):>8} "
+                       f"{_num(r.test_loss, '.4f'):>9} "
                        f"{_num(r.test_ece, '.4f'):>6}" + tail)
     if sources:
-        out += ["", "* the method whose weights the file's ensemble uses; [n] the stacking file:"]
+        out += ["", "* the method whose weights the file's ensemble uses; cv acc: its accuracy with weights",
+                "fitted on the other folds of the validation split (cross-validated); [n] the stacking file:"]
         out += [f"  [{i}] {name}" for name, i in sources.items()]
     return "\n".join(line.rstrip() for line in out[1:]) + "\n"
 

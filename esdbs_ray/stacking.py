@@ -24,11 +24,19 @@ reads ``<experiment>/predictions/*.parquet`` (:mod:`esdbs_ray.predictions`), sta
 ``<experiment>/stacking.json``.  No Ray here: the Tune search is an adapter (``stacking_tune.py``).
 
 Which weights the ensemble uses (``chosen``) is decided on validation data only, by the ``choose``
-argument: ``"nll_optimal"`` (default: the exact, smooth optimum -- accuracy gains of a direct search
-over a few thousand validation samples are mostly noise), ``"accuracy_search"``, any other computed
-method, or ``"best_val"``: the computed method with the highest validation accuracy, ties to the lower
-validation NLL, then to the earlier method in ``methods``.  Test metrics are computed after the
-weights are fixed and never feed back.
+argument: ``"cv"`` (the config's and the command line's default): the method with the lowest
+cross-validated NLL (below); ``"nll_optimal"`` (this function's default: the exact, smooth optimum),
+``"accuracy_search"``, any other computed method, or ``"best_val"``: the computed method with the
+highest validation accuracy, ties to the lower validation NLL, then to the earlier method in
+``methods``.  Test metrics are computed after the weights are fixed and never feed back.
+
+**Cross-validation inside the validation split** (spec section 5).  A method's validation score is
+measured on the samples that fitted its weights, so it flatters the methods that fit most (a few
+thousand validation images over-fit three weights measurably).  Every method is therefore also scored
+by K-fold cross-validation (:func:`cv_folds_of`: stratified by label, seeded): its weights fitted on K-1
+folds, the ensemble scored on the held-out fold; the held-out predictions of all K folds together give
+``cv_accuracy`` and ``cv_nll`` over the whole validation split.  The weights the ensemble uses are
+still fitted on all of it; the CV estimate judges the *method*.
 
 Probabilities are floored at ``EPS = 1e-12`` inside logarithms, so an NLL is always finite.
 """
@@ -60,9 +68,14 @@ __all__ = [
     "stack",
     "format_stacking_table",
     "per_class_accuracy",
+    "CV_FOLDS",
+    "cv_folds_of",
+    "cross_validate",
+    "choose_by_cv",
 ]
 
 EPS = 1e-12
+CV_FOLDS = 5  # folds of the cross-validated estimate inside the validation split
 DEFAULT_METHODS = STACK_METHODS  # what a run stacks with unless its config says otherwise
 _SUM_TOL = 1e-6
 
@@ -540,6 +553,74 @@ ALL_METHODS = (*METHODS, TUNE_METHOD)
 
 
 # ----------------------------------------------------------------------------------------------------
+# cross-validation inside the validation split
+# ----------------------------------------------------------------------------------------------------
+def cv_folds_of(y: Any, folds: int = CV_FOLDS, seed: int = 0) -> np.ndarray:
+    """Fold id in ``[0, folds)`` of every sample: each class's samples in a seeded random order dealt
+    round the folds, each class starting where the previous one stopped, so every fold holds each class
+    in proportion and the fold sizes differ by at most one."""
+    y = np.asarray(y)
+    folds = int(folds)
+    if folds < 2:
+        raise UserError(f"cross-validation needs at least 2 folds, got {folds}")
+    if y.size < folds:
+        raise UserError(f"{folds}-fold cross-validation needs at least {folds} validation samples, got {y.size}")
+    rng = np.random.default_rng(seed)
+    out = np.empty(y.size, dtype=np.int64)
+    start = 0
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(idx.size)]
+        out[idx] = (start + np.arange(idx.size)) % folds
+        start = (start + idx.size) % folds
+    return out
+
+
+def cross_validate(fit: Callable[[np.ndarray], np.ndarray], true_probs: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                   predict: Callable[[np.ndarray, np.ndarray], np.ndarray], y: np.ndarray,
+                   fold: np.ndarray) -> dict[str, Any]:
+    """The K-fold estimate of one method: for each fold, ``w = fit(train_rows)``; the held-out rows are
+    scored with ``true_probs(w, rows)`` (the ensemble's probability of the true class) and
+    ``predict(w, rows)`` (its arg-max class).  Returns ``{"cv_accuracy", "cv_nll", "cv_fold_nll"}``
+    over the held-out predictions of every fold together (every sample scored once, by weights that
+    never saw it)."""
+    n_correct, log_sum, per_fold = 0, 0.0, []
+    for f in range(int(fold.max()) + 1):
+        test = np.flatnonzero(fold == f)
+        w = fit(np.flatnonzero(fold != f))
+        q = np.maximum(true_probs(w, test), EPS)
+        n_correct += int(np.sum(predict(w, test) == y[test]))
+        log_sum += float(np.sum(np.log(q)))
+        per_fold.append(float(-np.mean(np.log(q))))
+    return {"cv_accuracy": n_correct / y.size, "cv_nll": -log_sum / y.size, "cv_fold_nll": per_fold}
+
+
+def choose_by_cv(results: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> str | None:
+    """The method with the lowest ``cv_nll`` (spec section 5: NLL first), ties to the higher
+    ``cv_accuracy``, then to the earlier in ``order``; None when no method has a CV estimate."""
+    scored = [m for m in order if results[m].get("cv_nll") is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda m: (round(results[m]["cv_nll"], 12), -results[m]["cv_accuracy"], order.index(m)))
+
+
+def _stack_cv(method: str, Pv: np.ndarray, yv: np.ndarray, fold: np.ndarray, ctx: "_FitContext") -> dict[str, Any]:
+    """:func:`cross_validate` of one stacking method on [K, N, C] validation predictions (the searches
+    start from each fold's own NLL optimum, as on the whole split)."""
+    Q = _true_class_probs(Pv, yv)
+
+    def fit(rows):
+        P, y = Pv[:, rows], yv[rows]
+        fctx = ctx
+        if method in ("accuracy_search",):
+            fctx = dataclasses.replace(ctx, init=_nll_opt_q(Q[rows])[0])
+        return _check_weights(METHODS[method](P, y, fctx)[0], Pv.shape[0])
+
+    return cross_validate(fit, lambda w, rows: Q[rows] @ w,
+                          lambda w, rows: np.argmax(np.tensordot(w, Pv[:, rows], axes=1), axis=1), yv, fold)
+
+
+# ----------------------------------------------------------------------------------------------------
 # stacking driver
 # ----------------------------------------------------------------------------------------------------
 def _metrics(w: np.ndarray, Pv, yv, Pt, yt) -> dict[str, float]:
@@ -561,8 +642,10 @@ def stack(
     choose: str = "nll_optimal",
     caruana_rounds: int = 50,
     ray_init_kwargs: Mapping[str, Any] | None = None,
+    cv_folds: int = CV_FOLDS,
 ) -> dict[str, Any]:
-    """Fit every method in ``methods`` on the validation split and report validation and test metrics.
+    """Fit every method in ``methods`` on the validation split and report validation and test metrics,
+    and the ``cv_folds``-fold cross-validated estimate inside the validation split (0: none).
 
     ``P_val`` [K, N, C], ``P_test`` [K, M, C] (same member order as ``member_names``), labels [N], [M].
     ``tune_samples > 0`` adds ``"tune_accuracy_search"`` with that many trials (``storage_path`` for
@@ -573,12 +656,14 @@ def stack(
 
         {"member_names": [...], "num_classes": C, "n_val": N, "n_test": M, "seed": seed,
          "members": {name: {val_accuracy, val_nll, test_accuracy, test_nll}},
-         "methods": {method: {weights: {name: w}, val_accuracy, val_nll, test_accuracy, test_nll,
-                              seconds, ...method-specific info}},
+         "methods": {method: {weights: {name: w}, val_accuracy, val_nll, cv_accuracy, cv_nll, cv_fold_nll,
+                              test_accuracy, test_nll, seconds, ...method-specific info}},
+         "cv": {"folds", "seed"} or None,
          "chosen": method, "chosen_rule": "...",
-         "ensemble": {"method", "weights", val/test accuracy and nll of the chosen method}}
+         "ensemble": {"method", "weights", val/cv/test accuracy and nll of the chosen method}}
 
-    ``choose`` selects ``chosen`` from validation results only (see the module docstring).
+    ``choose`` selects ``chosen`` from validation results only (see the module docstring); the Tune
+    search has no CV estimate (it would be K more Tune experiments) and is never chosen by ``"cv"``.
     """
     names = [str(m) for m in member_names]
     Pv, yv = _check_py(P_val, y_val, "validation", names)
@@ -599,6 +684,11 @@ def stack(
                          "(esdbs_ray.stacking_run does)")
     if not methods:
         raise UserError("no stacking methods requested")
+    cv_folds = int(cv_folds)
+    if choose == "cv" and (cv_folds < 2 or yv.size < 2 * cv_folds):
+        raise UserError(f"choose='cv' needs cv_folds >= 2 and at least 2 validation samples per fold, got "
+                        f"{cv_folds} folds of {yv.size} samples")
+    fold = cv_folds_of(yv, cv_folds, seed) if cv_folds >= 2 and yv.size >= 2 * cv_folds else None
 
     out: dict[str, Any] = {
         "member_names": names,
@@ -608,6 +698,7 @@ def stack(
         "seed": int(seed),
         "members": {},
         "methods": {},
+        "cv": {"folds": cv_folds, "seed": int(seed), "stratified": True} if fold is not None else None,
     }
     for k, n in enumerate(names):
         e = np.zeros(K)
@@ -624,9 +715,11 @@ def stack(
             ctx = dataclasses.replace(ctx, init=w)
         seconds = time.perf_counter() - t0
         w = _check_weights(w, K)
+        cv = _stack_cv(m, Pv, yv, fold, ctx) if fold is not None and m != TUNE_METHOD else {}
         out["methods"][m] = {
             "weights": {n: float(x) for n, x in zip(names, w)},
             **_metrics(w, Pv, yv, Pt, yt),
+            **cv,
             "seconds": seconds,
             **extra,
         }
@@ -637,15 +730,22 @@ def stack(
                                                  methods.index(m)))
         chosen = ranked[0]
         rule = "best_val: highest validation accuracy, ties to lower validation NLL"
+    elif choose == "cv":
+        chosen = choose_by_cv(out["methods"], methods)
+        if chosen is None:
+            raise UserError(f"choose='cv': no method with a cross-validated estimate among {methods}")
+        rule = (f"cv: lowest {cv_folds}-fold cross-validated NLL inside the validation split (weights fitted on "
+                f"{cv_folds - 1} folds, scored on the held-out one), ties to higher CV accuracy")
     elif choose in out["methods"]:
         chosen = choose
         rule = f"fixed: {choose}"
     else:
-        raise UserError(f"choose={choose!r} is not a computed method ({methods}) nor 'best_val'")
+        raise UserError(f"choose={choose!r} is not a computed method ({methods}) nor 'best_val' or 'cv'")
     out["chosen"] = chosen
     out["chosen_rule"] = rule
     out["ensemble"] = {"method": chosen, **{k: v for k, v in out["methods"][chosen].items()
-                                            if k in ("weights", "val_accuracy", "val_nll", "test_accuracy", "test_nll")}}
+                                            if k in ("weights", "val_accuracy", "val_nll", "cv_accuracy", "cv_nll",
+                                                     "test_accuracy", "test_nll")}}
     return out
 
 
@@ -671,22 +771,30 @@ def per_class_accuracy(weights: Mapping[str, float], P_test: Any, y_test: Any,
 def format_stacking_table(result: Mapping[str, Any]) -> str:
     """A plain-text table: one row per method (``*`` marks the chosen one), then one per member."""
     names = list(result["member_names"])
-    head = f"{'':2}{'method':<22}{'weights':<{max(30, 11 * len(names))}}{'val acc':>9}{'val nll':>9}{'test acc':>10}{'test nll':>10}{'seconds':>10}"
+    head = (f"{'':2}{'method':<22}{'weights':<{max(30, 11 * len(names))}}{'val acc':>9}{'val nll':>9}{'cv acc':>9}"
+            f"{'cv nll':>9}{'test acc':>10}{'test nll':>10}{'seconds':>10}")
     lines = [head, "-" * len(head)]
     wcol = max(30, 11 * len(names))
+
+    def cv(r, key):  # the Tune search, and files written before the estimate, have none
+        return f"{r[key]:>9.4f}" if r.get(key) is not None else f"{'':>9}"
+
     for m, r in result["methods"].items():
         ws = " ".join(f"{r['weights'][n]:.3f}" for n in names)
         mark = "*" if m == result.get("chosen") else " "
         lines.append(
-            f"{mark:2}{m:<22}{ws:<{wcol}}{r['val_accuracy']:>9.4f}{r['val_nll']:>9.4f}"
-            f"{r['test_accuracy']:>10.4f}{r['test_nll']:>10.4f}{r['seconds']:>10.4f}"
+            f"{mark:2}{m:<22}{ws:<{wcol}}{r['val_accuracy']:>9.4f}{r['val_nll']:>9.4f}{cv(r, 'cv_accuracy')}"
+            f"{cv(r, 'cv_nll')}{r['test_accuracy']:>10.4f}{r['test_nll']:>10.4f}{r['seconds']:>10.4f}"
         )
     lines.append("-" * len(head))
     for n in names:
         r = result["members"][n]
         lines.append(
-            f"{'':2}{'member ' + n:<22}{'':<{wcol}}{r['val_accuracy']:>9.4f}{r['val_nll']:>9.4f}"
+            f"{'':2}{'member ' + n:<22}{'':<{wcol}}{r['val_accuracy']:>9.4f}{r['val_nll']:>9.4f}{'':>18}"
             f"{r['test_accuracy']:>10.4f}{r['test_nll']:>10.4f}{'':>10}"
         )
     lines.append(f"weights in member order: {', '.join(names)}; chosen ({result.get('chosen_rule', '')}): {result.get('chosen')}")
+    if result.get("cv"):
+        lines.append(f"cv: {result['cv']['folds']}-fold cross-validation inside the validation split (each method's "
+                     "weights fitted on the other folds); test: reported only")
     return "\n".join(lines)

@@ -20,9 +20,9 @@ from .config import slug
 from .evaluation import evaluate_probs, weighted_probs
 from .layout import ExperimentLayout
 from .records import Rung
-from .stacking import DEFAULT_METHODS, per_class_accuracy, stack
+from .stacking import CV_FOLDS, DEFAULT_METHODS, per_class_accuracy, stack
 
-__all__ = ["stack_experiment", "config_member_order", "RERUN"]
+__all__ = ["stack_experiment", "config_member_order", "config_stack_settings", "RERUN"]
 
 
 def stack_experiment(
@@ -40,6 +40,7 @@ def stack_experiment(
     ray_init_kwargs: Mapping[str, Any] | None = None,
     basis_threshold: float | None = None,
     level: int | None = None,
+    cv_folds: int = CV_FOLDS,
 ) -> dict[str, Any]:
     """Stack the members found in ``<experiment>/predictions/*.parquet``; write ``<experiment>/stacking.json``.
 
@@ -76,7 +77,7 @@ def stack_experiment(
             )
     result = stack(
         Pv, yv, Pt, yt, names, methods=methods, tune_samples=tune_samples, storage_path=storage_path,
-        seed=seed, choose=choose, ray_init_kwargs=ray_init_kwargs,
+        seed=seed, choose=choose, ray_init_kwargs=ray_init_kwargs, cv_folds=cv_folds,
     )
     used = set(names)
     # what was stacked, also when it was not asked for: the members' one group and one rung
@@ -122,14 +123,27 @@ RERUN = _Rerun()
 def config_member_order(experiment: str | storage.Tree) -> list[str]:
     """The members in the order of the experiment's config (its trials); [] without a readable config.
     ``experiment``: a local path or URI, or a :class:`~esdbs_ray.storage.Tree` (any pyarrow filesystem)."""
+    cfg = _saved_config(experiment)
+    return [t.member for t in cfg.trials()] if cfg is not None else []
+
+
+def _saved_config(experiment: str | storage.Tree):
+    """The experiment's config, None when absent, not text or not a config (ConfigError is a ValueError)."""
     from .config import parse_saved_config
 
     tree = experiment if isinstance(experiment, storage.Tree) else storage.Tree(experiment)
     try:
-        cfg = parse_saved_config(tree.read_text(ExperimentLayout.CONFIG), "config.yaml")
-    except (OSError, ValueError):  # absent, not text, not a config (ConfigError is a ValueError)
-        return []
-    return [t.member for t in cfg.trials()]
+        return parse_saved_config(tree.read_text(ExperimentLayout.CONFIG), "config.yaml")
+    except (OSError, ValueError):
+        return None
+
+
+def config_stack_settings(experiment: str | storage.Tree):
+    """The experiment's ``stack:`` settings (a :class:`~esdbs_ray.config.StackConfig`), None without a
+    readable config: ``esdbs stack`` re-runs a stack the way the run chose (an experiment from before
+    ``choose: cv`` keeps the rule it was run with)."""
+    cfg = _saved_config(experiment)
+    return cfg.stack if cfg is not None else None
 
 
 def _class_names(sources: Sequence[Mapping[str, Any]], num_classes: int) -> list[str] | None:

@@ -97,7 +97,7 @@ def test_mlflow_holds_params_metrics_and_artifacts(smoke_run, capsys):
             (out / "members" / f"{m['member']}.json").read_text())["history"])
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f"{m['member']}.json"]
     run = client.get_run(record["run_id"])
-    assert run.data.params["stack.choose"] == "nll_optimal" and run.data.params["train.width"] == "0.125"
+    assert run.data.params["stack.choose"] == "cv" and run.data.params["train.width"] == "0.125"
     ens = summary["ensembles"]["SWR-CNN+DBS"]
     assert run.data.metrics["ensemble.SWR-CNN_DBS.test_accuracy"] == pytest.approx(ens["test_accuracy"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "summary.json", "stacking.json"}

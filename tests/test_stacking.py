@@ -288,7 +288,7 @@ def test_every_configurable_method_is_implemented():
     from esdbs_ray.config import STACK_CHOICES, STACK_METHODS
 
     assert set(STACK_METHODS) <= set(S.METHODS) and S.DEFAULT_METHODS == STACK_METHODS
-    assert set(STACK_CHOICES) - set(S.METHODS) == {"best_val"}
+    assert set(STACK_CHOICES) - set(S.METHODS) == {"best_val", "cv"}
 
 
 def test_stack_and_results_agree_on_members_files_and_the_chosen_ensemble(tmp_path, capsys):
