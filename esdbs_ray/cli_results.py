@@ -39,7 +39,10 @@ def add_stack(sub) -> None:
 
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="report.md + report.html: our numbers beside the paper's tables and figures")
-    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("experiment_dir", nargs="+", metavar="EXPERIMENT_DIR",
+                   help="a local directory or a URI (s3://, gs://, file://); several (or a multi-seed run's): "
+                        "replicates of one config, reported together (mean and SE across them; configs that differ "
+                        "but for the seed are refused)")
     p.add_argument("--out", default=None, help="a local directory; default: EXPERIMENT_DIR/report for a local "
                    "experiment (a new directory, or --force)")
     p.add_argument("--force", action="store_true", help="replace an earlier report there (swapped in atomically; "
@@ -49,7 +52,9 @@ def add_report(sub) -> None:
 
 def add_results(sub) -> None:
     p = sub.add_parser("results", help="one tidy table of every trial, member, rung and ensemble of an experiment")
-    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("experiment_dir", nargs="+", metavar="EXPERIMENT_DIR",
+                   help="a local directory or a URI (s3://, gs://, file://); several (or a multi-seed run's): "
+                        "replicates of one config, one after another with the columns replicate and seed first")
     p.add_argument("--format", default="table", help="table | csv | parquet (default: table)")
     p.add_argument("--columns", default=None, help="the table's columns instead of its default view, comma-"
                    "separated (any of csv's; e.g. kind,member,target_sparsity,test_accuracy,wall_seconds)")
@@ -105,6 +110,7 @@ def cmd_stack(args) -> int:
         raise ConfigError(f"--cv-folds={args.cv_folds}: must be in [2, 100]")
     if args.tune_samples < 0:
         raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
+    _one_seed(args.experiment_dir)
     layout = ExperimentLayout.at(args.experiment_dir)
     output = claim_file(args.output, force=args.force) if args.output else RERUN
     if args.level is not None and args.level < 0:
@@ -125,18 +131,23 @@ def cmd_stack(args) -> int:
 
 def cmd_report(args) -> int:
     from .analysis.report import build_report
+    from .analysis.seeds import replicate_trees
     from .layout import replace_dir
 
-    tree = experiment_tree(args.experiment_dir)
+    trees = [experiment_tree(d) for d in args.experiment_dir]
+    replicate_trees([t.root for t in trees])  # several: one config but for the seed, refused before any writing
+    tree = trees[0]
     if args.out:
         out = Path(args.out)
     elif tree.local:
         out = Path(tree.path()) / "report"
     else:
-        raise ConfigError(f"{args.experiment_dir} is not a local directory: pass --out DIR (a local directory) "
+        raise ConfigError(f"{tree.root} is not a local directory: pass --out DIR (a local directory) "
                           "for its report")
-    result = replace_dir(out, lambda staging: build_report(tree.root, out_dir=staging), kind="report",
+    result = replace_dir(out, lambda staging: build_report([t.root for t in trees], out_dir=staging), kind="report",
                          force=args.force)
+    if len(result["replicates"]) > 1:
+        print(f"{len(result['replicates'])} replicates: {', '.join(result['replicates'])}")
     counts: dict[str, int] = {}
     for claim in result["claims"]:
         counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
@@ -155,15 +166,23 @@ def cmd_report(args) -> int:
 
 def cmd_results(args) -> int:
     from .layout import claim_file
-    from .results import FORMATS, format_results, results_table
+    from .analysis.experiment import Experiment
+    from .analysis.seeds import labels, replicate_trees
+    from .results import FORMATS, format_results, replicate_results, results_table
 
     if args.format not in FORMATS:
         raise ConfigError(f"--format={args.format!r}: choose one of {', '.join(FORMATS)}")
     if args.format == "parquet" and not args.out:
         raise ConfigError("--format parquet writes a binary file: pass --out FILE")
     out = claim_file(args.out, force=args.force, flag="--out") if args.out else None
-    tree = experiment_tree(args.experiment_dir)
-    df = results_table(tree.root)
+    trees = [experiment_tree(d) for d in args.experiment_dir]
+    tree = trees[0]
+    replicates = replicate_trees([t.root for t in trees])  # a multi-seed run's directory: its seeds
+    if len(replicates) == 1:
+        df = results_table(tree.root)
+    else:
+        exps = [Experiment(t) for t in replicates]
+        df = replicate_results([t.root for t in replicates], labels(exps), [e.config.get("seed") for e in exps])
     data = format_results(df, args.format, [c.strip() for c in args.columns.split(",")] if args.columns else None)
     for note in df.attrs.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
@@ -190,6 +209,7 @@ def cmd_export(args) -> int:
             raise ConfigError(f"ONNX export needs {' and '.join(missing)}: pip install 'esdbs-ray[export]' "
                               "(or pass --no-onnx)")
     tree = experiment_tree(args.experiment_dir)
+    _one_seed(tree.root)
     manifest = export_experiment(tree.root, args.out, variant=args.variant, sparsity=args.sparsity, force=args.force,
                                  onnx=not args.no_onnx, level=args.level)
     e = manifest["ensemble"]
@@ -234,6 +254,20 @@ def _progress_bar(done: int, total: int) -> None:
     end = "\n" if done >= total else ""
     print(f"\r[esdbs] predict [{'#' * filled}{'.' * (width - filled)}] {done}/{total} images", end=end,
           file=sys.stderr, flush=True)
+
+
+def _one_seed(path: str) -> None:
+    """Refuse a multi-seed run's own directory where one experiment is meant, naming its seeds'."""
+    from .replicates import replicate_dirs
+    from .storage import Tree, join
+
+    try:
+        dirs = replicate_dirs(Tree(path))
+    except (ValueError, OSError):  # unreadable: the command's own checks name it
+        return
+    if dirs:
+        raise ConfigError(f"{path} is a multi-seed run: name one seed's experiment, e.g. {join(path, dirs[0])} "
+                          f"(its seeds: {', '.join(dirs)})")
 
 
 COMMANDS = {"stack": add_stack, "report": add_report, "results": add_results, "export": add_export, "predict": add_predict}

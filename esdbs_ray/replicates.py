@@ -23,7 +23,8 @@ from .config import PipelineConfig, TrialSpec
 from .layout import ExperimentLayout, write_marker
 from .records import MemberSummary
 
-__all__ = ["trials_by_seed", "trial_order", "seed_layouts", "seed_summary", "run_summary", "replicate_dirs"]
+__all__ = ["trials_by_seed", "trial_order", "seed_layouts", "seed_summary", "run_summary", "replicate_dirs",
+           "replicate_parent"]
 
 
 def trials_by_seed(cfg: PipelineConfig) -> dict[int | None, dict[str, TrialSpec]]:
@@ -34,7 +35,8 @@ def trials_by_seed(cfg: PipelineConfig) -> dict[int | None, dict[str, TrialSpec]
 def trial_order(by_seed: dict[int | None, dict[str, TrialSpec]],
                 cost: Callable[[TrialSpec], float]) -> list[tuple[str, int | None]]:
     """(member, seed) of every trial, the costliest first (the run does not end with one slow trial
-    alone on the machine); a trial's seeds follow one another, so every seed's trials spread over the run."""
+    alone on the machine); among trials of one cost, seed by seed, so every seed's trials spread over
+    the run."""
     seeds = list(by_seed)
     return sorted(((m, s) for s, specs in by_seed.items() for m in specs),
                   key=lambda ms: (-cost(by_seed[ms[1]][ms[0]]), seeds.index(ms[1])))
@@ -99,3 +101,14 @@ def _ensemble_row(stacking: dict) -> dict:
     return {"method": chosen, "weights": m["weights"], "val_accuracy": m["val_accuracy"],
             "test_accuracy": m["test_accuracy"], "val_nll": m["val_nll"], "test_nll": m["test_nll"],
             "sparsity": stacking.get("sparsity"), "basis_threshold": stacking.get("basis_threshold")}
+
+
+def replicate_parent(tree: storage.Tree) -> tuple[storage.Tree, int] | None:
+    """(the run's directory, the seed) when ``tree`` is one seed's experiment of a multi-seed run (its
+    Tune trials are the run's, in <run>/tune/base); None otherwise."""
+    name = tree.base.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith("seed-") or not name[len("seed-"):].isdigit():
+        return None
+    parent = storage.Tree(tree.base.rstrip("/").rsplit("/", 1)[0] or "/", filesystem=tree.fs)
+    dirs = replicate_dirs(parent)
+    return (parent, int(name[len("seed-"):])) if dirs and name in dirs else None

@@ -46,7 +46,7 @@ COLUMNS = (
 )
 FORMATS = ("table", "csv", "parquet")
 
-__all__ = ["results_table", "format_results", "COLUMNS", "FORMATS", "ResultsError"]
+__all__ = ["results_table", "replicate_results", "format_results", "COLUMNS", "FORMATS", "ResultsError"]
 
 
 class ResultsError(UserError):
@@ -209,7 +209,7 @@ def format_results(df, fmt: str, columns: list[str] | None = None) -> bytes:
     if fmt != "table":
         raise ResultsError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
     if columns:
-        unknown = [c for c in columns if c not in COLUMNS]
+        unknown = [c for c in columns if c not in (*REPLICATE_COLUMNS, *COLUMNS)]
         if unknown:
             raise ResultsError(f"--columns: unknown {unknown}; choose from {', '.join(COLUMNS)}")
         def cell(v) -> str:
@@ -218,6 +218,9 @@ def format_results(df, fmt: str, columns: list[str] | None = None) -> bytes:
 
         shown = df[list(columns)].astype(object).map(cell)
         return (shown.to_string(index=False) + "\n").encode()
+    if "replicate" in df.columns:  # several replicates: a block each
+        blocks = [f"== {r} ==\n" + _compact(df[df["replicate"] == r]) for r in dict.fromkeys(df["replicate"])]
+        return "\n".join(blocks).encode()
     return _compact(df).encode()
 
 
@@ -263,6 +266,28 @@ def _compact(df) -> str:
                 "fitted on the other folds of the validation split (cross-validated); [n] the stacking file:"]
         out += [f"  [{i}] {name}" for name, i in sources.items()]
     return "\n".join(line.rstrip() for line in out[1:]) + "\n"
+
+
+REPLICATE_COLUMNS = ("replicate", "seed")
+
+
+def replicate_results(experiments, labels, seeds, *, filesystem=None):
+    """``esdbs results DIR DIR ...`` (replicates of one config, or a multi-seed run): each experiment's
+    :func:`results_table`, one after another, with the columns ``replicate`` (``labels``) and ``seed``
+    first; notes lead with the replicate's label."""
+    import pandas as pd
+
+    frames, notes = [], []
+    for root, label, seed in zip(experiments, labels, seeds):
+        df = results_table(root, filesystem=filesystem)
+        df.insert(0, "seed", seed)
+        df.insert(0, "replicate", label)
+        notes += [f"{label}: {n}" for n in df.attrs.get("notes", [])]
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    out["seed"] = out["seed"].astype("Int64")
+    out.attrs["notes"] = notes
+    return out
 
 
 def _in_order(weights, position: dict) -> dict | None:

@@ -8,6 +8,7 @@ without ``tune/`` (copied without it, or written by hand) still tabulates, with 
 from __future__ import annotations
 
 from .layout import ExperimentLayout as L
+from .replicates import replicate_parent
 from .storage import Tree
 
 __all__ = ["tune_trials"]
@@ -15,9 +16,14 @@ __all__ = ["tune_trials"]
 
 def tune_trials(tree: Tree) -> tuple[dict[str, dict], list[str]]:
     """member -> {trial_id, status, iterations, wall_seconds, wall_by_epoch, trial_dir} from Tune's
-    experiment analysis (its JSON state and result files), and notes on what was missing."""
+    experiment analysis (its JSON state and result files), and notes on what was missing.  One seed's
+    experiment of a multi-seed run: its trials in the run's Tune experiment (``trial_dir`` from there)."""
+    seed, up = None, ""
     if not tree.is_dir(*L.TUNE_BASE):
-        return {}, [f"{tree.uri(*L.TUNE_BASE)}: no Tune experiment (trial ids and wall times left empty)"]
+        run = replicate_parent(tree)
+        if run is None:
+            return {}, [f"{tree.uri(*L.TUNE_BASE)}: no Tune experiment (trial ids and wall times left empty)"]
+        (tree, seed), up = run, "../"
     from ray.tune import ExperimentAnalysis
 
     try:
@@ -29,7 +35,7 @@ def tune_trials(tree: Tree) -> tuple[dict[str, dict], list[str]]:
     base = tree.path()
     for t in analysis.trials:
         member = (t.config or {}).get("member")
-        if member is None:
+        if member is None or (t.config or {}).get("seed") != seed:
             continue
         df = frames.get(t.trial_id)
         if df is None:
@@ -41,5 +47,5 @@ def tune_trials(tree: Tree) -> tuple[dict[str, dict], list[str]]:
         last = t.last_result or {}
         rel = t.path[len(base):].lstrip("/") if base and t.path.startswith(base) else t.path
         out[member] = {"trial_id": t.trial_id, "status": t.status, "iterations": last.get("training_iteration"),
-                       "wall_seconds": last.get("time_total_s"), "wall_by_epoch": wall_by_epoch, "trial_dir": rel}
+                       "wall_seconds": last.get("time_total_s"), "wall_by_epoch": wall_by_epoch, "trial_dir": up + rel}
     return out, []

@@ -129,7 +129,8 @@ def test_report_has_every_section_and_figure(experiment):
     cpus = F.build_config().resources.cpus_per_trial
     assert f"Tune trials at cpus_per_trial={cpus:g} ({max(1, int(cpus))} torch thread" in md
     assert "torch threads 1," not in md  # the driver's own count (1 in the fixture) would mislead
-    assert "Every trial trained once (seed 0)" in md
+    # one seed: the verdict rule, and no SE across seeds to judge an accuracy comparison by
+    assert "over one replicate (seed 0)" in md and "**The verdict rule.**" in md
     for fig in ("fig2a_accuracy_vs_sparsity.png", "fig2b_accuracy_vs_batch.png", "fig5a_kernels.png",
                 "fig5b_momentum.png"):
         assert f"]({fig})" in md
@@ -195,19 +196,24 @@ def test_verdicts_follow_the_data(experiment, tmp_path):
     _, _, result = experiment
     claims = {c["id"]: c for c in result["claims"]}
     assert len(claims) == len(result["claims"])  # unique ids
-    assert claims["A1"]["claim"].startswith("SWR-CNN+DBS is the most accurate") and claims["A1"]["verdict"] == "reproduced"
-    assert claims["A2"]["verdict"] == "reproduced"
+    # one seed: an accuracy comparison is inconclusive however large, its difference and test-sampling SE shown
+    assert claims["A1"]["claim"].startswith("SWR-CNN+DBS is the most accurate") and claims["A1"]["verdict"] == "inconclusive"
+    assert claims["A2"]["verdict"] == "inconclusive" and claims["A2"]["n"] == 1 and claims["A2"]["test_se"]
+    assert claims["A2"]["difference"].startswith("SWR-CNN+DBS - C-CNN: +") and "(n=1)" in claims["A2"]["difference"]
+    assert all(c["verdict"] == "inconclusive" for c in result["claims"] if c["id"][0] in "AB" and c["verdict"] != "not run")
     assert "80%" in claims["A7"]["claim"] and claims["A7"]["verdict"] == "not run"  # the ladder stops at 60 %
     speed = {c["claim"].split(" (")[0]: c for c in result["claims"] if c["id"].startswith("S")}
-    # fixture: the SC-CNN stack (summed) is ~2.1x slower than the dense C-CNN -> slower, as in the paper
-    assert speed["Pruned SC-CNN"]["verdict"] == "reproduced"
-    assert all(c["verdict"] in ("reproduced", "not reproduced", "not run") for c in result["claims"])
-    # the same matrix where SWR-CNN+DBS is the weakest: A1 and A2 are not reproduced
+    # fixture: the SC-CNN stack (summed) is ~2.1x slower than the dense C-CNN -> slower, as in the paper; one
+    # seed's speed claims are judged against the run's own timing noise (the repeats)
+    assert speed["Pruned SC-CNN"]["verdict"] == "reproduced" and "timing noise" in speed["Pruned SC-CNN"]["difference"]
+    assert all(c["verdict"] in ("reproduced", "refuted", "inconclusive", "not run") for c in result["claims"])
+    # the same matrix where SWR-CNN+DBS is the weakest: still inconclusive on one seed, a different order
     root2 = tmp_path / "exp-weak"
     F.write_experiment(root2, tensorboard=False, quality={"SWR-CNN+DBS": 0.3})
     r2 = build_report(root2)
     c2 = {c["id"]: c for c in r2["claims"]}
-    assert c2["A1"]["verdict"] == "not reproduced" and c2["A2"]["verdict"] == "not reproduced"
+    assert c2["A1"]["verdict"] == "inconclusive" and c2["A2"]["verdict"] == "inconclusive"
+    assert c2["A2"]["estimate"]["mean"] < 0
     assert "a different order" in _md(r2)
     assert r2["sections"]["figure:kernels"] == "not run" and r2["sections"]["figure:dbs_schedule"] == "not run"
 
@@ -238,7 +244,7 @@ def test_missing_artifacts_give_not_run(experiment, tmp_path):
     md1 = _md(r1)
     rows = {r[0]: r for r in _table_rows(md1, "Ours: test accuracy")}
     assert rows["30%"][4] != "n/a" and rows["60%"][4] == "n/a"
-    assert "sign only" in md1 and "no predictions/*.parquet" in md1
+    assert "no test-sampling SE" in md1 and "no predictions/*.parquet" in md1
     # 2. no stacking, no Tune directory, no batch sweep members
     d2 = tmp_path / "no-stacking-no-tune-no-sweep"
     shutil.copytree(src, d2, ignore=shutil.ignore_patterns("report"))

@@ -17,6 +17,7 @@ from typing import Any
 from ..layout import ExperimentLayout as L
 from ..layout import safe_name
 from ..records import MemberSummary, Rung, RungResult, number
+from ..replicates import replicate_parent
 from ..storage import Tree
 from . import paper_numbers as PN
 
@@ -25,6 +26,8 @@ Z = 1.96  # accuracy differences must exceed Z paired standard errors (about 5 %
 NOT_RUN = "not run"
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
+REFUTED = "refuted"  # beyond 2 SE across the seeds against the claim (analysis/seeds.py)
+INCONCLUSIVE = "inconclusive"  # within 2 SE across the seeds, or one seed for a comparison of variants
 MAIN_VARIANTS = PN.VARIANTS
 SWEEP_VARIANTS = PN.SWEEP_VARIANTS
 
@@ -50,6 +53,11 @@ class Experiment:
         self.tree = tree
         self.root = tree.root  # as given: a local path or a URI
         self.problems: list[str] = []  # what was missing or unreadable (shown in the report)
+        # where the Tune trials are: here, or for one seed's experiment of a multi-seed run, the run's
+        self.trials, self.trial_seed = tree, None
+        run = replicate_parent(tree) if not tree.is_dir(*L.TUNE_BASE) else None
+        if run is not None:
+            self.trials, self.trial_seed = run
         self.config = self._config()
         self.summary = _read_json(tree, L.SUMMARY)
         if self.summary is None:
@@ -301,11 +309,13 @@ class Experiment:
 
     # -- trial directories and TensorBoard -------------------------------------------------------
     def trial_dir(self, member: MemberSummary) -> str | None:
-        """The member's Tune trial directory, relative to the experiment (``tune/base/<member>_<id>``).
+        """The member's Tune trial directory, relative to :attr:`trials` (``tune/base/<member>_<id>``; a
+        seed's experiment of a multi-seed run: the run's ``tune/base/<member>_s<seed>_<id>``).
 
         Looked up inside the experiment, never through ``trial_path``, which names the directory the
         run wrote (another machine's path, or a bucket the reader may not see)."""
-        hits = [n for n in self.tree.listdir(*L.TUNE_BASE, kind="dir") if n.startswith(f"{member.member}_")]
+        prefix = f"{L.trial_key(member.member, self.trial_seed)}_"
+        hits = [n for n in self.trials.listdir(*L.TUNE_BASE, kind="dir") if n.startswith(prefix)]
         return "/".join((*L.TUNE_BASE, hits[0])) if hits else None
 
     def progress(self, member: MemberSummary) -> list[dict]:
@@ -314,9 +324,9 @@ class Experiment:
         if key not in self._acc_cache:
             rows = []
             d = self.trial_dir(member)
-            if d is not None and self.tree.is_file(d, "progress.csv"):
+            if d is not None and self.trials.is_file(d, "progress.csv"):
                 try:
-                    rows = list(csv.DictReader(io.StringIO(self.tree.read_text(d, "progress.csv"), newline="")))
+                    rows = list(csv.DictReader(io.StringIO(self.trials.read_text(d, "progress.csv"), newline="")))
                 except (OSError, ValueError, csv.Error):
                     rows = []
             self._acc_cache[key] = rows
@@ -387,14 +397,14 @@ class Experiment:
         """The member's TensorBoard event files: OUT/tensorboard/<group>/<member>, or for runs written
         before that, its Tune trial directory."""
         own = "/".join((L.TENSORBOARD, safe_name(member.group or member.variant or "members"), safe_name(member.member)))
-        d = own if self.tree.is_dir(own) else self.trial_dir(member)
+        tree, d = (self.tree, own) if self.tree.is_dir(own) else (self.trials, self.trial_dir(member))
         if d is None:
             return []
-        events = [e.path for e in self.tree.entries(d, recursive=True)
+        events = [e.path for e in tree.entries(d, recursive=True)
                   if e.base_name.startswith("events.out.tfevents.")]
-        base = self.tree.path()
+        base = tree.path()
         # TensorBoard's reader wants local files: a remote tree's events are downloaded first
-        return [self.tree.local_path(p[len(base):].lstrip("/") if base else p) for p in events]
+        return [tree.local_path(p[len(base):].lstrip("/") if base else p) for p in events]
 
 
 def load_experiment(experiment_dir: str | os.PathLike, *, filesystem=None) -> Experiment:

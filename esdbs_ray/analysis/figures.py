@@ -35,10 +35,18 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _yerr(errors, v, keys) -> list[float] | None:
+    """The error bars of curve ``v`` at ``keys`` (0 where unknown), None without any."""
+    e = (errors or {}).get(v) or {}
+    bars = [float(e[k]) if _finite(e.get(k)) else 0.0 for k in keys]
+    return bars if any(bars) else None
+
+
 def accuracy_vs_sparsity(path: str, ours: Mapping[str, Mapping[float, float | None]],
                          paper: Mapping[float, Mapping[str, float]] | None, *, title: str, ours_note: str,
-                         paper_note: str) -> str:
-    """Panel (a): test accuracy (%) vs sparsity per variant; ours left, the paper's quoted points right."""
+                         paper_note: str, errors: Mapping[str, Mapping[float, float | None]] | None = None) -> str:
+    """Panel (a): test accuracy (%) vs sparsity per variant; ours left (``errors``: error bars, e.g. the
+    SE across seeds), the paper's quoted points right."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ax = axes[0]
@@ -48,7 +56,8 @@ def accuracy_vs_sparsity(path: str, ours: Mapping[str, Mapping[float, float | No
             continue
         xs, ys = zip(*pts)
         mk, ls = _STYLES.get(v, ("o", "-"))
-        ax.plot([100 * x for x in xs], ys, marker=mk, ls=ls, label=v, color=_COLORS.get(v), alpha=0.9)
+        ax.errorbar([100 * x for x in xs], ys, yerr=_yerr(errors, v, xs), marker=mk, ls=ls, label=v,
+                    color=_COLORS.get(v), alpha=0.9, capsize=3)
     ax.set_title(f"ours: {ours_note}", fontsize=9)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -78,14 +87,15 @@ def accuracy_vs_sparsity(path: str, ours: Mapping[str, Mapping[float, float | No
 
 def accuracy_vs_batch(path: str, ours: Mapping[str, Mapping[object, float | None]],
                       paper: Mapping[str, Mapping[object, float]] | None, *, title: str, ours_note: str,
-                      paper_note: str) -> str:
-    """Panel (b): grouped bars, one group per variant, one bar per batch size (and DBS)."""
+                      paper_note: str, errors: Mapping[str, Mapping[object, float | None]] | None = None) -> str:
+    """Panel (b): grouped bars, one group per variant, one bar per batch size (and DBS); ``errors``: error
+    bars on ours."""
     plt = _plt()
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
 
-    def bars(ax, data, note):
+    def bars(ax, data, note, errors=None):
         variants = list(data)
         keys = []
         for v in variants:
@@ -100,14 +110,16 @@ def accuracy_vs_batch(path: str, ours: Mapping[str, Mapping[object, float | None
         for i, k in enumerate(keys):
             ys = [data[v].get(k) for v in variants]
             xs = np.arange(len(variants)) + (i - (len(keys) - 1) / 2) * width
-            ok = [(x, y) for x, y in zip(xs, ys) if _finite(y)]
+            ok = [(x, y, v) for x, y, v in zip(xs, ys, variants) if _finite(y)]
             if not ok:
                 continue
             drawn = True
-            vals += [y for _, y in ok]
+            err = [((errors or {}).get(v) or {}).get(k) for _, _, v in ok]
+            err = [float(e) if _finite(e) else 0.0 for e in err]
+            vals += [y + e for (_, y, _), e in zip(ok, err)] + [y - e for (_, y, _), e in zip(ok, err)]
             color = "#d62728" if k == "DBS" else cmap(i / max(len(keys) - 1, 1) * 0.85)
-            ax.bar([x for x, _ in ok], [y for _, y in ok], width=width * 0.95, color=color,
-                   label="DBS" if k == "DBS" else f"B={k}")
+            ax.bar([x for x, _, _ in ok], [y for _, y, _ in ok], width=width * 0.95, color=color,
+                   yerr=err if any(err) else None, capsize=3, label="DBS" if k == "DBS" else f"B={k}")
         ax.set_xticks(np.arange(len(variants)))
         ax.set_xticklabels(variants)
         ax.set_ylabel("test accuracy (%)")
@@ -121,7 +133,7 @@ def accuracy_vs_batch(path: str, ours: Mapping[str, Mapping[object, float | None
         else:
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, fontsize=14)
 
-    bars(axes[0], ours, f"ours: {ours_note}")
+    bars(axes[0], ours, f"ours: {ours_note}", errors)
     bars(axes[1], paper or {}, f"paper (values quoted in its text; {paper_note})")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -131,8 +143,10 @@ def accuracy_vs_batch(path: str, ours: Mapping[str, Mapping[object, float | None
 
 
 def time_vs_sparsity(path: str, ours: Mapping[str, Mapping[float, float | None]],
-                     paper: Mapping[str, Mapping[object, tuple]] | None, *, title: str, ours_note: str) -> str:
-    """Speed (baseline time / time) vs sparsity per variant, ours and the paper's tables."""
+                     paper: Mapping[str, Mapping[object, tuple]] | None, *, title: str, ours_note: str,
+                     errors: Mapping[str, Mapping[float, float | None]] | None = None) -> str:
+    """Speed (baseline time / time) vs sparsity per variant, ours (``errors``: error bars) and the paper's
+    tables."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, data, note in ((axes[0], ours, f"ours: {ours_note}"), (axes[1], None, "paper (its table)")):
@@ -143,7 +157,8 @@ def time_vs_sparsity(path: str, ours: Mapping[str, Mapping[float, float | None]]
             if pts:
                 xs, ys = zip(*pts)
                 mk, ls = _STYLES.get(v, ("o", "-"))
-                ax.plot([100 * x for x in xs], ys, marker=mk, ls=ls, label=v, color=_COLORS.get(v), alpha=0.9)
+                ax.errorbar([100 * x for x in xs], ys, yerr=_yerr(errors, v, xs) if data is ours else None, marker=mk,
+                            ls=ls, label=v, color=_COLORS.get(v), alpha=0.9, capsize=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("sparsity (%)")
         ax.set_ylabel("speed (x, vs the dense single base model at B0)")

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from .experiment import NOT_REPRODUCED, NOT_RUN, REPRODUCED
+from .experiment import INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REFUTED, REPRODUCED
 
 class Doc:
     def __init__(self):
@@ -100,7 +100,7 @@ table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}td.num{text-align:right;white-space:nowrap}
 caption{caption-side:top;text-align:left;font-style:italic;padding:4px 0}
-td.ok{background:#e3f6e3}td.bad{background:#fbe3e3}td.nr{background:#eee;color:#666}
+td.ok{background:#e3f6e3}td.bad{background:#fbe3e3}td.inc{background:#fdf6dc}td.nr{background:#eee;color:#666}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}figcaption{font-size:13px;color:#444}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd;margin-top:1.6em}
 .notrun{color:#777}
@@ -112,7 +112,8 @@ _NUMERIC = re.compile(r"[-+]?\d[\d.,]*\s*(%|x|s|pt)?|n/a")
 
 def _cls(c) -> str:
     c = str(c)
-    v = {REPRODUCED: ' class="ok"', NOT_REPRODUCED: ' class="bad"', NOT_RUN: ' class="nr"'}.get(c, "")
+    v = {REPRODUCED: ' class="ok"', NOT_REPRODUCED: ' class="bad"', REFUTED: ' class="bad"', INCONCLUSIVE: ' class="inc"',
+         NOT_RUN: ' class="nr"'}.get(c, "")
     return v or (' class="num"' if _NUMERIC.fullmatch(c.strip()) else "")
 
 

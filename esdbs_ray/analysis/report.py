@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 from ..storage import Tree
 from . import paper_numbers as PN
 from .basis import basis_sections, has_basis_members
 from .claims import build_claims
-from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, Experiment, load_experiment
+from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, load_experiment
 from .overview import run_title, section_evaluation, section_run
 from .render import Doc
-from .sections import (_hardware, _scale_text, _section_accuracy, _section_batch_tables, _section_claims,
+from .seeds import labels, load_replicates, section_replicates
+from .sections import (_hardware, _means_and_errors, _scale_text, _section_accuracy, _section_batch_tables,
+                       _section_claims,
                        _section_dbs_decisions, _section_classes, _section_dbs_trace, _section_kernels,
                        _section_members,
                        _section_momentum, _section_provenance, _section_sparsity_accounting,
@@ -44,17 +47,20 @@ from .sections import (_hardware, _scale_text, _section_accuracy, _section_batch
 __all__ = ["build_report", "load_experiment", "TIME_MARGIN", "Z"]
 
 
-def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 filesystem=None) -> dict:
+def build_report(experiment_dir: str | os.PathLike | Sequence[str | os.PathLike],
+                 out_dir: str | os.PathLike | None = None, *, filesystem=None) -> dict:
     """Write ``report.md``, ``report.html`` (self-contained) and PNG figures for an experiment directory.
 
     Returns ``{"out_dir", "markdown", "html", "figures": {name: path or None}, "claims": [...],
     "sections": {name: "ok" | "not run"}, "problems": [...]}``.  Missing artifacts give "not run"
     sections; a directory without any esdbs artifact still yields a (mostly "not run") report.
     ``experiment_dir`` is a local path or a URI, or a path on ``filesystem`` (a ``pyarrow.fs``
-    filesystem); ``out_dir`` is local and required for an experiment that is not.
+    filesystem); ``out_dir`` is local and required for an experiment that is not.  Several directories
+    (a list), or a multi-seed run's, are replicates of one config (:mod:`.seeds`): the claims, tables and
+    figures aggregate them (mean, SE across them), the sections about one run show the first.
     """
-    tree = Tree(experiment_dir, filesystem)
+    paths = [experiment_dir] if isinstance(experiment_dir, (str, os.PathLike)) else list(experiment_dir)
+    tree = Tree(paths[0], filesystem)
     if not tree.is_dir():
         raise FileNotFoundError(f"{tree.root}: no such experiment directory")
     if out_dir is None:
@@ -65,12 +71,12 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
-    exp = Experiment(tree)
+    R = load_replicates(paths, filesystem=filesystem)  # one config, or refused naming the keys
+    exp = R[0]
     key = exp.dataset
     P = PN.PAPER.get(key) if key else None
     tno = P["tables"] if P else ("1/3/5", "2/4/6")
     fig_no = P["figure"] if P else "2-4"
-    base, base_txt = exp.baseline()
 
     doc = Doc()
     title = f"esdbs report: {run_title(exp)}"
@@ -78,21 +84,34 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     doc.p(f"Ours: {_hardware(exp)}; scale: {_scale_text(exp)}. Beside the paper: *Efficient Ensemble Sparse CNNs "
           f"with Dynamic Batch Size* (Zheng, Wang, Gupta), section {P['section'] if P else '4'}"
           + (f", {P['title']}" if P else "") + f"; its numbers: {PN.HARDWARE}.")
+    if len(R) > 1:
+        section_replicates(doc, R)
     figs: dict[str, str | None] = {}
-    run_ok = section_run(doc, exp)
-    figs["reliability"] = section_evaluation(doc, exp, out)
-    claims = build_claims(exp, P)
-    _section_claims(doc, exp, P, claims)
-    curves = _section_sparsity_tables(doc, exp, P, base, base_txt, tno[0])
+    if len(R) == 1:  # the run first; replicates: what they share first, then one of them in detail
+        run_ok = section_run(doc, exp)
+        figs["reliability"] = section_evaluation(doc, exp, out)
+    claims = build_claims(R, P)
+    _section_claims(doc, R, P, claims)
+    curves = _section_sparsity_tables(doc, R, P, tno[0])
     if any(v is not None for c in curves.values() for v in c.values()):  # no speeds without a baseline: no panel
         from . import figures
 
+        bars = f"; error bars ± 1 SE across the {len(R)} replicates" if len(R) > 1 else ""
+        means, errors = _means_and_errors(curves)
         figs["speed_vs_sparsity"] = figures.time_vs_sparsity(
-            str(out / "speed_vs_sparsity.png"), curves, P["sparsity_table"] if P else None,
-            title="Speed vs sparsity (summed member time for stacks)", ours_note=_short_scale(exp))
-        doc.img(figs["speed_vs_sparsity"], "speed vs sparsity", "Speed vs sparsity, ours (left) and the paper's table (right)")
-    _section_batch_tables(doc, exp, P, base, tno[1])
-    figs.update(_section_accuracy(doc, exp, P, out, fig_no))
+            str(out / "speed_vs_sparsity.png"), means, P["sparsity_table"] if P else None,
+            title="Speed vs sparsity (summed member time for stacks)", ours_note=_short_scale(exp) + bars,
+            errors=errors)
+        doc.img(figs["speed_vs_sparsity"], "speed vs sparsity",
+                f"Speed vs sparsity, ours (left{bars}) and the paper's table (right)")
+    _section_batch_tables(doc, R, P, tno[1])
+    figs.update(_section_accuracy(doc, R, P, out, fig_no))
+    if len(R) > 1:
+        doc.h(2, f"One replicate in detail: {labels(R)[0]}", "one-replicate")
+        doc.p(f"The sections from here on describe one replicate, {labels(R)[0]} (`{exp.root}`); the others' "
+              "directories hold the same parts (`esdbs report` of one of them shows its own).")
+        run_ok = section_run(doc, exp)
+        figs["reliability"] = section_evaluation(doc, exp, out)
     figs.setdefault("accuracy_vs_sparsity", None)
     figs.setdefault("accuracy_vs_batch", None)
     figs["kernels"] = _section_kernels(doc, exp, out)
@@ -132,7 +151,9 @@ def build_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
                              for n in st.get("member_names") or []) + " %)"
                 for g, st in exp.stackings.items() if isinstance(st.get("ensemble"), dict)]
     return {"out_dir": str(out), "markdown": str(md_path), "html": str(html_path), "figures": figs,
-            "claims": claims, "sections": sections, "problems": list(exp.problems), "headline": headline}
+            "claims": claims, "sections": sections, "headline": headline,
+            "problems": [f"{x}: {p}" if len(R) > 1 else p for x, e in zip(labels(R), R) for p in e.problems],
+            "replicates": labels(R)}
 
 
 def main(argv=None) -> int:  # python -m esdbs_ray.analysis.report EXPERIMENT_DIR [--out DIR]

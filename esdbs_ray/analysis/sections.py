@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from . import paper_numbers as PN
-from .claims import RULES, _fmt_pct, _overall_time, order_line
-from .experiment import (MAIN_VARIANTS, NOT_REPRODUCED, NOT_RUN, REPRODUCED, SWEEP_VARIANTS, Experiment, _f,
-                         _tb_read)
+from .claims import RULES, VERDICTS, _fmt_pct, _overall_time, order_line
+from .experiment import MAIN_VARIANTS, NOT_RUN, SWEEP_VARIANTS, Experiment, _f, _tb_read
+from .seeds import RULE, Estimate, across, labels, replicate_note
 from ..records import RungResult
 from .render import Doc
 
@@ -49,8 +49,20 @@ def _hardware(exp: Experiment) -> str:
     return ", ".join(parts) + ", PyTorch " + str((prov.get("versions") or {}).get("torch", "?"))
 
 
-def _section_sparsity_tables(doc: Doc, exp: Experiment, P: dict | None, base, base_txt, tno) -> dict:
-    """Tables 1/3/5: time and speed vs sparsity; returns the speed curves for a figure."""
+def _est(e, spec="{:.2f}", unit="", scale=1.0) -> str:
+    """A cell: "n/a", a replicate's value, or the mean ± SE across the replicates."""
+    return "n/a" if e is None else e.fmt(spec, scale, unit)
+
+
+def _bases(R: list[Experiment]) -> list:
+    return [e.baseline()[0] for e in R]
+
+
+def _section_sparsity_tables(doc: Doc, R: list[Experiment], P: dict | None, tno) -> dict:
+    """Tables 1/3/5: time and speed vs sparsity; returns the speed curves ({variant: {rung: Estimate}})."""
+    exp = R[0]
+    base, base_txt = exp.baseline()
+    bases = _bases(R)
     doc.h(2, f"Table {tno}: training time and speed vs sparsity", "table-sparsity")
     curves = {}
     variants = [v for v in MAIN_VARIANTS if exp.main_group(v)] + [
@@ -58,9 +70,12 @@ def _section_sparsity_tables(doc: Doc, exp: Experiment, P: dict | None, base, ba
     if not variants:
         doc.p(f"**Ours: {NOT_RUN}** (no main variant groups in this run).")
     else:
-        doc.p(f"Ours. Baseline: {base_txt}" + (f", {base:.3f} s/epoch." if base else ".") +
+        b = across(R, lambda e: e.baseline()[0])
+        doc.p(f"Ours. Baseline: {base_txt}" + (f", {_est(b, '{:.3f}')} s/epoch." if b else ".") +
               " Time = mean training seconds per epoch of the rung's retraining epochs; stacks: summed over members "
-              "(Σ) and the maximum over members (∥, members as parallel trials). Speed = baseline / time.")
+              "(Σ) and the maximum over members (∥, members as parallel trials). Speed = baseline / time, in each "
+              "replicate against its own baseline." + (f" Each cell: the mean ± SE across the {len(R)} replicates."
+                                                         if len(R) > 1 else ""))
         rungs = sorted({s for v in variants for s in exp.rungs_of(v)})
         headers = ["sparsity"]
         for v in variants:
@@ -72,30 +87,37 @@ def _section_sparsity_tables(doc: Doc, exp: Experiment, P: dict | None, base, ba
             for v in variants:
                 stacked = len(exp.groups[v]["members"]) > 1
                 if s == "overall":
-                    t = _overall_time(exp, v, [x for x in exp.rungs_of(v) if x > 0])
+                    ts = [_overall_time(e, v, [x for x in e.rungs_of(v) if x > 0]) for e in R]
                 else:
-                    t = exp.time(v, s)
-                if t is not None and s != "overall":
-                    curves.setdefault(v, {})[s] = base / t["sum"] if base else None
-                row += [_n(t["sum"], "{:.3f}") if t else "n/a",
-                        (_n(base / t["sum"]) + "x") if (t and base) else "n/a"]
+                    ts = [e.time(v, s) for e in R]
+                ok = all(t is not None for t in ts)
+                t_sum = Estimate(tuple(t["sum"] for t in ts)) if ok else None
+                speed = Estimate(tuple(b_ / t["sum"] for b_, t in zip(bases, ts))) if ok and all(bases) else None
+                par = Estimate(tuple(b_ / t["max"] for b_, t in zip(bases, ts))) if ok and all(bases) else None
+                if t_sum is not None and s != "overall":
+                    curves.setdefault(v, {})[s] = speed
+                row += [_est(t_sum, "{:.3f}"), _est(speed, unit="x")]
                 if stacked:
-                    row.append((_n(base / t["max"]) + "x") if (t and base) else "n/a")
+                    row.append(_est(par, unit="x"))
             rows.append(row)
         doc.table(headers, rows, f"Ours ({exp.config.get('name')}): seconds per epoch and speed vs sparsity "
-                                 f"[{_hardware(exp)}; {_short_scale(exp)}]")
+                                 f"[{_hardware(exp)}; {_short_scale(exp)}" + (f"; {replicate_note(R)}]" if len(R) > 1
+                                                                              else "]"))
         dense = exp.train_cfg.get("epochs")
         if base and isinstance(dense, int) and dense <= 1:
             doc.p(f"**Caution:** the run has {dense} dense epoch(s), so the baseline time is the trial's *first* epoch, "
                   "which carries start-up costs (thread pools, allocator, first-touch of the data); every speed "
                   "against it is biased upwards.")
-        bw = _f((exp.summary or {}).get("base_wall_seconds"))
+        bw = across(R, lambda e: _f((e.summary or {}).get("base_wall_seconds")))
         if bw is not None:
-            longest = max((m.train_seconds or 0.0 for m in exp.members), default=0.0)
-            doc.p(f"Measured wall time of the whole base stage (all {len(exp.members)} trials as parallel Tune trials, "
-                  f"every rung and evaluation included): {bw:.0f} s."
+            longest = max((m.train_seconds or 0.0 for e in R for m in e.members), default=0.0)
+            # the seeds of one multi-seed run share its Tune experiment and its wall time
+            shared = len(R) > 1 and all(e.trial_seed is not None for e in R) and len({e.trials.path() for e in R}) == 1
+            doc.p(f"Measured wall time of the whole base stage (all {len(exp.members)} trials"
+                  + (f" of each of the {len(R)} seeds, one Tune experiment" if shared else "")
+                  + f" as parallel Tune trials, every rung and evaluation included): {_est(bw, '{:.0f}')} s."
                   + (f" **Not usable:** it is shorter than the longest trial's own training time ({longest:.0f} s), so "
-                     "summary.json was written by a resumed run that timed only its own part." if bw < longest else ""))
+                     "summary.json was written by a resumed run that timed only its own part." if bw.mean < longest else ""))
     if P:
         t = P["sparsity_table"]
         headers = ["sparsity"] + [x for v in MAIN_VARIANTS for x in (f"{v} time (s)", f"{v} speed")]
@@ -106,7 +128,9 @@ def _section_sparsity_tables(doc: Doc, exp: Experiment, P: dict | None, base, ba
     return curves
 
 
-def _section_batch_tables(doc: Doc, exp: Experiment, P: dict | None, base, tno) -> None:
+def _section_batch_tables(doc: Doc, R: list[Experiment], P: dict | None, tno) -> None:
+    exp = R[0]
+    bases = _bases(R)
     doc.h(2, f"Table {tno}: training time and speed vs batch size", "table-batch")
     s = exp.sweep_sparsity(P["chosen_sparsity"] if P else None)
     bs = exp.sweep_batch_sizes()
@@ -116,7 +140,8 @@ def _section_batch_tables(doc: Doc, exp: Experiment, P: dict | None, base, tno) 
     else:
         doc.p(f"Ours at {100 * s:g}% sparsity (config `batch_sweep.sparsity`). A B=B0 row of a variant that also ran "
               "as a main variant is that main group's rung (it is not re-run). Stacks: time summed over members (Σ), "
-              "speed also for parallel members (∥).")
+              "speed also for parallel members (∥)." + (f" Each cell: the mean ± SE across the {len(R)} replicates."
+                                                        if len(R) > 1 else ""))
         headers = ["batch size"] + [x for v in SWEEP_VARIANTS for x in (f"{v} time Σ (s)", f"{v} speed Σ")
                                     + ((f"{v} speed ∥",) if v != "C-CNN" else ())]
         rows = []
@@ -124,10 +149,14 @@ def _section_batch_tables(doc: Doc, exp: Experiment, P: dict | None, base, tno) 
             row = [str(b) if b != "DBS" else "DBS (ours)"]
             for v in SWEEP_VARIANTS:
                 c = cells[(v, b)]
-                t = exp.time(*c) if c else None
-                row += [_n(t["sum"], "{:.3f}") if t else "n/a", (_n(base / t["sum"]) + "x") if (t and base) else "n/a"]
+                ts = [e.time(*c) if c else None for e in R]
+                ok = all(t is not None for t in ts)
+                speeds = ok and all(bases)
+                row += [_est(Estimate(tuple(t["sum"] for t in ts)) if ok else None, "{:.3f}"),
+                        _est(Estimate(tuple(b_ / t["sum"] for b_, t in zip(bases, ts))) if speeds else None, unit="x")]
                 if v != "C-CNN":
-                    row.append((_n(base / t["max"]) + "x") if (t and base) else "n/a")
+                    row.append(_est(Estimate(tuple(b_ / t["max"] for b_, t in zip(bases, ts))) if speeds else None,
+                                    unit="x"))
             rows.append(row)
         doc.table(headers, rows, f"Ours: seconds per epoch and speed vs batch size [{_hardware(exp)}] (group used per cell: "
                   + "; ".join(f"{v}/{b}: {c[0]}" for (v, b), c in cells.items() if c) + ")")
@@ -140,8 +169,17 @@ def _section_batch_tables(doc: Doc, exp: Experiment, P: dict | None, base, tno) 
         doc.table(headers, rows, f"The paper's Table {tno} at {100 * P['chosen_sparsity']:g}% sparsity ({PN.HARDWARE})")
 
 
-def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_no) -> dict:
+def _means_and_errors(curves: dict) -> tuple[dict, dict | None]:
+    """{v: {k: Estimate}} -> the means and the SEs across the replicates (None for one replicate)."""
+    means = {v: {k: (e.mean if e else None) for k, e in c.items()} for v, c in curves.items()}
+    errors = {v: {k: (e.se if e else None) for k, e in c.items()} for v, c in curves.items()}
+    return means, errors if any(x is not None for c in errors.values() for x in c.values()) else None
+
+
+def _section_accuracy(doc: Doc, R: list[Experiment], P: dict | None, out: Path, fig_no) -> dict:
+    exp = R[0]
     figs = {}
+    bars = f"; error bars ± 1 SE across the {len(R)} replicates" if len(R) > 1 else ""
     doc.h(2, f"Figure {fig_no}: test accuracy", "accuracy")
     variants = [v for v in MAIN_VARIANTS if exp.main_group(v)]
     sources = set()
@@ -149,15 +187,16 @@ def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_
     rungs = sorted({s for v in variants for s in exp.rungs_of(v)})
     for v in variants:
         for s in exp.rungs_of(v):
-            a = exp.accuracy(v, s)
-            curves.setdefault(v, {})[s] = 100 * a["acc"] if a else None
-            if a and len(exp.groups[v]["members"]) > 1:
-                sources.add(a["source"])
+            curves.setdefault(v, {})[s] = across(R, lambda e: 100 * e.accuracy(v, s)["acc"] if e.accuracy(v, s) else None)
+            for e in R:
+                a = e.accuracy(v, s)
+                if a and len(e.groups[v]["members"]) > 1:
+                    sources.add(a["source"])
     doc.h(3, f"({fig_no}a) accuracy vs sparsity")
     if variants:
-        doc.p("Stacked variants: ensemble accuracy from the Parquet predictions. " + "; ".join(sorted(sources)) + ".")
-        rows = [[_sp(s)] + [(_n(curves[v].get(s)) + "%") if curves[v].get(s) is not None else "n/a" for v in variants]
-                for s in rungs]
+        doc.p("Stacked variants: ensemble accuracy from the Parquet predictions. " + "; ".join(sorted(sources)) + "."
+              + (f" Each cell: the mean ± SE across the {len(R)} replicates." if len(R) > 1 else ""))
+        rows = [[_sp(s)] + [_est(curves[v].get(s), unit="%") for v in variants] for s in rungs]
         doc.table(["sparsity"] + variants, rows, "Ours: test accuracy")
     else:
         doc.p(f"**Ours: {NOT_RUN}.**")
@@ -169,11 +208,12 @@ def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_
     from . import figures
 
     if variants:
+        means, errors = _means_and_errors(curves)
         figs["accuracy_vs_sparsity"] = figures.accuracy_vs_sparsity(
-            str(path), curves, P["accuracy"] if P else None, title=f"Fig. {fig_no}a: test accuracy vs sparsity",
-            ours_note=_short_scale(exp), paper_note=PN.HARDWARE)
+            str(path), means, P["accuracy"] if P else None, title=f"Fig. {fig_no}a: test accuracy vs sparsity",
+            ours_note=_short_scale(exp) + bars, paper_note=PN.HARDWARE, errors=errors)
     doc.img(figs.get("accuracy_vs_sparsity"), f"Figure {fig_no}a",
-            f"Fig. {fig_no}a: test accuracy vs sparsity, ours (left) and the paper's quoted values (right)")
+            f"Fig. {fig_no}a: test accuracy vs sparsity, ours (left{bars}) and the paper's quoted values (right)")
 
     # (b) vs batch size
     doc.h(3, f"({fig_no}b) accuracy vs batch size")
@@ -183,13 +223,12 @@ def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_
     for v in SWEEP_VARIANTS:
         for b in [*bs, "DBS"]:
             c = exp.sweep_cell(v, b)
-            a = exp.accuracy(*c) if c else None
+            a = across(R, lambda e: 100 * e.accuracy(*c)["acc"] if c and e.accuracy(*c) else None)
             if a:
-                bcurves.setdefault(v, {})[b] = 100 * a["acc"]
+                bcurves.setdefault(v, {})[b] = a
     if bcurves:
-        rows = [[str(b) if b != "DBS" else "DBS"] + [(_n(bcurves.get(v, {}).get(b)) + "%")
-                                                     if bcurves.get(v, {}).get(b) is not None else "n/a"
-                                                     for v in SWEEP_VARIANTS] for b in [*bs, "DBS"]]
+        rows = [[str(b) if b != "DBS" else "DBS"] + [_est(bcurves.get(v, {}).get(b), unit="%") for v in SWEEP_VARIANTS]
+                for b in [*bs, "DBS"]]
         doc.table(["batch size"] + list(SWEEP_VARIANTS), rows, f"Ours: test accuracy at {100 * s:g}% sparsity")
     else:
         doc.p(f"**Ours: {NOT_RUN}** (no batch-size sweep).")
@@ -201,13 +240,14 @@ def _section_accuracy(doc: Doc, exp: Experiment, P: dict | None, out: Path, fig_
                 for b in (64, 128, 1024, "DBS")]
         doc.table(["batch size"] + list(SWEEP_VARIANTS), rows,
                   f"The paper's accuracies quoted in section {P['section']} (Fig. {fig_no}b; B=128 from Fig. {fig_no}a)")
-    if sum(v is not None for c in bcurves.values() for v in c.values()) >= 2:  # one bar is a table's job
+    if sum(len(c) for c in bcurves.values()) >= 2:  # one bar is a table's job
+        means, errors = _means_and_errors(bcurves)
         figs["accuracy_vs_batch"] = figures.accuracy_vs_batch(
-            str(out / f"fig{fig_no}b_accuracy_vs_batch.png"), {v: bcurves.get(v, {}) for v in SWEEP_VARIANTS}, pb,
-            title=f"Fig. {fig_no}b: test accuracy vs batch size", ours_note=f"{100 * s:g}% sparsity; {_short_scale(exp)}",
-            paper_note=PN.HARDWARE)
+            str(out / f"fig{fig_no}b_accuracy_vs_batch.png"), {v: means.get(v, {}) for v in SWEEP_VARIANTS}, pb,
+            title=f"Fig. {fig_no}b: test accuracy vs batch size",
+            ours_note=f"{100 * s:g}% sparsity; {_short_scale(exp)}{bars}", paper_note=PN.HARDWARE, errors=errors)
     doc.img(figs.get("accuracy_vs_batch"), f"Figure {fig_no}b",
-            f"Fig. {fig_no}b: test accuracy vs batch size, ours (left) and the paper's quoted values (right)")
+            f"Fig. {fig_no}b: test accuracy vs batch size, ours (left{bars}) and the paper's quoted values (right)")
     return figs
 
 
@@ -243,8 +283,8 @@ def _section_kernels(doc: Doc, exp: Experiment, out: Path) -> str | None:
                 doc.img(str(path), "Figure 5a", "Fig. 5a: Winograd-domain kernels (ours)")
                 return str(path)
         d = exp.trial_dir(m)
-        if d is not None and exp.tree.is_file(d, "kernels.png"):
-            path.write_bytes(exp.tree.read_bytes(d, "kernels.png"))
+        if d is not None and exp.trials.is_file(d, "kernels.png"):
+            path.write_bytes(exp.trials.read_bytes(d, "kernels.png"))
             doc.p(f"From `kernels.png` of trial {m.member} (group {m.group}, model {m.model}).")
             doc.img(str(path), "Figure 5a", "Fig. 5a: Winograd-domain kernels (ours)")
             return str(path)
@@ -321,39 +361,44 @@ def _section_stacking(doc: Doc, exp: Experiment) -> None:
                   f"n_test={st.get('n_test')})")
 
 
-def _section_claims(doc: Doc, exp: Experiment, P: dict | None, claims: list[dict]) -> None:
+def _section_claims(doc: Doc, R: list[Experiment], P: dict | None, claims: list[dict]) -> None:
+    exp = R[0]
     doc.h(2, "The paper's claims and our verdicts", "claims")
     if P is None:
         doc.p(f"**{NOT_RUN}**: the dataset ({exp.config.get('dataset')}) is not one of the paper's.")
         return
-    counts = {k: sum(c["verdict"] == k for c in claims) for k in (REPRODUCED, NOT_REPRODUCED, NOT_RUN)}
-    doc.p(f"{counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not reproduced, {counts[NOT_RUN]} not run. "
-          "Our numbers come from this run's scale and hardware (see Provenance), the paper's from full-scale "
-          f"training on {PN.HARDWARE}; a small run can only test directions, not magnitudes.")
-    doc.p(f"Every trial trained once (seed {exp.config.get('seed', '?')}). The standard errors of the accuracy "
-          "claims are those of the test sample (paired over the same images); they leave out the run-to-run "
-          "variance of training itself, which one seed cannot measure, so an accuracy verdict decided by a point "
-          "or two is provisional until more seeds agree.")
-    doc.p(order_line(exp, P))
-    cv, n = exp.timing_noise()
-    doc.p(f"Timing noise of this run: " + (f"median within-trial coefficient of variation of epoch times {100 * cv:.1f}% "
-                                         f"({n} fixed-batch trials)" if cv is not None
-                                         else "not measured (no fixed-batch trial with a progress.csv)")
-          + f"; our speed factors count as faster/slower only beyond ±{100 * exp.time_margin:.0f}%.")
-    active, why = exp.dbs_activity()
-    if active is not None:
-        doc.p(f"DBS activity: {'the schedule acted' if active else '**the schedule never acted**'} ({why}).")
+    counts = {k: sum(c["verdict"] == k for c in claims) for k in VERDICTS}
+    doc.p(", ".join(f"{counts[k]} {k}" for k in VERDICTS) + f", over {replicate_note(R)}. Our numbers come from "
+          "this run's scale and hardware (see Provenance), the paper's from full-scale training on "
+          f"{PN.HARDWARE}; a small run can only test directions, not magnitudes.")
+    doc.p(RULE)
+    doc.p(order_line(R, P))
+    noise = []
+    for label, e in zip(labels(R), R):
+        cv, n = e.timing_noise()
+        noise.append((f"{label}: " if len(R) > 1 else "") + (
+            f"{100 * cv:.1f}% ({n} fixed-batch trials)" if cv is not None else "not measured (no fixed-batch trial "
+                                                                                "with a progress.csv)"))
+    doc.p("Timing noise (the median within-trial coefficient of variation of epoch times): " + "; ".join(noise) + ".")
+    acts = [e.dbs_activity() for e in R]
+    if any(a is not None for a, _ in acts):
+        acted = [a for a, _ in acts if a is not None]
+        doc.p(f"DBS activity: {'the schedule acted' if any(acted) else '**the schedule never acted**'} "
+              f"({next(why for a, why in acts if a is not None and a == any(acted))}).")
     judged = [c for c in claims if c["verdict"] != NOT_RUN]
+    across_what = "across seeds" if len(R) > 1 else "(one seed: none across seeds)"
     if judged:
-        doc.table(["id", "claim", "paper", "ours", "verdict", "rule", "note"],
-                  [[c["id"], c["claim"], c["paper"], c["ours"], c["verdict"], c["rule"], c["detail"]] for c in judged])
+        doc.table(["id", "claim", "paper", "ours", f"difference ± SE {across_what}", "per seed",
+                   "test-sampling SE", "verdict", "rule", "note"],
+                  [[c["id"], c["claim"], c["paper"], c["ours"], c["difference"], c["per_seed"], c["test_se"],
+                    c["verdict"], c["rule"], c["detail"]] for c in judged])
     skipped = [c["id"] for c in claims if c["verdict"] == NOT_RUN]
     if skipped:
         doc.p(f"Not run ({len(skipped)}): {', '.join(skipped)} -- this run lacks a group, rung, batch size or "
               "timing they need (the paper's whole matrix: `--preset paper-fashion-mnist-cpu`).")
-    doc.p("Verdict rules:")
+    doc.p("What each kind of claim compares:")
     doc.ul([f"**{k}**: {v}" for k, v in RULES.items()] +
-           [f"**not run**: the run lacks a group, rung or artifact the claim needs."])
+           ["**not run**: the run lacks a group, rung or artifact the claim needs."])
 
 
 def _section_provenance(doc: Doc, exp: Experiment) -> None:
