@@ -16,6 +16,8 @@ __all__ = ["COMMANDS"]
 def add_stack(sub) -> None:
     p = sub.add_parser("stack", help="search stacking weights on EXPERIMENT_DIR's validation predictions")
     p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("more_experiments", nargs="*", metavar="EXPERIMENT_DIR",
+                   help="--pool: more experiments whose candidates join the pool (same validation and test images)")
     p.add_argument("--sparsity", type=float, default=None, help="rung to stack (a fraction, e.g. 0.3); default: last")
     p.add_argument("--basis-threshold", type=float, default=None,
                    help="BasisConv rung to stack, by its t (e.g. 0.9; SBC-CNN groups); default: last")
@@ -34,6 +36,21 @@ def add_stack(sub) -> None:
                    help="a new JSON file (default: EXPERIMENT_DIR/stack-<time>-<group>-<rung>.json, a new file per "
                         "call, e.g. stack-20261206T101500-swr-cnn-dbs-ts0300.json)")
     p.add_argument("--force", action="store_true", help="replace an existing --output file (atomically)")
+    pool = p.add_argument_group("pool", "an ensemble chosen from every model the experiments trained (every "
+                                "member, variant, rung and level with predictions): esdbs stack EXP [EXP...] --pool")
+    pool.add_argument("--pool", action="store_true", help="select from every candidate (writes pool-<time>-<tag>.json, "
+                      "its front as -front.parquet and -front.png)")
+    pool.add_argument("--budget-ms", type=float, default=None,
+                      help="only ensembles whose members' measured ms per image (batch 256, here) sum to at most this")
+    pool.add_argument("--budget-macs", type=float, default=None,
+                      help="only ensembles whose members' multiply-adds per image (nonzero weights) sum to at most this")
+    pool.add_argument("--k", type=int, default=5, help="at most k members for nll_topk and equal_topk (default 5)")
+    pool.add_argument("--rounds", type=int, default=50, help="rounds of the greedy selection (default 50)")
+    pool.add_argument("--reference", default=None,
+                      help="the stack the choice is compared with (default: the SWR-CNN+DBS group's)")
+    pool.add_argument("--no-measure", action="store_true", help="time no candidate here (cached times only)")
+    pool.add_argument("--remeasure", action="store_true", help="time every candidate again, ignoring the cache")
+    pool.add_argument("--no-front", action="store_true", help="skip the accuracy-cost front (the budget ladder)")
     p.set_defaults(func=cmd_stack)
 
 
@@ -66,7 +83,10 @@ def add_results(sub) -> None:
 
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="the trained ensemble as one directory: manifest, safetensors, ONNX graphs")
-    p.add_argument("experiment_dir", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("experiment_dir", nargs="?", help="a local directory or a URI (s3://, gs://, file://)")
+    p.add_argument("--stack", default=None, metavar="FILE",
+                   help="a pool file (esdbs stack --pool): export its chosen ensemble, each member from its own "
+                        "experiment and rung (no EXPERIMENT_DIR)")
     p.add_argument("--variant", default=None, help="the group to export (default: the experiment's only stacked group)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="the rung to export, a fraction (default: the rung the stack used)")
@@ -95,6 +115,8 @@ def add_predict(sub) -> None:
 
 
 def cmd_stack(args) -> int:
+    if args.pool or args.more_experiments:
+        return cmd_pool(args)
     from .config import STACK_CHOICES
     from .layout import ExperimentLayout, claim_file
     from .stacking import format_stacking_table
@@ -197,17 +219,13 @@ def cmd_results(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.stack or args.experiment_dir is None:
+        return cmd_export_pool(args)
     from .export import export_experiment
 
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
-    if not args.no_onnx:
-        import importlib.util
-
-        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(f"ONNX export needs {' and '.join(missing)}: pip install 'esdbs-ray[export]' "
-                              "(or pass --no-onnx)")
+    _check_onnx(args)
     tree = experiment_tree(args.experiment_dir)
     _one_seed(tree.root)
     manifest = export_experiment(tree.root, args.out, variant=args.variant, sparsity=args.sparsity, force=args.force,
@@ -268,6 +286,69 @@ def _one_seed(path: str) -> None:
     if dirs:
         raise ConfigError(f"{path} is a multi-seed run: name one seed's experiment, e.g. {join(path, dirs[0])} "
                           f"(its seeds: {', '.join(dirs)})")
+
+
+def _check_onnx(args) -> None:
+    if not args.no_onnx:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"ONNX export needs {' and '.join(missing)}: pip install 'esdbs-ray[export]' "
+                              "(or pass --no-onnx)")
+
+
+def cmd_pool(args) -> int:
+    """esdbs stack EXP [EXP...] --pool: pool_run.pool_experiments, printed by format_pool."""
+    from .layout import claim_file
+    from .pool import POOL_METHODS
+    from .pool_run import RERUN, format_pool, pool_experiments
+
+    if not args.pool:
+        raise ConfigError("several experiments are stacked together only with --pool")
+    for flag, v in (("--sparsity", args.sparsity), ("--basis-threshold", args.basis_threshold),
+                    ("--level", args.level), ("--variant", args.variant)):
+        if v is not None:
+            raise ConfigError(f"{flag}: --pool takes every rung, level and group as candidates; drop {flag}")
+    if args.tune_samples:
+        raise ConfigError("--tune-samples: the pool's methods do not include the Tune search; drop it")
+    if args.choose is not None and args.choose not in ("cv", "best_val", *POOL_METHODS):
+        raise ConfigError(f"--choose={args.choose!r}: with --pool choose cv, best_val or one of {', '.join(POOL_METHODS)}")
+    if not 1 <= args.k <= 1000 or not 1 <= args.rounds <= 100_000:
+        raise ConfigError(f"--k={args.k}, --rounds={args.rounds}: k in [1, 1000], rounds in [1, 100000]")
+    if args.cv_folds is not None and not 2 <= args.cv_folds <= 100:
+        raise ConfigError(f"--cv-folds={args.cv_folds}: must be in [2, 100]")
+    for flag, v in (("--budget-ms", args.budget_ms), ("--budget-macs", args.budget_macs)):
+        if v is not None and not (v > 0 and v < float("inf")):
+            raise ConfigError(f"{flag}={v}: a positive number")
+    output = claim_file(args.output, force=args.force) if args.output else RERUN
+    result = pool_experiments([args.experiment_dir, *args.more_experiments], k=args.k, rounds=args.rounds,
+                              folds=args.cv_folds or 5, seed=args.seed, choose=args.choose or "cv",
+                              budget_ms=args.budget_ms, budget_macs=args.budget_macs, measure=not args.no_measure,
+                              remeasure=args.remeasure, front=not args.no_front, reference=args.reference,
+                              output=output, log=lambda m: print(f"[esdbs] {m}", file=sys.stderr, flush=True))
+    print(format_pool(result))
+    print(f"-> {result['output']}")
+    return 0
+
+
+def cmd_export_pool(args) -> int:
+    """esdbs export --stack POOL_FILE --out DIR: the pool's chosen ensemble, exported."""
+    from .pool_run import export_pool
+
+    if not args.stack:
+        raise ConfigError("export needs EXPERIMENT_DIR, or --stack FILE (a pool file of esdbs stack --pool)")
+    if args.experiment_dir is not None or args.variant or args.sparsity is not None or args.level is not None:
+        raise ConfigError("--stack FILE names every member, its experiment and rung: drop EXPERIMENT_DIR, --variant, "
+                          "--sparsity and --level")
+    _check_onnx(args)
+    manifest = export_pool(args.stack, args.out, force=args.force, onnx=not args.no_onnx)
+    e = manifest["ensemble"]
+    acc = f"; the pool's test accuracy {e['test_accuracy']:.4f}" if e.get("test_accuracy") is not None else ""
+    print(f"pool ensemble ({e['method']}): {len(manifest['members'])} member(s), weights "
+          + ", ".join(f"{m} {w:.3f}" for m, w in e["weights"].items()) + acc)
+    print(f"-> {args.out} (use: esdbs predict {args.out} INPUT --out preds.parquet)")
+    return 0
 
 
 COMMANDS = {"stack": add_stack, "report": add_report, "results": add_results, "export": add_export, "predict": add_predict}

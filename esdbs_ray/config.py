@@ -601,7 +601,7 @@ Variant = Literal["C-CNN", "C-CNN+DBS", "SC-CNN", "SC-CNN+DBS", "SWR-CNN", "SWR-
 # the rules ``choose`` may pick the ensemble's by.
 STACK_METHODS = ("nll_optimal", "accuracy_search", "equal", "best_single", "caruana")
 StackMethod = Literal[STACK_METHODS]
-STACK_CHOICES = (*STACK_METHODS, "best_val")
+STACK_CHOICES = (*STACK_METHODS, "best_val", "cv")
 
 
 def parse_variant(name: str) -> tuple[str, str, bool]:
@@ -704,13 +704,16 @@ class StackConfig(_Model):
     basis_threshold: Threshold | None = None
     methods: tuple[StackMethod, ...] = STACK_METHODS
     tune_samples: NonNegInt = 0  # > 0 adds the accuracy search run as a Tune experiment
-    choose: Literal[STACK_CHOICES] = "nll_optimal"
+    # Which method's weights the ensemble uses: "cv" the lowest K-fold cross-validated NLL inside the
+    # validation split (spec section 5: fitted weights over-fit the split that fitted them).
+    choose: Literal[STACK_CHOICES] = "cv"
+    cv_folds: _int(**_range(2, 100)) = 5
 
     @model_validator(mode="after")
     def _choose_is_run(self):
         if not self.methods:
             raise ValueError("methods: at least one stacking method")
-        if self.choose != "best_val" and self.choose not in self.methods:
+        if self.choose not in ("best_val", "cv") and self.choose not in self.methods:
             raise ValueError(f"choose={self.choose!r} is not among methods {list(self.methods)}")
         return self
 

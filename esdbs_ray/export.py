@@ -52,7 +52,7 @@ OPSET = 17
 ONNX_TOLERANCE = 1e-4
 CHECK_IMAGES = 32
 
-__all__ = ["export_experiment", "winograd_relu_plain", "onnx_ready", "OPSET", "ONNX_TOLERANCE"]
+__all__ = ["export_experiment", "winograd_relu_plain", "onnx_ready", "measure_latency", "OPSET", "ONNX_TOLERANCE"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,10 +309,13 @@ def _input_from_data(cfg: PipelineConfig) -> dict:
             "in_channels": data.in_channels, "image_size": data.image_size, "dataset": data.describe()}
 
 
-def _latency(models: dict, shape: tuple[int, int, int]) -> dict:
+def measure_latency(models: dict, shape: tuple[int, int, int],
+                    batches: tuple[tuple[int, int], ...] = ((1, 20), (256, 3))) -> dict:
     """Milliseconds per image of the members as ``esdbs predict`` runs them (batch norm folded, no
-    gradients, the default layer implementation), at batch 1 and 256, on this machine: median of
-    timed batches after a warm-up one."""
+    gradients, the default layer implementation), at each (batch, repetitions) of ``batches``, on this
+    machine: median of timed batches after a warm-up one.  The repetitions go round the members in
+    turn, so a change in the machine's load reaches every member alike (the pool's candidates are
+    compared with each other by these times)."""
     import statistics
 
     import torch
@@ -321,19 +324,21 @@ def _latency(models: dict, shape: tuple[int, int, int]) -> dict:
     from .provenance import cpu_model
 
     out = {"hardware": cpu_model(), "device": "cpu", "torch_threads": torch.get_num_threads(), "members": {}}
-    for batch, reps in ((1, 20), (256, 3)):
+    prepared = {name: prepare_for_inference(copy.deepcopy(model).cpu()) for name, model in models.items()}
+    for batch, reps in batches:
         x = torch.randn(batch, *shape)
-        total = 0.0
-        for name, model in models.items():
-            m = prepare_for_inference(copy.deepcopy(model).cpu())
-            times = []
-            with torch.inference_mode():
+        times: dict[str, list[float]] = {name: [] for name in prepared}
+        with torch.inference_mode():
+            for m in prepared.values():
                 m(x)
-                for _ in range(reps):
+            for _ in range(reps):
+                for name, m in prepared.items():
                     t0 = time.perf_counter()
                     m(x)
-                    times.append(time.perf_counter() - t0)
-            ms = 1000 * statistics.median(times) / batch
+                    times[name].append(time.perf_counter() - t0)
+        total = 0.0
+        for name in prepared:
+            ms = 1000 * statistics.median(times[name]) / batch
             out["members"].setdefault(name, {})[f"batch_{batch}_ms_per_image"] = round(ms, 4)
             total += ms
         out[f"batch_{batch}_ms_per_image"] = round(total, 4)
@@ -391,6 +396,91 @@ def _stacking(tree: storage.Tree, cfg: PipelineConfig, group: str, names: list[s
 # --------------------------------------------------------------------------------------------------
 # The export
 # --------------------------------------------------------------------------------------------------
+def _rung_model(tree: storage.Tree, t, w: dict, rung: float, level: int | None, num_classes: int,
+                shape: tuple[int, int, int], name: str | None = None):
+    """One member's registry model with the weights ``w`` (:func:`_member_weights`) loaded, masks
+    folded in, and its manifest entry (``name``: the member's name in the export, default its own)."""
+    state = fold_masks(w["state"])
+    entry = {"name": name or t.member, "model": t.train.model, "width": t.train.width, "conv": t.train.conv,
+             "dropout": t.train.dropout, "schedule": t.train.schedule, "variant": t.variant,
+             "target_sparsity": rung, "epoch": w["epoch"], "weights_source": w["source"],
+             **({"level": level, "growth_ops": w["growth_ops"]} if w["growth_ops"] or level is not None else {})}
+    model = build_model(entry, num_classes, shape[0], shape[1])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{tree.uri(w['source'])}: does not fit registry model {t.train.model!r} "
+                          f"({' '.join(str(exc).split())[:300]})") from None
+    from .pruning import sparsity_accounting
+
+    counts = sparsity_accounting(model)  # no masks after folding: whole-model figures count zeros
+    entry.update(model_sparsity=counts["model_sparsity"], nonzero_weights=counts["nonzero_weights"],
+                 total_weights=counts["total_weights"])
+    try:
+        rec = MemberSummary.from_dict(tree.read_json(ExperimentLayout.MEMBERS,
+                                                     ExperimentLayout.member_name(t.member))).rung(
+            Rung(rung, level=level))
+        if rec is not None:
+            entry.update(sparsity=rec.sparsity, val_accuracy=rec.val_accuracy, test_accuracy=rec.test_accuracy)
+    except (OSError, ValueError):
+        pass  # the member's own summary is informative only
+    return model, entry
+
+
+def write_export(out: str | os.PathLike, *, name: str, group: str, variant: str | None, dataset: str, info: dict,
+                 models: dict, members: list[dict], ensemble: dict, run: dict, onnx: bool, force: bool) -> dict:
+    """Time the members (:func:`measure_latency`), write the manifest, each member's safetensors and ONNX
+    graph into the new directory ``out`` (built aside, then renamed); returns the manifest."""
+    shape = (int(info["in_channels"]), int(info["image_size"]), int(info["image_size"]))
+    latency = measure_latency(models, shape)
+    from .provenance import provenance
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "group": group,
+        "variant": variant,
+        "task": {"dataset": dataset, "num_classes": len(info["class_names"]),
+                 "class_names": list(info["class_names"])},
+        "input": {"layout": "NCHW", "channels": shape[0], "height": shape[1], "width": shape[2],
+                  "color": "L" if shape[0] == 1 else "RGB", "dtype": "uint8 pixels 0..255",
+                  "mean": list(info["mean"]), "std": list(info["std"]),
+                  "normalization": "x = (pixels / 255 - mean) / std, per channel (mean, std of the run's training split)",
+                  "resize": f"bilinear to {shape[1]}x{shape[2]} (as esdbs reads image folders)",
+                  "source": info.get("dataset")},
+        "members": members,
+        "latency": latency,
+        "ensemble": {**ensemble, "combine": "probs = sum_m weights[m] * softmax_m(x)"},
+        "onnx": {"opset": OPSET, "input": "pixels: float32 (batch, C, H, W), values 0..255",
+                 "output": "probs: float32 (batch, num_classes), softmax", "tolerance": ONNX_TOLERANCE,
+                 "check": f"max |onnxruntime - torch| of the probabilities on {CHECK_IMAGES} seeded random images"}
+        if onnx else None,
+        "provenance": {**run, "export": provenance()},
+    }
+
+    def build(staging: Path) -> dict:
+        from safetensors.torch import save as save_safetensors
+
+        from .ensemble import _sha256
+
+        layout = ExportLayout(staging)
+        layout.members.mkdir()
+        for entry in members:
+            model = models[entry["name"]]
+            wfile = layout.member_weights(entry["name"])
+            wfile.write_bytes(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
+                                               metadata={"format": "pt", "esdbs.member": entry["name"]}))
+            entry.update(weights_file=str(wfile.relative_to(staging)), weights_sha256=_sha256(wfile))
+            if onnx:
+                data, diff = _to_onnx(model, info["mean"], info["std"], shape)
+                ofile = layout.member_onnx(entry["name"])
+                ofile.write_bytes(data)
+                entry.update(onnx_file=str(ofile.relative_to(staging)), onnx_sha256=_sha256(ofile),
+                             onnx_max_abs_diff=diff)
+        layout.manifest.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        return manifest
+
+    return replace_dir(out, build, kind="export", force=force)
+
+
 def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, variant: str | None = None,
                       sparsity: float | None = None, force: bool = False, filesystem=None,
                       onnx: bool = True, level: int | None = None) -> dict:
@@ -424,86 +514,17 @@ def export_experiment(experiment: str | os.PathLike, out: str | os.PathLike, *, 
     shape = (int(info["in_channels"]), int(info["image_size"]), int(info["image_size"]))
     models, members = {}, []
     for t in specs:
-        w = loaded[t.member]
-        state = fold_masks(w["state"])
-        entry = {"name": t.member, "model": t.train.model, "width": t.train.width, "conv": t.train.conv,
-                 "dropout": t.train.dropout, "schedule": t.train.schedule, "variant": t.variant,
-                 "target_sparsity": rung, "epoch": w["epoch"], "weights_source": w["source"],
-                 **({"level": level, "growth_ops": w["growth_ops"]} if w["growth_ops"] or level is not None else {})}
-        model = build_model(entry, len(info["class_names"]), shape[0], shape[1])
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ExportError(f"{tree.uri(w['source'])}: does not fit registry model {t.train.model!r} "
-                              f"({' '.join(str(exc).split())[:300]})") from None
-        from .pruning import sparsity_accounting
-
-        counts = sparsity_accounting(model)  # no masks after folding: whole-model figures count zeros
-        entry.update(model_sparsity=counts["model_sparsity"], nonzero_weights=counts["nonzero_weights"],
-                     total_weights=counts["total_weights"])
-        try:
-            rec = MemberSummary.from_dict(tree.read_json(ExperimentLayout.MEMBERS,
-                                                         ExperimentLayout.member_name(t.member))).rung(
-                Rung(rung, level=level))
-            if rec is not None:
-                entry.update(sparsity=rec.sparsity, val_accuracy=rec.val_accuracy, test_accuracy=rec.test_accuracy)
-        except (OSError, ValueError):
-            pass  # the member's own summary is informative only
+        model, entry = _rung_model(tree, t, loaded[t.member], rung, level, len(info["class_names"]), shape)
         models[t.member] = model
         members.append(entry)
-    latency = _latency(models, shape)
     try:
         summary = tree.read_json(ExperimentLayout.SUMMARY)
     except (OSError, ValueError):
         summary = {}
-    from .provenance import provenance
-
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": cfg.name, "group": group,
-        "variant": specs[0].variant,
-        "task": {"dataset": cfg.dataset, "num_classes": len(info["class_names"]),
-                 "class_names": list(info["class_names"])},
-        "input": {"layout": "NCHW", "channels": shape[0], "height": shape[1], "width": shape[2],
-                  "color": "L" if shape[0] == 1 else "RGB", "dtype": "uint8 pixels 0..255",
-                  "mean": list(info["mean"]), "std": list(info["std"]),
-                  "normalization": "x = (pixels / 255 - mean) / std, per channel (mean, std of the run's training split)",
-                  "resize": f"bilinear to {shape[1]}x{shape[2]} (as esdbs reads image folders)",
-                  "source": info.get("dataset")},
-        "members": members,
-        "latency": latency,
-        "ensemble": {"method": stack["method"], "weights": stack["weights"], "sparsity": rung, "level": level,
-                     "combine": "probs = sum_m weights[m] * softmax_m(x)",
-                     **{k: stack.get(k) for k in ("val_accuracy", "val_nll", "test_accuracy", "test_nll", "n_val",
-                                                   "n_test", "source")}},
-        "onnx": {"opset": OPSET, "input": "pixels: float32 (batch, C, H, W), values 0..255",
-                 "output": "probs: float32 (batch, num_classes), softmax", "tolerance": ONNX_TOLERANCE,
-                 "check": f"max |onnxruntime - torch| of the probabilities on {CHECK_IMAGES} seeded random images"}
-        if onnx else None,
-        "provenance": {"experiment": tree.root, "run_git_revision": (summary.get("provenance") or {}).get("git_revision"),
-                       "run_versions": (summary.get("provenance") or {}).get("versions"), "export": provenance(),
-                       "config": cfg.to_dict()},
-    }
-
-    def build(staging: Path) -> dict:
-        from safetensors.torch import save as save_safetensors
-
-        from .ensemble import _sha256
-
-        layout = ExportLayout(staging)
-        layout.members.mkdir()
-        for entry in members:
-            model = models[entry["name"]]
-            wfile = layout.member_weights(entry["name"])
-            wfile.write_bytes(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
-                                               metadata={"format": "pt", "esdbs.member": entry["name"]}))
-            entry.update(weights_file=str(wfile.relative_to(staging)), weights_sha256=_sha256(wfile))
-            if onnx:
-                data, diff = _to_onnx(model, info["mean"], info["std"], shape)
-                ofile = layout.member_onnx(entry["name"])
-                ofile.write_bytes(data)
-                entry.update(onnx_file=str(ofile.relative_to(staging)), onnx_sha256=_sha256(ofile),
-                             onnx_max_abs_diff=diff)
-        layout.manifest.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        return manifest
-
-    return replace_dir(out, build, kind="export", force=force)
+    ensemble = {"method": stack["method"], "weights": stack["weights"], "sparsity": rung, "level": level,
+                **{k: stack.get(k) for k in ("val_accuracy", "val_nll", "test_accuracy", "test_nll", "n_val", "n_test",
+                                              "source")}}
+    run = {"experiment": tree.root, "run_git_revision": (summary.get("provenance") or {}).get("git_revision"),
+           "run_versions": (summary.get("provenance") or {}).get("versions"), "config": cfg.to_dict()}
+    return write_export(out, name=cfg.name, group=group, variant=specs[0].variant, dataset=cfg.dataset, info=info,
+                        models=models, members=members, ensemble=ensemble, run=run, onnx=onnx, force=force)

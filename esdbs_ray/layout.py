@@ -75,6 +75,8 @@ class ExperimentLayout:
     TENSORBOARD = "tensorboard"  # one run per member: <group>/<member>
     STACKING_GLOB = "stacking*.json"  # the run's own stacking files
     RESTACK_GLOB = "stack-*.json"  # esdbs stack's re-runs, newest last by name
+    POOL_GLOB = "pool-*.json"  # esdbs stack --pool: ensembles chosen from every candidate (pool.py)
+    POOL_COST = "candidate_costs.json"  # a pool's candidates' multiply-adds and measured times (pool_cost.py)
 
     @staticmethod
     def member_name(member: str) -> str:
@@ -180,6 +182,11 @@ class ExperimentLayout:
     def stacking_rerun(self, tag: str) -> str:
         """A new file per ``esdbs stack`` call (the run's own stacking.json is never rewritten)."""
         return self._join(f"stack-{time.strftime('%Y%m%dT%H%M%S')}-{safe_name(tag)}.json")
+
+    def pool_result(self, tag: str) -> str:
+        """A new ``pool-<time>-<tag>.json`` per ``esdbs stack --pool`` call (its front beside it:
+        the same name ending ``-front.parquet`` and ``-front.png``)."""
+        return self._join(f"pool-{time.strftime('%Y%m%dT%H%M%S')}-{safe_name(tag)}.json")
 
     @property
     def summary(self) -> str:

@@ -153,7 +153,7 @@ def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
         results[group] = stack_experiment(
             layout.root, sparsity=sparsity, basis_threshold=basis_threshold, variant=group, members=names,
             methods=cfg.stack.methods,
-            tune_samples=cfg.stack.tune_samples, seed=cfg.seed, choose=cfg.stack.choose,
+            tune_samples=cfg.stack.tune_samples, seed=cfg.seed, choose=cfg.stack.choose, cv_folds=cfg.stack.cv_folds,
             storage_path=layout.tune, output=layout.stacking(None if len(groups) == 1 else slug(group)),
         )
     return results

@@ -89,6 +89,13 @@ def _why(st: dict) -> str:
         text += (f"highest validation accuracy: {best_acc} ({_pct(_f(methods[best_acc].get('val_accuracy')))}). "
                  "The NLL optimum is exact and smooth; accuracy differences on a few thousand validation images are "
                  "mostly sampling noise, so the default rule does not chase them. Test numbers never choose.")
+    scored = [k for k in methods if _f(methods[k].get("cv_nll")) is not None]
+    if scored:  # the cross-validated estimate: weights judged on images that did not fit them
+        gaps = ", ".join(f"{k} {_pct(_f(methods[k].get('val_accuracy')))} -> {_pct(_f(methods[k].get('cv_accuracy')))}"
+                         for k in scored)
+        text += (" Validation accuracy against its cross-validated estimate (weights fitted on the other folds of "
+                 f"the validation split): {gaps}; a method that loses more than the others between the two fitted "
+                 "the validation images' noise, and choose: cv takes the lowest cross-validated NLL.")
     return text
 
 

@@ -35,6 +35,7 @@ from .basis import basis_sections, has_basis_members
 from .claims import build_claims
 from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, load_experiment
 from .overview import run_title, section_evaluation, section_run
+from .pool_section import has_pool, pool_section
 from .render import Doc
 from .seeds import labels, load_replicates, section_replicates
 from .sections import (_hardware, _means_and_errors, _scale_text, _section_accuracy, _section_batch_tables,
@@ -120,6 +121,8 @@ def build_report(experiment_dir: str | os.PathLike | Sequence[str | os.PathLike]
     decisions_ok = _section_dbs_decisions(doc, exp)
     accounting_ok = _section_sparsity_accounting(doc, exp)
     _section_stacking(doc, exp)
+    if has_pool(exp):  # ensembles chosen from every candidate: only where esdbs stack --pool ran
+        figs.update(pool_section(doc, exp, out))
     basis = None
     if has_basis_members(exp):  # BasisConv: only in runs that trained BasisConv members
         basis = basis_sections(doc, exp, out)

@@ -342,21 +342,25 @@ def _section_stacking(doc: Doc, exp: Experiment) -> None:
         doc.p(f"**{NOT_RUN}**: no stacking*.json in the experiment directory.")
         return
     doc.p("Weights fitted on the validation split only; `*` marks the method the ensemble uses (chosen on "
-          "validation data).")
+          "validation data). CV: each method's weights fitted on the other folds of the validation split and scored "
+          "on the held-out one, so it is not flattered by the images that fitted them (blank in files from before).")
     for group, st in exp.stackings.items():
         names = list(st.get("member_names") or [])
         rows = []
         for meth, r in (st.get("methods") or {}).items():
             ws = " / ".join(f"{(r.get('weights') or {}).get(n, float('nan')):.3f}" for n in names)
+            cv = [_fmt_pct(_f(r.get("cv_accuracy"))), _n(_f(r.get("cv_nll")), "{:.4f}")] \
+                if r.get("cv_accuracy") is not None else ["", ""]
             rows.append([("* " if meth == st.get("chosen") else "") + meth, ws,
-                         _fmt_pct(_f(r.get("val_accuracy"))), _n(_f(r.get("val_nll")), "{:.4f}"),
+                         _fmt_pct(_f(r.get("val_accuracy"))), _n(_f(r.get("val_nll")), "{:.4f}"), *cv,
                          _fmt_pct(_f(r.get("test_accuracy"))), _n(_f(r.get("test_nll")), "{:.4f}")])
         for n in names:
             r = (st.get("members") or {}).get(n) or {}
             rows.append([f"member {n}", "", _fmt_pct(_f(r.get("val_accuracy"))), _n(_f(r.get("val_nll")), "{:.4f}"),
-                         _fmt_pct(_f(r.get("test_accuracy"))), _n(_f(r.get("test_nll")), "{:.4f}")])
+                         "", "", _fmt_pct(_f(r.get("test_accuracy"))), _n(_f(r.get("test_nll")), "{:.4f}")])
         sp = st.get("sparsity")
-        doc.table(["method", "weights (" + ", ".join(names) + ")", "val acc", "val NLL", "test acc", "test NLL"], rows,
+        doc.table(["method", "weights (" + ", ".join(names) + ")", "val acc", "val NLL", "CV acc", "CV NLL", "test acc",
+                   "test NLL"], rows,
                   f"{group} ({st.get('_file')}; rung {'last' if sp is None else _sp(sp)}; n_val={st.get('n_val')}, "
                   f"n_test={st.get('n_test')})")
 
