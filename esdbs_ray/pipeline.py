@@ -31,8 +31,8 @@ from . import storage, tracking
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .layout import ExperimentLayout, claim_dir
 from .layout import ExperimentLayout as L
-from .ray_env import cluster_capacity, gpus_per_trial, init_ray, quiet_tune
-from .replicates import run_summary, seed_layouts, seed_summary, trial_order, trials_by_seed
+from .ray_env import cluster_capacity, gpus_per_trial, init_ray, quiet_tune, tolerate_deleted_checkpoints
+from .replicates import run_summary, seed_layouts, seed_summary, trial_finished, trial_order, trials_by_seed
 
 
 class RunFailed(RuntimeError):
@@ -87,6 +87,7 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     shown = [Progress({k: t.train.total_epochs for k, t in keyed.items()})] if progress and not verbose else []
     if resume and tune.Tuner.can_restore(layout.base):
+        tolerate_deleted_checkpoints()
         # the run's callbacks come back with it (a progress printer too, when the run had one)
         tuner = tune.Tuner.restore(layout.base, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -116,7 +117,7 @@ def run_base(cfg: PipelineConfig, layout: ExperimentLayout, data, *, resume: boo
         )
     with quiet_tune(verbose):
         results = tuner.fit()
-    if any(r.error is None and not (r.metrics or {}).get("done") for r in results):
+    if any(r.error is None and not trial_finished(cfg, layout, r) for r in results):
         raise RunInterrupted(layout.root)  # a stop signal ended the trials early; their state is saved
     if results.errors:
         raise RunFailed(f"{len(results.errors)} base trial(s) failed: "

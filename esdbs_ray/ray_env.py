@@ -170,3 +170,27 @@ def quiet_tune(verbose: bool):
         signal.signal(signal.SIGTERM, term)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def tolerate_deleted_checkpoints() -> None:
+    """Let a resumed run delete a checkpoint that is already gone.
+
+    Tune deletes the checkpoints beyond ``num_to_keep`` when a trial reports a new one and saves its
+    experiment state only every few seconds; a driver killed in between leaves a state that still
+    lists a deleted checkpoint, and the resumed run dies deleting it again (FileNotFoundError in
+    Ray's checkpoint manager).  A checkpoint already gone is what deleting it wants, so that error is
+    ignored -- every other one still raises."""
+    from ray.train._internal import checkpoint_manager
+
+    original = checkpoint_manager._delete_fs_path
+    if getattr(original, "tolerates_missing", False):
+        return
+
+    def delete(fs, fs_path):
+        try:
+            original(fs=fs, fs_path=fs_path)
+        except FileNotFoundError:
+            pass
+
+    delete.tolerates_missing = True
+    checkpoint_manager._delete_fs_path = delete

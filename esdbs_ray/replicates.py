@@ -23,7 +23,7 @@ from .config import PipelineConfig, TrialSpec
 from .layout import ExperimentLayout, write_marker
 from .records import MemberSummary
 
-__all__ = ["trials_by_seed", "trial_order", "seed_layouts", "seed_summary", "run_summary", "replicate_dirs",
+__all__ = ["trials_by_seed", "trial_order", "trial_finished", "seed_layouts", "seed_summary", "run_summary", "replicate_dirs",
            "replicate_parent"]
 
 
@@ -62,6 +62,16 @@ def run_summary(cfg: PipelineConfig, layout: ExperimentLayout, **fields) -> dict
     return {"name": cfg.name, "experiment_dir": layout.root, "seeds": list(cfg.seeds),
             "replicates": {str(s): ExperimentLayout.replicate_name(s) for s in cfg.seeds}, **fields,
             "config": cfg.to_dict()}
+
+
+def trial_finished(cfg: PipelineConfig, layout: ExperimentLayout, result) -> bool:
+    """Whether a base trial's Tune result is a finished member: Tune's "done", or the member's summary
+    in its seed's experiment -- the trial's last write.  Tune can restore a trial it had finished with
+    a last result that lacks "done" (its state saved between the two)."""
+    if (result.metrics or {}).get("done"):
+        return True
+    where = layout.replicate(result.config["seed"]) if cfg.seeds else layout
+    return storage.Tree(where.root).is_file(ExperimentLayout.MEMBERS, ExperimentLayout.member_name(result.config["member"]))
 
 
 def replicate_dirs(tree: storage.Tree) -> list[str] | None:

@@ -229,7 +229,7 @@ def test_smoke_pipeline_as_a_ray_job_succeeds_with_complete_outputs(token_cluste
     assert rc == 0, logs.out[-4000:] + logs.err[-2000:]
     job_id = logs.out.split("esdbs submit: job ", 1)[1].split()[0]
     assert job_id.startswith("raysubmit_") and f"job {job_id} SUCCEEDED" in logs.err
-    assert "wall time" in logs.out  # the job's own output was followed
+    assert "ensemble test" in logs.out and f"results in {out}" in logs.out  # the job's own output was followed
 
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(m["member"] for m in summary["members"]) == sorted(MEMBERS)
@@ -237,7 +237,7 @@ def test_smoke_pipeline_as_a_ray_job_succeeds_with_complete_outputs(token_cluste
     assert len(list((out / "predictions").glob("*.parquet"))) == 3 * 2
     assert len(list((out / "members").glob("*.json"))) == 3
     assert (out / "config.yaml").is_file() and json.loads((out / "stacking.json").read_text())["methods"]
-    assert len(list((out / "tune" / "base").glob("*/tb/events.out.tfevents.*"))) == 3
+    assert len(list((out / "tensorboard").glob("*/*/events.out.tfevents.*"))) == 3
 
 
 @pytest.mark.slow

@@ -221,6 +221,38 @@ def test_interrupted_run_resumes_without_redoing_finished_trials(ray_address, tm
         assert len(epochs) <= total + 1, epochs
 
 
+def test_resume_tolerates_a_checkpoint_deleted_after_the_last_state_save(tmp_path):
+    # Tune deletes the checkpoints beyond num_to_keep, then saves its state seconds later: a driver
+    # killed in between resumes with a state that lists a checkpoint already gone.
+    from ray import tune
+    from ray.train import Checkpoint
+    from ray.train._internal import checkpoint_manager
+    from ray.train._internal.session import _TrainingResult
+
+    from esdbs_ray.ray_env import tolerate_deleted_checkpoints
+
+    def result(i):
+        return _TrainingResult(checkpoint=Checkpoint(str(tmp_path / f"checkpoint_{i:06d}")), metrics={"epoch": i})
+
+    (tmp_path / "checkpoint_000001").mkdir()
+    restored = checkpoint_manager._CheckpointManager(tune.CheckpointConfig(num_to_keep=1))
+    restored.register_checkpoint(result(0))  # the state still lists checkpoint 0; its directory is gone
+    original = checkpoint_manager._delete_fs_path
+    try:
+        with pytest.raises(FileNotFoundError):  # Ray alone dies here
+            restored.register_checkpoint(result(1))
+        restored = checkpoint_manager._CheckpointManager(tune.CheckpointConfig(num_to_keep=1))
+        restored.register_checkpoint(result(0))
+        tolerate_deleted_checkpoints()
+        restored.register_checkpoint(result(1))
+        assert [r.checkpoint.path for r in restored.best_checkpoint_results] == [str(tmp_path / "checkpoint_000001")]
+        (tmp_path / "checkpoint_000002").mkdir()
+        restored.register_checkpoint(result(2))  # an existing one is still deleted
+        assert not (tmp_path / "checkpoint_000001").exists()
+    finally:
+        checkpoint_manager._delete_fs_path = original
+
+
 def test_dbs_search_writes_constants_that_run_reuses(ray_address, tmp_path):
     import yaml
 
