@@ -2,7 +2,8 @@
 
 Every benchmark writes ``bench/results/<name>.json`` (atomically, through ``esdbs_ray.storage``) with a
 ``provenance`` block -- git revision, package versions, host, CPU model, core count, torch threads,
-and the 1/5/15-minute load averages at start and end -- because our CPU machines are shared: a number
+and the 1/5/15-minute load averages at start (``load_average_start``, taken when the benchmark imports
+this module) and end -- because our CPU machines are shared: a number
 taken while another developer's job runs is only comparable with numbers taken side by side in the
 same run, which is how every ratio in these benchmarks is measured.
 """
@@ -36,6 +37,11 @@ def load_average() -> list[float] | None:
         return None
 
 
+# The load when the benchmark started (benchmarks import this module first).  provenance_block is
+# mostly called when the results are written, so the load it reads then is the end's, not the start's.
+START_LOAD = load_average()
+
+
 def hardware() -> dict[str, Any]:
     """CPU model, cores, torch threads, CPU capability, GPU if any, current load average."""
     import torch
@@ -60,11 +66,17 @@ def hardware_line(hw: dict[str, Any] | None = None) -> str:
 
 
 def provenance_block(config: dict[str, Any]) -> dict[str, Any]:
-    """What every results JSON carries: git revision, versions, host, hardware, the benchmark's config."""
+    """What every results JSON carries: git revision, versions, host, hardware, the benchmark's config,
+    the load average when the benchmark started (``load_average_start``: taken when this module was
+    imported, or the config's own ``load_average_start``) and when this block was made
+    (``load_average_now``; ``write_result`` adds ``load_average_end``)."""
     from esdbs_ray.provenance import provenance
 
-    return {**provenance(), "hardware": hardware(), "config": config, "command": " ".join(sys.argv),
-            "note": SHARED_MACHINE_NOTE}
+    hw = hardware()
+    now = hw.pop("load_average", None)
+    start = config.get("load_average_start", START_LOAD) if isinstance(config, dict) else START_LOAD
+    return {**provenance(), "hardware": hw, "config": config, "command": " ".join(sys.argv),
+            "load_average_start": start, "load_average_now": now, "note": SHARED_MACHINE_NOTE}
 
 
 def write_result(name: str, doc: dict[str, Any], out: str | os.PathLike | None = None) -> str:

@@ -160,7 +160,7 @@ def _dense_passes(x: torch.Tensor, u: torch.Tensor, repeats: int) -> dict:
         M = native._bmm(lib, nt, V, u)
         t2 = time.perf_counter()
         y = torch.empty((n, k, h, w), memory_format=torch.channels_last)
-        lib.esdbs_wino_output_transform(0, M.data_ptr(), y.data_ptr(), n, h, w, k, nt)
+        lib.esdbs_wino_output_transform(0, M.data_ptr(), y.data_ptr(), n, h, w, k, nt, None, 0)
         t3 = time.perf_counter()
         for key, v in zip(out, (t1 - t0, t2 - t1, t3 - t2)):
             out[key].append(v)

@@ -15,13 +15,26 @@ them is the identity in eval mode), and ``convN`` / ``bnN`` attributes of a bloc
 A folded network computes what the unfolded one computes in eval mode, to float rounding
 (``tests/test_inference.py``, every registry model, spatial and Winograd-ReLU).  ``esdbs predict``
 and :class:`esdbs_ray.ensemble.Ensemble` run members folded, under ``torch.inference_mode``.
+
+:func:`prepare_for_inference` also removes passes over the activations that only cost memory
+traffic, the network's function unchanged (to float rounding):
+
+* a spatial ReLU right after a Winograd-ReLU layer -- an ``nn.ReLU``, or the input ReLU of a
+  ``ReLUConv2d`` -- moves into the layer (``out_relu``), where the native kernels apply it, with the
+  bias, in their output transform (:func:`fuse_output_relus`);
+* a convolution of a single-channel image (the stems of the Fashion-MNIST models) runs as a
+  two-channel one on a channels-last copy of its input, the second channel zero
+  (:class:`ChannelsLastStem`): oneDNN then takes its direct channels-last kernel and writes the
+  channels-last activations the Winograd layers and pooling read, instead of a blocked kernel whose
+  output it reorders, and which the first Winograd layer transposed again.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fold_batchnorm", "prepare_for_inference"]
+__all__ = ["fold_batchnorm", "fuse_output_relus", "ChannelsLastStem", "prepare_for_inference"]
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Identity)  # identities in eval mode
 
@@ -84,10 +97,94 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` as a plain ``nn.Conv2d`` (a ``ReLUConv2d`` without its input ReLU), sharing its parameters
+    and buffers."""
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=False,
+                      padding_mode=conv.padding_mode, device="meta")
+    plain.weight, plain.bias = conv.weight, conv.bias
+    for name, buf in conv.named_buffers(recurse=False):
+        plain.register_buffer(name, buf)
+    return plain.train(conv.training)
+
+
+def fuse_output_relus(model: nn.Module) -> int:
+    """Move every spatial ReLU that directly follows a Winograd-ReLU layer in an ``nn.Sequential``
+    (eval mode's identities -- dropout, folded batch norms -- between them skipped) into the layer:
+    ``layer.out_relu = True``; an ``nn.ReLU`` becomes ``nn.Identity``, a ``ReLUConv2d`` (whose forward
+    is ``conv(relu(x))``) a plain ``nn.Conv2d``.  The ReLU of the Winograd domain of a following
+    Winograd-ReLU layer is not this ReLU and stays.  In place; returns how many moved."""
+    from .models import ReLUConv2d
+    from .winograd import WinogradReLUConv2d
+
+    moved = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        last = None
+        for name in list(parent._modules):
+            m = parent._modules[name]
+            if isinstance(m, WinogradReLUConv2d):
+                last = None if m.out_relu else m
+                continue
+            if isinstance(m, _PASS_THROUGH):
+                continue
+            if last is not None and isinstance(m, (nn.ReLU, ReLUConv2d)):
+                last.out_relu = True
+                parent._modules[name] = nn.Identity() if isinstance(m, nn.ReLU) else _plain_conv(m)
+                moved += 1
+            last = None
+    return moved
+
+
+class ChannelsLastStem(nn.Module):
+    """A convolution of single-channel images (``nn.Conv2d``, or ``ReLUConv2d``: ReLU first) run as a
+    two-channel one, the second channel zero, on a channels-last copy of its input; returns
+    channels-last activations, so the first Winograd layer no longer copies its input to
+    channels-last (oneDNN's blocked kernel for one input channel is several times slower than its
+    direct channels-last one here)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        from .models import ReLUConv2d
+
+        if conv.in_channels != 1 or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"ChannelsLastStem takes a 1-input-channel, zero-padded, ungrouped conv, got {conv}")
+        self.relu = isinstance(conv, ReLUConv2d)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        w = conv.weight.detach()
+        self.register_buffer("weight", torch.cat([w, torch.zeros_like(w)], 1).contiguous(
+            memory_format=torch.channels_last))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        x2 = x.new_zeros((n, h, w, 2))
+        x2[..., 0] = x[:, 0].relu() if self.relu else x[:, 0]
+        return F.conv2d(x2.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def _stems_to_channels_last(model: nn.Module) -> int:
+    """Every CPU convolution of single-channel input (nn.Conv2d or ReLUConv2d) as a ChannelsLastStem."""
+    from .models import ReLUConv2d
+
+    count = 0
+    for parent in list(model.modules()):
+        for name, m in list(parent._modules.items()):
+            if (type(m) in (nn.Conv2d, ReLUConv2d) and m.in_channels == 1 and m.groups == 1
+                    and m.padding_mode == "zeros" and m.weight.device.type == "cpu"):
+                parent._modules[name] = ChannelsLastStem(m)
+                count += 1
+    return count
+
+
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Eval mode, batch norm folded, no parameter asks for a gradient, and every pruned Winograd-ReLU
+    """Eval mode, batch norm folded, no parameter asks for a gradient, every pruned Winograd-ReLU
     layer given back its mask (``weight_mask`` from the weights' zeros: an export folds the masks into
-    the weights) so that the sparse kernels can run it where they pay; returns ``model``."""
+    the weights) so that the sparse kernels can run it where they pay, the spatial ReLUs after
+    Winograd-ReLU layers moved into them and single-channel stems run channels-last (see the module's
+    docstring); returns ``model``."""
     from .winograd import winograd_layers
 
     model.eval()
@@ -97,4 +194,6 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     for _, layer in winograd_layers(model):
         if getattr(layer, "weight_mask", None) is None and bool((layer.weight == 0).any()):
             layer.register_buffer("weight_mask", (layer.weight != 0).to(layer.weight.dtype))
+    fuse_output_relus(model)
+    _stems_to_channels_last(model)
     return model

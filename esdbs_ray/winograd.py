@@ -68,6 +68,9 @@ class WinogradReLUConv2d(nn.Module):
             raise ValueError(f"in_channels and out_channels must be > 0, got {in_channels}, {out_channels}")
         self.in_channels, self.out_channels, self.relu = in_channels, out_channels, relu
         self.ran: dict[str, str] = {}  # "training" / "inference" -> the path the layer's last call took
+        # relu(conv + bias): a spatial ReLU that followed the layer, moved in by inference.prepare_for_inference
+        # (the native kernels then write it with the bias in their output transform); not in the state dict
+        self.out_relu = False
         self.impl = None if impl is None else _check_impl(impl)
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(16, in_channels, out_channels, **fk))
@@ -105,7 +108,8 @@ class WinogradReLUConv2d(nn.Module):
         return self.weight.detach().permute(2, 1, 0).reshape(self.out_channels, self.in_channels, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, path = run_layer(x, self.weight, self.bias, self.relu, self.impl, getattr(self, "weight_mask", None))
+        y, path = run_layer(x, self.weight, self.bias, self.relu, self.impl, getattr(self, "weight_mask", None),
+                            getattr(self, "out_relu", False))
         if not torch.compiler.is_compiling():  # which path the last training step and evaluation took
             self.ran["training" if torch.is_grad_enabled() and self.training else "inference"] = path
         return y
@@ -113,6 +117,7 @@ class WinogradReLUConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), padding=(1, 1), "
                 f"relu={self.relu}, bias={self.bias is not None}, domain=winograd F(2x2,3x3)"
+                + (", out_relu=True" if getattr(self, "out_relu", False) else "")
                 + (f", impl={self.impl}" if self.impl else ""))
 
 
@@ -122,17 +127,18 @@ class WinogradReLUConv2d(nn.Module):
 class SparseWinogradInference:
     """Inference-only evaluation of a pruned Winograd-ReLU layer that skips the pruned weights.
 
-    ``mode="csr"``: per tile position p, the nonzero entries of U[p]^T (C_out x C_in) are kept in a
-    CSR matrix and multiplied by the transformed input V[p] (C_in x tiles), so the multiplications
-    per 2x2 output tile are 16 C_in C_out density; positions whose weights are all pruned are
-    skipped outright.  On CPU torch's CSR product (MKL sparse BLAS) runs far below dense GEMM
-    throughput, so this path only pays off at very high sparsity; see bench/winograd.py.
+    ``mode="native"`` (default): the native sparse kernels (:func:`esdbs_ray.winograd_sparse.sparse_forward`,
+    the 16 products on the mask's nonzeros, bias in the output transform) -- what the layer itself runs
+    in ``esdbs predict`` where the mask is sparse enough; CPU, float32 / float64.
+    ``mode="csr"``: a reference only, slow: per tile position p the nonzero entries of U[p]^T in a
+    torch CSR matrix multiplied by the transformed input V[p]; torch's CSR product runs far below
+    dense GEMM throughput on CPU (bench/winograd.py).
     ``mode="dense"``: the packed dense bmm of the training path (reference).
     """
 
-    def __init__(self, layer: WinogradReLUConv2d, mode: str = "csr"):
-        if mode not in ("csr", "dense"):
-            raise ValueError(f"mode must be 'csr' or 'dense', got {mode!r}")
+    def __init__(self, layer: WinogradReLUConv2d, mode: str = "native"):
+        if mode not in ("native", "csr", "dense"):
+            raise ValueError(f"mode must be 'native', 'csr' or 'dense', got {mode!r}")
         self.mode, self.relu = mode, layer.relu
         u = layer.weight.detach()
         if hasattr(layer, "weight_mask"):
@@ -142,6 +148,13 @@ class SparseWinogradInference:
         self.c, self.k = u.shape[1:]
         self.nnz = int((u != 0).sum())
         self.density = self.nnz / u.numel()
+        if mode == "native":
+            from . import winograd_native, winograd_sparse
+
+            if not winograd_native.supports(self.u, self.u):
+                raise ValueError(f"mode 'native' runs float32 / float64 on CPU; the layer is {u.dtype} on {u.device}")
+            # the structure of the weights' nonzeros (a pruned layer's mask, multiplied in above)
+            self.structure = winograd_sparse.SparseStructure.from_mask(self.u)
         if mode == "csr":
             with warnings.catch_warnings():  # "sparse CSR support is in beta": known, not actionable
                 warnings.simplefilter("ignore", UserWarning)
@@ -150,6 +163,10 @@ class SparseWinogradInference:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "native":
+            from .winograd_sparse import sparse_forward
+
+            return sparse_forward(x.to(self.u.dtype), self.u, self.structure, self.relu, self.bias)
         n, _, h, w = x.shape
         th, tw = _tiles(h, w)
         xp = _pad_nhwc(x, th, tw)

@@ -237,7 +237,7 @@ def _reset_fused_state() -> None:
 
 def winograd_relu_conv(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = True,
-    impl: str | None = None, mask: torch.Tensor | None = None,
+    impl: str | None = None, mask: torch.Tensor | None = None, out_relu: bool = False,
 ) -> torch.Tensor:
     """Functional form: x (N, C_in, H, W), u (16, C_in, C_out) -> (N, C_out, H, W).
 
@@ -247,12 +247,15 @@ def winograd_relu_conv(
     "triton", "reference" or "functional"; see :func:`choose_impl`.  Under autocast the layer computes in the autocast
     dtype (e.g. bf16 on CUDA), all of it, like the GEMM-bound ops autocast lowers.  ``mask``: the pruning
     mask of ``u`` (1 = kept; ``u`` is zero elsewhere): where the native kernels run and the mask is sparse
-    enough, the 16 products run on its nonzeros only (:mod:`esdbs_ray.winograd_sparse`).
+    enough, the 16 products run on its nonzeros only (:mod:`esdbs_ray.winograd_sparse`).  ``out_relu``:
+    a spatial ReLU after the bias, ``relu(conv + bias)`` (the network's own ReLU after the layer, moved
+    in by :func:`esdbs_ray.inference.prepare_for_inference`); where nothing records gradients the native
+    kernels write bias and ReLU in their output transform, no pass over the output of their own.
     """
-    return run_layer(x, u, bias, relu, impl, mask)[0]
+    return run_layer(x, u, bias, relu, impl, mask, out_relu)[0]
 
 
-def run_layer(x, u, bias=None, relu=True, impl=None, mask=None) -> tuple[torch.Tensor, str]:
+def run_layer(x, u, bias=None, relu=True, impl=None, mask=None, out_relu=False) -> tuple[torch.Tensor, str]:
     """:func:`winograd_relu_conv`, and which path ran it: the implementation, with "native" as
     "native-sparse" or "native-dense" (what a member's summary records per layer)."""
     if x.dim() != 4:
@@ -264,13 +267,18 @@ def run_layer(x, u, bias=None, relu=True, impl=None, mask=None) -> tuple[torch.T
         # Custom Functions run outside autocast: apply its policy for GEMM-bound ops here.
         dtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _winograd_run(x, u, bias, relu, impl, dtype, mask)
+            return _winograd_run(x, u, bias, relu, impl, dtype, mask, out_relu)
     if x.dtype != u.dtype:
         raise ValueError(f"x dtype {x.dtype} differs from weight dtype {u.dtype}")
-    return _winograd_run(x, u, bias, relu, impl, x.dtype, mask)
+    return _winograd_run(x, u, bias, relu, impl, x.dtype, mask, out_relu)
 
 
-def _winograd_run(x, u, bias, relu, impl, dtype, mask=None) -> tuple[torch.Tensor, str]:
+def _recording(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _winograd_run(x, u, bias, relu, impl, dtype, mask=None, out_relu=False) -> tuple[torch.Tensor, str]:
     if torch.compiler.is_compiling():  # part of the caller's graph (checked first: no env reads traced)
         y, choice = _winograd_traceable(x.to(dtype), u.to(dtype), relu), "functional"
     else:
@@ -282,8 +290,11 @@ def _winograd_run(x, u, bias, relu, impl, dtype, mask=None) -> tuple[torch.Tenso
             if choice == "native" and not native.supports(x, u):
                 raise ValueError(f"impl 'native' runs float32 / float64 on CPU; got {dtype} on {x.device.type}")
             if choice == "native":
-                from .winograd_sparse import sparse_conv_or_none
+                from .winograd_sparse import native_inference, sparse_conv_or_none
 
+                if not _recording(x, u, bias):  # inference: bias and ReLU in the kernels' output transform
+                    y, sparse = native_inference(x, u, mask, relu, bias, out_relu)
+                    return y, "native-sparse" if sparse else "native-dense"
                 y = sparse_conv_or_none(x, u, mask, relu)
                 choice = "native-dense" if y is None else "native-sparse"
             if y is None:
@@ -293,7 +304,9 @@ def _winograd_run(x, u, bias, relu, impl, dtype, mask=None) -> tuple[torch.Tenso
     if bias is not None:
         b = bias.to(dtype).view(1, -1, 1, 1)
         # in place when nothing records it (inference, a folded batch norm's bias): no second buffer
-        y = y.add_(b) if not (torch.is_grad_enabled() and (y.requires_grad or b.requires_grad)) else y + b
+        y = y.add_(b) if not _recording(y, b) else y + b
+    if out_relu:
+        y = y.relu_() if not _recording(y) else torch.relu(y)
     return y, choice
 
 

@@ -104,8 +104,12 @@ inline void input_row(const T* __restrict x, T* __restrict V, i64 ps, i64 n, i64
 
 // forward: Y = A^T M A per tile, cropped to H x W, written NHWC.  One tile (column j of a tile row
 // whose output rows start at y0, y1; h1: the second lies inside the image) from `m`, planes ps apart.
-template <typename T>
-inline void output_tile(const T* __restrict m, i64 ps, T* y0, T* y1, bool h1, i64 j, i64 W, i64 K) {
+// The inference epilogue, compile-time choices as the ReLU above: BIAS adds bias[k] (a folded batch
+// norm's shift) to each output, ORELU then clips it at 0 (a spatial ReLU that followed the layer) --
+// what torch did after the layer, in the same order, without another pass over the output.
+template <typename T, bool BIAS = false, bool ORELU = false>
+inline void output_tile(const T* __restrict m, i64 ps, T* y0, T* y1, bool h1, i64 j, i64 W, i64 K,
+                        const T* __restrict bias = nullptr) {
   const bool w1 = 2 * j + 1 < W;
   T* o00 = y0 + 2 * j * K;
 #pragma omp simd
@@ -116,23 +120,35 @@ inline void output_tile(const T* __restrict m, i64 ps, T* y0, T* y1, bool h1, i6
       const T m2 = m[(4 * p + 2) * ps + k], m3 = m[(4 * p + 3) * ps + k];
       t[p][0] = m0 + m1 + m2; t[p][1] = m1 - m2 - m3;
     }
-    o00[k] = t[0][0] + t[1][0] + t[2][0];
-    if (w1) o00[K + k] = t[0][1] + t[1][1] + t[2][1];
+    const T b = BIAS ? bias[k] : T(0);
+    auto epi = [b](T v) { return clip<ORELU>(BIAS ? v + b : v); };
+    o00[k] = epi(t[0][0] + t[1][0] + t[2][0]);
+    if (w1) o00[K + k] = epi(t[0][1] + t[1][1] + t[2][1]);
     if (h1) {
       T* o10 = y1 + 2 * j * K;
-      o10[k] = t[1][0] - t[2][0] - t[3][0];
-      if (w1) o10[K + k] = t[1][1] - t[2][1] - t[3][1];
+      o10[k] = epi(t[1][0] - t[2][0] - t[3][0]);
+      if (w1) o10[K + k] = epi(t[1][1] - t[2][1] - t[3][1]);
     }
   }
 }
 
-template <typename T>
-inline void output_row(const T* __restrict M, i64 ps, T* __restrict y, i64 n, i64 i, i64 H, i64 W, i64 K) {
+template <typename T, bool BIAS = false, bool ORELU = false>
+inline void output_row(const T* __restrict M, i64 ps, T* __restrict y, i64 n, i64 i, i64 H, i64 W, i64 K,
+                       const T* bias = nullptr) {
   const i64 tw = (W + 1) / 2;
   const bool h1 = 2 * i + 1 < H;
   T* y0 = y + (n * H + 2 * i) * W * K;
   T* y1 = y0 + W * K;
-  for (i64 j = 0; j < tw; ++j) output_tile(M + j * K, ps, y0, y1, h1, j, W, K);
+  for (i64 j = 0; j < tw; ++j) output_tile<T, BIAS, ORELU>(M + j * K, ps, y0, y1, h1, j, W, K, bias);
+}
+
+// f(BIAS, ORELU) with the epilogue's two choices as compile-time constants (std::bool_constant)
+template <typename F>
+inline void with_epilogue(bool bias, bool orelu, F&& f) {
+  if (bias && orelu) f(std::true_type{}, std::true_type{});
+  else if (bias) f(std::true_type{}, std::false_type{});
+  else if (orelu) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
 }
 
 // backward: dM = A dY A^T per tile (the adjoint of output_tile; rows / columns past H, W are 0).  One
@@ -294,11 +310,14 @@ void input_transform(const T* x, T* V, i64 N, i64 H, i64 W, i64 C, int nt) {
 }
 
 template <typename T>
-void output_transform(const T* M, T* y, i64 N, i64 H, i64 W, i64 K, int nt) {
+void output_transform(const T* M, T* y, i64 N, i64 H, i64 W, i64 K, int nt, const T* bias, bool orelu) {
   const i64 th = (H + 1) / 2, tw = (W + 1) / 2, ps = N * th * tw * K;
+  with_epilogue(bias != nullptr, orelu, [&](auto B, auto R) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
-  for (i64 n = 0; n < N; ++n)
-    for (i64 i = 0; i < th; ++i) output_row(M + (n * th + i) * tw * K, ps, y, n, i, H, W, K);
+    for (i64 n = 0; n < N; ++n)
+      for (i64 i = 0; i < th; ++i)
+        output_row<T, decltype(B)::value, decltype(R)::value>(M + (n * th + i) * tw * K, ps, y, n, i, H, W, K, bias);
+  });
 }
 
 template <typename T>
@@ -476,8 +495,9 @@ inline i64 band_rows(i64 tw, i64 per_tile) {
   return std::max<i64>(1, (i64(1) << 17) / std::max<i64>(1, 16 * tw * per_tile));
 }
 
-template <bool RELU>
-void fused_forward(const float* x, const float* U, float* y, i64 N, i64 H, i64 W, i64 C, i64 K, int nt) {
+template <bool RELU, bool BIAS, bool ORELU>
+void fused_forward(const float* x, const float* U, float* y, i64 N, i64 H, i64 W, i64 C, i64 K, int nt,
+                   const float* bias) {
   const i64 th = (H + 1) / 2, tw = (W + 1) / 2, R = N * th, br = band_rows(tw, C + K);
   const i64 bands = (R + br - 1) / br;
 #pragma omp parallel num_threads(nt)
@@ -492,7 +512,8 @@ void fused_forward(const float* x, const float* U, float* y, i64 N, i64 H, i64 W
         for (i64 k0 = 0; k0 < K; k0 += 64)
           block<false, false>(Vb.data() + p * pv, C, U + p * C * K + k0, K, Mb.data() + p * pm + k0, K, tb, C,
                               std::min<i64>(64, K - k0));
-      for (i64 r = r0; r < r1; ++r) output_row(Mb.data() + (r - r0) * tw * K, pm, y, r / th, r % th, H, W, K);
+      for (i64 r = r0; r < r1; ++r)
+        output_row<float, BIAS, ORELU>(Mb.data() + (r - r0) * tw * K, pm, y, r / th, r % th, H, W, K, bias);
     }
   }
 }
@@ -646,7 +667,7 @@ T* thread_scratch(int slot, i64 n) {
     i64 cap = 0;
     ~Buf() { std::free(p); }
   };
-  thread_local Buf bufs[6];
+  thread_local Buf bufs[7];
   Buf& b = bufs[slot];
   if (n > b.cap) {
     std::free(b.p);
@@ -659,7 +680,7 @@ T* thread_scratch(int slot, i64 n) {
   }
   return b.p;
 }
-enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB, SLOT_VALS };
+enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB, SLOT_VALS, SLOT_RING };
 
 // optional timing of the phases (bench/sparse_winograd.py's profile): seconds per phase, summed over
 // threads, added into `out` (nullptr: no clock reads)
@@ -1242,18 +1263,17 @@ void output_rows(T* y, T** drow, i64 TB, i64 t0, i64 nb, i64 th, i64 tw, i64 H, 
 }
 
 // The band's output transform, tile-vectorised: Y = A^T M A straight from M^T's rows, each of the 16
-// plane rows of an output channel streamed along the band's tiles into Yb (four output pixels x K
-// channels x the band), then only those four pixels -- not the 16 planes -- transposed into the
-// channels-last image, a pixel's channel blocks one after another.  Yb: 4 K ld scratch; drow: 4 TB
-// row pointers.
-template <typename T>
-void band_output(const T* MT, i64 ld, i64 TB, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* y, T* Yb,
-                 T** drow) {
-  const i64 ps = K * ld, nbp = (nb + 15) / 16 * 16, ys = K * ld;
-  output_rows(y, drow, TB, t0, nb, th, tw, H, W, K);
+// plane rows of an output channel streamed along the band's columns into Yb (four output pixels x K
+// channels x the band, 4 K ld scratch), with the inference epilogue (output_tile's); then only those
+// four pixels -- not the 16 planes -- are transposed into the channels-last image (band_scatter,
+// lane_scatter).
+template <typename T, bool BIAS, bool ORELU>
+void band_pixels(const T* MT, i64 ld, i64 nbp, i64 K, T* Yb, const T* bias) {
+  const i64 ps = K * ld, ys = K * ld;
   for (i64 k = 0; k < K; ++k) {
     const T* __restrict m = MT + k * ld;
     T* __restrict o = Yb + k * ld;
+    const T bk = BIAS ? bias[k] : T(0);
 #pragma omp simd
     for (i64 l = 0; l < nbp; ++l) {
       T t[4][2];  // t[p][b]: A^T along the columns of M's row p
@@ -1263,17 +1283,134 @@ void band_output(const T* MT, i64 ld, i64 TB, i64 t0, i64 nb, i64 th, i64 tw, i6
         t[p][0] = m0 + m1 + m2;
         t[p][1] = m1 - m2 - m3;
       }
-      o[0 * ys + l] = t[0][0] + t[1][0] + t[2][0];
-      o[1 * ys + l] = t[0][1] + t[1][1] + t[2][1];
-      o[2 * ys + l] = t[1][0] - t[2][0] - t[3][0];
-      o[3 * ys + l] = t[1][1] - t[2][1] - t[3][1];
+      T v0 = t[0][0] + t[1][0] + t[2][0], v1 = t[0][1] + t[1][1] + t[2][1];
+      T v2 = t[1][0] - t[2][0] - t[3][0], v3 = t[1][1] - t[2][1] - t[3][1];
+      if (BIAS) {
+        v0 += bk; v1 += bk; v2 += bk; v3 += bk;
+      }
+      o[0 * ys + l] = clip<ORELU>(v0);
+      o[1 * ys + l] = clip<ORELU>(v1);
+      o[2 * ys + l] = clip<ORELU>(v2);
+      o[3 * ys + l] = clip<ORELU>(v3);
     }
   }
+}
+
+template <typename T>
+void band_pixels(const T* MT, i64 ld, i64 nbp, i64 K, T* Yb, const T* bias, bool orelu) {
+  with_epilogue(bias != nullptr, orelu, [&](auto B, auto R) {
+    band_pixels<T, decltype(B)::value, decltype(R)::value>(MT, ld, nbp, K, Yb, bias);
+  });
+}
+
+// Yb's four pixels of the band's tiles t0 .. t0 + nb into the image (drow: 4 TB row pointers)
+template <typename T>
+void band_scatter(const T* Yb, i64 ld, i64 TB, i64 t0, i64 nb, i64 th, i64 tw, i64 H, i64 W, i64 K, T* y,
+                  T** drow) {
+  const i64 ys = K * ld;
+  output_rows(y, drow, TB, t0, nb, th, tw, H, W, K);
   for (i64 q = 0; q < nb; q += 16) {
     const int cnt = int(std::min<i64>(16, nb - q));
     for (int ab = 0; ab < 4; ++ab)
       for (i64 k0 = 0; k0 < K; k0 += 16)
         transpose16_to(Yb + ab * ys + k0 * ld + q, ld, int(std::min<i64>(16, K - k0)), cnt, drow + ab * TB + q, k0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// the forward's lane layout: 16 images side by side
+// ---------------------------------------------------------------------------------------------------
+// In the band layout above the 16 lanes of a vector are 16 consecutive tiles, so the input transform
+// computes each tile's 16 planes channel-vectorised and transposes every plane (16 16 x 16 transposes
+// per 16 tiles and 16 channels: as much time as the transform itself).  The forward of a whole group
+// of 16 images instead puts image l of the group in lane l: column 16 s + l of a band is tile
+// position s (= i tw + j) of image n0 + l.  The input is transposed once per pixel -- each input row
+// of the 16 images to `(W + 3) x C x 16` (the lanes innermost, zero-padded columns), in a ring of
+// rows -- and the transform is then lane-parallel arithmetic on whole vectors: a quarter of the
+// transposes (4 pixels per tile instead of 16 planes), no shuffles in the transform.  The products and
+// the output transform are the band layout's; only the final pixel transposes address 16 images.  A
+// batch's last N mod 16 images take the band layout.  The same arithmetic in the same order as the
+// band layout: the same bits.
+struct LaneRing {
+  i64 rb, wp, c;  // slots, padded width (2 tw + 2 columns: tap columns -1 .. 2 tw), channels
+  i64 slot() const { return wp * c * 16; }
+};
+
+// rows of input a band of tile positions [s0, s1) reads: 2 i0 - 1 .. 2 i1 + 2; slots so that the
+// rows of the next band never overwrite rows this one still reads
+inline i64 lane_ring_rows(i64 P, i64 tw) { return 2 * ((P + tw - 2) / tw) + 6; }
+
+// input row r of images n0 .. n0 + 15 into its ring slot (columns 1 .. W; the padding stays 0)
+template <typename T>
+void lane_row(const T* x, i64 n0, i64 r, i64 H, i64 W, i64 C, const LaneRing& ring, T* buf) {
+  T* slot = buf + (r % ring.rb) * ring.slot();
+  const T* srow[16];
+  for (int l = 0; l < 16; ++l) srow[l] = x + ((n0 + l) * H + r) * W * C;
+  for (i64 w = 0; w < W; ++w) {
+    T* dst = slot + (w + 1) * C * 16;
+    for (i64 c0 = 0; c0 < C; c0 += 16) transpose16_from(srow, c0, 16, int(std::min<i64>(16, C - c0)), dst + c0 * 16, 16);
+    for (int l = 0; l < 16; ++l) srow[l] += C;
+  }
+}
+
+// The band's input transform in the lane layout: positions s0 .. s1 of the group to VT (16 x C rows,
+// ld apart; column 16 (s - s0) + l).  input_taps' arithmetic, lane-parallel.
+template <typename T, bool RELU>
+void lane_input(const T* buf, const T* zrow, const LaneRing& ring, T* VT, i64 ld, i64 s0, i64 s1, i64 tw, i64 H,
+                i64 C) {
+  const i64 ps = C * ld;
+  for (i64 s = s0; s < s1; ++s) {
+    const i64 i = s / tw, j = s % tw;
+    const T* rp[4];
+    for (int a = 0; a < 4; ++a) {
+      const i64 h = 2 * i + a - 1;
+      rp[a] = (h >= 0 && h < H ? buf + (h % ring.rb) * ring.slot() : zrow) + 2 * j * C * 16;
+    }
+    T* __restrict out0 = VT + 16 * (s - s0);
+    for (i64 c = 0; c < C; ++c) {
+      const T *__restrict d00 = rp[0] + c * 16, *__restrict d01 = d00 + C * 16, *__restrict d02 = d00 + 2 * C * 16,
+              *__restrict d03 = d00 + 3 * C * 16;
+      const T *__restrict d10 = rp[1] + c * 16, *__restrict d11 = d10 + C * 16, *__restrict d12 = d10 + 2 * C * 16,
+              *__restrict d13 = d10 + 3 * C * 16;
+      const T *__restrict d20 = rp[2] + c * 16, *__restrict d21 = d20 + C * 16, *__restrict d22 = d20 + 2 * C * 16,
+              *__restrict d23 = d20 + 3 * C * 16;
+      const T *__restrict d30 = rp[3] + c * 16, *__restrict d31 = d30 + C * 16, *__restrict d32 = d30 + 2 * C * 16,
+              *__restrict d33 = d30 + 3 * C * 16;
+      T* __restrict o = out0 + c * ld;
+      // every plane stored, the dead positions' too (rows the products do not read): no branch per plane
+#pragma omp simd
+      for (int l = 0; l < 16; ++l) {
+        const T r00 = d00[l] - d02[l], r01 = d01[l] + d02[l], r02 = d02[l] - d01[l], r03 = d01[l] - d03[l];
+        const T r10 = d10[l] - d12[l], r11 = d11[l] + d12[l], r12 = d12[l] - d11[l], r13 = d11[l] - d13[l];
+        const T r20 = d20[l] - d22[l], r21 = d21[l] + d22[l], r22 = d22[l] - d21[l], r23 = d21[l] - d23[l];
+        const T r30 = d30[l] - d32[l], r31 = d31[l] + d32[l], r32 = d32[l] - d31[l], r33 = d31[l] - d33[l];
+        o[0 * ps + l] = clip<RELU>(r00 - r20); o[1 * ps + l] = clip<RELU>(r01 - r21);
+        o[2 * ps + l] = clip<RELU>(r02 - r22); o[3 * ps + l] = clip<RELU>(r03 - r23);
+        o[4 * ps + l] = clip<RELU>(r10 + r20); o[5 * ps + l] = clip<RELU>(r11 + r21);
+        o[6 * ps + l] = clip<RELU>(r12 + r22); o[7 * ps + l] = clip<RELU>(r13 + r23);
+        o[8 * ps + l] = clip<RELU>(r20 - r10); o[9 * ps + l] = clip<RELU>(r21 - r11);
+        o[10 * ps + l] = clip<RELU>(r22 - r12); o[11 * ps + l] = clip<RELU>(r23 - r13);
+        o[12 * ps + l] = clip<RELU>(r10 - r30); o[13 * ps + l] = clip<RELU>(r11 - r31);
+        o[14 * ps + l] = clip<RELU>(r12 - r32); o[15 * ps + l] = clip<RELU>(r13 - r33);
+      }
+    }
+  }
+}
+
+// Yb's four pixels of the group's positions s0 .. s1 into images n0 .. n0 + 15
+template <typename T>
+void lane_scatter(const T* Yb, i64 ld, i64 n0, i64 s0, i64 s1, i64 tw, i64 H, i64 W, i64 K, T* y) {
+  const i64 ys = K * ld;
+  T* drow[16];
+  for (i64 s = s0; s < s1; ++s) {
+    const i64 i = s / tw, j = s % tw;
+    for (int ab = 0; ab < 4; ++ab) {
+      const i64 h = 2 * i + ab / 2, w = 2 * j + ab % 2;
+      if (h >= H || w >= W) continue;
+      for (int l = 0; l < 16; ++l) drow[l] = y + (((n0 + l) * H + h) * W + w) * K;
+      const T* src = Yb + ab * ys + 16 * (s - s0);
+      for (i64 k0 = 0; k0 < K; k0 += 16) transpose16_to(src + k0 * ld, ld, int(std::min<i64>(16, K - k0)), 16, drow, k0);
+    }
   }
 }
 
@@ -1348,18 +1485,52 @@ inline void prefetch_part(const Span& s, i64 part, i64 parts, bool write) {
   }
 }
 
+// The spans one band prefetches during its products: up to 32, each for reading or writing.
+struct Spans {
+  Span s[32];
+  bool write[32];
+  int n = 0;
+  void add(const Span& sp, bool w) {
+    if (sp.bytes > 0 && n < 32) {
+      s[n] = sp;
+      write[n++] = w;
+    }
+  }
+  void part(i64 p, i64 parts) const {
+    for (int i = 0; i < n; ++i) prefetch_part(s[i], p, parts, write[i]);
+  }
+};
+
+// rows r0 .. r1 of images n0 .. n0 + 15 (ch channels): 16 spans
+template <typename T>
+inline void lane_spans(Spans& sp, const T* img, i64 n0, i64 r0, i64 r1, i64 H, i64 W, i64 ch, bool write) {
+  if (r1 <= r0) return;
+  for (i64 l = 0; l < 16; ++l)
+    sp.add({reinterpret_cast<const char*>(img + ((n0 + l) * H + r0) * W * ch), (r1 - r0) * W * ch * i64(sizeof(T))},
+           write);
+}
+
 // the structure's rows of position p (ptr: 16 S (R + 1) pointers)
 inline Rows rows_of(const int32_t* ptr, const int32_t* idx, i64 p, i64 R, i64 ncols) {
   const i64 S = (ncols + SEG - 1) / SEG;
   return Rows{ptr + p * S * (R + 1), idx, R, S};
 }
 
+// The forward: the batch's whole groups of 16 images in the lane layout (when `lanes`), then the
+// remaining images' tiles in bands.  Work items -- a group, or a band -- are claimed from a counter,
+// so a thread that starts late takes fewer; a group is one thread's, its bands in order (the ring of
+// input rows carries over from one band to the next).
 template <typename T, bool RELU>
 void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i64 K, const int32_t* fptr,
-                    const int32_t* fidx, const int32_t* fflat, int nt, double* prof_out) {
-  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, tiles = N * th * tw;
+                    const int32_t* fidx, const int32_t* fflat, int nt, double* prof_out, const T* bias, bool orelu,
+                    bool lanes) {
+  const i64 th = (H + 1) / 2, tw = (W + 1) / 2, per_image = th * tw, tiles = N * per_image;
   if (tiles == 0) return;
-  const i64 TB = sparse_band_tiles(C + K, sizeof(T)), ld = sparse_ld(TB), bands = (tiles + TB - 1) / TB;
+  const i64 TB = sparse_band_tiles(C + K, sizeof(T)), ld = sparse_ld(TB);
+  const i64 groups = lanes ? N / 16 : 0, t_base = 16 * groups * per_image;  // tiles before t_base: the groups'
+  const i64 bands = (tiles - t_base + TB - 1) / TB, items = groups + bands;
+  const i64 P = TB / 16;  // tile positions per band of a group
+  const LaneRing ring{lane_ring_rows(P, tw), 2 * tw + 2, C};
   const i64 nnz = rows_of(fptr, fidx, 15, K, C).last();
   bool live[16];
   for (int p = 0; p < 16; ++p) {
@@ -1367,7 +1538,7 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
     live[p] = rp.last() > rp.first();
   }
   Aligned<T> shared(nnz > PRIVATE_GATHER ? nnz : 0);
-  std::atomic<i64> next{0};  // the next band to claim: threads take bands as they come (a late one takes fewer)
+  std::atomic<i64> next{0};  // the next item to claim
 #pragma omp parallel num_threads(nt)
   {
     Prof prof(prof_out);
@@ -1377,17 +1548,14 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
     T* VT = thread_scratch<T>(SLOT_VT, 16 * C * ld);
     T* MT = thread_scratch<T>(SLOT_MT, 16 * K * ld);
     T* Yb = thread_scratch<T>(SLOT_YB, 4 * K * ld);
+    T* rbuf = nullptr;  // the ring of input rows and a zero row after it (groups only)
     std::vector<T*> drow(4 * TB);
     std::vector<T> zc(C, T(0));
-    for (i64 b = next.fetch_add(1); b < bands;) {
-      const i64 b1 = next.fetch_add(1);  // this thread's next band, claimed now so that its input is prefetched
-      const i64 t0 = b * TB, nb = std::min(TB, tiles - t0), nbp = (nb + 15) / 16 * 16;
-      band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
-      const Span xs = b1 < bands ? band_span(x, b1 * TB, std::min(TB, tiles - b1 * TB), th, tw, H, W, C, true) : Span{};
-      const Span ys = band_span(y, t0, nb, th, tw, H, W, K, false);
+    // the 16 products of a band of nbp columns; the spans prefetched meanwhile (the next band's input,
+    // this one's output lines: in the lane layout 16 images' rows each)
+    auto products = [&](i64 nbp, const Spans& pf) {
       for (i64 p = 0; p < 16; ++p) {
-        prefetch_part(xs, p, 16, false);
-        prefetch_part(ys, p, 16, true);
+        pf.part(p, 16);
         T* Mp = MT + p * K * ld;
         if (live[p])
           spmm(vals, rows_of(fptr, fidx, p, K, C), (const T*)(VT + p * C * ld), Mp, ld, nbp);
@@ -1395,9 +1563,47 @@ void sparse_forward(const T* x, const T* U, T* y, i64 N, i64 H, i64 W, i64 C, i6
           for (i64 k = 0; k < K; ++k) std::fill(Mp + k * ld, Mp + k * ld + nbp, T(0));
       }
       prof.lap(PH_MUL);
-      band_output((const T*)MT, ld, TB, t0, nb, th, tw, H, W, K, y, Yb, drow.data());
-      prof.lap(PH_OUT);
-      b = b1;
+    };
+    for (i64 it = next.fetch_add(1); it < items;) {
+      const i64 it1 = next.fetch_add(1);  // this thread's next item, claimed now so that a band's input is prefetched
+      if (it < groups) {
+        if (!rbuf) {  // zeroed once a call: the rows' padding columns, and the zero row, are never written
+          rbuf = thread_scratch<T>(SLOT_RING, (ring.rb + 1) * ring.slot());
+          std::fill(rbuf, rbuf + (ring.rb + 1) * ring.slot(), T(0));
+        }
+        const T* zrow = rbuf + ring.rb * ring.slot();
+        const i64 n0 = 16 * it;
+        i64 rows = 0;  // input rows of the group in the ring so far
+        // input rows a band of the group reads up to (exclusive)
+        auto rows_end = [&](i64 s1) { return std::min(H, 2 * ((s1 - 1) / tw) + 3); };
+        for (i64 s0 = 0; s0 < per_image; s0 += P) {
+          const i64 s1 = std::min(per_image, s0 + P), end = rows_end(s1);
+          for (; rows < end; ++rows) lane_row(x, n0, rows, H, W, C, ring, rbuf);
+          prof.lap(PH_TIN);
+          lane_input<T, RELU>(rbuf, zrow, ring, VT, ld, s0, s1, tw, H, C);
+          prof.lap(PH_IN);
+          Spans pf;
+          if (s1 < per_image) lane_spans(pf, x, n0, end, rows_end(std::min(per_image, s1 + P)), H, W, C, false);
+          else if (it1 < groups) lane_spans(pf, x, 16 * it1, i64(0), rows_end(std::min(per_image, P)), H, W, C, false);
+          lane_spans(pf, y, n0, 2 * (s0 / tw), std::min(H, 2 * ((s1 - 1) / tw) + 2), H, W, K, true);
+          products(16 * (s1 - s0), pf);
+          band_pixels((const T*)MT, ld, 16 * (s1 - s0), K, Yb, bias, orelu);
+          lane_scatter((const T*)Yb, ld, n0, s0, s1, tw, H, W, K, y);
+          prof.lap(PH_OUT);
+        }
+      } else {
+        const i64 t0 = t_base + (it - groups) * TB, nb = std::min(TB, tiles - t0), nbp = (nb + 15) / 16 * 16;
+        band_input<T, RELU>(x, Sb, VT, ld, t0, nb, th, tw, H, W, C, live, zc.data(), prof);
+        const i64 t1 = t_base + (it1 - groups) * TB;
+        Spans pf;
+        if (it1 >= groups && it1 < items) pf.add(band_span(x, t1, std::min(TB, tiles - t1), th, tw, H, W, C, true), false);
+        pf.add(band_span(y, t0, nb, th, tw, H, W, K, false), true);
+        products(nbp, pf);
+        band_pixels((const T*)MT, ld, nbp, K, Yb, bias, orelu);
+        band_scatter((const T*)Yb, ld, TB, t0, nb, th, tw, H, W, K, y, drow.data());
+        prof.lap(PH_OUT);
+      }
+      it = it1;
     }
     prof.flush();
   }
@@ -1518,7 +1724,7 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
 // C entry points (ctypes): dtype 0 = float32, 1 = float64; relu 0 / 1.  Pointers are the tensors' data.
 extern "C" {
 
-int esdbs_wino_abi_version() { return 4; }
+int esdbs_wino_abi_version() { return 5; }
 
 // 1 where the GEMMs below were compiled (AVX-512); else the caller runs torch.bmm.
 int esdbs_wino_has_gemm() { return ESDBS_HAS_GEMM; }
@@ -1533,10 +1739,14 @@ void esdbs_wino_gemm_tn(const float* A, const float* B, float* C, i64 P, i64 T, 
 }
 
 // the fused layer (float32): x, y, dy, dx NHWC; U (16, C, K), Ut (16, K, C); dU (16, C, K)
+// bias (K values, or nullptr) and orelu: the inference epilogue (output_tile)
 void esdbs_wino_fused_forward(const float* x, const float* U, float* y, i64 N, i64 H, i64 W, i64 C, i64 K, int relu,
-                              int nt) {
-  if (relu) fused_forward<true>(x, U, y, N, H, W, C, K, nt);
-  else fused_forward<false>(x, U, y, N, H, W, C, K, nt);
+                              int nt, const float* bias, int orelu) {
+  with_epilogue(bias != nullptr, orelu != 0, [&](auto B, auto R) {
+    constexpr bool b = decltype(B)::value, r = decltype(R)::value;
+    if (relu) fused_forward<true, b, r>(x, U, y, N, H, W, C, K, nt, bias);
+    else fused_forward<false, b, r>(x, U, y, N, H, W, C, K, nt, bias);
+  });
 }
 
 void esdbs_wino_fused_backward(const float* x, const float* gy, const float* Ut, float* dx, float* dU, i64 N, i64 H,
@@ -1553,9 +1763,10 @@ void esdbs_wino_input_transform(int dtype, const void* x, void* V, i64 N, i64 H,
   else input_transform<double, false>((const double*)x, (double*)V, N, H, W, C, nt);
 }
 
-void esdbs_wino_output_transform(int dtype, const void* M, void* y, i64 N, i64 H, i64 W, i64 K, int nt) {
-  if (dtype == 0) output_transform((const float*)M, (float*)y, N, H, W, K, nt);
-  else output_transform((const double*)M, (double*)y, N, H, W, K, nt);
+void esdbs_wino_output_transform(int dtype, const void* M, void* y, i64 N, i64 H, i64 W, i64 K, int nt,
+                                 const void* bias, int orelu) {
+  if (dtype == 0) output_transform((const float*)M, (float*)y, N, H, W, K, nt, (const float*)bias, orelu != 0);
+  else output_transform((const double*)M, (double*)y, N, H, W, K, nt, (const double*)bias, orelu != 0);
 }
 
 void esdbs_wino_output_transform_adjoint(int dtype, const void* gy, void* dM, i64 N, i64 H, i64 W, i64 K, int nt) {
@@ -1590,20 +1801,24 @@ i64 esdbs_wino_sparse_band_tiles(i64 C, i64 K, int dtype, int backward) {
   return sparse_band_tiles(backward ? 2 * C + K : C + K, dtype == 0 ? 4 : 8);
 }
 
+// bias (K values of the dtype, or nullptr) and orelu: the inference epilogue; lanes: whole groups of
+// 16 images in the lane layout (0: every tile in the band layout)
 void esdbs_wino_sparse_forward(int dtype, const void* x, const void* U, void* y, i64 N, i64 H, i64 W, i64 C, i64 K,
                                const int32_t* fptr, const int32_t* fidx, const int32_t* fflat, int relu, int nt,
-                               double* prof) {
+                               double* prof, const void* bias, int orelu, int lanes) {
+  const bool o = orelu != 0, l = lanes != 0;
   if (dtype == 0 && relu)
-    sparse_forward<float, true>((const float*)x, (const float*)U, (float*)y, N, H, W, C, K, fptr, fidx, fflat, nt, prof);
+    sparse_forward<float, true>((const float*)x, (const float*)U, (float*)y, N, H, W, C, K, fptr, fidx, fflat, nt, prof,
+                                (const float*)bias, o, l);
   else if (dtype == 0)
     sparse_forward<float, false>((const float*)x, (const float*)U, (float*)y, N, H, W, C, K, fptr, fidx, fflat, nt,
-                                 prof);
+                                 prof, (const float*)bias, o, l);
   else if (relu)
     sparse_forward<double, true>((const double*)x, (const double*)U, (double*)y, N, H, W, C, K, fptr, fidx, fflat, nt,
-                                 prof);
+                                 prof, (const double*)bias, o, l);
   else
     sparse_forward<double, false>((const double*)x, (const double*)U, (double*)y, N, H, W, C, K, fptr, fidx, fflat,
-                                  nt, prof);
+                                  nt, prof, (const double*)bias, o, l);
 }
 
 void esdbs_wino_sparse_backward(int dtype, const void* x, const void* gy, const void* U, void* dx, void* dU, i64 N,

@@ -58,11 +58,11 @@ from pathlib import Path
 import torch
 
 __all__ = ["NativeUnavailable", "CACHE_ENV", "MODE_ENV", "MODES", "SOURCE", "library", "status", "mode", "path",
-           "forward", "backward", "supports"]
+           "forward", "backward", "supports", "epilogue_bias"]
 
 SOURCE = Path(__file__).with_name("winograd_native.cpp")
 CACHE_ENV = "ESDBS_KERNEL_CACHE"
-_ABI = 4  # esdbs_wino_abi_version() of the source this module calls
+_ABI = 5  # esdbs_wino_abi_version() of the source this module calls
 # How the library runs a step: "auto" (its AVX-512 GEMMs where compiled, fused band by band where
 # measured faster), "fused" (fused wherever it can: C * K <= FUSED_MAX_CK), "unfused" (its GEMMs, the
 # passes one after another) or "bmm" (torch.bmm for the GEMMs, what runs without AVX-512 and in
@@ -220,16 +220,17 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     if lib.esdbs_wino_has_gemm():
         for fn, args in (("esdbs_wino_gemm_nn", [vp, vp, vp, i64, i64, i64, i64, ci]),
                          ("esdbs_wino_gemm_tn", [vp, vp, vp, i64, i64, i64, i64, ci]),
-                         ("esdbs_wino_fused_forward", [vp, vp, vp, i64, i64, i64, i64, i64, ci, ci]),
+                         ("esdbs_wino_fused_forward", [vp, vp, vp, i64, i64, i64, i64, i64, ci, ci, vp, ci]),
                          ("esdbs_wino_fused_backward", [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, ci, ci, ci, ci])):
             getattr(lib, fn).argtypes = args
             getattr(lib, fn).restype = None
     for fn, args in (("esdbs_wino_input_transform", [ci, vp, vp, i64, i64, i64, i64, ci, ci]),
-                     ("esdbs_wino_output_transform", [ci, vp, vp, i64, i64, i64, i64, ci]),
+                     ("esdbs_wino_output_transform", [ci, vp, vp, i64, i64, i64, i64, ci, vp, ci]),
                      ("esdbs_wino_output_transform_adjoint", [ci, vp, vp, i64, i64, i64, i64, ci]),
                      ("esdbs_wino_input_transform_adjoint", [ci, vp, vp, vp, i64, i64, i64, i64, ci, ci]),
                      # the sparse layer (esdbs_ray/winograd_sparse.py)
-                     ("esdbs_wino_sparse_forward", [ci, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci, ci, vp]),
+                     ("esdbs_wino_sparse_forward", [ci, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci, ci, vp,
+                                                    vp, ci, ci]),
                      ("esdbs_wino_sparse_backward", [ci, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci,
                                                      ci, ci, ci, vp])):
         getattr(lib, fn).argtypes = args
@@ -338,11 +339,24 @@ def _bmm_tn(lib, nt: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def epilogue_bias(bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    """A layer's bias as the kernels' epilogue reads it: K contiguous values of y's dtype (None: none)."""
+    if bias is None:
+        return None
+    b = bias.detach().to(dtype=y.dtype, device=y.device).reshape(-1).contiguous()
+    if b.numel() != y.shape[1]:
+        raise ValueError(f"bias has {b.numel()} values for {y.shape[1]} output channels")
+    return b
+
+
+def forward(x: torch.Tensor, u: torch.Tensor, relu: bool, bias: torch.Tensor | None = None,
+            out_relu: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """x (N, C, H, W), u (16, C, K) -> (y (N, K, H, W) channels-last, saved, fused).
 
     ``saved`` is what :func:`backward` needs besides U: V = [ReLU](B^T d B) as (16, N*th*tw, C), or,
-    when ``fused``, x itself as NHWC (the fused backward computes V again, band by band)."""
+    when ``fused``, x itself as NHWC (the fused backward computes V again, band by band).
+    ``bias`` (K values) and ``out_relu``: the inference epilogue, y = [ReLU](y + bias) written by the
+    output transform (no gradient flows through them here: inference, or a caller that adds its own)."""
     lib = library()
     n, c, h, w = x.shape
     k = u.shape[2]
@@ -352,13 +366,16 @@ def forward(x: torch.Tensor, u: torch.Tensor, relu: bool) -> tuple[torch.Tensor,
     u = u.contiguous()
     # a base tensor, not a view: autograd forbids in-place ops on views made inside a custom Function
     y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    b = epilogue_bias(bias, y)
+    bp = None if b is None else b.data_ptr()
     if _fused(lib, x.dtype, c, k, n * th * tw):
-        lib.esdbs_wino_fused_forward(xh.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, c, k, int(relu), nt)
+        lib.esdbs_wino_fused_forward(xh.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, c, k, int(relu), nt, bp,
+                                     int(out_relu))
         return y, xh, True
     V = x.new_empty((16, n * th * tw, c))
     lib.esdbs_wino_input_transform(dt, xh.data_ptr(), V.data_ptr(), n, h, w, c, int(relu), nt)
     M = _bmm(lib, nt, V, u)
-    lib.esdbs_wino_output_transform(dt, M.data_ptr(), y.data_ptr(), n, h, w, k, nt)
+    lib.esdbs_wino_output_transform(dt, M.data_ptr(), y.data_ptr(), n, h, w, k, nt, bp, int(out_relu))
     return y, V, False
 
 

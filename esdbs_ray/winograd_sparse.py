@@ -51,7 +51,7 @@ from . import winograd_native as native
 __all__ = [
     "SPARSE_ENV", "SPARSE_MODES", "PHASES", "CROSSOVER", "SparseStructure", "structure_for", "forget", "clear_cache",
     "cache_info", "sparse_mode", "should_run_sparse", "kernels_vectorised", "WinogradSparseFn", "sparse_forward",
-    "sparse_backward", "sparse_conv_or_none", "profiling",
+    "sparse_backward", "sparse_conv_or_none", "native_inference", "profiling",
 ]
 
 SPARSE_ENV = "ESDBS_NATIVE_SPARSE"
@@ -331,21 +331,28 @@ def _check(x: torch.Tensor, u: torch.Tensor, structure: SparseStructure) -> None
                          f"{x.device.type}, u {u.dtype} on {u.device.type}")
 
 
-def sparse_forward(x: torch.Tensor, u: torch.Tensor, structure: SparseStructure, relu: bool) -> torch.Tensor:
+def sparse_forward(x: torch.Tensor, u: torch.Tensor, structure: SparseStructure, relu: bool,
+                   bias: torch.Tensor | None = None, out_relu: bool = False, lanes: bool = True) -> torch.Tensor:
     """x (N, C, H, W), u (16, C, K) -> y (N, K, H, W) channels-last, on the nonzeros of ``structure``
-    (U's entries off it are not read).  No autograd: inference (or :class:`WinogradSparseFn`)."""
+    (U's entries off it are not read).  No autograd: inference (or :class:`WinogradSparseFn`).
+    ``bias`` (K values) and ``out_relu``: the inference epilogue, y = [ReLU](y + bias), written by the
+    output transform.  ``lanes``: whole groups of 16 images in the kernels' lane layout (the same
+    results; False: every tile in the band layout -- tests)."""
     _check(x, u, structure)
-    return _forward(_nhwc(x), u.contiguous(), structure, relu, tuple(x.shape))
+    return _forward(_nhwc(x), u.contiguous(), structure, relu, tuple(x.shape), bias, out_relu, lanes)
 
 
-def _forward(xh: torch.Tensor, u: torch.Tensor, s: SparseStructure, relu: bool, shape) -> torch.Tensor:
+def _forward(xh: torch.Tensor, u: torch.Tensor, s: SparseStructure, relu: bool, shape, bias=None, out_relu=False,
+             lanes=True) -> torch.Tensor:
     lib = native.library()
     n, c, h, w = shape
     y = torch.empty((n, s.k, h, w), dtype=xh.dtype, device=xh.device, memory_format=torch.channels_last)
+    b = native.epilogue_bias(bias, y)
     o = s.by_k()
     lib.esdbs_wino_sparse_forward(_DTYPES[xh.dtype], xh.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, c, s.k,
                                   o.ptr.data_ptr(), o.idx.data_ptr(), o.flat.data_ptr(), int(relu),
-                                  torch.get_num_threads(), _prof_ptr())
+                                  torch.get_num_threads(), _prof_ptr(), None if b is None else b.data_ptr(),
+                                  int(out_relu), int(lanes))
     return y
 
 
@@ -399,11 +406,10 @@ class WinogradSparseFn(torch.autograd.Function):
         return dx, du, None, None
 
 
-def sparse_conv_or_none(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
-    """The layer (no bias) on the sparse kernels where they are chosen, else None (run the dense
-    native layer).  Chosen: a mask, tensors the native kernels take, and ``$ESDBS_NATIVE_SPARSE``
-    "on", or "auto" with float32 on the vectorised kernels and :func:`should_run_sparse` true for the
-    mask's density, the shape, and whether autograd records this call (training) or not."""
+def _chosen(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None, training: bool) -> SparseStructure | None:
+    """The mask's structure where the sparse kernels run this call, else None: a mask, tensors the
+    native kernels take, and ``$ESDBS_NATIVE_SPARSE`` "on", or "auto" with float32 on the vectorised
+    kernels and :func:`should_run_sparse` true for the mask's density, the shape and the pass."""
     mode = sparse_mode()
     if mode == "off" or mask is None or not native.supports(x, u) or tuple(mask.shape) != tuple(u.shape):
         return None
@@ -412,8 +418,26 @@ def sparse_conv_or_none(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | N
     structure = structure_for(mask)
     if mode == "auto":
         n, _, h, w = x.shape
-        training = torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)
         if not should_run_sparse(structure.density, structure.c, structure.k, n * ((h + 1) // 2) * ((w + 1) // 2),
                                  training):
             return None
-    return WinogradSparseFn.apply(x, u, structure, relu)
+    return structure
+
+
+def sparse_conv_or_none(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
+    """The layer (no bias) on the sparse kernels where they are chosen (:func:`_chosen`; training:
+    whether autograd records this call), else None (run the dense native layer)."""
+    structure = _chosen(x, u, mask, torch.is_grad_enabled() and (x.requires_grad or u.requires_grad))
+    return None if structure is None else WinogradSparseFn.apply(x, u, structure, relu)
+
+
+def native_inference(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None, relu: bool,
+                     bias: torch.Tensor | None = None, out_relu: bool = False) -> tuple[torch.Tensor, bool]:
+    """The layer's inference forward on the native kernels, y = [ReLU](conv + bias) with bias and
+    ReLU written by the output transform: on the sparse kernels where :func:`_chosen` picks them for an
+    inference pass, else the dense native layer.  Returns (y channels-last, whether it ran sparse).
+    No autograd (the caller checked that nothing records it)."""
+    structure = _chosen(x, u, mask, False)
+    if structure is None:
+        return native.forward(x, u, relu, bias, out_relu)[0], False
+    return sparse_forward(x, u, structure, relu, bias, out_relu), True

@@ -201,7 +201,7 @@ def test_to_winograd_relu_keeps_strided_and_1x1_spatial():
     assert ((3, 3), (1, 1)) not in kinds
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 16, 7, 7), (1, 3, 4, 5, 8)])
+@pytest.mark.parametrize("shape", [(2, 8, 16, 7, 7), (1, 3, 4, 5, 8), (18, 5, 9, 6, 7)])
 def test_sparse_inference_matches_layer(shape):
     n, c, k, h, w = shape
     torch.manual_seed(6)
@@ -214,10 +214,31 @@ def test_sparse_inference_matches_layer(shape):
         layer.weight.mul_(mask)
     x = torch.randn(n, c, h, w)
     ref = layer(x)
-    for mode in ("csr", "dense"):
+    for mode in ("native", "csr", "dense"):  # native: the sparse kernels; csr, dense: references
         sp = SparseWinogradInference(layer, mode=mode)
         torch.testing.assert_close(sp(x), ref, rtol=1e-4, atol=1e-5)
     assert SparseWinogradInference(layer).nnz == int(mask.sum())
+    assert SparseWinogradInference(layer).structure.skipped == (5,)
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_out_relu_is_relu_after_the_bias(impl):
+    """A layer with out_relu (a following ReLU moved in) computes relu(conv + bias), with gradients
+    in training and in its output transform's epilogue in inference."""
+    torch.manual_seed(9)
+    layer = WinogradReLUConv2d(6, 7, bias=True, impl=impl)
+    nn.init.normal_(layer.bias)
+    x = torch.randn(17, 6, 5, 6, requires_grad=True)
+    want = torch.relu(layer(x))
+    (gx_want,) = torch.autograd.grad(want.sum(), x)
+    layer.out_relu = True
+    got = layer(x)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, gx_want)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want.detach(), rtol=1e-5, atol=1e-5)
+    assert "out_relu=True" in repr(layer)
 
 
 def test_autocast_cpu_bf16():

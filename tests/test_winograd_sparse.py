@@ -260,6 +260,95 @@ def test_portable_build_gives_the_same_results(tmp_path, capability):
 
 
 # --------------------------------------------------------------------------------------------------
+# the inference forward: whole groups of 16 images in the lane layout, bias and ReLU in the epilogue
+# --------------------------------------------------------------------------------------------------
+INFER_SHAPES = [  # (N, C, K, H, W): 2 groups of 16 and a tail of 3; one group exactly; odd sizes; wide
+    (35, 5, 7, 7, 9),
+    (16, 24, 24, 28, 28),
+    (17, 140, 20, 3, 5),
+    (33, 16, 150, 1, 1),
+    (20, 9, 33, 34, 3),
+]
+
+
+def _epilogue(y, bias, out_relu):
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return torch.relu(y) if out_relu else y
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("shape", INFER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_inference_forward_lanes_and_epilogue(shape, density):
+    """The lane layout gives the band layout's bits; with bias and an output ReLU the dense native
+    layer's epilogue's bits, and both the float64 reference's results."""
+    n, c, k, h, w = shape
+    torch.manual_seed(30)
+    mask = _mask(c, k, density, seed=31, dead=(4,))
+    x = torch.randn(n, c, h, w)
+    u = torch.randn(16, c, k) * mask
+    bias = torch.randn(k)
+    s = ws.structure_for(mask)
+    for relu in (True, False):
+        plain = ws.sparse_forward(x, u, s, relu)
+        assert plain.is_contiguous(memory_format=torch.channels_last)
+        ref = _reference(x, u, relu, torch.zeros(n, k, h, w))[0]
+        torch.testing.assert_close(plain, ref.float(), rtol=1e-4, atol=2e-5 * max(1.0, float(ref.abs().max())))
+        for b, out_relu in ((None, False), (bias, False), (None, True), (bias, True)):
+            lanes = ws.sparse_forward(x, u, s, relu, b, out_relu)
+            bands = ws.sparse_forward(x, u, s, relu, b, out_relu, lanes=False)
+            assert torch.equal(lanes, bands)
+            assert torch.equal(lanes, _epilogue(plain, b, out_relu))  # the epilogue: torch's ops, same order
+            dense = native.forward(x, u, relu, b, out_relu)[0]
+            assert torch.equal(dense, _epilogue(native.forward(x, u, relu)[0], b, out_relu))
+            torch.testing.assert_close(lanes, dense, rtol=1e-4, atol=2e-5 * max(1.0, float(dense.abs().max())))
+
+
+def test_inference_forward_float64_and_thread_counts():
+    """float64 (the portable loops) to the reference's precision; float32 the same bits at 1, 2 and 3
+    threads (a group is one thread's)."""
+    torch.manual_seed(32)
+    n, c, k, h, w = 37, 20, 30, 9, 7
+    mask = _mask(c, k, 0.3, seed=33, dtype=torch.float64)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    u = torch.randn(16, c, k, dtype=torch.float64) * mask
+    bias = torch.randn(k, dtype=torch.float64)
+    got = ws.sparse_forward(x, u, ws.structure_for(mask), True, bias, True)
+    want = _epilogue(_reference(x, u, True, torch.zeros(n, k, h, w))[0], bias, True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dense = native.forward(x, u, True, bias, True)[0]  # float64: torch.bmm between the library's passes
+    assert torch.equal(dense, _epilogue(native.forward(x, u, True)[0], bias, True))
+    x, u, bias, mask = x.float(), u.float(), bias.float(), mask.float()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append(ws.sparse_forward(x, u, ws.structure_for(mask), True, bias, True))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_native_inference_chooses_and_applies_the_epilogue(monkeypatch):
+    torch.manual_seed(34)
+    mask = _mask(64, 64, 0.1, seed=35)
+    x, u, bias = torch.randn(20, 64, 6, 6), torch.randn(16, 64, 64) * mask, torch.randn(64)
+    want = _epilogue(native.forward(x, u, True)[0], bias, True)
+    for mode in ("on", "off", "auto"):
+        monkeypatch.setenv(ws.SPARSE_ENV, mode)
+        y, sparse = ws.native_inference(x, u, mask, True, bias, True)
+        expect_sparse = mode == "on" or (mode == "auto" and ws.kernels_vectorised()
+                                         and ws.should_run_sparse(0.1, 64, 64, 20 * 9, False))
+        assert sparse == expect_sparse
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    y, sparse = ws.native_inference(x, u, None, True, bias, True)  # no mask: dense, bit for bit
+    assert not sparse and torch.equal(y, want)
+    y, _ = ws.native_inference(x[:0], u, mask, True, bias, True)  # an empty batch
+    assert y.shape == (0, 64, 6, 6)
+
+
+# --------------------------------------------------------------------------------------------------
 # the structure cache: rebuilt when the mask changes, by every route, and only then
 # --------------------------------------------------------------------------------------------------
 def _layer(c=6, k=7):

@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+try:
+    import triton  # noqa: F401
+except ImportError:  # a CPU-only torch does not bring Triton: say so in the skip, these kernels go unchecked
+    pytest.skip("Triton is missing (pip install triton; a CPU-only torch does not install it): the Triton "
+                "Winograd-ReLU kernels are not checked", allow_module_level=True)
 
 from esdbs_ray import winograd as wg  # noqa: E402
 from esdbs_ray import winograd_triton as wt  # noqa: E402
@@ -36,6 +40,7 @@ def report(tmp_path_factory):
     assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert (r.returncode == 0) == rep["ok"]
+    assert rep["ok"], f"failed checks: {rep['failed']}"
     return rep
 
 
@@ -46,8 +51,10 @@ def test_the_check_ran_the_interpreter_on_every_case(report):
     assert any(n.startswith("float16 ") for n in names) and not any(n.startswith("bfloat16") for n in names)
 
 
-@pytest.mark.parametrize("group", ["fp32 ", "float16 ", "other blocks", "bitwise repeat", "du alone", "dx alone",
-                                   "nan pattern", "empty batch", "model step"])
+@pytest.mark.parametrize("group", ["fp32 ", "float16 ", "other blocks", "blocks travel to the backward",
+                                   "bitwise repeat", "du alone", "dx alone",
+                                   "in-place change of the saved input is caught", "nan pattern", "empty batch",
+                                   "model step"])
 def test_checks_pass(report, group):
     rows = {k: v for k, v in report["checks"].items() if k.startswith(group)}
     assert rows, group
