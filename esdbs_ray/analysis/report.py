@@ -37,6 +37,7 @@ from .experiment import NOT_RUN, SWEEP_VARIANTS, TIME_MARGIN, Z, load_experiment
 from .overview import run_title, section_evaluation, section_run
 from .pool_section import has_pool, pool_section
 from .render import Doc
+from .self_expanding import has_growing_members, self_expanding_section
 from .seeds import labels, load_replicates, section_replicates
 from .sections import (_hardware, _means_and_errors, _scale_text, _section_accuracy, _section_batch_tables,
                        _section_claims,
@@ -127,6 +128,8 @@ def build_report(experiment_dir: str | os.PathLike | Sequence[str | os.PathLike]
     if has_basis_members(exp):  # BasisConv: only in runs that trained BasisConv members
         basis = basis_sections(doc, exp, out)
         figs.update(basis["figures"])
+    if has_growing_members(exp):  # self-expanding members: only in runs that trained them
+        figs.update(self_expanding_section(doc, exp, out))
     classes_ok = _section_classes(doc, exp)
     _section_members(doc, exp)
     if P:
