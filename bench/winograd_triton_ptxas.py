@@ -17,7 +17,6 @@ Result: ``bench/results/winograd_triton_ptxas.json``.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys

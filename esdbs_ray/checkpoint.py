@@ -16,6 +16,7 @@ Resuming from it continues exactly as an uninterrupted run with the same seed on
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from . import storage
 from .errors import UserError
 from .layout import RunLayout
-from .records import EpochRecord, RungResult
+from .records import EpochRecord, RecordError, RungResult
 
 __all__ = ["CHECKPOINT", "TrainState", "load_checkpoint", "save_checkpoint", "same_training", "EXECUTION_KEYS"]
 
@@ -64,9 +65,14 @@ class TrainState:
         hooks = dict(d.get("hooks") or {})
         if d.get("kernels") and "record" not in hooks:  # written before hooks kept their own state
             hooks["record"] = {"kernels": d["kernels"]}
-        return cls(epoch=int(d.get("epoch", 0)), history=[EpochRecord.from_dict(r) for r in d.get("history") or []],
-                   rungs=[RungResult.from_dict(r) for r in d.get("rungs") or []],
-                   levels=[RungResult.from_dict(r) for r in d.get("levels") or []], steps=int(d.get("steps", 0)),
+        def records(kind, key):
+            v = d.get(key) or []
+            if not isinstance(v, list):
+                raise RecordError(f"{key}: expected a list of records, got {type(v).__name__}")
+            return [kind.from_dict(r, f"{key}[{i}]") for i, r in enumerate(v)]
+
+        return cls(epoch=int(d.get("epoch", 0)), history=records(EpochRecord, "history"),
+                   rungs=records(RungResult, "rungs"), levels=records(RungResult, "levels"), steps=int(d.get("steps", 0)),
                    train_seconds=float(d.get("train_seconds", 0.0)), snapshot=d.get("snapshot"), early=d.get("early"),
                    compression=d.get("compression"), rung_start=d.get("rung_start"), expansion=d.get("expansion"),
                    hooks=hooks)
@@ -81,15 +87,34 @@ def same_training(saved: Any, config: dict) -> bool:
     """Whether a config saved with a checkpoint or weights file trains what ``config`` (a TrainConfig's
     dict) trains.  The saved one is validated first, so a key added since (at its default) does not make
     an older file foreign; one that no longer validates is foreign."""
-    from .config import TrainConfig
+    return training_difference(saved, config) is None
+
+
+def training_difference(saved: Any, config: dict) -> str | None:
+    """None when ``saved`` trains what ``config`` trains (:func:`same_training`), else where they part,
+    naming the key: ``config.dbs.b0: 64 here, 128 in the file`` or why the saved one is no config."""
+    from .config import TrainConfig, brief
 
     if not isinstance(saved, dict):
-        return False
+        return f"config: a {type(saved).__name__}, not a mapping"
     try:
         saved = TrainConfig.from_dict(saved).to_dict()
-    except ValueError:
-        return False
-    return model_keys(saved) == model_keys(config)
+    except ValueError as exc:
+        return f"config: not a valid config ({str(exc)[:300]})"
+    a, b = model_keys(saved), model_keys(config)
+    if a == b:
+        return None
+    stack = [("config", a, b)]
+    while stack:
+        path, x, y = stack.pop()
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), reverse=True):
+                if x.get(k) != y.get(k):
+                    stack.append((f"{path}.{k}", x.get(k), y.get(k)))
+            continue
+        if x != y:
+            return f"{path}: {brief(y, 40)} here, {brief(x, 40)} in the file"
+    return "config: differs"
 
 
 def save_checkpoint(path: Path, *, model, optimizer, schedule, train_batches, config: dict, state: TrainState) -> None:
@@ -112,8 +137,75 @@ def load_checkpoint(resume_from: str | Path, config: dict) -> dict:
     if missing is None or missing:
         raise UserError(f"{path}: not an esdbs checkpoint ("
                         + (f"a {type(ckpt).__name__}, not a dict" if missing is None else f"lacks {missing}") + ")")
-    if not same_training(ckpt.get("config"), config):
-        raise UserError(f"{path}: checkpoint was written by a different config; refusing to resume")
-    if not isinstance(ckpt["state"], dict):
-        raise UserError(f"{path}: its training state is a {type(ckpt['state']).__name__}, not a dict")
+    differs = training_difference(ckpt.get("config"), config)
+    if differs:
+        raise UserError(f"{path}: checkpoint was written by a different config ({differs}); refusing to resume")
+    _check_parts(ckpt, path, config)
     return ckpt
+
+
+def _check_parts(ckpt: dict, path: Path, config: dict) -> None:
+    """The types of what the trainer restores, each refused naming its key: a state dict of tensors, the
+    optimizer's and the batches' state as torch writes them, a state whose epoch is one of this run's."""
+    import torch
+
+    from .records import RecordError
+
+    def fail(key: str, what: str):
+        raise UserError(f"{path}: {key}: {what}")
+
+    model = ckpt["model"]
+    # a module's get_extra_state (a BasisConv layer's: its basis settings) is whatever it returns
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("._extra_state")) for k, v in model.items()):
+        fail("model", "expected a state dict of tensors")
+    for k, v in model.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            fail(f"model.{k}", "holds NaN or infinite values")
+    opt = ckpt["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        fail("optimizer", "expected an optimizer state dict (state, param_groups)")
+    for name in ("schedule", "train_batches"):
+        if not isinstance(ckpt[name], dict):
+            fail(name, f"expected a mapping, got {type(ckpt[name]).__name__}")
+    tb = ckpt["train_batches"]
+    if not isinstance(tb.get("generator"), torch.Tensor) or isinstance(tb.get("batch_size"), bool) \
+            or not isinstance(tb.get("batch_size"), int) or not 1 <= tb["batch_size"]:
+        fail("train_batches", "expected the batch iterator's generator state and a positive batch size")
+    if not isinstance(ckpt["rng"], torch.Tensor) or ckpt["rng"].dtype != torch.uint8:
+        fail("rng", "expected torch's RNG state (a byte tensor)")
+    state = ckpt["state"]
+    if not isinstance(state, dict):
+        fail("state", f"its training state is a {type(state).__name__}, not a dict")
+    total = config.get("epochs", 0) + max(len(config.get("sparsity_ladder") or ()),
+                                          len((config.get("basis") or {}).get("ladder") or ())) * config.get(
+        "retrain_epochs", 0)
+    for key, lo, hi in (("epoch", 0, total), ("steps", 0, None)):
+        v = state.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            fail(f"state.{key}", f"expected a whole number in [{lo}, {hi if hi is not None else '...'}], got {v!r}"[:200])
+    ts = state.get("train_seconds", 0.0)
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        fail("state.train_seconds", f"expected a number, got {type(ts).__name__}")
+    for key in ("snapshot", "early", "compression", "rung_start", "expansion", "hooks"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            fail(f"state.{key}", f"expected a mapping, got {type(state[key]).__name__}")
+    try:
+        TrainState.from_dict(state)
+    except RecordError as exc:
+        fail("state", str(exc))
+
+
+@contextmanager
+def restoring(path, key: str):
+    """Where the trainer loads a checkpoint's part into its objects: a part that does not fit them
+    (another shape, a missing entry) is one line naming the file and the part, not a traceback."""
+    try:
+        yield
+    except UserError as exc:  # a part's own reader refused it (a schedule's config): name the file and part
+        if str(path) in str(exc):
+            raise
+        raise UserError(f"{path}: {key}: {exc}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserError(f"{path}: {key}: does not fit this run ({text})") from None

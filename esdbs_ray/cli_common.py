@@ -136,12 +136,18 @@ def flag_values(args, model: type, flags: Mapping[str, tuple[str, str]], base: d
     return out
 
 
-def flag_error(exc: ConfigError, flags: Mapping[str, tuple[str, str]], prefix: str = "") -> ConfigError:
-    """The model's error, led by the flag whose key it names (``--width: width=-1.0: ...``)."""
+def flag_error(exc: ConfigError, flags: Mapping[str, tuple[str, str]], prefix: str = "", args=None) -> ConfigError:
+    """The model's error, led by the flag whose key it names (``--width: width=-1.0: ...``), also when a
+    block's own check names it (``dbs: b0=100: ...`` -> ``--batch-size``); with ``args``, only a flag
+    that was given (a value from --dbs-constants is not the flag's)."""
     text = str(exc)
     for flag, (path, _) in sorted(flags.items(), key=lambda kv: -len(kv[1][0])):
+        if args is not None and getattr(args, _dest(flag), None) is None:
+            continue
         key = prefix + path
-        if text.startswith((f"{key}=", f"{key}:", f"{key} ")):
+        parent, _, last = key.rpartition(".")
+        heads = (f"{key}=", f"{key}:", f"{key} ") + ((f"{parent}: {last}=", f"{parent}: {last}:") if parent else ())
+        if text.startswith(heads):
             return ConfigError(f"{flag}: {text}")
     return exc
 
@@ -150,17 +156,33 @@ def flag_error(exc: ConfigError, flags: Mapping[str, tuple[str, str]], prefix: s
 # shared options and inputs
 # --------------------------------------------------------------------------------------------------
 def load_dbs_constants(path: str) -> dict:
+    """A DBS constants file (``esdbs dbs-search``'s ``dbs_constants.json``, or its ``constants``), each
+    constant a key of the DBS config with a value it takes: refused naming the file and the key."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from . import storage
+    from .config import DBSConfig, format_validation_error
+
     try:
-        d = json.loads(Path(path).read_text())
+        d = storage.parse_json(storage.read_local(path, max_bytes=1 << 20), f"--dbs-constants {path}")
     except FileNotFoundError:
         raise ConfigError(f"--dbs-constants {path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--dbs-constants {path}: is a directory, not a JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--dbs-constants {path}: not valid JSON ({getattr(exc, 'msg', exc.__class__.__name__)})") from None
+    except UserError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith("--dbs-constants") else f"--dbs-constants {text}") from None
     constants = d.get("constants", d) if isinstance(d, dict) else None
     if not isinstance(constants, dict):
         raise ConfigError(f"--dbs-constants {path}: expected a JSON object of DBS constants")
+    for key, value in constants.items():
+        info = DBSConfig.model_fields.get(key)
+        if info is None:
+            raise ConfigError(f"--dbs-constants {path}: {str(key)[:60]!r} is not a DBS constant; choose from "
+                              f"{', '.join(DBSConfig.model_fields)}")
+        try:
+            kind = typing.Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            TypeAdapter(kind).validate_python(value)
+        except ValidationError as exc:
+            raise ConfigError(f"--dbs-constants {path}: {format_validation_error(exc, key)}") from None
     return constants
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 from .cli_common import experiment_tree
 from .config import ConfigError
 
+# esdbs stack --tune-samples: accuracy-search samples as a Tune search (the config's stack.tune_samples bound)
+MAX_TUNE_SAMPLES = 10 ** 6
+
 __all__ = ["COMMANDS"]
 
 
@@ -117,8 +120,9 @@ def add_predict(sub) -> None:
 def cmd_stack(args) -> int:
     if args.pool or args.more_experiments:
         return cmd_pool(args)
-    from .config import STACK_CHOICES
-    from .layout import ExperimentLayout, claim_file
+    from .artifacts import check_experiment
+    from .config import MAX_SEED, STACK_CHOICES
+    from .layout import ExperimentLayout, check_writable, claim_file
     from .stacking import format_stacking_table
     from .stacking_run import RERUN, stack_experiment
 
@@ -130,13 +134,21 @@ def cmd_stack(args) -> int:
         raise ConfigError(f"--choose={args.choose!r}: choose one of {', '.join(STACK_CHOICES)}")
     if args.cv_folds is not None and not 2 <= args.cv_folds <= 100:
         raise ConfigError(f"--cv-folds={args.cv_folds}: must be in [2, 100]")
-    if args.tune_samples < 0:
-        raise ConfigError(f"--tune-samples={args.tune_samples}: must be >= 0")
+    if not 0 <= args.tune_samples <= MAX_TUNE_SAMPLES:
+        raise ConfigError(f"--tune-samples={args.tune_samples}: must be in [0, {MAX_TUNE_SAMPLES:,}]")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed={args.seed}: must be in [0, {MAX_SEED}]")
+    if args.level is not None and not 0 <= args.level <= 1000:
+        raise ConfigError(f"--level={args.level}: must be in [0, 1000]")
+    tree = experiment_tree(args.experiment_dir)
     _one_seed(args.experiment_dir)
     layout = ExperimentLayout.at(args.experiment_dir)
-    output = claim_file(args.output, force=args.force) if args.output else RERUN
-    if args.level is not None and args.level < 0:
-        raise ConfigError(f"--level={args.level}: must be >= 0")
+    if args.output:
+        output = claim_file(args.output, force=args.force)
+    else:  # a new stack-<time>-<tag>.json inside the experiment: it must take one
+        check_writable(layout.root, flag="EXPERIMENT_DIR")
+        output = RERUN
+    check_experiment(tree, only=("config", "predictions"))
     from .stacking_run import config_stack_settings
 
     settings = config_stack_settings(layout.root)  # re-run the stack by the rule the run chose by
@@ -151,13 +163,29 @@ def cmd_stack(args) -> int:
     return 0
 
 
+def checked_replicates(trees, only=None):
+    """The experiments of ``trees`` (a multi-seed run's directory standing for its seeds'), each read
+    with the typed readers first (``artifacts.check_experiment``): a corrupt file is one line naming it,
+    before any other reader sees it or anything is written."""
+    from .analysis.seeds import replicate_trees
+    from .artifacts import KINDS, check_experiment
+
+    for t in trees:
+        check_experiment(t, only=only or KINDS)
+    replicates = replicate_trees([t.root for t in trees])  # several: one config but for the seed
+    given = {t.path() for t in trees}
+    for t in replicates:
+        if t.path() not in given:
+            check_experiment(t, only=only or KINDS)
+    return replicates
+
+
 def cmd_report(args) -> int:
     from .analysis.report import build_report
-    from .analysis.seeds import replicate_trees
     from .layout import replace_dir
 
     trees = [experiment_tree(d) for d in args.experiment_dir]
-    replicate_trees([t.root for t in trees])  # several: one config but for the seed, refused before any writing
+    checked_replicates(trees)  # every artifact the report reads, before anything is written
     tree = trees[0]
     if args.out:
         out = Path(args.out)
@@ -189,7 +217,7 @@ def cmd_report(args) -> int:
 def cmd_results(args) -> int:
     from .layout import claim_file
     from .analysis.experiment import Experiment
-    from .analysis.seeds import labels, replicate_trees
+    from .analysis.seeds import labels
     from .results import FORMATS, format_results, replicate_results, results_table
 
     if args.format not in FORMATS:
@@ -199,7 +227,7 @@ def cmd_results(args) -> int:
     out = claim_file(args.out, force=args.force, flag="--out") if args.out else None
     trees = [experiment_tree(d) for d in args.experiment_dir]
     tree = trees[0]
-    replicates = replicate_trees([t.root for t in trees])  # a multi-seed run's directory: its seeds
+    replicates = checked_replicates(trees, only=("config", "summary", "members", "stacking"))
     if len(replicates) == 1:
         df = results_table(tree.root)
     else:
@@ -221,12 +249,14 @@ def cmd_results(args) -> int:
 def cmd_export(args) -> int:
     if args.stack or args.experiment_dir is None:
         return cmd_export_pool(args)
+    from .artifacts import check_experiment
     from .export import export_experiment
 
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity={args.sparsity}: a fraction in [0, 1) (e.g. 0.3 for 30 %)")
     _check_onnx(args)
     tree = experiment_tree(args.experiment_dir)
+    check_experiment(tree, only=("config", "summary", "members", "stacking"))
     _one_seed(tree.root)
     manifest = export_experiment(tree.root, args.out, variant=args.variant, sparsity=args.sparsity, force=args.force,
                                  onnx=not args.no_onnx, level=args.level)
@@ -243,13 +273,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .config import MAX_BATCH
     from .ensemble import Ensemble, predict_to_parquet, read_inputs
     from .layout import claim_file
 
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k={args.top_k}: must be >= 1")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size={args.batch_size}: must be >= 1")
+    if not 1 <= args.top_k <= 10_000:
+        raise ConfigError(f"--top-k={args.top_k}: must be in [1, 10000]")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size={args.batch_size}: must be in [1, {MAX_BATCH}]")
     out = claim_file(args.out, force=args.force, flag="--out")
     ensemble = Ensemble.load(args.export_dir, device=args.device, tune_allocator=True)
     inputs = read_inputs(args.inputs, shape=ensemble.input_shape, class_names=ensemble.class_names,

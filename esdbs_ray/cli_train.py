@@ -177,10 +177,12 @@ def _step_seconds(train, cfg) -> float:
     return min(times[1:])
 
 
-def cmd_run(args) -> int:
-    import yaml
-
-    from .pipeline import load_resumed_config, run_pipeline
+def run_request(args, *, local: bool = True):
+    """``esdbs run``'s arguments as (config, output), validated: what ``run`` and ``submit`` (before it
+    uploads anything) both check.  ``local`` False: files the arguments name are read on the cluster
+    (``submit``): a --resume directory or a --config / --dbs-constants file that is not here is not read,
+    and the config is then (None, out)."""
+    from .pipeline import load_resumed_config
 
     check_num_cpus(args)
     if args.resume:
@@ -189,14 +191,25 @@ def cmd_run(args) -> int:
                                 ("--expansion-search", args.expansion_search), ("--seeds", args.seeds)) if v]
         if given:
             raise ConfigError(f"--resume DIR continues DIR with its saved config.yaml; drop {', '.join(given)}")
-        cfg, out = load_resumed_config(args.resume), args.resume
-    else:
-        if args.expansion_search:  # validated with the rest: the config must have a growing member
-            args.set = [*args.set, "run_expansion_search=true"]
-        if args.seeds is not None:  # validated with the rest (config key seeds: integers, none twice)
-            args.set = [*args.set, f"seeds={args.seeds.strip()!r}"]
-        cfg = pipeline_config(args)
-        out = args.out or default_out(cfg.name)
+        if not local and not Path(args.resume).is_dir():
+            return None, args.resume
+        return load_resumed_config(args.resume), args.resume
+    if args.expansion_search:  # validated with the rest: the config must have a growing member
+        args.set = [*args.set, "run_expansion_search=true"]
+    if args.seeds is not None:  # validated with the rest (config key seeds: integers, none twice)
+        args.set = [*args.set, f"seeds={args.seeds.strip()!r}"]
+    if not local and any(p and "://" not in p and not Path(p).is_file() for p in (args.config, args.dbs_constants)):
+        return None, args.out
+    cfg = pipeline_config(args)
+    return cfg, args.out or default_out(cfg.name)
+
+
+def cmd_run(args) -> int:
+    import yaml
+
+    from .pipeline import run_pipeline
+
+    cfg, out = run_request(args)
     if args.dry_run:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print(f"# {len(cfg.trials())} trial(s) -> {out}" + (
@@ -299,8 +312,14 @@ def cmd_dbs_search(args) -> int:
     out = args.out or default_out(cfg.name + "-dbs-search")
     claim_dir(out, "dbs-search", force=args.force, check_only=True)
     data = load_configured(cfg)
-    layout = ExperimentLayout(claim_dir(out, "dbs-search", force=args.force))
-    init_ray(args.address, args.num_cpus, quiet=not args.verbose)
+    claims: list = []
+    layout = ExperimentLayout(claim_dir(out, "dbs-search", force=args.force, claims=claims))
+    try:
+        init_ray(args.address, args.num_cpus, quiet=not args.verbose)
+    except BaseException:  # the search never started: the directory goes back to what it was
+        for claim in claims:
+            claim.undo()
+        raise
     record = run_dbs_search(cfg, layout, data, progress=not args.quiet)
     print(f"{'last-epoch val':>14} {'epochs':>6} {'train s':>8} {'steps':>7}  front  constants")
     for t in sorted(record["trials"], key=lambda t: t["train_seconds"] or 0.0):
@@ -321,15 +340,37 @@ def add_submit(sub) -> None:
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
     p.add_argument("--no-follow", action="store_true", help="print the job id and return")
     p.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds (exit 124)")
+    p.add_argument("--insecure", action="store_true", help="allow plain http to an address that is not this "
+                   "machine (the cluster's token then travels unencrypted); default: refused")
+    p.add_argument("--verbose", action="store_true", help="Ray's own log lines (packaging, upload) on stderr")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then the arguments of `esdbs run`")
     p.set_defaults(func=cmd_submit)
 
 
 def cmd_submit(args) -> int:
-    from .submit import submit
+    import math
 
+    from .submit import check_address, submit
+
+    if args.timeout is not None and not (math.isfinite(args.timeout) and 0 < args.timeout <= 10 ** 7):
+        raise ConfigError(f"--timeout={args.timeout}: seconds, a positive number (at most 10,000,000)")
     run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
-    return submit(args.address, run_args, follow=not args.no_follow, timeout=args.timeout)
+    check_address(args.address, insecure=args.insecure)
+    check_run_args_locally(run_args)  # what the cluster would refuse, refused before anything is uploaded
+    return submit(args.address, run_args, follow=not args.no_follow, timeout=args.timeout, verbose=args.verbose)
+
+
+def check_run_args_locally(run_args: list[str]) -> None:
+    """``esdbs run``'s own parser and config validation on a job's arguments, here: an unknown flag,
+    preset or key, a value out of range fails now, naming it, instead of in a job on the cluster."""
+    from .cli_common import Parser
+
+    args = list(run_args)
+    if args[:1] == ["run"]:
+        args = args[1:]
+    parser = Parser(prog="esdbs")
+    add_run(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    run_request(parser.parse_args(["run", *args]), local=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +392,13 @@ def add_train_one(sub) -> None:
     p.set_defaults(func=cmd_train_one)
 
 
+def _with_source(named: ConfigError, exc: ConfigError, args) -> ConfigError:
+    """An error no given flag explains, when a --dbs-constants file was read: it names the file too."""
+    if named is exc and getattr(args, "dbs_constants", None):
+        return ConfigError(f"--dbs-constants {args.dbs_constants}: {exc}")
+    return named
+
+
 def train_config(args) -> TrainConfig:
     """The TrainConfig train-one's flags give (over --dbs-constants), refused naming the flag."""
     from .config import validate
@@ -360,7 +408,7 @@ def train_config(args) -> TrainConfig:
     try:
         return validate(TrainConfig, flag_values(args, TrainConfig, flags, base))
     except ConfigError as exc:
-        raise flag_error(exc, flags) from None
+        raise _with_source(flag_error(exc, flags, args=args), exc, args) from None
 
 
 def cmd_train_one(args) -> int:
@@ -374,16 +422,32 @@ def cmd_train_one(args) -> int:
     cfg = train_config(args)
     if args.resume and args.force:
         raise ConfigError("--resume continues a run, --force replaces it: pass one of them")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: CUDA is not available on this machine")
     checked = Path(claim_dir(args.out, "run", resume=args.resume, force=args.force, check_only=True))
     if args.resume and not RunLayout(checked).checkpoint.exists():
         raise ConfigError(f"--resume: no checkpoint at {RunLayout(checked).checkpoint}")
+    if args.resume:  # a checkpoint that cannot resume this run is refused before the data loads
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(RunLayout(checked).checkpoint, cfg.to_dict())
     data = load_configured(cfg)
-    run = RunLayout(Path(claim_dir(args.out, "run", resume=args.resume, force=args.force)))
+    claims: list = []
+    run = RunLayout(Path(claim_dir(args.out, "run", resume=args.resume, force=args.force, claims=claims)))
     print(data.describe(), flush=True)
-    recorder = RunRecorder(run.root, cfg, data, experiment=str(run.root), variant=variant_name(cfg),
-                           provenance={**provenance(), "device": device_info()})
-    summary = train(cfg, data, run.root, hooks=[PrintHooks(), recorder],
-                    resume_from=run.checkpoint if args.resume else None)
+    try:
+        recorder = RunRecorder(run.root, cfg, data, experiment=str(run.root), variant=variant_name(cfg),
+                               provenance={**provenance(), "device": device_info()})
+        summary = train(cfg, data, run.root, hooks=[PrintHooks(), recorder],
+                        resume_from=run.checkpoint if args.resume else None)
+    except BaseException:
+        if not run.checkpoint.exists():  # it failed before its first epoch ended: nothing to resume, take it back
+            for claim in claims:
+                claim.undo()
+        raise
     rung = (f"basis t={summary.basis_threshold:g}" if summary.basis_threshold is not None
             else f"sparsity {summary.sparsity:.3f}")
     print(f"done: val {summary.val_accuracy:.4f} test {summary.test_accuracy:.4f} "
@@ -427,7 +491,7 @@ def add_dbs_plan(sub) -> None:
 
 
 def cmd_dbs_plan(args) -> int:
-    from .config import validate
+    from .config import MAX_EPOCHS, MAX_NUMBER, MAX_RUNGS, brief, validate
     from .dbs import SCHEDULE_KINDS, format_plan, plan
 
     if args.schedule not in SCHEDULE_KINDS:
@@ -437,12 +501,17 @@ def cmd_dbs_plan(args) -> int:
     try:
         cfg = validate(DBSConfig, flag_values(args, DBSConfig, PLAN_FLAGS, base), "schedule")
     except ConfigError as exc:
-        raise flag_error(exc, PLAN_FLAGS, prefix="schedule.") from None
-    for flag, low in (("epochs", 0), ("train_size", 1), ("val_size", 1), ("retrain_epochs", 0)):
+        raise _with_source(flag_error(exc, PLAN_FLAGS, prefix="schedule.", args=args), exc, args) from None
+    # bounded before any work: the plan is a row per epoch (the config's limits, MAX_EPOCHS epochs);
+    # a training split needs two images (data.py refuses fewer)
+    for flag, low, high in (("epochs", 0, MAX_EPOCHS), ("train_size", 2, MAX_NUMBER), ("val_size", 1, MAX_NUMBER),
+                            ("retrain_epochs", 0, MAX_EPOCHS)):
         v = getattr(args, flag)
-        if v is not None and v < low:
-            raise ConfigError(f"--{flag.replace('_', '-')}={v}: must be >= {low}")
+        if v is not None and not low <= v <= high:
+            raise ConfigError(f"--{flag.replace('_', '-')}={brief(v)}: must be in [{low}, {high:,}]")
     ladder = tuple(args.sparsity_ladder)
+    if len(ladder) > MAX_RUNGS:
+        raise ConfigError(f"--sparsity-ladder: {len(ladder):,} rungs; at most {MAX_RUNGS}")
     if any(not 0 < s < 1 for s in ladder) or list(ladder) != sorted(set(ladder)):
         raise ConfigError(f"--sparsity-ladder={list(ladder)}: strictly increasing fractions in (0, 1)")
     if ladder and args.retrain_epochs < 1:
@@ -450,6 +519,11 @@ def cmd_dbs_plan(args) -> int:
     total = args.epochs + len(ladder) * args.retrain_epochs
     if total < 1:
         raise ConfigError("nothing to plan: --epochs and the ladder give 0 epochs")
+    if total > MAX_EPOCHS:
+        raise ConfigError(f"--epochs + rungs x --retrain-epochs = {total:,} epochs; at most {MAX_EPOCHS:,}")
+    accuracies = list(args.val_accuracy or ())
+    if len(accuracies) > MAX_EPOCHS or any(not 0.0 <= a <= 1.0 for a in accuracies):  # NaN fails both
+        raise ConfigError(f"--val-accuracy: {len(accuracies)} value(s), each an accuracy in [0, 1] (a fraction)")
     val_size = args.val_size if args.val_size is not None else max(1, round(args.train_size / 9))
     figure = None
     if args.figure:

@@ -27,11 +27,10 @@ from __future__ import annotations
 import copy
 import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
                       WithJsonSchema, model_validator)
 
 from .model_names import MODEL_NAMES
@@ -102,13 +101,42 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return kw
 
 
+# Upper bounds: what a machine can honour.  Every number of a config has one, so that a typo or a
+# hostile file (epochs: 10**29, image_size: 100000 -- an 838 GiB first allocation) is refused here,
+# naming the key, instead of hanging a run or failing deep inside it.  MAX_NUMBER bounds what has no
+# bound of its own; the values that decide a run's time or memory have tighter ones:
+MAX_NUMBER = 10 ** 9
+# The paper trains 30-100 epochs; 10,000 epochs of Fashion-MNIST's 54,000 training images are
+# 540 million images through a network, days on a GPU even for the smallest member.
+MAX_EPOCHS = 10_000
+# Images per step: 65,536 Fashion-MNIST images are 205 MB of float32 input, at 224 x 224 RGB 39 GB --
+# beyond any one accelerator before a single activation is stored.
+MAX_BATCH = 65_536
+# Image folders are resized to image_size x image_size: one 3 x 1024 x 1024 float32 image is 12 MB,
+# a batch of 128 of them 1.6 GB of input; the paper's largest input is 224.
+MAX_IMAGE_SIZE = 1024
+# The channel multiplier: parameters grow with its square; 16x the published widths makes ResNet-50 a
+# 6-billion-parameter network.
+MAX_WIDTH = 16.0
+MAX_SEED = 2 ** 32 - 1  # numpy's and Ray's seeds are 32-bit
+MAX_THREADS = 4096
+MAX_RUNGS = 100  # rungs of one ladder (the paper's has 7)
+MAX_TRIALS = 1000  # Tune trials of one run (members x groups)
+MAX_MEMBERS = 64  # base CNNs of one stack
+
+
 def _float(**bounds):
-    """A finite float within ``bounds`` (gt/ge/lt/le): pydantic checks the bounds and writes them into
-    the JSON Schema; the before-validator refuses bools and strings that lax mode would coerce."""
+    """A finite float within ``bounds`` (gt/ge/lt/le; at most MAX_NUMBER unless given): pydantic checks
+    the bounds and writes them into the JSON Schema; the before-validator refuses bools and strings that
+    lax mode would coerce."""
+    if not {"lt", "le"} & set(bounds):
+        bounds["le"] = MAX_NUMBER
     return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_number)]
 
 
 def _int(**bounds):
+    if not {"lt", "le"} & set(bounds):
+        bounds["le"] = MAX_NUMBER
     return Annotated[int, Field(**bounds), BeforeValidator(_integer)]
 
 
@@ -121,6 +149,10 @@ PosFloat = _float(**_range(0.0, lo_open=True))
 NonNegFloat = _float(**_range(0.0))
 PosInt = _int(**_range(1))
 NonNegInt = _int(**_range(0))
+Epochs = _int(**_range(0, MAX_EPOCHS))
+PosEpochs = _int(**_range(1, MAX_EPOCHS))
+Batch = _int(**_range(1, MAX_BATCH))
+Seed = _int(**_range(0, MAX_SEED))
 
 
 class _Model(BaseModel):
@@ -169,7 +201,7 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
         elif err["type"] == "value_error" and msg.startswith("unknown key"):
             parts.append(f"{key or 'config'}: {msg}")
         elif "input" in err and not isinstance(err["input"], dict):
-            parts.append(f"{key}={err['input']!r}: {msg}")
+            parts.append(f"{key}={brief(err['input'])}: {msg}")
         else:
             parts.append(f"{key or 'config'}: {msg}")
     # a union ("auto" or a number) reports one error per branch: say it once, as alternatives
@@ -181,6 +213,15 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
         else:
             merged[head] = msg
     return "; ".join(f"{h}: {m}" for h, m in merged.items())
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error line quotes what it refuses, not a
+    100,000-item list."""
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 20:
+        return f"<a {type(value).__name__} of {len(value):,} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 12] + f"...<{len(text):,} chars>"
 
 
 def validate(cls, data: Any, where: str = ""):
@@ -200,19 +241,19 @@ class DBSConfig(_Model):
     lr_start: PosFloat = 0.01  # warm-up start
     lr0: PosFloat = 0.02  # reference η0 after warm-up
     m0: Fraction = 0.9  # reference momentum
-    b0: PosInt = 128  # reference batch size B0
-    bmin: PosInt | None = None  # None -> b0 (Algorithm 1 line 2)
-    bmax_cap: PosInt = 1024  # user cap on Bmax
+    b0: Batch = 128  # reference batch size B0
+    bmin: Batch | None = None  # None -> b0 (Algorithm 1 line 2)
+    bmax_cap: Batch = 1024  # user cap on Bmax
     warmup_frac: Fraction = 0.1
-    double_every: PosInt = 2  # n: LR doubles every n epochs in the LR phase
+    double_every: PosEpochs = 2  # n: LR doubles every n epochs in the LR phase
     # "auto": the critical k for (v0, m0, m_max), at which m comes to rest exactly at m_max (spec §4.3):
     # the paper's k = 1.6 tops m out at 0.9075, less than one 32-step of B.  A number overrides it.
     k: Annotated[Union[Literal["auto"], NonNegFloat], AutoOr] = "auto"
     v0: NonNegFloat = 0.5
     m_max: OpenFraction = 0.99
-    plateau_patience: PosInt = 5
+    plateau_patience: PosEpochs = 5
     plateau_factor: _float(**_range(0.0, 1.0, lo_open=True)) = 0.1
-    step: PosInt = 32  # Stepwise multiple
+    step: Batch = 32  # Stepwise multiple
     collapse_drop: _float(**_range(0.0, 1.0, lo_open=True)) = 0.1  # val drop right after an increase
     fall_z: NonNegFloat = 2.0  # a fall must exceed this many standard errors of the val estimate (spec §4.2)
     # What "one standard error" is: "binomial" (spec §4.2) sqrt(a (1 - a) / n_val), the test-sample noise
@@ -297,11 +338,14 @@ def _decreasing(v: tuple) -> tuple:
     return v
 
 
-DatasetName = Annotated[str, AfterValidator(_dataset)]
+DatasetName = Annotated[str, AfterValidator(_dataset), Field(max_length=4096)]
+PathText = Annotated[str, Field(max_length=4096)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
-Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), AfterValidator(_increasing)]
+Ladder = Annotated[tuple[OpenFraction, ...], BeforeValidator(_ladder), Field(max_length=MAX_RUNGS),
+                   AfterValidator(_increasing)]
 Threshold = _float(**_range(0.0, 1.0, lo_open=True))  # (0, 1]: an eigenvalue share; 1.0 is lossless
-BasisLadder = Annotated[tuple[Threshold, ...], BeforeValidator(_ladder), AfterValidator(_decreasing)]
+BasisLadder = Annotated[tuple[Threshold, ...], BeforeValidator(_ladder), Field(max_length=MAX_RUNGS),
+                        AfterValidator(_decreasing)]
 
 # --------------------------------------------------------------------------------------------------
 # Own images: augmentation, cosine schedule, early stopping
@@ -378,7 +422,7 @@ class EarlyStoppingConfig(_Model):
     """Stop the dense phase when validation loss has not improved for ``patience`` epochs and go on
     with the best epoch's weights (also when the phase ends without stopping).  0 = off."""
 
-    patience: NonNegInt = 0
+    patience: Epochs = 0
     min_delta: NonNegFloat = 0.0  # an improvement must lower validation loss by more than this
 
 
@@ -405,7 +449,7 @@ class BasisConfig(_Model):
     """
 
     ladder: BasisLadder = ()
-    stage1_epochs: NonNegInt = 1  # of each rung's retrain_epochs: coefficients only
+    stage1_epochs: Epochs = 1  # of each rung's retrain_epochs: coefficients only
     stage1_lr_scale: PosFloat = 1.0
     # Step two moves every non-basis parameter of a model that step one already brought back close to
     # its dense accuracy; the paper drops the rate 200-fold (0.1 -> 5e-4), bench/basisconv.py used 5x.
@@ -428,41 +472,41 @@ class ExpansionConfig(_Model):
 
     enabled: Bool = False
     tau: _float(**_range(1.0)) = 2.0
-    check_every: PosInt = 1
-    cooldown: NonNegInt = 5
+    check_every: PosEpochs = 1
+    cooldown: Epochs = 5
     widen_channels: _int(**_range(1, 1024)) = 4
     n_init: _int(**_range(1, 64)) = 4
-    score_samples: _int(**_range(2)) = 1024
-    score_chunk: PosInt = 256
-    calibration_samples: _int(**_range(2)) = 256
+    score_samples: _int(**_range(2, 10 ** 6)) = 1024
+    score_chunk: Batch = 256
+    calibration_samples: _int(**_range(2, 10 ** 6)) = 256
     damping: _float(**_range(0.0, lo_open=True)) = 1e-3
     penalty: NonNegFloat = 1e-8
     max_params: PosInt = 200_000
-    max_layers_per_block: NonNegInt = 4
-    max_width: PosInt = 256
+    max_layers_per_block: _int(**_range(0, 1000)) = 4
+    max_width: _int(**_range(1, MAX_BATCH)) = 256
 
 
 class TrainSettings(_Model):
     """What a pipeline's ``train:`` block (and a member's or variant's overrides) may set."""
 
-    width: PosFloat = 1.0  # channel multiplier (1.0 = published widths)
+    width: _float(**_range(0.0, MAX_WIDTH, lo_open=True)) = 1.0  # channel multiplier (1.0 = published widths)
     dropout: Fraction = 0.0
     optimizer: Optimizer = "sgd"
     # L2 rate in the paper's (Keras) convention, loss += l2 * sum(w^2) over conv weights, i.e. an
     # SGD weight decay of 2 * l2 on convolution weights (spatial or Winograd-domain) only.
     l2: NonNegFloat = 0.0
-    epochs: NonNegInt = 10  # dense epochs before the sparsity ladder
+    epochs: Epochs = 10  # dense epochs before the sparsity ladder
     dbs: DBSConfig = DBSConfig()  # lr/momentum/B0/warm-up/plateau for both schedules
     sparsity_ladder: Ladder = ()
-    retrain_epochs: NonNegInt = 2
-    threads: PosInt | None = None
+    retrain_epochs: Epochs = 2
+    threads: _int(**_range(1, MAX_THREADS)) | None = None
     device: Device = "auto"
     amp: Bool = True  # bf16 autocast on CUDA; ignored on CPU
     # conv: winograd_relu -- which implementation runs the layer: "auto" ($ESDBS_WINOGRAD_IMPL, else the
     # device's default: native on CPU, fused on CUDA); "triton" (CUDA) the hand-written kernels
     winograd_impl: WinogradImpl = "auto"
-    eval_batch_size: PosInt = 1000
-    kernel_layer: NonNegInt = 0  # which Winograd layer Fig. 5a shows
+    eval_batch_size: Batch = 1000
+    kernel_layer: _int(**_range(0, 10_000)) = 0  # which Winograd layer Fig. 5a shows
     # --- own images; cross-field checks in TrainConfig._own_images (overrides are partial) ---
     # "plateau": the paper's schedules (warm-up, then lr0 with the plateau rule; DBS its own rules);
     # "cosine": linear warm-up then cosine decay per step, for fixed-batch trials (variants without +DBS).
@@ -491,15 +535,15 @@ class TrainConfig(TrainSettings):
     """One trial's whole config; travels into every checkpoint."""
 
     dataset: DatasetName = "fashion-mnist"
-    data_dir: str | None = None
+    data_dir: PathText | None = None
     subset: _int(**_range(20)) | None = None  # stratified training subset for smoke runs
     test_subset: _int(**_range(20)) | None = None
     val_fraction: OpenFraction = 0.1
-    image_size: _int(**_range(8)) = 64  # image folders only
+    image_size: _int(**_range(8, MAX_IMAGE_SIZE)) = 64  # image folders only
     model: ModelName = "alexnet"
     conv: Conv = "spatial"
     schedule: Schedule = "fixed"
-    seed: NonNegInt = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _something_to_train(self):
@@ -515,6 +559,9 @@ class TrainConfig(TrainSettings):
         if self.total_epochs < 1:
             raise ValueError("nothing to train: epochs + len(sparsity_ladder or basis.ladder) * retrain_epochs "
                              "must be >= 1")
+        if self.total_epochs > MAX_EPOCHS:
+            raise ValueError(f"epochs + len(ladder) * retrain_epochs = {self.total_epochs}: at most {MAX_EPOCHS:,} "
+                             "epochs per trial")
         return self
 
     @model_validator(mode="after")
@@ -656,7 +703,7 @@ class MemberSpec(_Model):
 
     model: ModelName
     name: MemberName | None = None
-    seed: NonNegInt | None = None
+    seed: Seed | None = None
     overrides: Overrides = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -687,10 +734,10 @@ _MEMBER_SCHEMA = {"anyOf": [
 
 
 class ResourcesConfig(_Model):
-    cpus_per_trial: PosFloat = 1.0
+    cpus_per_trial: _float(**_range(0.0, MAX_THREADS, lo_open=True)) = 1.0
     # "auto": trials share the GPUs so that fractions pack (1 / ceil(trials per GPU)); 0 forces CPU.
-    gpus_per_trial: Annotated[Union[Literal["auto"], NonNegFloat], AutoOr] = "auto"
-    max_concurrent_trials: NonNegInt = 0  # 0 = as many as resources allow
+    gpus_per_trial: Annotated[Union[Literal["auto"], _float(**_range(0.0, 1024))], AutoOr] = "auto"
+    max_concurrent_trials: _int(**_range(0, MAX_TRIALS)) = 0  # 0 = as many as resources allow
     # A finished trial's Ray actor runs the next pending trial of the same resources (base stage and
     # DBS search), keeping its imports, CUDA context and compiled Winograd layers
     # (bench/dbs_search_reuse.py); false starts a fresh process per trial.
@@ -703,7 +750,7 @@ class StackConfig(_Model):
     # (most compressed) rung.  Groups of the sparsity ladder use ``sparsity``; SRB-CNN has one rung.
     basis_threshold: Threshold | None = None
     methods: tuple[StackMethod, ...] = STACK_METHODS
-    tune_samples: NonNegInt = 0  # > 0 adds the accuracy search run as a Tune experiment
+    tune_samples: _int(**_range(0, 10 ** 6)) = 0  # > 0 adds the accuracy search run as a Tune experiment
     # Which method's weights the ensemble uses: "cv" the lowest K-fold cross-validated NLL inside the
     # validation split (spec section 5: fitted weights over-fit the split that fitted them).
     choose: Literal[STACK_CHOICES] = "cv"
@@ -738,14 +785,23 @@ def _search_space(v: Any) -> dict:
             raise ValueError(f"{key}.{kind}: low must be < high")
         if kind == "loguniform" and args[0] <= 0:
             raise ValueError(f"{key}.loguniform: bounds must be > 0")
+        if len(args) > 1000:
+            raise ValueError(f"{key}.{kind}: {len(args):,} values; at most 1,000")
+        info = DBSConfig.model_fields[key]
+        check = TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+        for a in args:  # every value (or bound) must be one the constant takes
+            try:
+                check.validate_python(a)
+            except ValidationError as exc:
+                raise ValueError(f"{key}.{kind}: {format_validation_error(exc)}") from None
     return dict(v)
 
 
 class DBSSearchConfig(_Model):
     model: ModelName = "alexnet"
-    num_samples: PosInt = 8
-    epochs: PosInt = 6
-    grace_period: PosInt = 2
+    num_samples: _int(**_range(1, MAX_TRIALS)) = 8
+    epochs: PosEpochs = 6
+    grace_period: PosEpochs = 2
     # spec section 6: (k, v0, n, warm-up fraction, B0, Bmax cap, eta0)
     space: Annotated[dict[str, Any], BeforeValidator(_search_space)] = Field(default_factory=lambda: {
         "k": {"loguniform": [0.005, 2.0]},
@@ -804,11 +860,11 @@ class ExpansionSearchConfig(_Model):
     within one standard error of the best (``expansion_search.py``)."""
 
     member: MemberName | None = None
-    epochs: PosInt = 6
-    seeds: PosInt = 1
+    epochs: PosEpochs = 6
+    seeds: _int(**_range(1, 100)) = 1
     # Seeds apart from the members' keep the run's members out of the choice of their own settings.
-    seed: NonNegInt | None = None
-    num_samples: PosInt = 1  # draws of the space: every grid point this many times, sampled kinds drawn anew
+    seed: Seed | None = None
+    num_samples: _int(**_range(1, MAX_TRIALS)) = 1  # draws of the space: every grid point this many times, sampled kinds drawn anew
     space: Annotated[dict[str, Any], BeforeValidator(_expansion_space)] = Field(default_factory=lambda: {
         "tau": {"grid": [1.05, 1.1, 1.2, 1.5, 2.0]},
         "penalty": {"grid": [0.0, 1e-9, 1e-8]},
@@ -821,7 +877,7 @@ class BatchSweepConfig(_Model):
     Each (variant, B) trains like the main trials but stops its ladder at ``sparsity``; a trial that a
     main trial already covers (same variant at the reference batch size B0) is not run twice."""
 
-    batch_sizes: tuple[_int(**_range(2)), ...] = ()
+    batch_sizes: Annotated[tuple[_int(**_range(2, MAX_BATCH)), ...], Field(max_length=32)] = ()
     variants: tuple[Literal["C-CNN", "SC-CNN", "SWR-CNN"], ...] = ("C-CNN", "SC-CNN", "SWR-CNN")
     with_dbs: Bool = True  # also each variant with the DBS schedule (the tables' "DBS (ours)" row)
     sparsity: Fraction = 0.3
@@ -836,7 +892,7 @@ class TrialSpec(_Model):
     member: str
     variant: Variant
     group: str
-    batch_size: PosInt | None = None
+    batch_size: Batch | None = None
     stacked: Bool
     train: TrainConfig
     export_sparsity: Fraction | None = None
@@ -868,9 +924,10 @@ class MLflowConfig(_Model):
 
     enabled: Bool = False
     # None: a file store in the experiment directory (OUT/mlruns); else a path or a tracking server URI
-    tracking_uri: Annotated[str, AfterValidator(_tracking_uri)] | None = None
-    experiment_name: Annotated[str, Field(min_length=1)] | None = None  # None: the config's name
-    tags: dict[str, str] = Field(default_factory=dict)
+    tracking_uri: Annotated[str, Field(max_length=4096), AfterValidator(_tracking_uri)] | None = None
+    experiment_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # None: the config's name
+    tags: Annotated[dict[Annotated[str, Field(max_length=250)], Annotated[str, Field(max_length=5000)]],
+                    Field(max_length=100)] = Field(default_factory=dict)
 
 
 class TrackingConfig(_Model):
@@ -878,17 +935,17 @@ class TrackingConfig(_Model):
 
 
 class PipelineConfig(_Model):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")] = "esdbs"
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")] = "esdbs"
     dataset: DatasetName = "fashion-mnist"
-    data_dir: str | None = None
+    data_dir: PathText | None = None
     subset: _int(**_range(20)) | None = None
     test_subset: _int(**_range(20)) | None = None
     val_fraction: OpenFraction = 0.1
-    image_size: _int(**_range(8)) = 64
-    seed: NonNegInt = 0
-    members: tuple[Annotated[MemberSpec, WithJsonSchema(_MEMBER_SCHEMA)], ...] = (
+    image_size: _int(**_range(8, MAX_IMAGE_SIZE)) = 64
+    seed: Seed = 0
+    members: Annotated[tuple[Annotated[MemberSpec, WithJsonSchema(_MEMBER_SCHEMA)], ...], Field(max_length=MAX_MEMBERS)] = (
         MemberSpec(model="alexnet"), MemberSpec(model="convpool_cnn_c"), MemberSpec(model="all_cnn_c"))
-    variants: tuple[Variant, ...] = ("SWR-CNN+DBS",)
+    variants: Annotated[tuple[Variant, ...], Field(max_length=len(VARIANTS))] = ("SWR-CNN+DBS",)
     train: TrainSettings = TrainSettings()  # template; per-trial keys are set by the pipeline
     # Per-variant train overrides, e.g. the paper's regularisation: {"C-CNN": {"dropout": 0.2, "l2": 0.01}}.
     # A base name ("C-CNN") also applies to its "+DBS" form.
@@ -901,8 +958,8 @@ class PipelineConfig(_Model):
     expansion_search: ExpansionSearchConfig = ExpansionSearchConfig()  # esdbs run --expansion-search
     run_expansion_search: Bool = False
     tracking: TrackingConfig = TrackingConfig()
-    checkpoints_to_keep: PosInt = 2
-    max_failures: NonNegInt = 2
+    checkpoints_to_keep: _int(**_range(1, 1000)) = 2
+    max_failures: _int(**_range(0, 1000)) = 2
     # Which rungs' weights each trial keeps for `esdbs export` (OUT/weights/): "stacked" the rung its
     # group's stack uses; "all" every rung of its ladder (exports at any sparsity; MBs per rung).
     keep_weights: Literal["stacked", "all"] = "stacked"
@@ -962,6 +1019,9 @@ class PipelineConfig(_Model):
         if self.batch_sweep.batch_sizes and self.batch_sweep.sparsity not in (0.0, *ladder):
             raise ValueError(f"batch_sweep.sparsity={self.batch_sweep.sparsity} is not a rung of "
                              f"train.sparsity_ladder {list(ladder)}")
+        n_trials = len(self.groups()) * len(self.members)
+        if n_trials > MAX_TRIALS:
+            raise ValueError(f"{n_trials:,} trials (groups x members): at most {MAX_TRIALS:,} in one run")
         self.trials()  # every trial's TrainConfig is valid now, at the edge
         for seed in self.seeds:  # and every seed's (members' own seeds shift with it)
             self.replicate(seed)
@@ -1119,14 +1179,170 @@ def slug(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # YAML, --set, --scale, building a config
 # --------------------------------------------------------------------------------------------------
-def parse_yaml_mapping(text: str, where: str) -> dict:
-    """YAML text whose top level is a mapping (empty text: ``{}``); errors name ``where`` and the line."""
+# Limits of every YAML esdbs reads (--config, --set values, an experiment's config.yaml).  A resolved
+# config is ~3 kB, nests 5 levels (dbs_search.space.k.loguniform[0]) and uses no aliases; the limits
+# leave room for hand-written files and stop what only a hostile file does: nesting that overflows
+# the parser's recursion, aliases that expand exponentially (the "billion laughs": 9 aliases of 9
+# aliases ... are 9**9 nodes once expanded), a file too large to parse in seconds.
+YAML_MAX_BYTES = 256 * 1024
+YAML_MAX_DEPTH = 32
+YAML_MAX_ALIASES = 100
+YAML_MAX_NODES = 100_000  # nodes of the document with every alias expanded
+
+
+class _YAMLLimit(Exception):
+    def __init__(self, message: str, mark=None):
+        super().__init__(message)
+        self.mark = mark
+
+
+def _key_path(parts) -> str:
+    """``train.dbs.k: `` for an error line (nothing at the top level)."""
+    text = "".join(p for p in parts if p).lstrip(".")
+    if len(text) > 120:
+        text = text[:100] + "..."
+    return f"{text}: " if text else ""
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with limits on depth, aliases and their expansion, and no duplicate keys
+    (PyYAML keeps the last value of a key given twice, silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._path: list[str] = []  # the key path of the node being composed
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > YAML_MAX_ALIASES:
+                raise _YAMLLimit(f"{_key_path(self._path)}more than {YAML_MAX_ALIASES} aliases",
+                                 self.peek_event().start_mark)
+        self._path.append(f"[{index}]" if isinstance(index, int) else
+                          f".{index.value}" if isinstance(index, yaml.ScalarNode) else "")
+        try:
+            if len(self._path) > YAML_MAX_DEPTH:
+                raise _YAMLLimit(f"{_key_path(self._path)}nested deeper than {YAML_MAX_DEPTH} levels",
+                                 self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        self._root = node
+        return self.construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    where = _key_path(_path_to(self._root, node) + [f".{key}"])
+                    raise _YAMLLimit(f"{where}given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                                     "say it once", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _construct_int(loader, node):
+    """YAML's integers, but a number of more digits than Python converts is refused naming its key."""
     try:
-        d = yaml.safe_load(text)
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:
+        where = _key_path(_path_to(loader._root, node))
+        raise _YAMLLimit(f"{where}a number of {len(node.value):,} characters", node.start_mark) from None
+
+
+_LimitedLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _check_expansion(root) -> None:
+    """Refuse a node graph that aliases expand beyond YAML_MAX_NODES, or that contains itself."""
+    def children(n):
+        if isinstance(n, yaml.SequenceNode):
+            return n.value
+        if isinstance(n, yaml.MappingNode):
+            return [x for kv in n.value for x in kv]
+        return []
+
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        k = id(node)
+        if done:
+            active.discard(k)
+            size[k] = 1 + sum(size[id(c)] for c in children(node))
+            if size[k] > YAML_MAX_NODES:
+                raise _YAMLLimit(f"{_key_path(_path_to(root, node))}aliases expand to more than "
+                                 f"{YAML_MAX_NODES:,} values", node.start_mark)
+            continue
+        if k in size:
+            continue
+        active.add(k)
+        stack.append((node, True))
+        for c in children(node):
+            if id(c) in active:
+                raise _YAMLLimit("an alias refers to a collection that contains it", c.start_mark)
+            if id(c) not in size:
+                stack.append((c, False))
+
+
+def _path_to(root, target) -> list[str]:
+    """The first key path from ``root`` to ``target`` (each node visited once: aliases are not followed
+    into their expansion)."""
+    seen, queue = {id(root)}, [(root, [])]
+    while queue:
+        node, path = queue.pop(0)
+        if node is target:
+            return path
+        if isinstance(node, yaml.MappingNode):
+            kids = [(v, f".{k.value}" if isinstance(k, yaml.ScalarNode) else "") for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            kids = [(v, f"[{i}]") for i, v in enumerate(node.value)]
+        else:
+            kids = []
+        for child, label in kids:
+            if id(child) not in seen:
+                seen.add(id(child))
+                queue.append((child, path + [label]))
+    return []
+
+
+def parse_yaml(text: str, where: str):
+    """Any YAML value, within the limits above; every error names ``where`` (and the line)."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters, more than the {YAML_MAX_BYTES:,} a config may have")
+    loader = None
+    try:
+        loader = _LimitedLoader(text)  # its reader refuses control characters already
+        return loader.get_single_data()
+    except _YAMLLimit as exc:
+        line = f" at line {exc.mark.line + 1}" if exc.mark is not None else ""
+        raise ConfigError(f"{where}: refused{line}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{where}: not valid YAML{line} ({getattr(exc, 'problem', None) or exc})") from None
+    except ValueError as exc:  # an integer of more than 4300 digits, a date out of range
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).split(';')[0]})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_yaml_mapping(text: str, where: str) -> dict:
+    """YAML text whose top level is a mapping (empty text: ``{}``); errors name ``where`` and the line."""
+    d = parse_yaml(text, where)
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -1135,15 +1351,18 @@ def parse_yaml_mapping(text: str, where: str) -> dict:
 
 
 def load_yaml(path: str) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{path}: is a directory, not a YAML config file")
+    from . import storage
+
     try:
-        text = p.read_text()
+        data = storage.read_local(path, max_bytes=YAML_MAX_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
+    except UserError as exc:  # a directory, a pipe, a link to nowhere, too large
+        raise ConfigError(str(exc).replace("this kind of file", "a config")) from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read the config file (not UTF-8 text)") from None
     return parse_yaml_mapping(text, path)
 
 
@@ -1180,6 +1399,9 @@ def apply_scale(d: dict, scale: float) -> dict:
     n = _TRAIN_SIZES.get(d.get("dataset", "fashion-mnist"))
     if scale < 1.0 and n and not d.get("subset"):
         d["subset"] = int(n * scale)
+        if d["subset"] < 20:
+            raise ConfigError(f"--scale={scale!r}: leaves {d['subset']} of {n:,} training images; at least 20 "
+                              f"(a scale of at least {20 / n:.2g})")
     return d
 
 
@@ -1189,16 +1411,12 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_+-]*(\.[A-Za-z_][A-Za-z0-9_+-]*)*$")
 def set_dotted(d: dict, assignment: str) -> dict:
     """Apply ``key.sub=value`` (value parsed as YAML) to a nested config dict."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        raise ConfigError(f"--set {brief(assignment)}: expected KEY=VALUE")
     key, raw = assignment.split("=", 1)
     key = key.strip()
-    if not _KEY.match(key):
-        raise ConfigError(f"--set {assignment!r}: {key!r} is not a dotted key such as train.width")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML "
-                          f"({getattr(exc, 'problem', None) or exc.__class__.__name__})") from None
+    if not _KEY.match(key) or key.count(".") >= YAML_MAX_DEPTH:
+        raise ConfigError(f"--set {brief(assignment)}: {brief(key)} is not a dotted key such as train.width")
+    value = parse_yaml(raw, f"--set {key}")
     node = d
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):

@@ -17,8 +17,8 @@ naming the file and the problem.
 """
 from __future__ import annotations
 
+import errno
 import gzip
-import io
 import os
 import pickle
 import struct
@@ -156,6 +156,8 @@ def load_dataset(
                         f"validation are left after the splits (test {len(test)})")
     # Per-channel statistics of the training split only (the test set never informs training).
     mean, std = _channel_stats(train.images)
+    if folder is not None:
+        folder["write_cache"]()
     return DatasetBundle(
         name=name, train=train, val=val, test=test, num_classes=len(classes), class_names=tuple(classes),
         mean=mean, std=std, source=str(source),
@@ -252,34 +254,87 @@ def _load_fashion_mnist(data_dir):
 
 
 def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = _read_idx(images_path, expected_magic=0x0803)
-    labels = _read_idx(labels_path, expected_magic=0x0801)
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{images_path}: {images.shape[0]} images but {labels_path.name} has {labels.shape[0]} labels"
-        )
-    if labels.max(initial=0) > 9:
-        raise DataError(f"{labels_path}: label {int(labels.max())} out of range 0..9")
-    return images[:, None, :, :], labels
+    # both headers first: shapes and counts are checked before a byte of data is read, so a header that
+    # promises billions of items (or a gzip stream that inflates to gigabytes) costs nothing
+    with _IdxFile(images_path, 0x0803) as images, _IdxFile(labels_path, 0x0801) as labels:
+        if len(images.dims) != 3 or images.dims[1:] != (28, 28):
+            raise DataError(f"{images_path}: images of shape {'x'.join(map(str, images.dims[1:]))}, Fashion-MNIST's "
+                            "are 28x28")
+        if len(labels.dims) != 1:
+            raise DataError(f"{labels_path}: {len(labels.dims)} dimensions, a label file has 1")
+        if images.dims[0] != labels.dims[0]:
+            raise DataError(f"{images_path}: {images.dims[0]} images but {labels_path.name} has {labels.dims[0]} labels")
+        if images.dims[0] > IDX_MAX_ITEMS:
+            raise DataError(f"{images_path}: {images.dims[0]:,} images, more than the {IDX_MAX_ITEMS:,} esdbs holds in "
+                            "memory")
+        x, y = images.data(), labels.data()
+    check_labels(y, len(FASHION_MNIST_CLASSES), labels_path)
+    return x[:, None, :, :], y
 
 
-def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read ({_reason(exc)}); the file is truncated or corrupt") from None
-    if len(raw) < 8:
-        raise DataError(f"{path}: too short to be an idx file ({len(raw)} bytes)")
-    magic = struct.unpack(">I", raw[:4])[0]
-    if magic != expected_magic:
-        raise DataError(f"{path}: wrong idx magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: header promises {expected} bytes of data, file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+def check_labels(labels: np.ndarray, num_classes: int, where) -> None:
+    """Every label a class index in [0, num_classes), or one line listing the bad entries."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        shown = ", ".join(f"#{i}: {int(labels[i])}" for i in bad[:5]) + (", ..." if bad.size > 5 else "")
+        raise DataError(f"{where}: {bad.size} of {labels.size} labels outside 0..{num_classes - 1} ({shown})")
+
+
+# A dataset is held whole in memory: 10 million 28 x 28 images are 7.8 GB (Fashion-MNIST has 70,000).
+IDX_MAX_ITEMS = 10_000_000
+
+
+class _IdxFile:
+    """An idx file (gzip or raw), its header read on opening; :meth:`data` reads exactly the bytes the
+    header promises and refuses a file that holds fewer or more."""
+
+    def __init__(self, path: Path, expected_magic: int):
+        self.path, self.expected_magic, self.fh = path, expected_magic, None
+
+    def __enter__(self):
+        from . import storage
+
+        path = self.path
+        try:
+            storage.check_regular(path)
+            self.fh = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+            head = self.fh.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: too short to be an idx file ({len(head)} bytes)")
+            magic = struct.unpack(">I", head)[0]
+            if magic != self.expected_magic:
+                raise DataError(f"{path}: wrong idx magic number 0x{magic:08x}, expected 0x{self.expected_magic:08x}")
+            ndim = magic & 0xFF
+            shape = self.fh.read(4 * ndim)
+            if len(shape) < 4 * ndim:
+                raise DataError(f"{path}: header cut short ({len(shape) + 4} bytes)")
+            self.dims = struct.unpack(f">{ndim}I", shape)
+        except DataError:
+            self.__exit__()
+            raise
+        except UserError as exc:
+            self.__exit__()
+            raise DataError(str(exc)) from None
+        except (OSError, EOFError, zlib.error) as exc:
+            self.__exit__()
+            raise DataError(f"{path}: cannot read ({_reason(exc)}); the file is truncated or corrupt") from None
+        return self
+
+    def data(self) -> np.ndarray:
+        expected = int(np.prod(self.dims, dtype=object))
+        try:
+            raw = self.fh.read(expected + 1)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{self.path}: cannot read ({_reason(exc)}); the file is truncated or corrupt") from None
+        if len(raw) != expected:
+            raise DataError(f"{self.path}: header promises {expected} bytes of data, file holds "
+                            f"{len(raw) if len(raw) <= expected else 'more'}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.dims).copy()
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -311,11 +366,16 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
+    from . import storage
+
     try:
+        storage.check_regular(path)  # not a pipe, not a link to nowhere
         with open(path, "rb") as fh:
             obj = _SafeUnpickler(fh, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: missing") from None
+    except UserError as exc:
+        raise DataError(str(exc)) from None
     except Exception as exc:  # truncated, not a pickle, or a forbidden class
         raise DataError(f"{path}: not a readable CIFAR batch ({_reason(exc)})") from None
     if not isinstance(obj, dict):
@@ -344,17 +404,16 @@ def _load_cifar(name: str, data_dir):
             batch = _unpickle(directory / f)
             if b"data" not in batch or label_key not in batch:
                 raise DataError(f"{directory / f}: missing {b'data'!r} or {label_key!r}")
-            try:
-                x = np.asarray(batch[b"data"], dtype=np.uint8)
-                y = np.asarray(batch[label_key], dtype=np.int64)
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise DataError(f"{directory / f}: {b'data'!r} or {label_key!r} is not an array of numbers "
-                                f"({_reason(exc)})") from None
+            x = _integers(batch[b"data"], directory / f, "data")
+            y = _integers(batch[label_key], directory / f, label_key.decode())
             if x.ndim != 2 or x.shape[1] != 3072:
                 raise DataError(f"{directory / f}: data has shape {x.shape}, expected (N, 3072)")
-            if x.shape[0] != y.shape[0]:
-                raise DataError(f"{directory / f}: {x.shape[0]} images but {y.shape[0]} labels")
-            xs.append(x.reshape(-1, 3, 32, 32))
+            if x.size and (x.min() < 0 or x.max() > 255):
+                raise DataError(f"{directory / f}: data holds values in [{x.min()}, {x.max()}], pixels are 0..255")
+            if y.ndim != 1 or x.shape[0] != y.shape[0]:
+                raise DataError(f"{directory / f}: {x.shape[0]} images but {y.shape[0] if y.ndim else 0} labels")
+            check_labels(y, len(classes), f"{directory / f}: {label_key.decode()}")
+            xs.append(x.astype(np.uint8).reshape(-1, 3, 32, 32))
             ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
@@ -366,11 +425,25 @@ def _load_cifar(name: str, data_dir):
         classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     except UnicodeDecodeError:
         raise DataError(f"{directory / meta_file}: class names are not UTF-8 text") from None
+    if len(classes) < 2:
+        raise DataError(f"{directory / meta_file}: {len(classes)} class names, a classifier needs at least 2")
     train, test = read(train_files), read(test_files)
-    for (path, (_, y)) in ((train_files[0], train), (test_files[0], test)):
-        if len(classes) and y.max(initial=0) >= len(classes):
-            raise DataError(f"{directory / path}: label {int(y.max())} out of range for {len(classes)} classes")
     return train, test, classes, directory
+
+
+def _integers(value, path: Path, key: str) -> np.ndarray:
+    """A batch's array of whole numbers (int64), or one line naming the file and key: text, floats,
+    ragged or nested lists and numbers beyond int64 are refused, never cast."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise DataError(f"{path}: {key} is not an array of numbers ({_reason(exc)[:100]})") from None
+    if a.dtype.kind not in "iu" and not (a.size == 0 and a.ndim == 1):  # [] reads as float64
+        what = "text, objects or numbers beyond 64 bits" if a.dtype.kind in "OUSV" else a.dtype.name
+        raise DataError(f"{path}: {key} is not an array of whole numbers ({what})")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise DataError(f"{path}: {key} holds numbers beyond 64 bits")
+    return a.astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,8 +485,33 @@ def _image_folder_parts(root: Path) -> dict[str, Path]:
 
 
 def _sub_dirs(directory: Path) -> list[str]:
-    return sorted(d.name for d in directory.iterdir()
-                  if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    names = []
+    broken = []
+    for d in directory.iterdir():
+        if d.name.startswith(".") or d.name == "__MACOSX":
+            continue
+        if d.is_dir():
+            names.append(d.name)
+        elif d.is_symlink() and not d.exists():  # a link that leads nowhere or in a loop: a class lost
+            broken.append(d.name)
+    if broken:
+        raise DataError(f"{directory}: {_unreadable(directory, sorted(broken))}")
+    return sorted(names)
+
+
+def _unreadable(folder: Path, names: list[str]) -> str:
+    """What is wrong with entries of ``folder`` that cannot be read, listed (at most five)."""
+    def what(name: str) -> str:
+        p = folder / name
+        if p.is_symlink():
+            try:
+                p.stat()
+            except OSError as exc:
+                return "a symbolic link loop" if exc.errno == errno.ELOOP else f"a link to {os.readlink(p)}, which does not exist"
+        return "not a regular file (a pipe, socket or device)"
+
+    shown = "; ".join(f"{n}: {what(n)}" for n in names[:5]) + ("; ..." if len(names) > 5 else "")
+    return f"{len(names)} unreadable entr{'y' if len(names) == 1 else 'ies'} ({shown})"
 
 
 def _class_dirs(directory: Path) -> list[str]:
@@ -435,8 +533,12 @@ def _list_images(directory: Path, classes: list[str]) -> list[tuple[int, Path]]:
         folder = directory / cls
         if not folder.is_dir():
             raise DataError(f"{folder}: class folder missing (classes come from the training folder)")
-        files = sorted(p for p in folder.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+        candidates = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+        files = sorted(p for p in candidates if p.is_file())
+        # sub-folders are not searched; anything else that is not a readable file is named, not skipped
+        broken = sorted(p.name for p in candidates if not p.is_file() and not p.is_dir())
+        if broken:
+            raise DataError(f"{folder}: {_unreadable(folder, broken)}")
         if not files:
             raise DataError(f"{folder}: empty class folder, no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         out += [(label, f) for f in files]
@@ -601,7 +703,9 @@ def _load_image_folder(root: Path, image_size: int, seed: int) -> dict:
             labels = np.asarray([label for label, _ in items], dtype=np.int64)
             arrays[part] = (decoded[pos:pos + len(items)], labels, [f.relative_to(root).as_posix() for _, f in items])
             pos += len(items)
-        _write_cache(cache, arrays, classes)
+        decoded_arrays = arrays
+    else:
+        decoded_arrays = None
     if "all" in arrays:
         x, y, files = arrays["all"]
         test_idx = _stratified_sample(y, max(1, len(y) // 5), np.random.default_rng(seed + 10_007))
@@ -614,8 +718,12 @@ def _load_image_folder(root: Path, image_size: int, seed: int) -> dict:
         train, test = arrays["train"][:2], arrays["test"][:2]
         val = arrays["val"][:2] if "val" in arrays else None
         files = {part: arrays[part][2] for part in arrays}
+    # The cache is written by the caller once the whole request has been checked (write_cache): a
+    # refused request leaves nothing behind, not even a cache entry.
     return {"train": train, "val": val, "test": test, "classes": tuple(classes), "source": root,
-            "cache": str(cache), "files": files}
+            "cache": str(cache), "files": files,
+            "write_cache": (lambda: _write_cache(cache, decoded_arrays, classes)) if decoded_arrays is not None
+            else (lambda: None)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -180,7 +180,14 @@ class Ensemble:
                 state = load_safetensors(file.read_bytes())
             except (SafetensorError, ValueError, OSError) as exc:
                 raise ExportError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-            model = build_model(m, int(task["num_classes"]), int(inp["channels"]), int(inp["height"]))
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+            if bad is not None:
+                raise ExportError(f"{file}: tensor {bad!r} holds NaN or infinite values")
+            try:
+                model = build_model(m, int(task["num_classes"]), int(inp["channels"]), int(inp["height"]))
+            except (ValueError, KeyError, IndexError, TypeError) as exc:  # growth operations that do not apply
+                raise ExportError(f"{layout.manifest}: member {m['name']!r} does not describe a {m['model']!r} "
+                                  f"({' '.join(str(exc).split())[:200]})") from None
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
@@ -251,48 +258,73 @@ class Ensemble:
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[dict, ExportLayout]:
-    """The manifest of an export directory, checked: format, version, members and their files."""
+    """The manifest of an export directory, checked: format, version, every key the loader uses, its
+    type and range (one line naming the manifest and the key), the members and their files."""
+    from . import storage
+    from .artifacts import ArtifactError, Dct, Lst, Num, Obj, Str, check
+    from .config import MAX_IMAGE_SIZE, MAX_WIDTH
+    from .model_names import MODEL_NAMES
+
     root = Path(path)
     layout = ExportLayout(root.resolve())
     if not root.is_dir():
         raise ExportError(f"{path}: no such export directory")
     marker = read_marker(str(root))
-    if not layout.manifest.is_file():
+    if not layout.manifest.exists() and not layout.manifest.is_symlink():
         what = f"an esdbs {marker['kind']}" if marker else "no manifest.json"
         raise ExportError(f"{path}: not an esdbs export ({what}; make one with esdbs export EXP --out DIR)")
     try:
-        manifest = json.loads(layout.manifest.read_text())
-    except UnicodeDecodeError:
-        raise ExportError(f"{layout.manifest}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{layout.manifest}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        manifest = storage.parse_json(storage.read_local(layout.manifest, max_bytes=64 * 2 ** 20), str(layout.manifest))
+    except UserError as exc:  # a pipe, a link to nowhere, not JSON, nested too deep
+        raise ExportError(str(exc)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExportError(f"{layout.manifest}: not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{layout.manifest}: format_version {manifest.get('format_version')!r}, this esdbs reads "
-                          f"{FORMAT_VERSION}")
+        raise ExportError(f"{layout.manifest}: format_version {str(manifest.get('format_version'))[:40]}, this esdbs "
+                          f"reads {FORMAT_VERSION}")
+    count = Num(nullable=False, lo=1)
+    stats = Lst(Num(nullable=False, finite=True), nullable=False)
     try:
-        members = manifest["members"]
-        names = [m["name"] for m in members]
-        weights = manifest["ensemble"]["weights"]
-        inp, task = manifest["input"], manifest["task"]
-        shape = [int(inp[k]) for k in ("channels", "height", "width")]
-        stats = [float(v) for v in (*inp["mean"], *inp["std"])]
-        classes = list(task["class_names"])
-        int(task["num_classes"])
-        for m in members:
-            str(m["model"]), m["weights_file"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(f"{layout.manifest}: incomplete or malformed ({type(exc).__name__}: {exc})") from None
+        check(manifest, Obj({
+            "members": Lst(Obj({
+                "name": Str(nullable=False), "model": Str(nullable=False), "conv": Str(),
+                "width": Num(finite=True, lo=0.0, hi=MAX_WIDTH), "dropout": Num(finite=True, lo=0.0, hi=1.0),
+                "weights_file": Str(nullable=False), "weights_sha256": Str(),
+                "growth_ops": Lst(Obj({"op": Str(nullable=False), "block": Num(nullable=False, lo=0),
+                                       "amount": Num(nullable=False, lo=0)}, nullable=False))},
+                nullable=False, required=("name", "model", "weights_file")), nullable=False),
+            "ensemble": Obj({"weights": Dct(Num(nullable=False, finite=True, lo=0.0, hi=1.0), nullable=False)},
+                            nullable=False, required=("weights",)),
+            "input": Obj({"channels": count, "height": count, "width": count, "mean": stats, "std": stats},
+                         nullable=False, required=("channels", "height", "width", "mean", "std")),
+            "task": Obj({"num_classes": count, "class_names": Lst(Str(nullable=False), nullable=False)},
+                        nullable=False, required=("num_classes", "class_names")),
+        }, nullable=False, required=("members", "ensemble", "input", "task")), str(layout.manifest))
+    except ArtifactError as exc:
+        raise ExportError(str(exc)) from None
+    members, weights = manifest["members"], manifest["ensemble"]["weights"]
+    inp, task = manifest["input"], manifest["task"]
+    names = [m["name"] for m in members]
+    shape = [inp[k] for k in ("channels", "height", "width")]
+    classes = task["class_names"]
     if not members or len(set(names)) != len(names):
-        raise ExportError(f"{layout.manifest}: members must be a non-empty list of distinct names, got {names}")
-    if set(weights) != set(names) or any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) \
-            or abs(sum(weights.values()) - 1.0) > 1e-6:
-        raise ExportError(f"{layout.manifest}: ensemble weights must be one non-negative number per member summing "
-                          f"to 1, got {weights}")
-    if min(shape) < 1 or len(stats) != 2 * shape[0] or len(classes) != int(task["num_classes"]):
+        raise ExportError(f"{layout.manifest}: members must be a non-empty list of distinct names, got {names[:10]}")
+    for i, m in enumerate(members):
+        if m["model"] not in MODEL_NAMES or m.get("conv", "spatial") not in ("spatial", "winograd_relu", None):
+            raise ExportError(f"{layout.manifest}: members[{i}]: model {str(m['model'])[:40]!r} with conv "
+                              f"{str(m.get('conv'))[:40]!r} is not one esdbs builds")
+    if set(weights) != set(names) or abs(sum(weights.values()) - 1.0) > 1e-6:
+        raise ExportError(f"{layout.manifest}: ensemble.weights must be one non-negative number per member summing "
+                          f"to 1, got {str(weights)[:200]}")
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in (*shape, task["num_classes"])) \
+            or shape[0] > 64 or not 8 <= min(shape[1:]) <= max(shape[1:]) <= MAX_IMAGE_SIZE:
+        raise ExportError(f"{layout.manifest}: input: channels, height and width must be whole numbers (channels "
+                          f"1-64, sides 8-{MAX_IMAGE_SIZE}), got {shape}")
+    if len(inp["mean"]) != shape[0] or len(inp["std"]) != shape[0] or min(inp["std"]) <= 0 \
+            or len(classes) != task["num_classes"] or not 2 <= len(classes) <= 100_000:
         raise ExportError(f"{layout.manifest}: input/task fields disagree (channels {shape[0]}, "
-                          f"{len(stats) // 2} means, {len(classes)} class names, num_classes {task['num_classes']})")
+                          f"{len(inp['mean'])} means and {len(inp['std'])} positive stds, {len(classes)} class names, "
+                          f"num_classes {task['num_classes']})")
     return manifest, layout
 
 

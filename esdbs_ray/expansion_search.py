@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from typing import Any
 
 from . import storage
 from .config import PipelineConfig, TrainConfig, validate

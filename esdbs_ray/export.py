@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
-from .checkpoint import same_training
+from .checkpoint import same_training, training_difference
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .ensemble import FORMAT, FORMAT_VERSION, ExportError, build_model, fold_masks
 from .layout import ExperimentLayout, ExportLayout, RunLayout, check_replace, replace_dir
@@ -245,14 +245,15 @@ def _choose_group(cfg: PipelineConfig, variant: str | None, tree: storage.Tree) 
 
 
 def _load_torch(tree: storage.Tree, *parts: str):
-    import torch
+    from .errors import UserError
 
     try:
-        return torch.load(io.BytesIO(tree.read_bytes(*parts)), map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
+        data = tree.read_bytes(*parts)
+        return storage.torch_from_bytes(data, tree.uri(*parts), what="weights file")
+    except FileNotFoundError:
         raise
-    except Exception as exc:
-        raise ExportError(f"{tree.uri(*parts)}: not a readable weights file ({str(exc).splitlines()[0][:200]})") from None
+    except UserError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _member_weights(tree: storage.Tree, spec, sparsity: float, level: int | None = None) -> dict:
@@ -262,11 +263,13 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float, level: int | None
     name = ExperimentLayout.rung_weights_name(spec.member, sparsity, level)
     if tree.is_file(ExperimentLayout.WEIGHTS, name):
         w = _load_torch(tree, ExperimentLayout.WEIGHTS, name)
+        where = tree.uri(ExperimentLayout.WEIGHTS, name)
         if not isinstance(w, dict) or not {"model", "config", "input"} <= set(w):
-            raise ExportError(f"{tree.uri(ExperimentLayout.WEIGHTS, name)}: not an esdbs weights file")
-        if not same_training(w["config"], train.to_dict()):
-            raise ExportError(f"{tree.uri(ExperimentLayout.WEIGHTS, name)}: written by a different config than "
-                              f"{spec.member}'s")
+            raise ExportError(f"{where}: not an esdbs weights file")
+        differs = training_difference(w["config"], train.to_dict())
+        if differs:
+            raise ExportError(f"{where}: written by a different config than {spec.member}'s ({differs})")
+        _check_weights(w, where)
         return {"state": w["model"], "input": w["input"], "source": f"weights/{name}", "epoch": w.get("epoch"),
                 "growth_ops": list(w.get("growth_ops") or [])}
     if level is not None:
@@ -297,6 +300,41 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float, level: int | None
                           f"(epoch {(ckpt.get('state') or {}).get('epoch')} of {train.total_epochs})")
     return {"state": ckpt["model"], "input": None, "source": f"{checkpoints[-1]}/{ckpt_name}", "growth_ops": [],
             "epoch": train.total_epochs - 1}
+
+
+def _check_weights(w: dict, where: str) -> None:
+    """A rung's weights file as the trainer writes it (``run_record._save_weights``), each part refused
+    naming its key: a state dict of finite tensors, the input's size and normalisation, the growth."""
+    import torch
+
+    from .artifacts import Dct, Lst, Num, Obj, Str, check
+    from .config import MAX_IMAGE_SIZE
+
+    model = w["model"]
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("._extra_state")) for k, v in model.items()):
+        raise ExportError(f"{where}: model: expected a state dict of tensors")
+    for k, v in model.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ExportError(f"{where}: model.{k}: holds NaN or infinite values")
+    stats = Lst(Num(nullable=False, finite=True), nullable=False)
+    check({k: v for k, v in w.items() if k != "model"}, Obj({
+        "input": Obj({"in_channels": Num(nullable=False, lo=1, hi=64), "image_size": Num(nullable=False, lo=8, hi=MAX_IMAGE_SIZE),
+                      "mean": stats, "std": stats, "class_names": Lst(Str(nullable=False), nullable=False),
+                      "dataset": Str()}, required=("in_channels", "image_size", "mean", "std", "class_names")),
+        "epoch": Num(lo=0), "growth_ops": Lst(Obj({"op": Str(nullable=False), "block": Num(nullable=False, lo=0),
+                                                   "amount": Num(nullable=False, lo=0)}, nullable=False)),
+        "config": Dct()}, nullable=False), where)
+    info = w["input"]
+    if info is None:
+        return
+    c = info["in_channels"]
+    if not isinstance(c, int) or not isinstance(info["image_size"], int):
+        raise ExportError(f"{where}: input: in_channels and image_size must be whole numbers")
+    if len(info["mean"]) != c or len(info["std"]) != c or min(info["std"]) <= 0:
+        raise ExportError(f"{where}: input: mean and std must have {c} value(s) each, std positive")
+    if not 2 <= len(info["class_names"]) <= 100_000:
+        raise ExportError(f"{where}: input.class_names: {len(info['class_names'])} classes; a classifier has 2 to 100,000")
 
 
 def _input_from_data(cfg: PipelineConfig) -> dict:
@@ -400,12 +438,20 @@ def _rung_model(tree: storage.Tree, t, w: dict, rung: float, level: int | None, 
                 shape: tuple[int, int, int], name: str | None = None):
     """One member's registry model with the weights ``w`` (:func:`_member_weights`) loaded, masks
     folded in, and its manifest entry (``name``: the member's name in the export, default its own)."""
-    state = fold_masks(w["state"])
+    try:
+        state = fold_masks(w["state"])
+    except (RuntimeError, TypeError, ValueError) as exc:  # a mask of another shape than its weight
+        raise ExportError(f"{tree.uri(w['source'])}: its pruning masks do not fit their weights "
+                          f"({' '.join(str(exc).split())[:200]})") from None
     entry = {"name": name or t.member, "model": t.train.model, "width": t.train.width, "conv": t.train.conv,
              "dropout": t.train.dropout, "schedule": t.train.schedule, "variant": t.variant,
              "target_sparsity": rung, "epoch": w["epoch"], "weights_source": w["source"],
              **({"level": level, "growth_ops": w["growth_ops"]} if w["growth_ops"] or level is not None else {})}
-    model = build_model(entry, num_classes, shape[0], shape[1])
+    try:
+        model = build_model(entry, num_classes, shape[0], shape[1])
+    except (ValueError, KeyError, IndexError) as exc:  # growth operations that do not apply to the model
+        raise ExportError(f"{tree.uri(w['source'])}: does not describe a {t.train.model!r} "
+                          f"({' '.join(str(exc).split())[:200]})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

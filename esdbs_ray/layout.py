@@ -315,26 +315,69 @@ def _is_empty(root: str) -> bool | None:
     return not p.exists() or not any(p.iterdir())
 
 
-def check_writable(root: str) -> None:
-    """Fail now, naming the path, if a local output directory cannot be created or written."""
+def check_writable(root: str, flag: str | None = None) -> None:
+    """Fail now, naming the path (and ``flag``), if a local output directory cannot be created or
+    written: a parent that is a file, no permission, a read-only file system."""
     if storage.is_uri(root):
         return
     p = Path(root)
     parent = next((q for q in [p, *p.parents] if q.exists()), None)
+    lead = f"{flag} {root}" if flag else root
     if parent is None or not parent.is_dir():
-        raise OutputError(f"{root}: a parent of this path is a file")
+        raise OutputError(f"{lead}: a parent of this path is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{root}: not writable ({parent} does not allow writing)")
+        raise OutputError(f"{lead}: not writable ({parent} does not allow writing"
+                          + ("; it is on a read-only file system)" if _read_only_fs(parent) else ")"))
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+class Claim:
+    """What :func:`claim_dir` made of a directory, and how to take it back: a command whose start fails
+    (before its work has begun) leaves ``--out`` as it found it, so the corrected command is not
+    refused as "already holds an esdbs run"."""
+
+    def __init__(self, root: str, existed: bool, aside: str | None):
+        self.root, self.existed, self.aside = root, existed, aside
+
+    def undo(self) -> None:
+        if storage.is_uri(self.root):
+            import pyarrow.fs as pafs
+
+            fs, key = pafs.FileSystem.from_uri(self.root)
+            try:  # the prefix was empty before the claim: what is under it now was written by this command
+                fs.delete_dir_contents(key, missing_dir_ok=True)
+            except OSError:
+                pass
+            return
+        p = Path(self.root)
+        if self.existed:  # it was empty: empty it again
+            for child in list(p.iterdir()) if p.is_dir() else []:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        if self.aside is not None:  # --force moved the old output aside: it comes back
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            os.rename(self.aside, self.root)
+            print(f"[esdbs] the previous output is back in {self.root}", flush=True)
 
 
 def claim_dir(path: str | os.PathLike, kind: str, *, resume: bool = False, force: bool = False,
-              flag: str = "--out", check_only: bool = False) -> str:
+              flag: str = "--out", check_only: bool = False, claims: list | None = None) -> str:
     """Decide whether ``path`` may receive a ``kind`` output, and mark it; returns the normalised path.
 
     New or empty -> created and marked.  Marked for ``kind`` -> ``resume`` continues it, ``force``
     moves it aside (``<name>.replaced-<time>``, nothing deleted) and starts afresh; neither -> refused.
     Anything else -> refused: esdbs never writes into a directory it did not make for this purpose.
-    ``check_only``: refuse now if it would be refused, but write nothing (call again to claim)."""
+    ``check_only``: refuse now if it would be refused, but write nothing (call again to claim);
+    ``claims``: a list that receives the :class:`Claim` (not for ``resume``: a resumed output is the
+    user's work, never taken back)."""
     root = _normalize_out(path, flag)
     check_writable(root)
     empty = _is_empty(root)
@@ -357,10 +400,15 @@ def claim_dir(path: str | os.PathLike, kind: str, *, resume: bool = False, force
         aside = f"{root.rstrip('/')}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
         os.rename(root, aside)
         print(f"[esdbs] the previous {kind} in {root} was moved to {aside}", flush=True)
+    else:
+        aside = None
     if check_only:
         return root
+    existed = not storage.is_uri(root) and Path(root).exists() and aside is None
     if not storage.is_uri(root):
         Path(root).mkdir(parents=True, exist_ok=True)
+    if claims is not None:
+        claims.append(Claim(root, existed, aside))
     write_marker(root, kind)
     return root
 

@@ -164,14 +164,19 @@ def run_stack(cfg: PipelineConfig, layout: ExperimentLayout) -> dict[str, dict]:
 # The whole run
 # --------------------------------------------------------------------------------------------------
 def load_resumed_config(out: str) -> PipelineConfig:
+    from .config import YAML_MAX_BYTES
+    from .errors import UserError
+
     layout = ExperimentLayout.at(out)
     try:
-        text = storage.read_bytes(layout.config).decode()
+        text = storage.read_bytes(layout.config, max_bytes=YAML_MAX_BYTES).decode()
     except FileNotFoundError:
         raise ConfigError(f"--resume {out}: no config.yaml there; is it an esdbs experiment directory?") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--resume {out}: config.yaml is not text (not UTF-8)") from None
-    except OSError as exc:  # a directory, no permission
+    except UserError as exc:  # a directory, a pipe, a link to nowhere, too large
+        raise ConfigError(f"--resume {out}: cannot read config.yaml ({str(exc).split(': ', 1)[-1]})") from None
+    except OSError as exc:  # no permission
         raise ConfigError(f"--resume {out}: cannot read config.yaml ({exc.__class__.__name__})") from None
     try:
         return parse_saved_config(text, "config.yaml")
@@ -197,16 +202,23 @@ def run_pipeline(cfg: PipelineConfig, out: str, *, resume: bool = False, force: 
     # seed's config run alone leaves, so that every reader takes it as it is)
     replicates = {r.seed: r for r in cfg.replicates()}
     data = {s: load_configured(r) for s, r in replicates.items()}
-    layout = ExperimentLayout(claim_dir(out, "experiment", resume=resume, force=force))
-    if not resume:
-        storage.write_text(layout.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    where = seed_layouts(cfg, layout)
-    if progress:
-        for d in dict.fromkeys(d.describe() for d in data.values()):
-            print(f"[esdbs] {d}", flush=True)
-        print(f"[esdbs] variants {', '.join(cfg.variants)}; members {', '.join(m.model for m in cfg.members)}"
-              + (f"; seeds {', '.join(map(str, cfg.seeds))}" if cfg.seeds else "") + f" -> {layout.root}", flush=True)
-    init_ray(address, num_cpus, quiet=not verbose)
+    claims: list = []
+    layout = ExperimentLayout(claim_dir(out, "experiment", resume=resume, force=force, claims=claims))
+    try:  # until Ray is up nothing has run: a failure takes the new directory back
+        if not resume:
+            storage.write_text(layout.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        where = seed_layouts(cfg, layout)
+        if progress:
+            for d in dict.fromkeys(d.describe() for d in data.values()):
+                print(f"[esdbs] {d}", flush=True)
+            print(f"[esdbs] variants {', '.join(cfg.variants)}; members {', '.join(m.model for m in cfg.members)}"
+                  + (f"; seeds {', '.join(map(str, cfg.seeds))}" if cfg.seeds else "") + f" -> {layout.root}",
+                  flush=True)
+        init_ray(address, num_cpus, quiet=not verbose)
+    except BaseException:
+        for claim in claims:
+            claim.undo()
+        raise
 
     results = run_base(cfg, layout, data if cfg.seeds else data[cfg.seed], resume=resume, progress=progress,
                        verbose=verbose)

@@ -227,8 +227,8 @@ def _decode_metadata(raw: Mapping[bytes, bytes] | None) -> dict[str, Any]:
         if key.startswith("ARROW:") or key == "pandas" or k == _SOURCES_KEY:
             continue
         try:
-            out[key] = json.loads(v)
-        except (ValueError, UnicodeDecodeError):
+            out[key] = storage.parse_json(v, key)
+        except UserError:  # not JSON, nested too deep, a number of too many digits: kept as text
             out[key] = v.decode(errors="replace")
     return out
 
@@ -428,10 +428,12 @@ def _list_parquet(fs: pafs.FileSystem, p: str, shown: str) -> list[str]:
     if info.type == pafs.FileType.File:
         return [p]
     entries = fs.get_file_info(pafs.FileSelector(p, recursive=False))
-    files = sorted(
-        e.path for e in entries
-        if e.type == pafs.FileType.File and e.base_name.endswith(".parquet") and not e.base_name.startswith(".")
-    )
+    named = [e for e in entries if e.base_name.endswith(".parquet") and not e.base_name.startswith(".")]
+    odd = sorted(e.base_name for e in named if e.type != pafs.FileType.File)
+    if odd:  # a link to nowhere, a pipe, a directory: named, not skipped
+        raise PredictionsError(f"{shown}: {', '.join(odd[:5])}: not a readable file (a directory, a pipe, or a "
+                               "link that leads nowhere)")
+    files = sorted(e.path for e in named)
     if not files:
         raise FileNotFoundError(f"no predictions found: no *.parquet files in {shown}")
     return files
@@ -450,8 +452,8 @@ def _check_schema(schema: pa.Schema, shown: str) -> int:
     if missing:
         raise PredictionsError(f"{shown}: not a predictions file: missing column(s) {missing}")
     version = (schema.metadata or {}).get(_SCHEMA_KEY.encode())
-    if version is not None and json.loads(version) != SCHEMA_VERSION:
-        raise PredictionsError(f"{shown}: predictions schema version {version!r}, this code reads {SCHEMA_VERSION!r}")
+    if version is not None and _decode_metadata({b"v": version}).get("v") != SCHEMA_VERSION:
+        raise PredictionsError(f"{shown}: predictions schema version {version[:40]!r}, this code reads {SCHEMA_VERSION!r}")
     pt = schema.field("probs").type
     if not pa.types.is_fixed_size_list(pt) or not pa.types.is_floating(pt.value_type):
         raise PredictionsError(f"{shown}: column 'probs' must be fixed_size_list<float32>[C], got {pt}")
@@ -506,7 +508,8 @@ def read_predictions(path_or_dir_or_uri: str | os.PathLike, *, filesystem: pafs.
         if num_classes is None:
             num_classes = c
         elif c != num_classes:
-            raise PredictionsError(f"{shown}: {c} classes, but {_shown(fs, files[0], source)} has {num_classes}")
+            raise PredictionsError(f"{shown}: column 'probs': {c} classes, but {_shown(fs, files[0], source)} has "
+                                   f"{num_classes}")
         meta = _decode_metadata(t.schema.metadata)
         try:
             t = t.select(list(_COLUMNS) + [k for k in _OPTIONAL if k in t.schema.names]).replace_schema_metadata(None)
@@ -516,13 +519,67 @@ def read_predictions(path_or_dir_or_uri: str | os.PathLike, *, filesystem: pafs.
             t = t.select(_read_schema(c).names).cast(_read_schema(c))
         except (pa.ArrowException, ValueError) as e:
             raise PredictionsError(f"{shown}: columns cannot be cast to the predictions schema: {e}") from None
-        if t.num_rows and pc.any(pc.is_null(t["probs"])).as_py():
-            raise PredictionsError(f"{shown}: null probs")
+        _check_rows(t, shown)
         tables.append(t)
         members = sorted(set(t["member"].to_pylist()))
         sources.append({"path": shown, "num_rows": t.num_rows, "members": members, "metadata": meta})
     table = pa.concat_tables(tables)
     return table.replace_schema_metadata({_SOURCES_KEY: json.dumps(sources, default=_json_default).encode()})
+
+
+def _check_rows(t: pa.Table, shown: str) -> None:
+    """What the schema cannot say: every value in its range, each bad column named with its first bad
+    rows (a file written by hand, or changed since, must not stack as if it were the trainer's)."""
+    if t.num_rows == 0:
+        raise PredictionsError(f"{shown}: no rows")
+    for name in (*_COLUMNS, "basis_threshold", "level", "params"):
+        if name in _COLUMNS and t[name].null_count:
+            raise PredictionsError(f"{shown}: column {name!r} has {t[name].null_count} null value(s)")
+
+    def bad(name: str, mask: np.ndarray, what: str) -> None:
+        rows = np.flatnonzero(mask)
+        if rows.size:
+            raise PredictionsError(f"{shown}: column {name!r}: {rows.size} of {t.num_rows} rows {what} "
+                                   f"(rows {', '.join(map(str, rows[:5]))}{', ...' if rows.size > 5 else ''})")
+
+    c = t.schema.field("probs").type.list_size
+    p = t["probs"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, c).astype(np.float64)
+    finite = np.isfinite(p).all(axis=1)
+    bad("probs", ~finite, "are not finite")
+    bad("probs", (p < 0).any(axis=1), "hold negative probabilities")
+    bad("probs", np.abs(p.sum(axis=1) - 1.0) > PROB_SUM_TOL, f"do not sum to 1 within {PROB_SUM_TOL}")
+    label = t["label"].to_numpy()
+    bad("label", (label < 0) | (label >= c), f"are outside 0..{c - 1}")
+    bad("index", t["index"].to_numpy() < 0, "are negative")
+    bad("epoch", t["epoch"].to_numpy() < 0, "are negative")
+    split = np.asarray(t["split"].to_pylist(), dtype=object)
+    bad("split", ~np.isin(split, SPLITS), f"are not one of {', '.join(SPLITS)}")
+    for name in ("model", "member", "variant"):
+        bad(name, np.asarray([not v for v in t[name].to_pylist()]), "are empty")
+    for name in ("sparsity", "target_sparsity"):
+        v = t[name].to_numpy().astype(np.float64)
+        bad(name, ~(np.isfinite(v) & (v >= 0) & (v <= 1)), "are not fractions in [0, 1]")
+    bt = t["basis_threshold"].to_numpy(zero_copy_only=False).astype(np.float64)
+    bad("basis_threshold", ~np.isnan(bt) & ~((bt > 0) & (bt <= 1)), "are not in (0, 1]")
+    lv = t["level"].to_numpy(zero_copy_only=False).astype(np.float64)
+    bad("level", ~np.isnan(lv) & (lv < 0), "are negative")
+    key = np.rec.fromarrays([split.astype(str), np.asarray(t["member"].to_pylist(), dtype=str),
+                             t["target_sparsity"].to_numpy(), np.nan_to_num(bt, nan=-1.0), np.nan_to_num(lv, nan=-1.0),
+                             t["epoch"].to_numpy(), t["index"].to_numpy()])
+    _, first = np.unique(key, return_index=True)
+    dup = np.ones(len(key), bool)
+    dup[first] = False
+    bad("index", dup, "repeat an index of their split, member and rung")
+
+
+def _files_of(table: pa.Table, *members: str) -> str:
+    """' (in a.parquet, b.parquet)': the files a table read ``members`` from, for an error line."""
+    try:
+        files = [s["path"] for s in prediction_sources(table) if set(members) & set(s.get("members") or [])]
+    except (ValueError, TypeError, KeyError):
+        files = []
+    names = sorted({str(f).replace("\\", "/").rsplit("/", 1)[-1] for f in files if f})
+    return f" (in {', '.join(names)})" if names else ""
 
 
 def prediction_sources(table: pa.Table) -> list[dict[str, Any]]:
@@ -680,10 +737,12 @@ def prediction_matrix(
                 raise PredictionsError(
                     f"members {ref_member!r} and {m!r} have different {split!r} index sets "
                     f"({index_ref.size} vs {idx.size} rows; {only_a} only in {ref_member!r}, {only_b} only in {m!r})"
+                    + _files_of(table, ref_member, m)
                 )
             if not np.array_equal(lab, labels_ref):
                 raise PredictionsError(
                     f"members {ref_member!r} and {m!r} disagree on {int(np.sum(lab != labels_ref))} {split!r} labels"
+                    + _files_of(table, ref_member, m)
                 )
         probs_list.append(p)
         info[m] = {

@@ -19,9 +19,15 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
-__all__ = ["Rung", "DENSE", "EpochRecord", "RungResult", "MemberSummary", "number", "rung_key_fields"]
+from .errors import UserError
+
+__all__ = ["Rung", "DENSE", "EpochRecord", "RungResult", "MemberSummary", "RecordError", "number", "rung_key_fields"]
 
 _DIGITS = 6
+
+
+class RecordError(UserError):
+    """A record whose JSON has the wrong type at a key; the message names the key path."""
 
 
 def number(x: Any) -> float | None:
@@ -147,7 +153,12 @@ def rung_key_fields(rungs: Iterable[Rung]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 class _Record:
     """Shared JSON form: every field by name; ``_OPTIONAL`` fields are left out while None (they were
-    written only when they applied); unknown keys of a read file are kept in ``extra`` and written back."""
+    written only when they applied); unknown keys of a read file are kept in ``extra`` and written back.
+
+    Reading is lenient about numbers (absent, null or not a number: None, as old files need) and strict
+    about everything else: a text, flag, mapping or list field holding another type is a
+    :class:`RecordError` naming the key path (``rungs[1].layer_sparsity: expected a mapping, got
+    list``), never a value that breaks a reader later."""
 
     _OPTIONAL: tuple[str, ...] = ()
 
@@ -164,11 +175,12 @@ class _Record:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
+    def from_dict(cls, d: Mapping[str, Any], where: str = ""):
         if not isinstance(d, Mapping):
-            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+            raise RecordError(f"{where or cls.__name__}: expected a JSON object, got {_type_name(d)}")
         known = {f.name: f for f in fields(cls) if f.name != "extra"}
-        kw = {name: _read_field(f, d.get(name)) for name, f in known.items() if name in d}
+        kw = {name: _read_field(f, d.get(name), f"{where}.{name}" if where else name)
+              for name, f in known.items() if name in d}
         if any(f.name == "extra" for f in fields(cls)):
             kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
@@ -182,14 +194,45 @@ def _plain(v):
     return v
 
 
-def _read_field(f: dataclasses.Field, v):
+# The JSON types a field's annotation admits (annotations are strings here: __future__ annotations).
+_TYPES = {"str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(
+        type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def _read_field(f: dataclasses.Field, v, where: str):
     kind = f.metadata.get("kind")
     if kind == "float":
         return number(v)
     if kind == "int":
         return _int(v)
     if isinstance(kind, type) and issubclass(kind, _Record):
-        return [kind.from_dict(x) for x in v if isinstance(x, Mapping)] if isinstance(v, list) else []
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise RecordError(f"{where}: expected a list of records, got {_type_name(v)}")
+        return [kind.from_dict(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if kind == "float_or_nan":  # kept as written (NaN marks a diverged epoch), but a number or nothing
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise RecordError(f"{where}: expected a number, got {_type_name(v)}")
+        return v
+    names = [t.strip() for t in str(f.type).split("|")]
+    if "Any" in names:
+        return v
+    allowed = tuple(t for n in names for t in _TYPES.get(n, ()))
+    if v is None and "None" in names:
+        return v
+    if allowed and not isinstance(v, allowed):
+        want = " or ".join(_type_name(t()) for t in allowed) + (" or null" if "None" in names else "")
+        raise RecordError(f"{where}: expected {want}, got {_type_name(v)}")
+    items = f.metadata.get("items")
+    if items is not None and isinstance(v, list):
+        for i, x in enumerate(v):
+            if not isinstance(x, items) or isinstance(x, bool):
+                raise RecordError(f"{where}[{i}]: expected {'text' if items is str else 'a number'}, got {_type_name(x)}")
     return v
 
 
@@ -213,9 +256,9 @@ class EpochRecord(_Record):
     momentum: float = _float()
     batch_size: int = _int_field()
     noise_scale: float = _float()
-    train_loss: float | None = field(default=None)  # kept as written: NaN marks a diverged epoch
+    train_loss: float | None = field(default=None, metadata={"kind": "float_or_nan"})  # NaN: a diverged epoch
     train_accuracy: float = _float()
-    val_loss: float | None = field(default=None)
+    val_loss: float | None = field(default=None, metadata={"kind": "float_or_nan"})
     val_accuracy: float = _float()
     epoch_seconds: float = _float()
     samples_per_second: float = _float()
@@ -311,7 +354,7 @@ class MemberSummary(_Record):
     compression: str | None = None
     basis_threshold: float | None = _float()
     basis: dict | None = None
-    batch_size_range: list | None = None
+    batch_size_range: list | None = field(default=None, metadata={"items": (int, float)})
     train_seconds: float | None = _float()
     steps: int | None = _int_field()
     mean_epoch_seconds: float | None = _float()
@@ -325,7 +368,7 @@ class MemberSummary(_Record):
     val_size: int | None = _int_field()
     test_size: int | None = _int_field()
     provenance: dict = field(default_factory=dict)
-    class_names: list | None = None
+    class_names: list | None = field(default=None, metadata={"items": str})
     epochs_run: int | None = _int_field()
     early_stopping: dict | None = None
     bmax: int | None = _int_field()

@@ -77,9 +77,11 @@ def trial_finished(cfg: PipelineConfig, layout: ExperimentLayout, result) -> boo
 def replicate_dirs(tree: storage.Tree) -> list[str] | None:
     """The seed directories (names under ``tree``) of a multi-seed run's directory, in seed order; None
     when ``tree`` is not one (no config.yaml with ``seeds``)."""
-    try:
-        d = yaml.safe_load(tree.read_text(ExperimentLayout.CONFIG))
-    except (OSError, ValueError, yaml.YAMLError):
+    from .config import YAML_MAX_BYTES, parse_yaml
+
+    try:  # within the YAML limits (depth, aliases, size): an unreadable config is not a multi-seed run's
+        d = parse_yaml(tree.read_bytes(ExperimentLayout.CONFIG, max_bytes=YAML_MAX_BYTES).decode(), ExperimentLayout.CONFIG)
+    except (OSError, ValueError):  # ConfigError, UserError, UnicodeDecodeError are ValueErrors
         return None
     seeds = d.get("seeds") if isinstance(d, dict) else None
     if not isinstance(seeds, list) or len(seeds) < 2:

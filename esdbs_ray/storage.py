@@ -102,14 +102,129 @@ def filesystem(path: str | os.PathLike):
 _filesystem = filesystem  # Tree's `filesystem` argument shadows the name
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
+def read_bytes(path: str | os.PathLike, *, max_bytes: int | None = None) -> bytes:
     if is_uri(path):
         import pyarrow.fs as pafs
 
         fs, key = pafs.FileSystem.from_uri(str(path))
         with fs.open_input_stream(key) as fh:
             return fh.read()
-    return _local(path).read_bytes()
+    return read_local(_local(path), max_bytes=max_bytes)
+
+
+def check_regular(path: str | os.PathLike) -> int:
+    """The size of a local regular file, or one line naming what it is instead.
+
+    Absent -> ``FileNotFoundError`` (callers treat optional files as absent); a link that leads
+    nowhere or in a loop, a directory, a pipe or a device -> :class:`UserError`: reading a pipe
+    would wait forever for a writer, and a link that leads nowhere is a broken file, not an
+    absent one."""
+    import errno
+    import stat
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise UserError(f"{p}: a symbolic link to {os.readlink(p)}, which does not exist") from None
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(p)) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{p}: a symbolic link loop") from None
+        if exc.errno == errno.ENOTDIR:
+            raise FileNotFoundError(errno.ENOENT, "no such file (a parent is a file)", str(p)) from None
+        raise UserError(f"{p}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{p}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a named pipe" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise UserError(f"{p}: {kind}, not a regular file (not read: it could block forever)")
+    return st.st_size
+
+
+def read_local(path: str | os.PathLike, *, max_bytes: int | None = None) -> bytes:
+    """A local regular file's bytes (:func:`check_regular`), refused naming it when it is larger than
+    ``max_bytes`` -- before reading, so a huge file costs nothing."""
+    size = check_regular(path)
+    if max_bytes is not None and size > max_bytes:
+        raise UserError(f"{path}: {size:,} bytes, more than the {max_bytes:,} this kind of file may have")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1) if max_bytes is not None else fh.read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while we looked
+        raise UserError(f"{path}: more than the {max_bytes:,} bytes this kind of file may have")
+    return data
+
+
+# JSON the project reads: nesting beyond this is refused (its own files nest 7 levels), so no reader
+# recurses without bound.
+JSON_MAX_DEPTH = 64
+
+
+def _json_path(text: str, *, max_depth: int | None = None) -> str:
+    """Where JSON ``text`` first nests deeper than ``max_depth`` or, without it, holds a number of more
+    digits than Python converts: its key path for an error line (``a.b[0][0]...: ``), found by a scan of
+    brackets, keys and long numbers (only when the parser gave up)."""
+    import re
+
+    token = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{},]|-?\d{4000,}')
+    stack: list[list] = []  # per open container: [kind, key or index]
+
+    def here() -> str:
+        parts = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for _, k in stack if k is not None).lstrip(".")
+        return (parts if len(parts) <= 120 else parts[:100] + "...") + ": " if parts else ""
+
+    for m in token.finditer(text):
+        t = m.group()
+        if t in "[{":
+            if max_depth is not None and len(stack) >= max_depth:
+                return here()
+            stack.append([t, 0 if t == "[" else None])
+        elif t in "]}":
+            if stack:
+                stack.pop()
+        elif t == ",":
+            if stack and stack[-1][0] == "[":
+                stack[-1][1] += 1
+        elif t.startswith('"'):
+            if t.endswith(":") and stack and stack[-1][0] == "{":
+                stack[-1][1] = t[1:t.rindex('"')][:60]
+        elif max_depth is None:  # a long number
+            return here()
+    return ""
+
+
+def parse_json(data: bytes | str, where: str, *, max_depth: int = JSON_MAX_DEPTH) -> Any:
+    """JSON text (NaN and Infinity allowed: a diverged epoch's loss is written as NaN), refused with one
+    line naming ``where``: not UTF-8, not JSON, a number with more digits than Python converts, or
+    nested deeper than ``max_depth``."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode()
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+    try:
+        doc = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{where}: {_json_path(data, max_depth=max_depth)}nested deeper than {max_depth} levels") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise UserError(f"{where}: {_json_path(data)}not valid JSON ({str(exc).split(';')[0]})") from None
+    stack = [(doc, 1, "")]
+    while stack:
+        x, d, path = stack.pop()
+        if d > max_depth:
+            shown = path if len(path) <= 120 else path[:100] + "..."
+            raise UserError(f"{where}: {shown.lstrip('.')}: nested deeper than {max_depth} levels")
+        if isinstance(x, dict):
+            stack.extend((v, d + 1, f"{path}.{k}") for k, v in x.items() if isinstance(v, (dict, list)))
+        elif isinstance(x, list):
+            stack.extend((v, d + 1, f"{path}[{i}]") for i, v in enumerate(x) if isinstance(v, (dict, list)))
+    return doc
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:
@@ -140,16 +255,28 @@ def save_torch(path: str | os.PathLike, obj: Any) -> str:
 
 def load_torch(path: str | os.PathLike, map_location="cpu") -> Any:
     """Checkpoints load with ``weights_only=True``: tensors and plain containers, never arbitrary code."""
+    return torch_from_bytes(read_bytes(path), path, map_location=map_location)
+
+
+def torch_from_bytes(data: bytes, where: Any, *, map_location="cpu", what: str = "checkpoint") -> Any:
+    """A torch file's object (``weights_only=True``), or one line naming ``where``.  torch's warnings
+    about the file (an unusual pickle protocol, ...) are not printed: the error line says it all."""
     import io
+    import re
+    import warnings
 
     import torch
 
     try:
-        return torch.load(io.BytesIO(read_bytes(path)), map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal colour codes
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        if first.startswith("Weights only load failed"):
+            first = "the weights-only loader refused it: not tensors and plain containers"
+        raise UserError(f"{where}: not a readable {what} ({first[:200]})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,10 +331,15 @@ class Tree:
 
         return self._type(*parts) == pafs.FileType.Directory
 
-    def read_bytes(self, *parts: str) -> bytes:
+    def read_bytes(self, *parts: str, max_bytes: int | None = None) -> bytes:
         import pyarrow.fs as pafs
 
         p = self.path(*parts)
+        if self.local:  # links, pipes and devices named, not followed into a hang
+            try:
+                return read_local(p, max_bytes=max_bytes)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self.uri(*parts)}: no such file") from None
         info = self.fs.get_file_info(p)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{self.uri(*parts)}: no such file")
@@ -223,10 +355,7 @@ class Tree:
             raise UserError(f"{self.uri(*parts)}: not UTF-8 text") from None
 
     def read_json(self, *parts: str) -> Any:
-        try:
-            return json.loads(self.read_text(*parts))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{self.uri(*parts)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return parse_json(self.read_bytes(*parts), self.uri(*parts))
 
     def entries(self, *parts: str, recursive: bool = False) -> list:
         """FileInfo of what lies under ``parts`` ([] when it is missing), sorted by path."""

@@ -132,6 +132,58 @@ def find_token() -> str | None:
         return None
 
 
+def check_address(address: str, *, insecure: bool = False) -> str:
+    """The dashboard address, refused when it is plain http to another machine: the token would cross
+    the network in clear (``Authorization: Bearer``).  https, or http to this machine (an SSH tunnel:
+    ``ray dashboard cluster.yaml``), pass; ``insecure`` lets plain http through with a warning."""
+    from urllib.parse import urlsplit
+
+    url = address if "://" in address else "http://" + address
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018  (a port that is not a number raises here)
+    except ValueError as exc:
+        raise SubmitError(f"--address {address}: not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise SubmitError(f"--address {address}: expected http(s)://HOST:PORT of the cluster's dashboard")
+    if parts.scheme == "http" and not _loopback(host):
+        if not insecure:
+            raise SubmitError(f"--address {address}: plain http to another machine would send the cluster's token "
+                              "in clear; use https://, an SSH tunnel to 127.0.0.1 (`ray dashboard cluster.yaml`), or "
+                              "--insecure on a network you trust")
+        print(f"esdbs submit: warning: --insecure: the token goes to {host} over plain http, unencrypted",
+              file=sys.stderr, flush=True)
+    return url
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _ray_logs(verbose: bool):
+    """Ray's client logs each packaging and upload step at INFO on stderr; esdbs says what happened in
+    its own lines, so Ray's appear only with --verbose."""
+    import logging
+
+    logger = logging.getLogger("ray")
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _auth_headers(token: str | None) -> dict:
     token = (token if token is not None else find_token() or "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -201,7 +253,7 @@ def _follow(client, job_id: str, timeout: float | None, out) -> str | None:
 
 
 def submit(address: str, run_args: Sequence[str], *, token: str | None = None, working_dir: str | os.PathLike = ".",
-           follow: bool = True, timeout: float | None = None) -> int:
+           follow: bool = True, timeout: float | None = None, verbose: bool = False) -> int:
     """Submit ``esdbs run <run_args>`` to the cluster whose dashboard is ``address`` (http://HOST:8265).
 
     Prints the job id; with ``follow`` streams the job's logs and returns 0 when the job SUCCEEDED,
@@ -212,16 +264,19 @@ def submit(address: str, run_args: Sequence[str], *, token: str | None = None, w
     """
     from ray.exceptions import AuthenticationError
 
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise SubmitError(f"--timeout={timeout}: seconds, a positive number")
     args = check_run_args(run_args)
     env = runtime_env(working_dir)
-    client = _client(address, token)
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint(args), runtime_env=env,
-                                   metadata={"submitted_by": "esdbs submit"})
-    except AuthenticationError as exc:
-        raise SubmitError(f"{address} refused the job: {exc.message.splitlines()[0]}") from None
-    except RuntimeError as exc:
-        raise SubmitError(f"{address} did not accept the job: {str(exc).splitlines()[0]}") from None
+    with _ray_logs(verbose):
+        client = _client(address, token)
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint(args), runtime_env=env,
+                                       metadata={"submitted_by": "esdbs submit"})
+        except AuthenticationError as exc:
+            raise SubmitError(f"{address} refused the job: {exc.message.splitlines()[0]}") from None
+        except RuntimeError as exc:
+            raise SubmitError(f"{address} did not accept the job: {str(exc).splitlines()[0]}") from None
     print(f"esdbs submit: job {job_id} submitted to {address}", flush=True)
     follow_hint = f"ray job logs --follow {job_id} --address {address}"
     if not follow:
@@ -255,10 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--working-dir", default=".", help="the project checkout to upload (default: .)")
     p.add_argument("--no-follow", action="store_true", help="print the job id and return")
     p.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds")
+    p.add_argument("--insecure", action="store_true", help="allow plain http to another machine")
+    p.add_argument("--verbose", action="store_true", help="Ray's own log lines on stderr")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then the arguments of `esdbs run`")
     a = p.parse_args(argv)
     try:
-        return submit(a.address, a.run_args, working_dir=a.working_dir, follow=not a.no_follow, timeout=a.timeout)
+        check_address(a.address, insecure=a.insecure)
+        return submit(a.address, a.run_args, working_dir=a.working_dir, follow=not a.no_follow, timeout=a.timeout,
+                      verbose=a.verbose)
     except SubmitError as exc:
         print(f"esdbs: error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import build_augmenter
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, restoring, save_checkpoint
 from .compression import build_compression, rung_counts
 from .config import TrainConfig
 from .cosine import CosineSchedule
@@ -285,10 +285,12 @@ class _Trainer:
 
             self.growth = GrowthController.from_config(cfg, data, self.device)
             if ckpt is not None and ckpt["state"].get("expansion"):
-                self.growth.load_state_dict(ckpt["state"]["expansion"])  # the architecture it grew
+                with restoring(resume_from, "state.expansion"):
+                    self.growth.load_state_dict(ckpt["state"]["expansion"])  # the architecture it grew
         self.model, self.compression = build_model(cfg, data, self.growth)
         if ckpt is not None:  # basis layers of the checkpoint's shapes, before the optimizer sees the parameters
-            self.compression.restore_structure(self.model, ckpt["model"])
+            with restoring(resume_from, "model"):
+                self.compression.restore_structure(self.model, ckpt["model"])
         self.model.to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         batches = dict(mean=data.mean, std=data.std, device=self.device)
@@ -309,13 +311,14 @@ class _Trainer:
         self.state = TrainState()
         # --- resume: everything that decides the future comes back from the checkpoint
         if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.schedule.load_state_dict(ckpt["schedule"])
-            self.train_batches.load_state_dict(ckpt["train_batches"])
-            torch.set_rng_state(ckpt["rng"])
-            self.state = TrainState.from_dict(ckpt["state"])
-            self.compression.load_state_dict(self.state.compression)
+            for key, restore in (("model", self.model.load_state_dict), ("optimizer", self.optimizer.load_state_dict),
+                                 ("schedule", self.schedule.load_state_dict),
+                                 ("train_batches", self.train_batches.load_state_dict), ("rng", torch.set_rng_state)):
+                with restoring(resume_from, key):
+                    restore(ckpt[key])
+            with restoring(resume_from, "state"):
+                self.state = TrainState.from_dict(ckpt["state"])
+                self.compression.load_state_dict(self.state.compression)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -96,3 +96,14 @@ def _disconnect_ray_after_module():
     if ray is not None and ray.is_initialized():
         ray.shutdown()
 
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The fuzz harness's time and counts (tests/test_fuzz.py writes them; a worker's own prints would
+    not reach this terminal under pytest-xdist)."""
+    if hasattr(config, "workerinput"):
+        return
+    path = config._tmp_path_factory.getbasetemp() / "fuzz-summary.txt"
+    if path.is_file():
+        terminalreporter.write_sep("-", "fuzz harness")
+        terminalreporter.write_line(path.read_text().strip())

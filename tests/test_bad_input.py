@@ -92,6 +92,12 @@ def sandbox(tmp_path_factory):
     (root / "bad_yaml.yaml").write_text("train:\n  width: [1, 2\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochz: 3\n")
+    # YAML that is valid but hostile: a key given twice, aliases that expand 9**8-fold, deep nesting
+    (root / "dup_key.yaml").write_text("train:\n  epochs: 3\n  width: 0.5\n  epochs: 4\n")
+    laughs = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (root / "laughs.yaml").write_text("\n".join(laughs) + "\n")
+    (root / "deep.yaml").write_text("train: {sparsity_ladder: " + "[" * 5000 + "]" * 5000 + "}\n")
     (root / "bad.json").write_text("{not json")
     (root / "existing.png").write_bytes(b"\x89PNG not really")
     (root / "existing.json").write_text("{}\n")
@@ -361,6 +367,32 @@ CASES = [
     # submit: refused before anything is sent
     ("submit-no-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--preset", "smoke"], "--out"),
     ("submit-relative-out", ["submit", "--address", "http://127.0.0.1:9", "--", "--out", "rel"], "--out"),
+    # hostile inputs by class (tests/test_fuzz.py draws them for every file kind)
+    ("yaml-duplicate-key", ["config", "--config", "dup_key.yaml"], "train.epochs: given twice"),
+    ("yaml-billion-laughs", ["config", "--config", "laughs.yaml"], "aliases expand"),
+    ("yaml-deep", ["config", "--config", "deep.yaml"], "train.sparsity_ladder"),
+    ("set-alias-bomb", ["config", "--set", "train.sparsity_ladder=[&a [1, 1, 1, 1, 1, 1, 1, 1, 1], "
+                        + ", ".join(f"&{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdef", "bcdefg"))
+                        + "]"], "aliases expand"),
+    ("set-epochs-huge", ["config", "--set", "train.epochs=" + "1" + "0" * 29], "train.epochs"),
+    ("set-image-size-huge", ["config", "--set", "image_size=100000"], "image_size"),
+    ("set-seed-huge", ["config", "--set", "seed=" + str(2 ** 70)], "seed"),
+    ("plan-epochs-huge", ["dbs-plan", "--epochs", "100000000", "--train-size", "100"], "--epochs"),
+    ("plan-train-size-one", ["dbs-plan", "--epochs", "4", "--train-size", "1"], "--train-size"),
+    ("plan-val-accuracy", ["dbs-plan", "--epochs", "4", "--train-size", "100", "--val-accuracy", "2.0"],
+     "--val-accuracy"),
+    ("plan-batch-constant-names-flag", ["dbs-plan", "--epochs", "4", "--train-size", "100", "--batch-size", "100"],
+     "--batch-size"),
+    ("report-no-experiment", ["report", "empty", "--out", "empty_report"], "holds no esdbs experiment"),
+    ("submit-timeout-negative", ["submit", "--address", "http://127.0.0.1:9", "--timeout", "-5", "--", "--out",
+                                 "/shared/x"], "--timeout"),
+    ("submit-plain-http", ["submit", "--address", "http://192.0.2.1:8265", "--", "--out", "/shared/x"], "--insecure"),
+    ("submit-unknown-preset", ["submit", "--address", "http://127.0.0.1:9", "--", "--preset", "nosuch", "--out",
+                               "/shared/x"], "--preset"),
+    ("submit-misspelt-key", ["submit", "--address", "http://127.0.0.1:9", "--", "--set", "train.epochz=1", "--out",
+                             "/shared/x"], "epochz"),
+    ("submit-unknown-flag", ["submit", "--address", "http://127.0.0.1:9", "--", "--frobnicate", "--out",
+                             "/shared/x"], "--frobnicate"),
 ]
 
 
@@ -419,3 +451,42 @@ def test_internal_errors_print_one_line_and_keep_the_traceback(monkeypatch, caps
     monkeypatch.setenv("ESDBS_DEBUG", "1")
     assert cli.main(["config"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("before", ["absent", "empty", "forced"])
+def test_a_failed_start_takes_back_its_output_directory(tmp_path, before):
+    """What claim_dir made -- a new directory, a marker in an empty one, an old output moved aside by
+    --force -- is taken back, so the corrected command is not refused as "already holds an esdbs run"."""
+    from esdbs_ray.layout import MARKER, claim_dir
+
+    out = tmp_path / "out"
+    if before == "empty":
+        out.mkdir()
+    elif before == "forced":
+        out.mkdir()
+        (out / MARKER).write_text(json.dumps({"kind": "run"}))
+        (out / "summary.json").write_text("{}")
+    snapshot = _tree_hash(tmp_path)
+    claims: list = []
+    claim_dir(out, "run", force=before == "forced", claims=claims)
+    (out / "tb").mkdir()  # what a trainer makes before it fails
+    (out / "tb" / "events").write_text("x")
+    assert len(claims) == 1
+    claims[0].undo()
+    assert _tree_hash(tmp_path) == snapshot
+    claim_dir(out, "run", force=before == "forced")  # the corrected command is not refused
+
+
+def test_submit_checks_the_run_arguments_before_contacting_the_cluster(monkeypatch, capsys):
+    """A misspelt key is refused here, by esdbs run's own validation: nothing is uploaded, the cluster
+    is never asked (its client would fail on this closed port with "cannot reach")."""
+    import esdbs_ray.submit as submit_mod
+
+    def never(*a, **k):
+        raise AssertionError("the cluster was contacted")
+
+    monkeypatch.setattr(submit_mod, "_client", never)
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "--preset", "smoke", "--set",
+                 "train.epochz=3", "--out", "/shared/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epochz" in err[0]

@@ -1,6 +1,5 @@
 import gzip
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path

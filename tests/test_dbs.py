@@ -28,7 +28,7 @@ from esdbs_ray.dbs import (
     run_noise,
     stepwise,
 )
-from esdbs_ray.analysis.figures import plot_momentum_curves, plot_plan
+from esdbs_ray.analysis.figures import plot_momentum_curves
 
 N = 54000  # Fashion-MNIST train split minus 6000 validation: N/10 = 5400 -> 5376, so Bmax = cap 1024
 
@@ -301,7 +301,9 @@ def test_scaling_stops_at_the_first_rung():
     assert (fixed.plan().phase, fixed.plan().lr) == ("fixed", 0.02)
 
 
-def test_noise_scale_constant_within_stepwise_rounding():
+def test_noise_scale_constant_within_stepwise_rounding_auto_k_and_val_sizes():
+    """As below, with the critical k ("auto") and validation splits of 500-6,000 images (the fall
+    rule's standard error changes when the LR phase ends)."""
     rng = np.random.default_rng(0)
     for k in (0.0, 0.02, 0.05, 1.6, "auto"):
         for trial in range(5):

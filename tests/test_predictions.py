@@ -178,7 +178,7 @@ def test_corrupt_and_foreign_files_are_named(tmp_path):
         d / "d.parquet", probs=_probs(rng, 4, 3), labels=np.arange(4) % 3, indices=np.arange(4), split="val",
         model="m", member="d", variant="v", sparsity=0.5, target_sparsity=0.5, epoch=0,
     )
-    with pytest.raises(P.PredictionsError, match=r"d\.parquet: 3 classes"):
+    with pytest.raises(P.PredictionsError, match=r"d\.parquet: column 'probs': 3 classes, but .*a-ts0500\.parquet has 10"):
         P.read_predictions(d)
 
 
