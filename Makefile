@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data demo test bench clean-venv
+.PHONY: setup data demo test test-long bench clean-venv
 
 setup: $(STAMP) data
 
@@ -48,8 +48,14 @@ demo: setup
 
 # Two pytest-xdist workers, a test file per worker (--dist loadfile: its module-scoped Ray clusters stay
 # in one process); the workers share one smoke run (tests/conftest.py); each trains on one thread.
+# The heaviest checks (marked long: trained BasisConv report sections, concurrent kernel builds, the
+# two-node cluster, ...) keep make test, set-up included, under 10 minutes on 2 cores; make test-long
+# runs them.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations 15
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not long" --durations 15
+
+test-long: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m long --durations 15
 
 bench: setup
 	$(PY) bench/throughput.py

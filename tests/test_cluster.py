@@ -102,6 +102,7 @@ def test_submit_to_an_unreachable_address_says_so(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # ray.cluster_utils.Cluster: trials spread over two nodes; a removed node's trial moves
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.slow
 def test_trials_spread_over_two_nodes_and_a_removed_nodes_trial_moves(tmp_path, monkeypatch):
     import ray

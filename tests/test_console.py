@@ -38,6 +38,7 @@ def test_a_run_prints_a_line_per_epoch_and_its_table(tmp_path):
     assert f"{ens['test_accuracy']:.4f}" in lines[-3]  # the ensemble row of the final table
 
 
+@pytest.mark.long
 def test_a_stop_signal_ends_the_run_with_the_command_that_resumes_it(tmp_path):
     out = tmp_path / "exp"
     p = _esdbs("run", "--preset", "smoke", "--out", str(out))

@@ -46,7 +46,8 @@ def tiny_data():
     # BasisConv eigen ladder (issue #16), cut after step one of the first basis rung: the resumed run
     # must rebuild the basis layers of the checkpoint's shapes, freeze what step two freezes (nothing)
     # and go on with the same optimizer, schedule and batches; the second rung then recompresses.
-    (dict(schedule="dbs", epochs=1, basis={"ladder": (1.0, 0.8)}, retrain_epochs=2, dropout=0.2), 1),
+    pytest.param(dict(schedule="dbs", epochs=1, basis={"ladder": (1.0, 0.8)}, retrain_epochs=2, dropout=0.2), 1,
+                 marks=pytest.mark.long),
 ], ids=["swr-dbs-pruned", "spatial-fixed", "basis-ladder"])
 def test_resume_gives_the_uninterrupted_run(tmp_path, tiny_data, kw, stop):
     cfg = _cfg(**kw)
@@ -92,7 +93,7 @@ def test_resume_under_another_layer_implementation_or_from_before_the_key(tmp_pa
 def test_guard_restores_the_snapshot_on_nan_loss(tmp_path, tiny_data):
     # A learning rate this large makes the first epoch's loss non-finite; the guard must put back
     # the weights from before that epoch (epoch 0 always snapshots).
-    cfg = _cfg(epochs=1, dbs=DBSConfig(b0=64, lr0=1e12, lr_start=1e12, warmup_frac=0.0))
+    cfg = _cfg(epochs=1, dbs=DBSConfig(b0=64, lr0=1e9, lr_start=1e9, warmup_frac=0.0))
     torch.manual_seed(cfg.seed)
     initial, _ = build_model(cfg, tiny_data)
     summary = train(cfg, tiny_data, tmp_path, hooks=Silent())
@@ -155,6 +156,7 @@ def test_swr_training_runs_the_native_layer_by_default(tmp_path, tiny_data, monk
     # kernels, in training steps and in evaluation, and nothing is compiled per layer shape.
     import esdbs_ray.winograd as wg
     import esdbs_ray.winograd_dispatch as wd
+    import esdbs_ray.winograd_sparse as ws
     from esdbs_ray.winograd_math import _WinogradNativeFn
 
     calls = []
@@ -165,6 +167,14 @@ def test_swr_training_runs_the_native_layer_by_default(tmp_path, tiny_data, monk
         return real_apply(x, u, relu)
 
     monkeypatch.setattr(_WinogradNativeFn, "apply", staticmethod(apply))
+    # evaluation: the native kernels with bias in their output transform, no autograd Function
+    real_inference = ws.native_inference
+
+    def native_inference(x, u, mask, relu, bias=None, out_relu=False):
+        calls.append(((*x.shape[1:], u.shape[2]), torch.is_grad_enabled()))
+        return real_inference(x, u, mask, relu, bias, out_relu)
+
+    monkeypatch.setattr(ws, "native_inference", native_inference)
     monkeypatch.setenv(wg.IMPL_ENV, "auto")
     wd._reset_fused_state()
     try:
@@ -227,6 +237,7 @@ def test_config_validation_names_the_problem():
         TrainConfig.from_dict({"sparsity_ladder": [0.5], "retrain_epochs": 0})
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_train_one_cli_done_when(tmp_path):
     """`esdbs train-one` end to end: one epoch of AlexNet on 5,000 images learns, logs, and refuses to
@@ -253,6 +264,7 @@ def test_train_one_cli_done_when(tmp_path):
     assert again.returncode == 2 and "already holds an esdbs run" in again.stderr and "--resume" in again.stderr
 
 
+@pytest.mark.long
 def test_basis_ladder_rungs_predictions_and_counts(tmp_path, tiny_data):
     """Issue #16: one trial climbs the eigen ladder; each rung is evaluated, counted and predicted."""
     from esdbs_ray.predictions import prediction_matrix, read_predictions

@@ -52,6 +52,7 @@ def test_first_use_builds_into_the_cache_and_later_loads_reuse_it(own_build):
     assert path.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.long
 def test_processes_starting_together_share_one_binary(own_build):
     """Ray trials start at once: each process either builds (to a temporary file, then renames) or
     finds the whole file; none loads a partial one."""
@@ -104,7 +105,7 @@ def test_an_unusable_cache_directory_falls_back_to_the_temp_dir(own_build, monke
     assert Path(native.status()["path"]).parent == tmp_path / "tmp" / f"esdbs_ray-{os.getuid()}"
 
 
-@pytest.mark.parametrize("capability", ["avx2", "default"])
+@pytest.mark.parametrize("capability", ["avx2", pytest.param("default", marks=pytest.mark.long)])
 def test_cpus_without_avx512_get_a_build_of_their_own_and_torch_bmm(own_build, capability):
     """On a CPU torch runs at AVX2 (or no vector extension) the library is built for that ISA, under
     another name, without its AVX-512 GEMMs: the passes run around torch.bmm, with the same results.
