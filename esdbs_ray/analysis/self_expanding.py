@@ -35,6 +35,7 @@ import math
 from pathlib import Path
 
 from ..records import MemberSummary
+from .basis import _pct, _pts  # the same figures, written the same way
 from .experiment import NOT_REPRODUCED, NOT_RUN, REPRODUCED, TIME_MARGIN, Z, _read_json
 
 __all__ = ["has_growing_members", "self_expanding_section", "PUBLISHED", "BASELINES", "SEARCH", "verdicts"]
@@ -45,16 +46,6 @@ SEARCH = "expansion_search.json"
 # accuracy reached at a parameter count, and the best.
 PUBLISHED = {"dataset": "CIFAR-10", "trials": 5, "epochs": 300, "tau": 2.0,
              "points": [(11_360, 0.70, "70 %"), (33_655, 0.80, "80 %"), (62_698, 0.841, "best, 84.1 %")]}
-
-
-def _pct(a) -> str:
-    return "n/a" if a is None else f"{100 * a:.2f}%"
-
-
-def _pts(d, se=None) -> str:
-    if d is None:
-        return "n/a"
-    return f"{100 * d:+.2f} pt" + (f" (SE {100 * se:.2f})" if se is not None else "")
 
 
 def growing_members(exp) -> list[MemberSummary]:
