@@ -158,10 +158,10 @@ def flag_error(exc: ConfigError, flags: Mapping[str, tuple[str, str]], prefix: s
 def load_dbs_constants(path: str) -> dict:
     """A DBS constants file (``esdbs dbs-search``'s ``dbs_constants.json``, or its ``constants``), each
     constant a key of the DBS config with a value it takes: refused naming the file and the key."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
     from . import storage
-    from .config import DBSConfig, format_validation_error
+    from .config import DBSConfig, field_adapter, format_validation_error
 
     try:
         d = storage.parse_json(storage.read_local(path, max_bytes=1 << 20), f"--dbs-constants {path}")
@@ -179,8 +179,7 @@ def load_dbs_constants(path: str) -> dict:
             raise ConfigError(f"--dbs-constants {path}: {str(key)[:60]!r} is not a DBS constant; choose from "
                               f"{', '.join(DBSConfig.model_fields)}")
         try:
-            kind = typing.Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-            TypeAdapter(kind).validate_python(value)
+            field_adapter(DBSConfig, key).validate_python(value)
         except ValidationError as exc:
             raise ConfigError(f"--dbs-constants {path}: {format_validation_error(exc, key)}") from None
     return constants

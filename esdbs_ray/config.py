@@ -768,6 +768,12 @@ class StackConfig(_Model):
 _SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "choice": 1, "randint": 2}
 
 
+def field_adapter(model: type[BaseModel], key: str) -> TypeAdapter:
+    """A validator of one field of ``model``: its type with its constraints (ranges, lengths)."""
+    info = model.model_fields[key]
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+
+
 def _search_space(v: Any) -> dict:
     if not isinstance(v, dict) or not v:
         raise ValueError("expected a non-empty mapping of DBS constant -> {kind: arguments}")
@@ -787,8 +793,7 @@ def _search_space(v: Any) -> dict:
             raise ValueError(f"{key}.loguniform: bounds must be > 0")
         if len(args) > 1000:
             raise ValueError(f"{key}.{kind}: {len(args):,} values; at most 1,000")
-        info = DBSConfig.model_fields[key]
-        check = TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+        check = field_adapter(DBSConfig, key)
         for a in args:  # every value (or bound) must be one the constant takes
             try:
                 check.validate_python(a)

@@ -180,9 +180,12 @@ def tolerate_deleted_checkpoints() -> None:
     lists a deleted checkpoint, and the resumed run dies deleting it again (FileNotFoundError in
     Ray's checkpoint manager).  A checkpoint already gone is what deleting it wants, so that error is
     ignored -- every other one still raises."""
-    from ray.train._internal import checkpoint_manager
+    try:  # a private name of Ray's: where a later Ray moves it, resuming goes on without the tolerance
+        from ray.train._internal import checkpoint_manager
 
-    original = checkpoint_manager._delete_fs_path
+        original = checkpoint_manager._delete_fs_path
+    except (ImportError, AttributeError):
+        return
     if getattr(original, "tolerates_missing", False):
         return
 

@@ -107,9 +107,21 @@ def read_bytes(path: str | os.PathLike, *, max_bytes: int | None = None) -> byte
         import pyarrow.fs as pafs
 
         fs, key = pafs.FileSystem.from_uri(str(path))
-        with fs.open_input_stream(key) as fh:
-            return fh.read()
+        return _read_remote(fs, key, str(path), max_bytes)
     return read_local(_local(path), max_bytes=max_bytes)
+
+
+def _read_remote(fs, key: str, name: str, max_bytes: int | None) -> bytes:
+    """An object of a pyarrow filesystem, refused before reading when it is larger than ``max_bytes``."""
+    if max_bytes is not None:
+        size = fs.get_file_info(key).size
+        if size is not None and size > max_bytes:
+            raise UserError(f"{name}: {size:,} bytes, more than the {max_bytes:,} this kind of file may have")
+    with fs.open_input_stream(key) as fh:
+        data = fh.read(max_bytes + 1) if max_bytes is not None else fh.read()
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UserError(f"{name}: more than the {max_bytes:,} bytes this kind of file may have")
+    return data
 
 
 def check_regular(path: str | os.PathLike) -> int:
@@ -345,8 +357,7 @@ class Tree:
             raise FileNotFoundError(f"{self.uri(*parts)}: no such file")
         if info.type == pafs.FileType.Directory:
             raise IsADirectoryError(f"{self.uri(*parts)}: is a directory, not a file")
-        with self.fs.open_input_stream(p) as fh:
-            return fh.read()
+        return _read_remote(self.fs, p, self.uri(*parts), max_bytes)
 
     def read_text(self, *parts: str) -> str:
         try:

@@ -145,6 +145,7 @@ class SparseWinogradInference:
             u = u * layer.weight_mask.to(u.dtype)
         self.u = u.contiguous()
         self.bias = None if layer.bias is None else layer.bias.detach()
+        self.out_relu = getattr(layer, "out_relu", False)  # a following ReLU moved into the layer
         self.c, self.k = u.shape[1:]
         self.nnz = int((u != 0).sum())
         self.density = self.nnz / u.numel()
@@ -166,7 +167,7 @@ class SparseWinogradInference:
         if self.mode == "native":
             from .winograd_sparse import sparse_forward
 
-            return sparse_forward(x.to(self.u.dtype), self.u, self.structure, self.relu, self.bias)
+            return sparse_forward(x.to(self.u.dtype), self.u, self.structure, self.relu, self.bias, self.out_relu)
         n, _, h, w = x.shape
         th, tw = _tiles(h, w)
         xp = _pad_nhwc(x, th, tw)
@@ -186,7 +187,7 @@ class SparseWinogradInference:
         y = y[:, :h, :w].permute(0, 3, 1, 2)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
-        return y
+        return y.relu_() if self.out_relu else y
 
 
 # --------------------------------------------------------------------------------------------------

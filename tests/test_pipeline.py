@@ -137,6 +137,16 @@ def test_bad_config_values(bad, match):
         build_config("smoke", None, bad)
 
 
+def test_dbs_search_space_takes_every_constant_the_schedule_takes():
+    # constants without range metadata (an optional batch size, the schedule's named choices) too
+    cfg = build_config("smoke", None, {"dbs_search": {"space": {
+        "bmin": {"choice": [32, 64]}, "fall_noise": {"choice": ["binomial", "observed"]},
+        "rung_lr": {"choice": ["lr0", "dense_end"]}, "k": {"loguniform": [0.01, 1.0]}}}})
+    assert set(cfg.dbs_search.space) == {"bmin", "fall_noise", "rung_lr", "k"}
+    with pytest.raises(ConfigError, match="fall_noise"):
+        build_config("smoke", None, {"dbs_search": {"space": {"fall_noise": {"choice": ["sometimes"]}}}})
+
+
 def test_config_round_trips_through_yaml(tmp_path):
     import yaml
 

@@ -219,6 +219,9 @@ def test_sparse_inference_matches_layer(shape):
         torch.testing.assert_close(sp(x), ref, rtol=1e-4, atol=1e-5)
     assert SparseWinogradInference(layer).nnz == int(mask.sum())
     assert SparseWinogradInference(layer).structure.skipped == (5,)
+    layer.out_relu = True  # a following ReLU moved into the layer (prepare_for_inference)
+    for mode in ("native", "csr", "dense"):
+        torch.testing.assert_close(SparseWinogradInference(layer, mode=mode)(x), torch.relu(ref), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["native", "reference"])
