@@ -144,24 +144,29 @@ def load_checkpoint(resume_from: str | Path, config: dict) -> dict:
     return ckpt
 
 
+def check_state_dict(state: Any, where: str, error: type[UserError] = UserError) -> None:
+    """A model's state dict as torch writes it -- names to tensors, a module's ``get_extra_state`` (a
+    BasisConv layer's basis settings) whatever it returns -- with finite floating-point values; else
+    one line: ``where``, the entry, what is wrong."""
+    import torch
+
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("._extra_state")) for k, v in state.items()):
+        raise error(f"{where}: expected a state dict of tensors")
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise error(f"{where}.{k}: holds NaN or infinite values")
+
+
 def _check_parts(ckpt: dict, path: Path, config: dict) -> None:
     """The types of what the trainer restores, each refused naming its key: a state dict of tensors, the
     optimizer's and the batches' state as torch writes them, a state whose epoch is one of this run's."""
     import torch
 
-    from .records import RecordError
-
     def fail(key: str, what: str):
         raise UserError(f"{path}: {key}: {what}")
 
-    model = ckpt["model"]
-    # a module's get_extra_state (a BasisConv layer's: its basis settings) is whatever it returns
-    if not isinstance(model, dict) or not all(
-            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("._extra_state")) for k, v in model.items()):
-        fail("model", "expected a state dict of tensors")
-    for k, v in model.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            fail(f"model.{k}", "holds NaN or infinite values")
+    check_state_dict(ckpt["model"], f"{path}: model")
     opt = ckpt["optimizer"]
     if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
         fail("optimizer", "expected an optimizer state dict (state, param_groups)")

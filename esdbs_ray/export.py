@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
-from .checkpoint import same_training, training_difference
+from .checkpoint import check_state_dict, same_training, training_difference
 from .config import ConfigError, PipelineConfig, parse_saved_config, slug
 from .ensemble import FORMAT, FORMAT_VERSION, ExportError, build_model, fold_masks
 from .layout import ExperimentLayout, ExportLayout, RunLayout, check_replace, replace_dir
@@ -305,18 +305,10 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float, level: int | None
 def _check_weights(w: dict, where: str) -> None:
     """A rung's weights file as the trainer writes it (``run_record._save_weights``), each part refused
     naming its key: a state dict of finite tensors, the input's size and normalisation, the growth."""
-    import torch
-
     from .artifacts import Dct, Lst, Num, Obj, Str, check
     from .config import MAX_IMAGE_SIZE
 
-    model = w["model"]
-    if not isinstance(model, dict) or not all(
-            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("._extra_state")) for k, v in model.items()):
-        raise ExportError(f"{where}: model: expected a state dict of tensors")
-    for k, v in model.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ExportError(f"{where}: model.{k}: holds NaN or infinite values")
+    check_state_dict(w["model"], f"{where}: model", ExportError)
     stats = Lst(Num(nullable=False, finite=True), nullable=False)
     check({k: v for k, v in w.items() if k != "model"}, Obj({
         "input": Obj({"in_channels": Num(nullable=False, lo=1, hi=64), "image_size": Num(nullable=False, lo=8, hi=MAX_IMAGE_SIZE),
