@@ -1,4 +1,4 @@
-"""Benchmark: BasisConv compression of one ensemble member on real Fashion-MNIST, CPU (issue #16).
+"""Benchmark: BasisConv compression of one ensemble member on real Fashion-MNIST, CPU.
 
 What it runs (one seed, everything on a stratified subset, the same shuffled batch order for every
 model trained from scratch):

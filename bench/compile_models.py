@@ -16,7 +16,7 @@ What it checks and measures, per model of ``esdbs_ray.models.list_models()`` on 
 Inputs have the Fashion-MNIST geometry 1x28x28 at width 1.0 (resnet50: 3x64x64, torchvision's widths),
 batch ``--batch``.  Result: ``bench/results/compile_models.json`` (or ``--out``) with provenance.
 
-    python bench/compile_models.py --devices cuda          # the GPU target of issue 14
+    python bench/compile_models.py --devices cuda          # the GPU target
     python bench/compile_models.py --devices cpu --width 0.25 --models alexnet all_cnn_c
 
 Measured (2026-11-23): on one H100 alexnet, all_cnn_c, vgg16 and convpool_cnn_c compile fullgraph

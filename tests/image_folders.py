@@ -1,6 +1,6 @@
 """Image folders made of real photographs: Fashion-MNIST's clothes, written as image files.
 
-The tests of the own-images recipe (issue #17) need a user's folder -- one sub-folder per class of
+The tests of the own-images recipe need a user's folder -- one sub-folder per class of
 PNG/JPEG files -- with real content, not noise: a recipe that "learns" on noise proves nothing.  So
 these helpers take Zalando's product photographs from the real Fashion-MNIST files and save them as
 files, optionally enlarged and saved as JPEG like a camera's (which also makes decoding cost what a

@@ -130,7 +130,7 @@ def sandbox(tmp_path_factory):
     _image_folder(root / "images_corrupt", "corrupt")
     _image_folder(root / "images_bomb", "bomb")
     (root / "images_one_class" / "cats").mkdir(parents=True)
-    # own images (issue #17): an empty class folder, a corrupt image in a val/ split, a test class
+    # own images: an empty class folder, a corrupt image in a val/ split, a test class
     # that training does not have
     _image_folder(root / "images_empty_class", None)
     (root / "images_empty_class" / "birds").mkdir()
@@ -259,7 +259,7 @@ CASES = [
     ("images-bomb", RUN + ["--set", "dataset=imagefolder:images_bomb"], "huge.png"),
     ("images-one-class", RUN + ["--set", "dataset=imagefolder:images_one_class"], "images_one_class"),
     ("images-missing", RUN + ["--set", "dataset=imagefolder:nowhere"], "nowhere"),
-    # own images (issue #17): folders, augmentation names, schedule and optimizer values
+    # own images: folders, augmentation names, schedule and optimizer values
     ("images-empty-class", RUN + ["--set", "dataset=imagefolder:images_empty_class"], "birds: empty class folder"),
     ("images-corrupt-val", RUN + ["--set", "dataset=imagefolder:images_split"], "val/cats/broken.png"),
     ("images-extra-test-class", RUN + ["--set", "dataset=imagefolder:images_extra_class"], "horses"),
@@ -273,7 +273,7 @@ CASES = [
     ("weight-decay-with-sgd", RUN + ["--set", "train.weight_decay=0.05"], "weight_decay"),
     ("label-smoothing", RUN + ["--set", "train.label_smoothing=1"], "train.label_smoothing"),
     ("patience-negative", RUN + ["--set", "train.early_stopping.patience=-2"], "train.early_stopping.patience"),
-    # BasisConv (issue #16): the basis block, its ladder, the variants that need it, the stack's rung
+    # BasisConv: the basis block, its ladder, the variants that need it, the stack's rung
     ("basis-unknown-key", RUN + ["--set", "train.basis.treshold=0.9"], "treshold"),
     ("basis-ladder-increasing", RUN + ["--set", "train.basis.ladder=[0.9, 0.95]"], "train.basis.ladder"),
     ("basis-ladder-zero", RUN + ["--set", "train.basis.ladder=[1.0, 0]"], "train.basis.ladder"),

@@ -1,4 +1,4 @@
-"""compression.conv_cost: the multiplications, weights and filters every rung records (issue #16),
+"""compression.conv_cost: the multiplications, weights and filters every rung records,
 against hand-computed formulas for spatial, pruned, Winograd-ReLU and BasisConv layers."""
 import math
 

@@ -1,4 +1,4 @@
-"""Issue #17, your own images: image folders (layouts, cache), augmentation, the cosine schedule, AdamW,
+"""Your own images: image folders (layouts, cache), augmentation, the cosine schedule, AdamW,
 label smoothing, early stopping, class names, and the `fine-grained` recipe learning on real photographs.
 
 Image folders are written by the tests from Fashion-MNIST's real product photographs

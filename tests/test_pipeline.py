@@ -343,7 +343,7 @@ def test_dbs_plan_cli_json_and_figure(tmp_path):
 
 
 def test_basis_variants_build_their_trials():
-    """Issue #16's variants: SBC-CNN climbs train.basis.ladder (and no sparsity ladder), SRB-CNN trains
+    """BasisConv's variants: SBC-CNN climbs train.basis.ladder (and no sparsity ladder), SRB-CNN trains
     random bases without a ladder, the pruning variants keep the sparsity ladder; +DBS works for both."""
     cfg = build_config("basisconv-fashion-mnist-cpu", sets=["variants=[SC-CNN, SBC-CNN, SRB-CNN+DBS]"])
     trials = {}

@@ -392,7 +392,7 @@ def test_dbs_claims_are_not_run_when_the_schedule_never_acted(experiment, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------
-# BasisConv (issue #16): the sections on really trained tiny members
+# BasisConv: the sections on really trained tiny members
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.long
 def test_basis_sections_on_trained_members(tmp_path):

@@ -43,7 +43,7 @@ def tiny_data():
 @pytest.mark.parametrize("kw,stop", [
     (dict(schedule="dbs", conv="winograd_relu", sparsity_ladder=(0.4,), retrain_epochs=1, dropout=0.2), 0),
     (dict(schedule="fixed", conv="spatial"), 0),
-    # BasisConv eigen ladder (issue #16), cut after step one of the first basis rung: the resumed run
+    # BasisConv eigen ladder, cut after step one of the first basis rung: the resumed run
     # must rebuild the basis layers of the checkpoint's shapes, freeze what step two freezes (nothing)
     # and go on with the same optimizer, schedule and batches; the second rung then recompresses.
     pytest.param(dict(schedule="dbs", epochs=1, basis={"ladder": (1.0, 0.8)}, retrain_epochs=2, dropout=0.2), 1,
@@ -266,7 +266,7 @@ def test_train_one_cli_done_when(tmp_path):
 
 @pytest.mark.long
 def test_basis_ladder_rungs_predictions_and_counts(tmp_path, tiny_data):
-    """Issue #16: one trial climbs the eigen ladder; each rung is evaluated, counted and predicted."""
+    """BasisConv: one trial climbs the eigen ladder; each rung is evaluated, counted and predicted."""
     from esdbs_ray.predictions import prediction_matrix, read_predictions
 
     cfg = _cfg(epochs=1, basis={"ladder": (1.0, 0.9, 0.7), "stage1_epochs": 1}, retrain_epochs=2)
