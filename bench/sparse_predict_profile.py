@@ -1,0 +1,95 @@
+"""Where `esdbs predict`'s time goes, by module type: the quick ensemble exported dense and at 80 %.
+
+The profile beside ``bench/sparse_predict.py``'s ratio: each member's folded inference network runs
+the test images in batches of 1,000 under ``torch.inference_mode``, with a forward pre-hook and hook on
+every leaf module adding its wall time to its type (the native Winograd kernels are ctypes calls that
+torch's profiler does not see; the hooks time them inside their layer's forward).  It answers how far
+the sparse Winograd layers can carry the ensemble: what they take against the rest (stems, 1x1 and
+strided convolutions, pooling), which sparsity does not shrink.
+
+    python bench/sparse_predict_profile.py runs/quick-ladder [--images 3000] [--rungs 0,0.8]
+
+Needs the experiment of ``bench/sparse_predict.py`` (every rung's weights kept).  Writes
+``bench/results/sparse_predict_profile.json`` with the provenance block of ``common.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance_block, write_result  # noqa: E402
+
+
+def profile_rung(experiment: str, sparsity: float, images, tmp: Path) -> dict:
+    import torch
+
+    from esdbs_ray.ensemble import Ensemble
+    from esdbs_ray.export import export_experiment
+
+    out = tmp / f"s{sparsity:g}"
+    export_experiment(experiment, out, sparsity=sparsity, onnx=False)
+    ens = Ensemble.load(out, device="cpu", tune_allocator=True)
+    ens.predict_proba(images[:1000])  # warm-up: kernels loaded, sparse structures built
+    x = torch.addcmul(ens._shift, ens._as_pixels(images).float(), ens._scale)
+    seconds, start = collections.Counter(), {}
+
+    def pre(m, _inp):
+        start[id(m)] = time.perf_counter()
+
+    def post(m, _inp, _out):
+        seconds[type(m).__name__] += time.perf_counter() - start[id(m)]
+
+    hooks = [h for name in ens.members for mod in ens.models[name].modules() if not list(mod.children())
+             for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for name in ens.members:
+            for a in range(0, len(x), 1000):
+                ens.models[name](x[a:a + 1000])
+    total = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    return {"sparsity": sparsity, "seconds": total,
+            "by_module": {k: {"seconds": v, "share": v / total} for k, v in seconds.most_common()},
+            "outside_leaf_modules": total - sum(seconds.values())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiment")
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--rungs", default="0,0.8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from esdbs_ray.data import load_dataset
+
+    images = load_dataset("fashion-mnist", seed=0).test.images[:args.images]
+    rungs = [float(s) for s in args.rungs.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [profile_rung(args.experiment, s, images, Path(tmp)) for s in rungs]
+    for r in rows:
+        print(f"sparsity {r['sparsity']:g}: {r['seconds']:.2f} s for {args.images} images")
+        for k, v in r["by_module"].items():
+            if v["share"] >= 0.005:
+                print(f"  {k:28s} {v['seconds']:6.2f} s {100 * v['share']:5.1f} %")
+    doc = {"provenance": provenance_block(vars(args)), "images": args.images, "rows": rows}
+    if len(rows) > 1:
+        dense, last = rows[0], rows[-1]
+        w = "WinogradReLUConv2d"
+        doc["winograd_ratio"] = last["by_module"][w]["seconds"] / dense["by_module"][w]["seconds"]
+        doc["rest_ratio"] = ((last["seconds"] - last["by_module"][w]["seconds"])
+                             / (dense["seconds"] - dense["by_module"][w]["seconds"]))
+        doc["total_ratio"] = last["seconds"] / dense["seconds"]
+        print(f"{last['sparsity']:g} vs {dense['sparsity']:g}: total {doc['total_ratio']:.3f}x, Winograd layers "
+              f"{doc['winograd_ratio']:.3f}x, the rest {doc['rest_ratio']:.3f}x")
+    print("->", write_result("sparse_predict_profile", doc, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
