@@ -424,9 +424,10 @@ def _load_cifar(name: str, data_dir):
     try:
         classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     except UnicodeDecodeError:
-        raise DataError(f"{directory / meta_file}: class names are not UTF-8 text") from None
+        raise DataError(f"{directory / meta_file}: {names_key.decode()}: class names are not UTF-8 text") from None
     if len(classes) < 2:
-        raise DataError(f"{directory / meta_file}: {len(classes)} class names, a classifier needs at least 2")
+        raise DataError(f"{directory / meta_file}: {names_key.decode()}: {len(classes)} class names, a classifier "
+                        "needs at least 2")
     train, test = read(train_files), read(test_files)
     return train, test, classes, directory
 
