@@ -150,9 +150,13 @@ def check_state_dict(state: Any, where: str, error: type[UserError] = UserError)
     one line: ``where``, the entry, what is wrong."""
     import torch
 
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("._extra_state")) for k, v in state.items()):
-        raise error(f"{where}: expected a state dict of tensors")
+    if not isinstance(state, dict):
+        raise error(f"{where}: expected a state dict of tensors, got {type(state).__name__}")
+    bad = next((k for k, v in state.items() if not isinstance(k, str)
+                or not (isinstance(v, torch.Tensor) or k.endswith("._extra_state"))), None)
+    if bad is not None:
+        what = f"a {type(state[bad]).__name__}" if isinstance(bad, str) else f"a key of type {type(bad).__name__}"
+        raise error(f"{where}.{str(bad)[:80]}: expected a tensor, got {what}")
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise error(f"{where}.{k}: holds NaN or infinite values")
@@ -196,9 +200,11 @@ def _check_parts(ckpt: dict, path: Path, config: dict) -> None:
         if state.get(key) is not None and not isinstance(state[key], dict):
             fail(f"state.{key}", f"expected a mapping, got {type(state[key]).__name__}")
     try:
-        TrainState.from_dict(state)
+        restored = TrainState.from_dict(state)
     except RecordError as exc:
         fail("state", str(exc))
+    if restored.epoch > 0 and not restored.history:  # the summary is made of these records
+        fail("state.history", f"no epoch records, but the checkpoint is after epoch {restored.epoch}")
 
 
 @contextmanager

@@ -287,12 +287,12 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, ExportLayout]:
     try:
         check(manifest, Obj({
             "members": Lst(Obj({
-                "name": Str(nullable=False), "model": Str(nullable=False), "conv": Str(),
+                "name": Str(nullable=False), "model": Str(nullable=False), "conv": Str(nullable=False),
                 "width": Num(finite=True, lo=0.0, hi=MAX_WIDTH), "dropout": Num(finite=True, lo=0.0, hi=1.0),
-                "weights_file": Str(nullable=False), "weights_sha256": Str(),
+                "weights_file": Str(nullable=False), "weights_sha256": Str(nullable=False),
                 "growth_ops": Lst(Obj({"op": Str(nullable=False), "block": Num(nullable=False, lo=0),
                                        "amount": Num(nullable=False, lo=0)}, nullable=False))},
-                nullable=False, required=("name", "model", "weights_file")), nullable=False),
+                nullable=False, required=("name", "model", "conv", "weights_file", "weights_sha256")), nullable=False),
             "ensemble": Obj({"weights": Dct(Num(nullable=False, finite=True, lo=0.0, hi=1.0), nullable=False)},
                             nullable=False, required=("weights",)),
             "input": Obj({"channels": count, "height": count, "width": count, "mean": stats, "std": stats},

@@ -264,8 +264,11 @@ def _member_weights(tree: storage.Tree, spec, sparsity: float, level: int | None
     if tree.is_file(ExperimentLayout.WEIGHTS, name):
         w = _load_torch(tree, ExperimentLayout.WEIGHTS, name)
         where = tree.uri(ExperimentLayout.WEIGHTS, name)
-        if not isinstance(w, dict) or not {"model", "config", "input"} <= set(w):
+        if not isinstance(w, dict):
             raise ExportError(f"{where}: not an esdbs weights file")
+        missing = [k for k in ("model", "config", "input") if k not in w]
+        if missing:
+            raise ExportError(f"{where}: not an esdbs weights file (no {', '.join(map(repr, missing))})")
         differs = training_difference(w["config"], train.to_dict())
         if differs:
             raise ExportError(f"{where}: written by a different config than {spec.member}'s ({differs})")

@@ -453,6 +453,12 @@ def _section_sparsity_accounting(doc: Doc, exp: Experiment) -> bool:
     return True
 
 
+def _max_of(values) -> str:
+    """The largest of a history's recorded values ("?" when none was recorded: old or damaged files)."""
+    known = [v for v in values if v is not None]
+    return f"{max(known):.4g}" if known else "?"
+
+
 def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
     """What the DBS schedule did in each DBS trial: the batch-size range and every logged decision."""
     doc.h(2, "DBS decisions per trial", "dbs-decisions")
@@ -476,7 +482,7 @@ def _section_dbs_decisions(doc: Doc, exp: Experiment) -> bool:
         decisions = "; ".join(f"e{h.epoch}: {h.decision}" for h in hist
                               if h.decision and not h.decision.startswith(("warm-up", "lr phase: level")))
         rows.append([m.member, f"{bs[0]} -> {top} (epoch {first_top})", str(bmax or "?"), at_bmax,
-                     f"{max(h.lr for h in hist):.4g}", f"{max(h.momentum for h in hist):.4g}",
+                     _max_of([h.lr for h in hist]), _max_of([h.momentum for h in hist]),
                      decisions or "none"])
     if not rows:
         doc.p(f"**{NOT_RUN}** (no DBS trial with a per-epoch history in members/)")
