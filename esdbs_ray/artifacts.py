@@ -15,6 +15,7 @@ Nothing here imports torch or Ray.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from . import storage
@@ -97,11 +98,13 @@ class Num(_Spec):
 class Str(_Spec):
     what = "text"
 
-    def __init__(self, nullable: bool = True):
-        self.nullable = nullable
+    def __init__(self, nullable: bool = True, pattern: str | None = None, what: str | None = None):
+        self.nullable, self.pattern = nullable, None if pattern is None else re.compile(pattern)
+        if what is not None:
+            self.what = what
 
     def ok(self, v):
-        return isinstance(v, str)
+        return isinstance(v, str) and (self.pattern is None or self.pattern.fullmatch(v) is not None)
 
 
 class Bool(_Spec):

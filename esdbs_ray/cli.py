@@ -57,11 +57,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or exc.__class__.__name__
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
         text = f"{exc.filename}: {exc.strerror or text}"
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    # a value quoted from a hostile file can be megabytes long: the line keeps its head, which names
+    # the file and the key, and says how much was cut
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]} ... ({len(text) - MAX_ERROR_CHARS:,} characters more)"
 
 
 def main(argv: list[str] | None = None) -> int:

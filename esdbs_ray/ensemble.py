@@ -289,7 +289,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, ExportLayout]:
             "members": Lst(Obj({
                 "name": Str(nullable=False), "model": Str(nullable=False), "conv": Str(nullable=False),
                 "width": Num(finite=True, lo=0.0, hi=MAX_WIDTH), "dropout": Num(finite=True, lo=0.0, hi=1.0),
-                "weights_file": Str(nullable=False), "weights_sha256": Str(nullable=False),
+                "weights_file": Str(nullable=False), "weights_sha256": Str(nullable=False, pattern="[0-9a-f]{64}", what="a SHA-256 in hex"),
                 "growth_ops": Lst(Obj({"op": Str(nullable=False), "block": Num(nullable=False, lo=0),
                                        "amount": Num(nullable=False, lo=0)}, nullable=False))},
                 nullable=False, required=("name", "model", "conv", "weights_file", "weights_sha256")), nullable=False),
