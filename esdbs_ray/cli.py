@@ -57,7 +57,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-MAX_ERROR_CHARS = 2000
+MAX_ERROR_CHARS = 1000  # the whole line stays well under 2,000 characters
 
 
 def _one_line(exc: BaseException) -> str:
