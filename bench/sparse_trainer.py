@@ -11,7 +11,8 @@ trainer's ``epoch_seconds``: forward, backward and optimizer, no evaluation).  T
     python bench/sparse_trainer.py                   # AlexNet at width 0.5, 12,000 images, ~15 min on 2 cores
     python bench/sparse_trainer.py --quick           # width 0.25, 3,000 images, 20/50/80 %
 
-Writes ``bench/results/sparse_trainer.json`` with the provenance block of ``common.py``.
+Writes ``bench/results/sparse_trainer.json`` (``sparse_trainer_quick.json`` with ``--quick``, so that the
+two sizes' figures stand side by side) with the provenance block of ``common.py``.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     doc = {"provenance": provenance_block(vars(a)), "rows": rows, "layers": paths,
            "target": {"rung": ladder[-1], "vs_dense_epoch": target, "goal": 0.7, "met": target <= 0.7},
            "accuracy": {m: {"val": summaries[m].val_accuracy, "test": summaries[m].test_accuracy} for m in MODES}}
-    print(f"-> {write_result('sparse_trainer', doc, a.out)}")
+    print(f"-> {write_result('sparse_trainer_quick' if a.quick else 'sparse_trainer', doc, a.out)}")
     return 0
 
 

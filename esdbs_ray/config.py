@@ -123,6 +123,8 @@ MAX_THREADS = 4096
 MAX_RUNGS = 100  # rungs of one ladder (the paper's has 7)
 MAX_TRIALS = 1000  # Tune trials of one run (members x groups)
 MAX_MEMBERS = 64  # base CNNs of one stack
+MAX_CLASSES = 100_000  # classes of one task (ImageNet-21k has ~22,000)
+MAX_CHANNELS = 65_536  # channels of one layer a growing member may reach
 
 
 def _float(**bounds):
@@ -483,7 +485,7 @@ class ExpansionConfig(_Model):
     penalty: NonNegFloat = 1e-8
     max_params: PosInt = 200_000
     max_layers_per_block: _int(**_range(0, 1000)) = 4
-    max_width: _int(**_range(1, MAX_BATCH)) = 256
+    max_width: _int(**_range(1, MAX_CHANNELS)) = 256
 
 
 class TrainSettings(_Model):

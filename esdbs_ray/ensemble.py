@@ -262,7 +262,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, ExportLayout]:
     type and range (one line naming the manifest and the key), the members and their files."""
     from . import storage
     from .artifacts import ArtifactError, Dct, Lst, Num, Obj, Str, check
-    from .config import MAX_IMAGE_SIZE, MAX_WIDTH
+    from .config import MAX_CLASSES, MAX_IMAGE_SIZE, MAX_WIDTH
     from .model_names import MODEL_NAMES
 
     root = Path(path)
@@ -321,7 +321,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, ExportLayout]:
         raise ExportError(f"{layout.manifest}: input: channels, height and width must be whole numbers (channels "
                           f"1-64, sides 8-{MAX_IMAGE_SIZE}), got {shape}")
     if len(inp["mean"]) != shape[0] or len(inp["std"]) != shape[0] or min(inp["std"]) <= 0 \
-            or len(classes) != task["num_classes"] or not 2 <= len(classes) <= 100_000:
+            or len(classes) != task["num_classes"] or not 2 <= len(classes) <= MAX_CLASSES:
         raise ExportError(f"{layout.manifest}: input/task fields disagree (channels {shape[0]}, "
                           f"{len(inp['mean'])} means and {len(inp['std'])} positive stds, {len(classes)} class names, "
                           f"num_classes {task['num_classes']})")

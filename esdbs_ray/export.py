@@ -309,7 +309,7 @@ def _check_weights(w: dict, where: str) -> None:
     """A rung's weights file as the trainer writes it (``run_record._save_weights``), each part refused
     naming its key: a state dict of finite tensors, the input's size and normalisation, the growth."""
     from .artifacts import Dct, Lst, Num, Obj, Str, check
-    from .config import MAX_IMAGE_SIZE
+    from .config import MAX_CLASSES, MAX_IMAGE_SIZE
 
     check_state_dict(w["model"], f"{where}: model", ExportError)
     stats = Lst(Num(nullable=False, finite=True), nullable=False)
@@ -328,8 +328,8 @@ def _check_weights(w: dict, where: str) -> None:
         raise ExportError(f"{where}: input: in_channels and image_size must be whole numbers")
     if len(info["mean"]) != c or len(info["std"]) != c or min(info["std"]) <= 0:
         raise ExportError(f"{where}: input: mean and std must have {c} value(s) each, std positive")
-    if not 2 <= len(info["class_names"]) <= 100_000:
-        raise ExportError(f"{where}: input.class_names: {len(info['class_names'])} classes; a classifier has 2 to 100,000")
+    if not 2 <= len(info["class_names"]) <= MAX_CLASSES:
+        raise ExportError(f"{where}: input.class_names: {len(info['class_names'])} classes; a classifier has 2 to {MAX_CLASSES:,}")
 
 
 def _input_from_data(cfg: PipelineConfig) -> dict:
