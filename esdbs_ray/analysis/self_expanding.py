@@ -276,7 +276,7 @@ def _figure(path: str, members, base: dict | None) -> str | None:
                     mfc="none", alpha=0.8, label=f"{m.member}: each level's architecture from scratch")
     ax.set_xlabel("parameters")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"ours: {members[0].dataset or ''}"[:90], fontsize=9)
+    ax.set_title(f"ours: {(members[0].dataset or '').split(' (from ')[0]}"[:90], fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ps = PUBLISHED["points"]
