@@ -40,54 +40,53 @@ def profile(model, optimizer, pruner, batches, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    fwd, start = collections.Counter(), {}
+    fwd, start, timing = collections.Counter(), {}, [False]
 
     def pre(m, _inp):
         start[id(m)] = time.perf_counter()
 
     def post(m, _inp, _out):
-        fwd[type(m).__name__] += time.perf_counter() - start[id(m)]
+        if timing[0]:
+            fwd[type(m).__name__] += time.perf_counter() - start[id(m)]
+
+    def step(i):
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        pruner.apply_(optimizer)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     hooks = [h for mod in model.modules() if not list(mod.children())
              for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
-    phases = collections.Counter()
-    bwd = collections.Counter()
+    phases, bwd = collections.Counter(), collections.Counter()
     model.train()
     try:
-        # two warm-up steps (kernels loaded, sparse structures built), `steps` timed, `steps` under the profiler
-        for i in range(2 * steps + 2):
-            x, y = batches[i % len(batches)]
-            timed, profiled = 2 <= i < steps + 2, i >= steps + 2
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            t1 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            if profiled:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    loss.backward()
-                for ev in prof.events():
-                    node = _backward_node(ev.name)
-                    if node is not None:
-                        bwd[node] += ev.cpu_time_total / 1e6
-            else:
-                loss.backward()
-            t2 = time.perf_counter()
-            optimizer.step()
-            pruner.apply_(optimizer)
-            t3 = time.perf_counter()
-            if i < 2:
-                fwd.clear()
-            if timed:
-                phases["forward"] += t1 - t0
-                phases["backward"] += t2 - t1
-                phases["optimizer"] += t3 - t2
+        for i in range(2):  # warm-up: kernels loaded, sparse structures built
+            step(i)
+        timing[0] = True
+        for i in range(steps):  # timed: phases and the forward's modules
+            for k, v in zip(("forward", "backward", "optimizer"), step(i)):
+                phases[k] += v
+        timing[0] = False
+        # as many steps again under torch's profiler (one session: its start and stop log a line each)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                step(i)
+        for ev in prof.events():
+            node = _backward_node(ev.name)
+            if node is not None:
+                bwd[node] += ev.cpu_time_total / 1e6
     finally:
         for h in hooks:
             h.remove()
     per = {k: v / steps for k, v in phases.items()}
-    # the forward hooks ran in both halves: their sums are over 2 x steps forwards
     return {"step_seconds": sum(per.values()), "phases": per,
-            "forward_by_module": {k: v / (2 * steps) for k, v in fwd.most_common()},
+            "forward_by_module": {k: v / steps for k, v in fwd.most_common()},
             "backward_by_node": {k: v / steps for k, v in bwd.most_common()}}
 
 
@@ -149,7 +148,7 @@ def main(argv=None) -> int:
               f"the rest {r['vs_dense']['rest']:.3f}x")
     doc = {"provenance": provenance_block(vars(a)), "rows": rows,
            "note": "phases: wall times of `steps` steps without the profiler; backward nodes: torch's profiler over "
-                   "`steps` more steps (its overhead included); forward modules: hooks over all 2 x steps"}
+                   "`steps` more steps (its overhead included); forward modules: hooks over the timed steps"}
     print("->", write_result("sparse_trainer_profile", doc, a.out))
     return 0
 
