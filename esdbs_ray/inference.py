@@ -167,12 +167,12 @@ class ChannelsLastStem(nn.Module):
 
 def _stems_to_channels_last(model: nn.Module) -> int:
     """Every CPU convolution of single-channel input (nn.Conv2d or ReLUConv2d) as a ChannelsLastStem."""
-    from .models import ReLUConv2d
+    from .models import ReLUConv2d, StemConv2d
 
     count = 0
     for parent in list(model.modules()):
         for name, m in list(parent._modules.items()):
-            if (type(m) in (nn.Conv2d, ReLUConv2d) and m.in_channels == 1 and m.groups == 1
+            if (type(m) in (nn.Conv2d, ReLUConv2d, StemConv2d) and m.in_channels == 1 and m.groups == 1
                     and m.padding_mode == "zeros" and m.weight.device.type == "cpu"):
                 parent._modules[name] = ChannelsLastStem(m)
                 count += 1

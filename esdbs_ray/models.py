@@ -24,7 +24,7 @@ from torch import nn
 
 from .model_names import MODEL_NAMES
 
-__all__ = ["ReLUConv2d", "register_model", "create_model", "list_models", "MODEL_REGISTRY", "SECNN", "SECNNBlock",
+__all__ = ["ReLUConv2d", "StemConv2d", "register_model", "create_model", "list_models", "MODEL_REGISTRY", "SECNN", "SECNNBlock",
            "ResidualUnit"]
 
 
@@ -37,6 +37,38 @@ class ReLUConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(F.relu(x))
+
+
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is inside a torch.func transform (vmap, grad); never under torch.compile, whose
+    tracing cannot call the probe (and which sees plain tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    probe = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(probe and probe(x))
+
+
+class StemConv2d(nn.Conv2d):
+    """The image stem: ``nn.Conv2d`` (same parameters, same state-dict keys) that, on single-channel
+    images on the CPU, returns channels-last activations.
+
+    Why: a one-channel NCHW input gives a conv an ambiguous memory format, oneDNN answers in NCHW, and
+    the stem's batch norm and max-pool then run torch's NCHW kernels -- the first max-pool ~10x slower
+    than on channels-last -- while the Winograd layer after them hands its input gradient back
+    channels-last, so the backward converts too.  Run as a two-channel convolution (the second input
+    channel and its weights zero) on a channels-last copy, the stem's output, and everything up to the
+    first Winograd layer, is channels-last in both passes (``bench/stem_layout.py``).  The same values
+    to float rounding; the weight's gradient flows through the concatenation.  RGB stems, CUDA,
+    tracing / ONNX export and ``torch.func`` transforms take ``nn.Conv2d``'s own path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.in_channels != 1 or x.dim() != 4 or x.device.type != "cpu" or self.groups != 1
+                or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or _functorch_wrapped(x)):
+            return super().forward(x)
+        x2 = torch.cat([x, torch.zeros_like(x)], 1).contiguous(memory_format=torch.channels_last)
+        w2 = torch.cat([self.weight, torch.zeros_like(self.weight)], 1).contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x2, w2, self.bias, self.stride, self.padding, self.dilation)
 
 
 ModelBuilder = Callable[..., nn.Module]
@@ -110,7 +142,7 @@ def _create_alexnet(num_classes, in_channels, image_size, dropout, width):
     side = image_size // 8
     pool_out = min(side, 6)
     features = nn.Sequential(
-        nn.Conv2d(in_channels, c1, 5, padding=2, bias=False),
+        StemConv2d(in_channels, c1, 5, padding=2, bias=False),
         nn.BatchNorm2d(c1),
         nn.MaxPool2d(2),
         nn.Dropout(dropout),
@@ -163,7 +195,7 @@ def _create_vgg(cfg, num_classes, in_channels, image_size, dropout, width):
             layers += [nn.MaxPool2d(2, ceil_mode=True)]
             continue
         c_out = _ch(v, width)
-        conv_cls = nn.Conv2d if first else ReLUConv2d
+        conv_cls = StemConv2d if first else ReLUConv2d
         layers += [conv_cls(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
         c_in, first = c_out, False
     layers += [nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -218,7 +250,7 @@ def _create_cifar_resnet(depth, num_classes, in_channels, image_size, dropout, w
     n = (depth - 2) // 6
     widths = [_ch(c, width) for c in (16, 32, 64)]
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        StemConv2d(in_channels, widths[0], 3, padding=1, bias=False),
         nn.BatchNorm2d(widths[0]),
     ]
     c_in = widths[0]
@@ -244,7 +276,7 @@ def _create_springenberg(all_conv, num_classes, in_channels, image_size, dropout
     a, b = _ch(96, width), _ch(192, width)
 
     def conv(c_in, c_out, k=3, stride=1, first=False):
-        cls = nn.Conv2d if first else ReLUConv2d
+        cls = StemConv2d if first else ReLUConv2d
         return [cls(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)]
 
     def reduce(c):  # All-CNN-C: stride-2 conv; ConvPool-CNN-C: extra conv, then 3x3/2 max-pool
@@ -291,7 +323,7 @@ def _create_resnet50(num_classes, in_channels, image_size, dropout, width):
 
     net = tv_resnet50(weights=None, num_classes=num_classes)
     if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        net.conv1 = StemConv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     for block in net.modules():
         if isinstance(block, Bottleneck):
             old = block.conv2
@@ -359,7 +391,7 @@ class SECNN(nn.Module):
         super().__init__()
         convs, c_in = [], in_channels
         for i, c in enumerate(widths):
-            cls = nn.Conv2d if i == 0 else ReLUConv2d  # the image stem has no preceding activation
+            cls = StemConv2d if i == 0 else ReLUConv2d  # the image stem has no preceding activation
             convs.append(cls(c_in, c, 3, padding=1, bias=False))
             c_in = c
         self.blocks = nn.ModuleList(SECNNBlock(conv, dropout) for conv in convs)

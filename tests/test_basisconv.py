@@ -26,7 +26,7 @@ from esdbs_ray.basisconv import (
     to_basisconv_like,
     to_basisconv_random,
 )
-from esdbs_ray.models import ReLUConv2d, create_model, list_models
+from esdbs_ray.models import ReLUConv2d, StemConv2d, create_model, list_models
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -210,7 +210,7 @@ def test_t1_registry_model_equals_original(name):
     model.eval()
     eligible = [n for n, m in model.named_modules() if is_basis_eligible(m)]
     one_by_one = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)}
-    stem = next(n for n, m in model.named_modules() if type(m) is nn.Conv2d and m.kernel_size != (1, 1))
+    stem = next(n for n, m in model.named_modules() if type(m) in (nn.Conv2d, StemConv2d) and m.kernel_size != (1, 1))
     assert stem in eligible
     x = torch.randn(*shape)
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_which_relu_keeps_the_stem_spatial():
     model = _small("alexnet")
     stem = model[0][0]
     to_basisconv(model, threshold=1.0, which="relu")
-    assert model[0][0] is stem and type(stem) is nn.Conv2d
+    assert model[0][0] is stem and type(stem) is StemConv2d
     assert len(basis_layers(model)) == 4 and all(m.input_relu for _, m in basis_layers(model))
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from esdbs_ray import expansion as E
 from esdbs_ray.config import ConfigError, ExpansionConfig, TrainConfig
-from esdbs_ray.models import SECNN, ReLUConv2d, create_model
+from esdbs_ray.models import SECNN, ReLUConv2d, StemConv2d, create_model
 from esdbs_ray.pruning import Pruner, prunable_layers
 from esdbs_ray.winograd import WinogradReLUConv2d, is_winograd_eligible, to_winograd_relu
 
@@ -78,7 +78,7 @@ def test_secnn_is_the_published_seed_network(channels, size):
     m = create_model("secnn", num_classes=10, in_channels=channels, image_size=size)
     assert isinstance(m, SECNN) and m.architecture() == {"widths": [16, 16, 16], "layers": [0, 0, 0]}
     convs = [b.conv for b in m.blocks]
-    assert type(convs[0]) is nn.Conv2d and all(type(c) is ReLUConv2d and is_winograd_eligible(c) for c in convs[1:])
+    assert type(convs[0]) is StemConv2d and all(type(c) is ReLUConv2d and is_winograd_eligible(c) for c in convs[1:])
     assert all(isinstance(b.drop, nn.Dropout2d) and isinstance(b.pool, nn.MaxPool2d) for b in m.blocks)
     assert m(torch.randn(2, channels, size, size)).shape == (2, 10)
     wide = create_model("secnn", num_classes=10, in_channels=1, image_size=28, width=2.0)

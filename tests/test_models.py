@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from esdbs_ray.models import ReLUConv2d, create_model, list_models, register_model
+from esdbs_ray.models import ReLUConv2d, StemConv2d, create_model, list_models, register_model
 
 GEOMETRIES = [(1, 28), (3, 32)]
 
@@ -29,8 +29,43 @@ def test_output_shape_and_backward(name, channels, size):
 def test_stem_is_spatial_and_inner_convs_own_their_relu(name):
     model = create_model(name, num_classes=10, in_channels=1, image_size=28, width=_width(name))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert type(convs[0]) is nn.Conv2d  # the image stem has no preceding activation
+    assert type(convs[0]) is StemConv2d  # the image stem has no preceding activation
     assert sum(isinstance(m, ReLUConv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) for m in convs) >= 1
+
+
+@pytest.mark.parametrize("channels,bias,stride", [(1, False, 1), (1, True, 2), (3, False, 1)])
+def test_stem_conv_equals_conv2d_and_runs_channels_last(channels, bias, stride):
+    """The stem's channels-last path (single-channel images on the CPU) gives nn.Conv2d's values and
+    gradients to float rounding and channels-last activations; RGB stems are nn.Conv2d's own path."""
+    torch.manual_seed(3)
+    stem = StemConv2d(channels, 8, 5, stride=stride, padding=2, bias=bias)
+    ref = nn.Conv2d(channels, 8, 5, stride=stride, padding=2, bias=bias)
+    ref.load_state_dict(stem.state_dict())
+    x = torch.randn(4, channels, 13, 11)
+    y, y_ref = stem(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (channels == 1)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(stem.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(stem.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    assert list(stem.state_dict()) == list(ref.state_dict())  # checkpoints read either way
+
+
+def test_stem_conv_under_torch_func_takes_the_plain_path():
+    """Per-sample gradients (the expansion score's torch.func) see nn.Conv2d's computation."""
+    stem = StemConv2d(1, 4, 3, padding=1)
+    x = torch.randn(5, 1, 6, 6)
+    params = dict(stem.named_parameters())
+
+    def loss(p, xi):
+        return torch.func.functional_call(stem, p, (xi[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    direct = torch.stack([torch.autograd.grad(stem(xi[None]).square().sum(), stem.weight)[0] for xi in x])
+    torch.testing.assert_close(per_sample["weight"], direct, rtol=1e-4, atol=1e-5)
 
 
 def test_relu_conv_equals_relu_then_conv():

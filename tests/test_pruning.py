@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esdbs_ray.models import ReLUConv2d, create_model
+from esdbs_ray.models import ReLUConv2d, StemConv2d, create_model
 from esdbs_ray.pruning import DEFAULT_LADDER, Pruner, sparsity_ladder
 from esdbs_ray.winograd import WinogradReLUConv2d, to_winograd_relu
 
@@ -44,7 +44,7 @@ def test_prunable_layers_and_masks_registered():
     # 1x1 convs and the stem are not prunable
     names = {n for n, _ in pruner.layers}
     for n, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and (type(m) is nn.Conv2d or tuple(m.kernel_size) == (1, 1)):
+        if isinstance(m, nn.Conv2d) and (type(m) in (nn.Conv2d, StemConv2d) or tuple(m.kernel_size) == (1, 1)):
             assert n not in names
     assert all(f"{n}.weight_mask" in model.state_dict() for n in names)
 

@@ -14,7 +14,7 @@ import esdbs_ray.winograd as wg
 import esdbs_ray.winograd_dispatch as wd
 import esdbs_ray.winograd_math as wm
 import esdbs_ray.winograd_native as native
-from esdbs_ray.models import ReLUConv2d, create_model, list_models
+from esdbs_ray.models import ReLUConv2d, StemConv2d, create_model, list_models
 from esdbs_ray.winograd import (
     G,
     SparseWinogradInference,
@@ -170,7 +170,7 @@ def test_to_winograd_relu_every_registry_model(name):
     model, shape = _model(name)
     eligible = [n for n, m in model.named_modules() if is_winograd_eligible(m)]
     kept_relu = {n for n, m in model.named_modules() if isinstance(m, ReLUConv2d) and not is_winograd_eligible(m)}
-    stems = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
+    stems = {n: m for n, m in model.named_modules() if type(m) in (nn.Conv2d, StemConv2d)}
     assert eligible and stems
 
     assert to_winograd_relu(model) is model
