@@ -59,7 +59,8 @@ class StemConv2d(nn.Conv2d):
     channel and its weights zero) on a channels-last copy, the stem's output, and everything up to the
     first Winograd layer, is channels-last in both passes (``bench/stem_layout.py``).  The same values
     to float rounding; the weight's gradient flows through the concatenation.  RGB stems, CUDA,
-    tracing / ONNX export and ``torch.func`` transforms take ``nn.Conv2d``'s own path."""
+    TorchScript tracing and its ONNX export, and ``torch.func`` transforms take ``nn.Conv2d``'s own
+    path (torch.compile traces the channels-last one: plain tensor ops)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.in_channels != 1 or x.dim() != 4 or x.device.type != "cpu" or self.groups != 1
