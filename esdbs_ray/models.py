@@ -53,8 +53,8 @@ class StemConv2d(nn.Conv2d):
     images on the CPU, returns channels-last activations.
 
     Why: a one-channel NCHW input gives a conv an ambiguous memory format, oneDNN answers in NCHW, and
-    the stem's batch norm and max-pool then run torch's NCHW kernels -- the first max-pool ~10x slower
-    than on channels-last -- while the Winograd layer after them hands its input gradient back
+    the stem's batch norm and max-pool then run torch's NCHW kernels -- the max-pool's several times
+    slower than its channels-last one -- while the Winograd layer after them hands its input gradient back
     channels-last, so the backward converts too.  Run as a two-channel convolution (the second input
     channel and its weights zero) on a channels-last copy, the stem's output, and everything up to the
     first Winograd layer, is channels-last in both passes (``bench/stem_layout.py``).  The same values

@@ -75,9 +75,9 @@ PHASES = ("pack", "input_transform", "transpose_v", "products_fwd", "transpose_m
 # "crossover"): the largest tested density at which the sparse layer was faster than the dense one
 # by 5 % or more in median and at least as fast on 3 of 4 shapes of that class (C * K >= 64^2) --
 # except training / unfused, 0.6 where that rule gave 0.8: inside the trainer (bench/sparse_trainer.py and
-# bench/sparse_trainer_profile.py, AlexNet at 1/2 and 1/4 width, whose Winograd layers all take the unfused
-# path at B = 128) the layers at density 0.8 ran 3-9 % slower than dense in 5 of 7 measurements, at 0.7
-# either side of it, at 0.6 faster every time; alone, with their inputs in cache, they were faster.
+# bench/sparse_trainer_profile.py; AlexNet's Winograd layers all take the unfused path at B = 128) the
+# layers at density 0.8 were mostly slower than dense, at 0.7 either side of it, at 0.6 faster every time,
+# though alone, with their inputs in cache, they were faster at 0.8 (the figures: commit messages, README).
 CROSSOVER = {"training": {"fused": 0.5, "unfused": 0.6}, "inference": {"fused": 0.3, "unfused": 0.5},
              "min_ck": 64}
 
