@@ -166,7 +166,7 @@ class ChannelsLastStem(nn.Module):
 
 
 def _stems_to_channels_last(model: nn.Module) -> int:
-    """Every CPU convolution of single-channel input (nn.Conv2d or ReLUConv2d) as a ChannelsLastStem."""
+    """Every CPU convolution of single-channel input (nn.Conv2d, StemConv2d or ReLUConv2d) as a ChannelsLastStem."""
     from .models import ReLUConv2d, StemConv2d
 
     count = 0
