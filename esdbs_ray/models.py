@@ -39,12 +39,16 @@ class ReLUConv2d(nn.Conv2d):
         return super().forward(F.relu(x))
 
 
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    """Whether ``x`` is inside a torch.func transform (vmap, grad); never under torch.compile, whose
-    tracing cannot call the probe (and which sees plain tensors)."""
+def _plain_conv_needed(x: torch.Tensor) -> bool:
+    """Inside torch.compile (its own layout choices) or a torch.func transform (vmap, grad: batched
+    inputs or weights, where channels-last queries are not implemented)."""
     if torch.compiler.is_compiling():
-        return False
-    probe = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+        return True
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    if peek is not None:
+        return peek() is not None
+    probe = getattr(functorch, "is_functorch_wrapped_tensor", None)
     return bool(probe and probe(x))
 
 
@@ -59,13 +63,12 @@ class StemConv2d(nn.Conv2d):
     channel and its weights zero) on a channels-last copy, the stem's output, and everything up to the
     first Winograd layer, is channels-last in both passes (``bench/stem_layout.py``).  The same values
     to float rounding; the weight's gradient flows through the concatenation.  RGB stems, CUDA,
-    TorchScript tracing and its ONNX export, and ``torch.func`` transforms take ``nn.Conv2d``'s own
-    path (torch.compile traces the channels-last one: plain tensor ops)."""
+    tracing and ONNX export, torch.compile and ``torch.func`` transforms take ``nn.Conv2d``'s own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.in_channels != 1 or x.dim() != 4 or x.device.type != "cpu" or self.groups != 1
                 or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or _functorch_wrapped(x)):
+                or _plain_conv_needed(x)):
             return super().forward(x)
         x2 = torch.cat([x, torch.zeros_like(x)], 1).contiguous(memory_format=torch.channels_last)
         w2 = torch.cat([self.weight, torch.zeros_like(self.weight)], 1).contiguous(memory_format=torch.channels_last)

@@ -66,6 +66,11 @@ def test_stem_conv_under_torch_func_takes_the_plain_path():
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
     direct = torch.stack([torch.autograd.grad(stem(xi[None]).square().sum(), stem.weight)[0] for xi in x])
     torch.testing.assert_close(per_sample["weight"], direct, rtol=1e-4, atol=1e-5)
+    # an ensemble's stems vmapped over their stacked weights, the images shared (batched weights only)
+    stems = [StemConv2d(1, 4, 3, padding=1) for _ in range(3)]
+    stacked, _ = torch.func.stack_module_state(stems)
+    ys = torch.func.vmap(lambda p, xs: torch.func.functional_call(stem, p, (xs,)), in_dims=(0, None))(stacked, x)
+    torch.testing.assert_close(ys, torch.stack([s(x) for s in stems]), rtol=1e-5, atol=1e-5)
 
 
 def test_relu_conv_equals_relu_then_conv():

@@ -220,8 +220,10 @@ def _published(doc, members, dataset: str | None, base: dict | None = None) -> N
     params = sum(lv.params for lv in final) / len(final)
     # The seed network's figure is the seed architecture trained for all the epochs where the baselines
     # exist: a growing run's level 0 closes at its first check, one epoch in, and would understate it.
-    scratch = [s["seed_architecture"] for s in ((base or {}).get("members") or {}).values()]
-    if scratch:
+    # (only where the baselines cover every growing member: the two means are over the same seeds)
+    covered = (base or {}).get("members") or {}
+    scratch = [covered[m.member]["seed_architecture"] for m in members if m.member in covered]
+    if scratch and len(scratch) == len(members):
         seed_acc, seed_params = sum(r["test_accuracy"] for r in scratch) / len(scratch), scratch[0]["params"]
         seed_what = "seed architecture trained unchanged"
     else:
