@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import two_channels_last
+
 __all__ = ["fold_batchnorm", "fuse_output_relus", "ChannelsLastStem", "prepare_for_inference"]
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Identity)  # identities in eval mode
@@ -153,16 +155,12 @@ class ChannelsLastStem(nn.Module):
             raise ValueError(f"ChannelsLastStem takes a 1-input-channel, zero-padded, ungrouped conv, got {conv}")
         self.relu = isinstance(conv, ReLUConv2d)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        w = conv.weight.detach()
-        self.register_buffer("weight", torch.cat([w, torch.zeros_like(w)], 1).contiguous(
-            memory_format=torch.channels_last))
+        self.register_buffer("weight", two_channels_last(conv.weight.detach()))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        x2 = x.new_zeros((n, h, w, 2))
-        x2[..., 0] = x[:, 0].relu() if self.relu else x[:, 0]
-        return F.conv2d(x2.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation)
+        x2 = two_channels_last(x.relu() if self.relu else x)
+        return F.conv2d(x2, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
 def _stems_to_channels_last(model: nn.Module) -> int:

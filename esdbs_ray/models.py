@@ -24,7 +24,7 @@ from torch import nn
 
 from .model_names import MODEL_NAMES
 
-__all__ = ["ReLUConv2d", "StemConv2d", "register_model", "create_model", "list_models", "MODEL_REGISTRY", "SECNN", "SECNNBlock",
+__all__ = ["ReLUConv2d", "StemConv2d", "two_channels_last", "register_model", "create_model", "list_models", "MODEL_REGISTRY", "SECNN", "SECNNBlock",
            "ResidualUnit"]
 
 
@@ -52,6 +52,16 @@ def _plain_conv_needed(x: torch.Tensor) -> bool:
     return bool(probe and probe(x))
 
 
+def two_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) as (N, 2, H, W) in channels-last memory, the second channel zero: how a one-channel
+    conv's input and weight are given to oneDNN's direct channels-last kernel (StemConv2d here,
+    inference.ChannelsLastStem); one write, differentiable."""
+    n, _, h, w = t.shape
+    out = t.new_zeros((n, h, w, 2))
+    out[..., 0] = t[:, 0]
+    return out.permute(0, 3, 1, 2)
+
+
 class StemConv2d(nn.Conv2d):
     """The image stem: ``nn.Conv2d`` (same parameters, same state-dict keys) that, on single-channel
     images on the CPU, returns channels-last activations.
@@ -70,9 +80,8 @@ class StemConv2d(nn.Conv2d):
                 or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
                 or _plain_conv_needed(x)):
             return super().forward(x)
-        x2 = torch.cat([x, torch.zeros_like(x)], 1).contiguous(memory_format=torch.channels_last)
-        w2 = torch.cat([self.weight, torch.zeros_like(self.weight)], 1).contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x2, w2, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(two_channels_last(x), two_channels_last(self.weight), self.bias, self.stride, self.padding,
+                        self.dilation)
 
 
 ModelBuilder = Callable[..., nn.Module]
