@@ -592,9 +592,10 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
 // forward, by input channel for the backward.  Per position p the nonzeros are stored segment-major:
 // column segment j (SEG input -- or output -- channels), output row r (k, or c in the backward), the
 // row's nonzeros in that segment by column; ptr holds their global starts, idx their columns, flat
-// their index into U.  The products take a 64-tile block of the operand a segment at a time (128
-// rows x 64 tiles, 32 KiB: L1) while every output row adds its nonzeros of that segment, reading the
-// structure front to back.  The values are U's at every call, gathered through `flat` in O(nnz).
+// their index into U.  The products take a block of up to 128 tiles of the operand a segment at a time
+// (64 in the backward's fused pass; 128 rows x 64 tiles is 32 KiB, L1; bands of 128 tiles or more, so
+// blocks of 128, come only with few channels) while every output row adds its nonzeros of that
+// segment, reading the structure front to back.  The values are U's at every call, gathered through `flat` in O(nnz).
 // Positions without a nonzero are skipped.
 //
 // The layer runs band by band, as the fused dense layer does: a band is TB consecutive tiles (a
@@ -848,47 +849,48 @@ inline void transpose16_from_f32(const float* const* srow, i64 off, int rs, int 
   for (int b = 0; b < cs; ++b) _mm512_store_ps(dst + b * ldd, t[b]);  // (all 16 lanes: dst is 16-aligned scratch)
 }
 
-// One block of 16 NV tiles, one column segment j, every row: the row's block of Y in registers
-// (loaded when ACC: a later segment), two sets of accumulators (even and odd nonzeros) for eight
-// independent FMA chains, summed at the end.  Memory operands are 64-byte aligned.
+// One block of 16 NV tiles (NV <= 8), one column segment j, every row: the row's block of Y in
+// registers (loaded when ACC: a later segment), two sets of accumulators (even and odd nonzeros) for
+// independent FMA chains, summed at the end.  A tile's sum runs in the same order whatever the
+// block's width, so that the band and lane layouts (blocks cut differently) give the same bits.  Wide
+// blocks pay for what every row costs whatever its length -- its pointers, the stores, the loop's
+// exit -- which is most of the work where rows are short (few input channels, or a low density).
+// The accumulators are arrays fully unrolled (GCC unroll), so they live in registers as named
+// variables would.  Memory operands are 64-byte aligned.
 template <int NV, bool ACC>
 inline void spmm_block(const float* __restrict vals, const Rows& rows, i64 j, const float* __restrict X,
                        float* __restrict Y, i64 ld) {
+  static_assert(NV >= 1 && NV <= 8, "16 accumulators at most");
   const int32_t* __restrict idx = rows.idx;
   for (i64 r = 0; r < rows.R; ++r) {
     i64 e = rows.begin(j, r);
     const i64 end = rows.end(j, r);
     if (ACC && e == end) continue;
     float* __restrict y = Y + r * ld;
-    const __m512 zero = _mm512_setzero_ps();
-    __m512 a0 = ACC ? _mm512_load_ps(y) : zero, a1 = ACC && NV > 1 ? _mm512_load_ps(y + 16) : zero;
-    __m512 a2 = ACC && NV > 2 ? _mm512_load_ps(y + 32) : zero, a3 = ACC && NV > 3 ? _mm512_load_ps(y + 48) : zero;
-    __m512 b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+    __m512 a[NV], b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      a[v] = ACC ? _mm512_load_ps(y + 16 * v) : _mm512_setzero_ps();
+      b[v] = _mm512_setzero_ps();
+    }
     for (; e + 1 < end; e += 2) {
       const float* __restrict x = X + idx[e] * ld;
       const float* __restrict z = X + idx[e + 1] * ld;
-      const __m512 w = _mm512_set1_ps(vals[e]), v = _mm512_set1_ps(vals[e + 1]);
-      a0 = _mm512_fmadd_ps(w, _mm512_load_ps(x), a0);
-      b0 = _mm512_fmadd_ps(v, _mm512_load_ps(z), b0);
-      if constexpr (NV > 1) a1 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16), a1);
-      if constexpr (NV > 1) b1 = _mm512_fmadd_ps(v, _mm512_load_ps(z + 16), b1);
-      if constexpr (NV > 2) a2 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 32), a2);
-      if constexpr (NV > 2) b2 = _mm512_fmadd_ps(v, _mm512_load_ps(z + 32), b2);
-      if constexpr (NV > 3) a3 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 48), a3);
-      if constexpr (NV > 3) b3 = _mm512_fmadd_ps(v, _mm512_load_ps(z + 48), b3);
+      const __m512 w = _mm512_set1_ps(vals[e]), u = _mm512_set1_ps(vals[e + 1]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        a[v] = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16 * v), a[v]);
+        b[v] = _mm512_fmadd_ps(u, _mm512_load_ps(z + 16 * v), b[v]);
+      }
     }
     if (e < end) {
       const float* __restrict x = X + idx[e] * ld;
       const __m512 w = _mm512_set1_ps(vals[e]);
-      a0 = _mm512_fmadd_ps(w, _mm512_load_ps(x), a0);
-      if constexpr (NV > 1) a1 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16), a1);
-      if constexpr (NV > 2) a2 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 32), a2);
-      if constexpr (NV > 3) a3 = _mm512_fmadd_ps(w, _mm512_load_ps(x + 48), a3);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16 * v), a[v]);
     }
-    _mm512_store_ps(y, _mm512_add_ps(a0, b0));
-    if constexpr (NV > 1) _mm512_store_ps(y + 16, _mm512_add_ps(a1, b1));
-    if constexpr (NV > 2) _mm512_store_ps(y + 32, _mm512_add_ps(a2, b2));
-    if constexpr (NV > 3) _mm512_store_ps(y + 48, _mm512_add_ps(a3, b3));
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(y + 16 * v, _mm512_add_ps(a[v], b[v]));
   }
 }
 
@@ -899,8 +901,12 @@ inline void spmm_segments(const float* vals, const Rows& rows, const float* X, f
 }
 
 inline void spmm_f32(const float* vals, const Rows& rows, const float* X, float* Y, i64 ld, i64 nb) {
-  for (i64 b0 = 0; b0 < nb; b0 += 64) {
-    switch (std::min<i64>(4, (nb - b0) / 16)) {
+  for (i64 b0 = 0; b0 < nb; b0 += 128) {
+    switch (std::min<i64>(8, (nb - b0) / 16)) {
+      case 8: spmm_segments<8>(vals, rows, X + b0, Y + b0, ld); break;
+      case 7: spmm_segments<7>(vals, rows, X + b0, Y + b0, ld); break;
+      case 6: spmm_segments<6>(vals, rows, X + b0, Y + b0, ld); break;
+      case 5: spmm_segments<5>(vals, rows, X + b0, Y + b0, ld); break;
       case 4: spmm_segments<4>(vals, rows, X + b0, Y + b0, ld); break;
       case 3: spmm_segments<3>(vals, rows, X + b0, Y + b0, ld); break;
       case 2: spmm_segments<2>(vals, rows, X + b0, Y + b0, ld); break;
