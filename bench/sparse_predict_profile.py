@@ -5,7 +5,8 @@ the test images in batches of 1,000 under ``torch.inference_mode``, with a forwa
 every leaf module adding its wall time to its type (the native Winograd kernels are ctypes calls that
 torch's profiler does not see; the hooks time them inside their layer's forward).  It answers how far
 the sparse Winograd layers can carry the ensemble: what they take against the rest (stems, 1x1 and
-strided convolutions, pooling), which sparsity does not shrink.
+strided convolutions, pooling), which sparsity does not shrink; and each Winograd layer's shape and
+time, dense and pruned (``winograd_layer_ratios``).
 
     python bench/sparse_predict_profile.py runs/quick-ladder [--images 3000] [--rungs 0,0.8]
 
@@ -37,12 +38,20 @@ def profile_rung(experiment: str, sparsity: float, images, tmp: Path) -> dict:
     ens.predict_proba(images[:1000])  # warm-up: kernels loaded, sparse structures built
     x = torch.addcmul(ens._shift, ens._as_pixels(images).float(), ens._scale)
     seconds, start = collections.Counter(), {}
+    layers: dict[str, dict] = {}  # each Winograd layer: its shape and time
+    names = {id(mod): f"{member}.{path}" for member in ens.members
+             for path, mod in ens.models[member].named_modules()}
 
     def pre(m, _inp):
         start[id(m)] = time.perf_counter()
 
-    def post(m, _inp, _out):
-        seconds[type(m).__name__] += time.perf_counter() - start[id(m)]
+    def post(m, inp, _out):
+        dt = time.perf_counter() - start[id(m)]
+        seconds[type(m).__name__] += dt
+        if type(m).__name__ == "WinogradReLUConv2d":
+            n, c, h, w = inp[0].shape
+            e = layers.setdefault(names[id(m)], {"c": c, "k": m.out_channels, "h": h, "w": w, "seconds": 0.0})
+            e["seconds"] += dt
 
     hooks = [h for name in ens.members for mod in ens.models[name].modules() if not list(mod.children())
              for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
@@ -56,7 +65,7 @@ def profile_rung(experiment: str, sparsity: float, images, tmp: Path) -> dict:
         h.remove()
     return {"sparsity": sparsity, "seconds": total,
             "by_module": {k: {"seconds": v, "share": v / total} for k, v in seconds.most_common()},
-            "outside_leaf_modules": total - sum(seconds.values())}
+            "outside_leaf_modules": total - sum(seconds.values()), "winograd_layers": layers}
 
 
 def main(argv=None) -> int:
@@ -87,6 +96,13 @@ def main(argv=None) -> int:
         doc["total_ratio"] = last["seconds"] / dense["seconds"]
         print(f"{last['sparsity']:g} vs {dense['sparsity']:g}: total {doc['total_ratio']:.3f}x, Winograd layers "
               f"{doc['winograd_ratio']:.3f}x, the rest {doc['rest_ratio']:.3f}x")
+        doc["winograd_layer_ratios"] = {}
+        for name, e in dense["winograd_layers"].items():
+            if name in last["winograd_layers"]:
+                ratio = last["winograd_layers"][name]["seconds"] / e["seconds"]
+                doc["winograd_layer_ratios"][name] = ratio
+                print(f"  {name:40s} {e['c']:4d}x{e['k']:<4d} @{e['h']}x{e['w']:<3d} dense {1e3 * e['seconds']:7.1f} ms"
+                      f"  {ratio:.3f}x")
     print("->", write_result("sparse_predict_profile", doc, args.out))
     return 0
 
