@@ -277,6 +277,22 @@ def _epilogue(y, bias, out_relu):
     return torch.relu(y) if out_relu else y
 
 
+@pytest.mark.parametrize("tiles", [16, 48, 80, 96, 112, 128, 144, 250])
+def test_forward_every_block_width(tiles):
+    """The products take blocks of 16 to 128 tiles (one to eight vectors a kept weight): with one tile
+    an image and a band of all the tiles, every width is run; each gives the float64 reference's
+    results, and the lane layout, which cuts the tiles into other blocks, the same bits."""
+    c = k = 8  # few channels: bands of 256 tiles
+    torch.manual_seed(40)
+    mask = _mask(c, k, 0.3, seed=41)
+    x, u = torch.randn(tiles, c, 2, 2), torch.randn(16, c, k) * mask
+    s = ws.structure_for(mask)
+    bands = ws.sparse_forward(x, u, s, True, lanes=False)
+    ref = _reference(x, u, True, torch.zeros(tiles, k, 2, 2))[0]
+    torch.testing.assert_close(bands, ref.float(), rtol=1e-4, atol=2e-5 * max(1.0, float(ref.abs().max())))
+    assert torch.equal(ws.sparse_forward(x, u, s, True), bands)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
 @pytest.mark.parametrize("shape", INFER_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_inference_forward_lanes_and_epilogue(shape, density):
