@@ -49,9 +49,9 @@ import torch
 from . import winograd_native as native
 
 __all__ = [
-    "SPARSE_ENV", "SPARSE_MODES", "PHASES", "CROSSOVER", "SparseStructure", "structure_for", "forget", "clear_cache",
-    "cache_info", "sparse_mode", "should_run_sparse", "kernels_vectorised", "WinogradSparseFn", "sparse_forward",
-    "sparse_backward", "sparse_conv_or_none", "native_inference", "profiling",
+    "SPARSE_ENV", "SPARSE_MODES", "PHASES", "CROSSOVER", "DENSITY_SLACK", "SparseStructure", "structure_for",
+    "forget", "clear_cache", "cache_info", "sparse_mode", "should_run_sparse", "kernels_vectorised",
+    "WinogradSparseFn", "sparse_forward", "sparse_backward", "sparse_conv_or_none", "native_inference", "profiling",
 ]
 
 SPARSE_ENV = "ESDBS_NATIVE_SPARSE"
@@ -81,6 +81,11 @@ PHASES = ("pack", "input_transform", "transpose_v", "products_fwd", "transpose_m
 # layer benchmark tests (the figures: commit messages, README).
 CROSSOVER = {"training": {"fused": 0.3, "unfused": 0.6}, "inference": {"fused": 0.3, "unfused": 0.7},
              "min_ck": 64}
+
+# A layer pruned to a rung's density keeps a whole number of entries, so its density lands a few
+# millionths either side of the rung's (0.199992, 0.200001): the thresholds are rungs' densities, and a
+# layer pruned to one takes the same path whichever way its rounding went.
+DENSITY_SLACK = 1e-3
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
@@ -289,7 +294,8 @@ def should_run_sparse(density: float, c: int, k: int, tiles: int, training: bool
         dense = native.path(torch.float32, c, k, tiles)
     except native.NativeUnavailable:
         return False
-    return density <= CROSSOVER["training" if training else "inference"]["fused" if dense == "fused" else "unfused"]
+    threshold = CROSSOVER["training" if training else "inference"]["fused" if dense == "fused" else "unfused"]
+    return threshold > 0 and density <= threshold + DENSITY_SLACK
 
 
 # --------------------------------------------------------------------------------------------------

@@ -508,6 +508,9 @@ def test_should_run_sparse_rule():
             t = rule["training" if training else "inference"][path]
             assert 0.0 <= t < 1.0  # density 1: dense, always
             assert ws.should_run_sparse(t, c, k, tiles, training) == (t > 0)
+            # a layer pruned to the threshold's density, its kept entries rounded either way
+            assert ws.should_run_sparse(t + 1e-5, c, k, tiles, training) == (t > 0)
+            assert ws.should_run_sparse(t - 1e-5, c, k, tiles, training) == (t > 0)
             assert not ws.should_run_sparse(t + 0.01, c, k, tiles, training)
             assert not ws.should_run_sparse(1.0, c, k, tiles, training)
         assert not ws.should_run_sparse(0.01, c, k, 0, training)  # no tiles
