@@ -617,8 +617,9 @@ void fused_backward(const float* x, const float* gy, const float* Ut, float* dx,
 constexpr i64 SEG = 128;
 
 // Tiles per band.  The band's 16 planes (of `per_tile` channels per tile, rows padded by 16) within
-// ~1 MiB, so that they stay in L2 on most CPUs: 256, 128 or 64 tiles (a full register block of the
-// products); where even 64 tiles do not fit (C + K > ~200), 64.
+// ~1 MiB, so that they stay in L2 on most CPUs: 256, 128 or 64 tiles (64: a full register block of
+// the backward's fused products, half of the forward's); where even 64 tiles do not fit
+// (C + K > ~200), 64.
 inline i64 sparse_band_tiles(i64 per_tile, i64 elem) {
   const i64 budget = i64(1) << 20;
   for (i64 tb : {256, 128})
@@ -853,8 +854,10 @@ inline void transpose16_from_f32(const float* const* srow, i64 off, int rs, int 
 // registers (loaded when ACC: a later segment), two sets of accumulators (even and odd nonzeros) for
 // independent FMA chains, summed at the end.  A tile's sum runs in the same order whatever the
 // block's width, so that the band and lane layouts (blocks cut differently) give the same bits.  Wide
-// blocks pay for what every row costs whatever its length -- its pointers, the stores, the loop's
-// exit -- which is most of the work where rows are short (few input channels, or a low density).
+// blocks spread what every row costs whatever its length -- its pointers, the stores, the loop's
+// exit -- over more tiles: most of the work where rows are short (few input channels, or a low
+// density).  (A later segment, ACC, with more than four vectors does not occur: more than SEG input
+// channels and a band of 128 tiles or more do not go together.)
 // The accumulators are arrays fully unrolled (GCC unroll), so they live in registers as named
 // variables would.  Memory operands are 64-byte aligned.
 template <int NV, bool ACC>

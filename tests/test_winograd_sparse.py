@@ -277,7 +277,7 @@ def _epilogue(y, bias, out_relu):
     return torch.relu(y) if out_relu else y
 
 
-@pytest.mark.parametrize("tiles", [16, 48, 80, 96, 112, 128, 144, 250])
+@pytest.mark.parametrize("tiles", [16, 32, 48, 64, 80, 96, 112, 128, 144, 250])
 def test_forward_every_block_width(tiles):
     """The products take blocks of 16 to 128 tiles (one to eight vectors a kept weight): with one tile
     an image and a band of all the tiles, every width is run; each gives the float64 reference's
