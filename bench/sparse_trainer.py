@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                     summaries[mode] = out
     os.environ.pop("ESDBS_NATIVE_SPARSE", None)
     # The dense epoch every rung is divided by: both modes' timed dense epochs (the same dense kernels
-    # run in both), pooled -- one epoch alone moved the 80 % rung's figure by 0.03-0.04 between runs.
+    # run in both), pooled -- a single epoch carries the machine's drift into every rung's figure.
     dense_epochs = [r["epoch_seconds"] for m in MODES for r in hooks[m].records[1:cfg.epochs]] \
         or [hooks[m].records[0]["epoch_seconds"] for m in MODES]
     dense = median(dense_epochs)

@@ -83,8 +83,8 @@ CROSSOVER = {"training": {"fused": 0.3, "unfused": 0.6}, "inference": {"fused": 
              "min_ck": 64}
 
 # A layer pruned to a rung's density keeps a whole number of entries, so its density lands a few
-# millionths either side of the rung's (0.199992, 0.200001): the thresholds are rungs' densities, and a
-# layer pruned to one takes the same path whichever way its rounding went.
+# millionths either side of the rung's: the thresholds are rungs' densities, and a layer pruned to one
+# takes the same path whichever way its rounding went.
 DENSITY_SLACK = 1e-3
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
