@@ -1,6 +1,11 @@
 """Pruning that pays in `esdbs predict`: the quick preset's ensemble exported at 0, 30, 70 and 80 %
 sparsity, predicting the 10,000 Fashion-MNIST test images, with the sparse Winograd-ReLU kernels
-(``$ESDBS_NATIVE_SPARSE=auto``, the default) and without them (``off``).
+(``$ESDBS_NATIVE_SPARSE=auto``, the default) and their lane chains (``$ESDBS_NATIVE_CHAIN=auto``, the
+default: consecutive sparse layers and max-pools in the kernels' lane layout), with the kernels but no
+chains (``$ESDBS_NATIVE_CHAIN=off``), and without the kernels (``$ESDBS_NATIVE_SPARSE=off``).  The dense
+ensemble also runs forced through the sparse kernels and their chains (every layer given an all-ones
+mask, ``$ESDBS_NATIVE_SPARSE=on``): the chains' saved transposes and pooling passes are not sparsity's,
+and this says whether a dense network would gain from them too (``dense_through_chains``).
 
 Needs an experiment whose trials kept the weights of every rung::
 
@@ -9,7 +14,7 @@ Needs an experiment whose trials kept the weights of every rung::
     python bench/sparse_predict.py runs/quick-ladder [--repeats 3]
 
 For each rung: ``esdbs export --sparsity s`` (no ONNX), then ``Ensemble.predict_proba`` on the test
-split, timed (median of ``--repeats`` after a warm-up batch) with the kernels on and off, interleaved
+split, timed (median of ``--repeats`` after a warm-up batch) in the three modes, interleaved
 (the machine is shared); the ensemble's accuracy is checked against the experiment's own Parquet
 predictions at that rung with the export's weights (the run's numbers, to 1e-4).  Target (issue): the
 80 %-pruned ensemble in <= 0.6x the dense ensemble's time.
@@ -19,6 +24,7 @@ Writes ``bench/results/sparse_predict.json`` with the provenance block of ``comm
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -26,11 +32,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, hardware_line, load_average, median, provenance_block, write_result  # noqa: E402
 
-MODES = ("auto", "off")
+# mode -> ($ESDBS_NATIVE_SPARSE, $ESDBS_NATIVE_CHAIN)
+MODES = {"auto": ("auto", "auto"), "no_chain": ("auto", "off"), "off": ("off", "auto")}
 
 
 def main(argv=None) -> int:
@@ -46,8 +54,11 @@ def main(argv=None) -> int:
     from esdbs_ray.ensemble import Ensemble
     from esdbs_ray.export import export_experiment
     from esdbs_ray.predictions import prediction_matrix, read_predictions
+    from esdbs_ray.winograd import winograd_layers
 
     rungs = [float(s) for s in a.rungs.split(",")]
+    times = {(s, m): [] for s in rungs for m in MODES}
+    forced_accuracy = None
     test = load_dataset("fashion-mnist", seed=0).test
     order = np.argsort(test.indices)
     images, labels = test.images[order], test.labels[order]
@@ -59,11 +70,24 @@ def main(argv=None) -> int:
         for s in rungs:
             manifest = export_experiment(a.experiment, Path(tmp) / f"s{s:g}", sparsity=s, onnx=False)
             ensembles[s] = (Ensemble.load(Path(tmp) / f"s{s:g}", device="cpu", tune_allocator=True), manifest)
-        times = {(s, m): [] for s in rungs for m in MODES}
+        forced = None
+        if rungs[0] == 0:  # the dense ensemble with all-ones masks: what the chains give a dense network
+            forced = copy.deepcopy(ensembles[0][0])
+            for model in forced.models.values():
+                for _, layer in winograd_layers(model):
+                    layer.register_buffer("weight_mask", torch.ones_like(layer.weight))
+            times[(0.0, "dense_through_chains")] = []
         for rep in range(a.repeats + 1):  # the first round is the warm-up
+            if forced is not None:
+                os.environ["ESDBS_NATIVE_SPARSE"], os.environ["ESDBS_NATIVE_CHAIN"] = "on", "auto"
+                t0 = time.perf_counter()
+                probs = forced.predict_proba(images, batch_size=a.batch_size)
+                if rep:
+                    times[(0.0, "dense_through_chains")].append(time.perf_counter() - t0)
+                    forced_accuracy = float(np.mean(probs.argmax(1) == labels))
             for s in rungs:
                 for mode in MODES:
-                    os.environ["ESDBS_NATIVE_SPARSE"] = mode
+                    os.environ["ESDBS_NATIVE_SPARSE"], os.environ["ESDBS_NATIVE_CHAIN"] = MODES[mode]
                     ens = ensembles[s][0]
                     t0 = time.perf_counter()
                     probs = ens.predict_proba(images, batch_size=a.batch_size)
@@ -79,13 +103,16 @@ def main(argv=None) -> int:
             print(f"  round {rep}: " + ", ".join(f"{s:g}/{m} {times[(s, m)][-1]:.2f}s" for s in rungs for m in MODES
                                                  if times[(s, m)]) + f" (load {load_average()})", flush=True)
         os.environ.pop("ESDBS_NATIVE_SPARSE", None)
+        os.environ.pop("ESDBS_NATIVE_CHAIN", None)
     dense = median(times[(rungs[0], "auto")])
     for r in rows:
         s = r["rung"]
-        r.update(seconds=median(times[(s, "auto")]), seconds_kernels_off=median(times[(s, "off")]))
-        r.update(vs_dense=r["seconds"] / dense, vs_off=r["seconds"] / r["seconds_kernels_off"],
-                 ms_per_image=1000 * r["seconds"] / len(labels))
+        r.update(seconds=median(times[(s, "auto")]), seconds_no_chain=median(times[(s, "no_chain")]),
+                 seconds_kernels_off=median(times[(s, "off")]))
+        r.update(vs_dense=r["seconds"] / dense, vs_dense_no_chain=r["seconds_no_chain"] / dense,
+                 vs_off=r["seconds"] / r["seconds_kernels_off"], ms_per_image=1000 * r["seconds"] / len(labels))
     print(format_table(rows, [("rung", "rung", "g"), ("s", "seconds", ".2f"), ("x dense", "vs_dense", ".3f"),
+                              ("no chains", "vs_dense_no_chain", ".3f"),
                               ("x kernels off", "vs_off", ".3f"), ("accuracy", "accuracy", ".4f"),
                               ("run's", "run_accuracy", ".4f")]))
     last = rows[-1]
@@ -93,6 +120,13 @@ def main(argv=None) -> int:
     doc = {"provenance": provenance_block(vars(a)), "images": len(labels), "rows": rows,
            "target": {"rung": last["rung"], "vs_dense": last["vs_dense"], "goal": 0.6, "met": last["vs_dense"] <= 0.6},
            "same_accuracy": all(abs(r["accuracy"] - r["run_accuracy"]) <= 1e-4 for r in rows)}
+    if times.get((0.0, "dense_through_chains")):
+        forced_s = median(times[(0.0, "dense_through_chains")])
+        doc["dense_through_chains"] = {"seconds": forced_s, "vs_dense": forced_s / dense, "accuracy": forced_accuracy,
+                                       "last_rung_vs_it": last["seconds"] / forced_s}
+        print(f"dense ensemble through the sparse kernels' chains (all-ones masks): {forced_s / dense:.3f}x its "
+              f"time on the dense layers; the {100 * last['rung']:.0f} % rung takes "
+              f"{last['seconds'] / forced_s:.3f}x that")
     print(f"-> {write_result('sparse_predict', doc, a.out)}")
     return 0
 

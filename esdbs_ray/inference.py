@@ -26,7 +26,10 @@ traffic, the network's function unchanged (to float rounding):
   two-channel one on a channels-last copy of its input, the second channel zero
   (:class:`ChannelsLastStem`): oneDNN then takes its direct channels-last kernel and writes the
   channels-last activations the Winograd layers and pooling read, instead of a blocked kernel whose
-  output it reorders, and which the first Winograd layer transposed again.
+  output it reorders, and which the first Winograd layer transposed again;
+* consecutive Winograd-ReLU layers and the max-pools among them run as one chain in the sparse
+  kernels' lane layout where their masks make them run sparse (:mod:`esdbs_ray.winograd_chain`):
+  the activations between them are not transposed to channels-last and back.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import two_channels_last
+from .winograd_chain import fuse_lane_chains
 
 __all__ = ["fold_batchnorm", "fuse_output_relus", "ChannelsLastStem", "prepare_for_inference"]
 
@@ -194,4 +198,5 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
             layer.register_buffer("weight_mask", (layer.weight != 0).to(layer.weight.dtype))
     fuse_output_relus(model)
     _stems_to_channels_last(model)
+    fuse_lane_chains(model)
     return model

@@ -1,7 +1,8 @@
 // Winograd-ReLU F(2x2, 3x3) for the CPU, shape-generic: the four passes over memory of a training step
 // that are not GEMMs; on AVX-512 CPUs the 16 GEMMs too (elsewhere those stay torch.bmm), and the layer
 // fused band by band; and the sparse layer, the 16 products on a pruned U's nonzeros only (see "the
-// sparse layer" below; esdbs_ray/winograd_sparse.py calls it).  Built once per machine by esdbs_ray/winograd_native.py with the system C++
+// sparse layer" below; esdbs_ray/winograd_sparse.py calls it), with its chains of layers and max-pools
+// in the lane layout (esdbs_ray/winograd_chain.py).  Built once per machine by esdbs_ray/winograd_native.py with the system C++
 // compiler (no torch headers: 2-4 s), and called through ctypes on raw pointers.  The maths and the
 // layouts are those of winograd.py:
 //
@@ -17,6 +18,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -669,7 +671,7 @@ T* thread_scratch(int slot, i64 n) {
     i64 cap = 0;
     ~Buf() { std::free(p); }
   };
-  thread_local Buf bufs[7];
+  thread_local Buf bufs[10];
   Buf& b = bufs[slot];
   if (n > b.cap) {
     std::free(b.p);
@@ -682,7 +684,7 @@ T* thread_scratch(int slot, i64 n) {
   }
   return b.p;
 }
-enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB, SLOT_VALS, SLOT_RING };
+enum { SLOT_S, SLOT_VT, SLOT_MT, SLOT_DVT, SLOT_YB, SLOT_VALS, SLOT_RING, SLOT_LANE_A, SLOT_LANE_B, SLOT_ZROW };
 
 // optional timing of the phases (bench/sparse_winograd.py's profile): seconds per phase, summed over
 // threads, added into `out` (nullptr: no clock reads)
@@ -1728,12 +1730,203 @@ void sparse_backward(const T* x, const T* gy, const T* U, T* dx, T* dU, i64 N, i
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// chains in the lane layout: consecutive sparse layers and max-pools without leaving it
+// ---------------------------------------------------------------------------------------------------
+// A group of 16 images in the lane layout holds, per pixel and channel, the 16 images' values in one
+// vector.  The sparse forward above enters it from the channels-last input (the lane_row transposes)
+// and leaves it to the channels-last output (lane_scatter's transposes): as much time as the input
+// transform, or the products at a density of 0.2, each, and a pass over the activations through
+// memory each.  A network's consecutive stages -- sparse layers, and the max-pools between them --
+// run here on one group at a time without leaving it: a stage's output is the next stage's input as
+// a whole lane image per group (H rows of `lane_wp(W)` columns of C x 16 values, the image at columns
+// 1 .. W, the others zero: the Winograd layer's padding), two such images per thread taking turns.
+// Only the chain's input is transposed into the lanes, and only its output out of them; a max-pool
+// in the lanes is a maximum of whole vectors (no shuffles), and a pool at the chain's end transposes
+// a quarter of the pixels.
+//
+// The arithmetic of every stage is the one-stage path's, in the same order, so a chain gives the
+// same bits as its stages run one after another (the sparse forward in the lane layout, torch's
+// max_pool2d).  The caller passes whole groups (N a multiple of 16).
+
+// columns of a lane image of width W: tap columns -1 .. 2 ceil(W / 2) of the Winograd layer
+inline i64 lane_wp(i64 W) { return 2 * ((W + 1) / 2) + 2; }
+
+struct ChainStage {
+  bool pool = false;
+  i64 C = 0, K = 0, H = 0, W = 0, Ho = 0, Wo = 0;  // input channels and size, output channels and size
+  // a sparse Winograd-ReLU layer (3x3, padding 1: Ho = H, Wo = W)
+  const float* U = nullptr;
+  const int32_t *fptr = nullptr, *fidx = nullptr, *fflat = nullptr;
+  const float* bias = nullptr;
+  bool relu = false, orelu = false, live[16] = {};
+  i64 TB = 0, ld = 0, nnz = 0, voff = 0;  // band, row stride of its planes, nonzeros, offset of its values
+  // a max-pool (window k, stride s, padding p; K = C)
+  i64 k = 0, s = 0, p = 0;
+  i64 in_size() const { return H * lane_wp(W) * C * 16; }
+  i64 out_size() const { return Ho * lane_wp(Wo) * K * 16; }
+};
+
+// zero the columns of a lane image that are not the image's (0, and W + 1 .. wp - 1)
+inline void lane_pad_columns(float* img, i64 H, i64 W, i64 C) {
+  const i64 wp = lane_wp(W), row = wp * C * 16;
+  for (i64 h = 0; h < H; ++h) {
+    float* r = img + h * row;
+    std::fill(r, r + C * 16, 0.f);
+    std::fill(r + (W + 1) * C * 16, r + row, 0.f);
+  }
+}
+
+// Yb's four pixels of positions s0 .. s1 (band_pixels) into a lane image (H x W, K channels): plain
+// vector copies, the lanes are already the images
+inline void lane_store(const float* Yb, i64 ld, i64 s0, i64 s1, i64 tw, i64 H, i64 W, i64 K, float* img) {
+  const i64 ys = K * ld, row = lane_wp(W) * K * 16;
+  for (i64 s = s0; s < s1; ++s) {
+    const i64 i = s / tw, j = s % tw;
+    for (int ab = 0; ab < 4; ++ab) {
+      const i64 h = 2 * i + ab / 2, w = 2 * j + ab % 2;
+      if (h >= H || w >= W) continue;
+      const float* __restrict src = Yb + ab * ys + 16 * (s - s0);
+      float* __restrict dst = img + h * row + (w + 1) * K * 16;
+      for (i64 k = 0; k < K; ++k) {
+#pragma omp simd
+        for (int l = 0; l < 16; ++l) dst[k * 16 + l] = src[k * ld + l];
+      }
+    }
+  }
+}
+
+// max-pool of a lane image (H x W, C channels) to a lane image (Ho x Wo), or, with y, to images
+// n0 .. n0 + 15 of the channels-last output; torch's semantics: the window's maximum over the pixels
+// inside the image (padding is not a value), a NaN wins
+inline void lane_pool(const ChainStage& st, const float* in, float* out, float* y, i64 n0, float* pix) {
+  const i64 C = st.C, rin = lane_wp(st.W) * C * 16, rout = lane_wp(st.Wo) * C * 16;
+  float* drow[16];
+  for (i64 oh = 0; oh < st.Ho; ++oh) {
+    const i64 h0 = std::max<i64>(0, oh * st.s - st.p), h1 = std::min<i64>(st.H, oh * st.s - st.p + st.k);
+    for (i64 ow = 0; ow < st.Wo; ++ow) {
+      const i64 w0 = std::max<i64>(0, ow * st.s - st.p), w1 = std::min<i64>(st.W, ow * st.s - st.p + st.k);
+      float* __restrict o = y ? pix : out + oh * rout + (ow + 1) * C * 16;
+      for (i64 c = 0; c < C; ++c) {
+        float m[16];
+        for (int l = 0; l < 16; ++l) m[l] = -std::numeric_limits<float>::infinity();
+        for (i64 h = h0; h < h1; ++h)
+          for (i64 w = w0; w < w1; ++w) {
+            const float* __restrict v = in + h * rin + (w + 1) * C * 16 + c * 16;
+#pragma omp simd
+            for (int l = 0; l < 16; ++l) m[l] = (v[l] > m[l] || v[l] != v[l]) ? v[l] : m[l];
+          }
+#pragma omp simd
+        for (int l = 0; l < 16; ++l) o[c * 16 + l] = m[l];
+      }
+      if (y) {
+        for (int l = 0; l < 16; ++l) drow[l] = y + (((n0 + l) * st.Ho + oh) * st.Wo + ow) * C;
+        for (i64 c0 = 0; c0 < C; c0 += 16) transpose16_to((const float*)(pix + c0 * 16), 16, int(std::min<i64>(16, C - c0)), 16, drow, c0);
+      }
+    }
+  }
+}
+
+// One group's sparse layer from lane image `in`: band by band as sparse_forward's groups, its output
+// to lane image `out`, or (y) transposed into the channels-last output.
+template <bool RELU>
+void lane_layer(const ChainStage& st, const float* vals, const float* in, const float* zrow, float* out, float* y,
+                i64 n0, float* VT, float* MT, float* Yb, Prof& prof) {
+  const i64 th = (st.H + 1) / 2, tw = (st.W + 1) / 2, per_image = th * tw, P = st.TB / 16, ld = st.ld;
+  const LaneRing ring{std::max<i64>(1, st.H), lane_wp(st.W), st.C};  // the whole image: row h in slot h
+  for (i64 s0 = 0; s0 < per_image; s0 += P) {
+    const i64 s1 = std::min(per_image, s0 + P), nbp = 16 * (s1 - s0);
+    lane_input<float, RELU>(in, zrow, ring, VT, ld, s0, s1, tw, st.H, st.C);
+    prof.lap(PH_IN);
+    for (i64 p = 0; p < 16; ++p) {
+      float* Mp = MT + p * st.K * ld;
+      if (st.live[p])
+        spmm(vals, rows_of(st.fptr, st.fidx, p, st.K, st.C), (const float*)(VT + p * st.C * ld), Mp, ld, nbp);
+      else
+        for (i64 k = 0; k < st.K; ++k) std::fill(Mp + k * ld, Mp + k * ld + nbp, 0.f);
+    }
+    prof.lap(PH_MUL);
+    band_pixels((const float*)MT, ld, nbp, st.K, Yb, st.bias, st.orelu);
+    if (y) lane_scatter((const float*)Yb, ld, n0, s0, s1, tw, st.H, st.W, st.K, y);
+    else lane_store(Yb, ld, s0, s1, tw, st.H, st.W, st.K, out);
+    prof.lap(PH_OUT);
+  }
+}
+
+// x (N, H, W, C) channels-last, N a multiple of 16 -> y, the last stage's output, channels-last
+void lane_chain(const float* x, float* y, i64 N, std::vector<ChainStage>& st, int nt, double* prof_out) {
+  if (N < 16 || st.empty()) return;
+  i64 lane_max = 1, vt_max = 1, mt_max = 1, yb_max = 1, zrow_max = 1, nnz = 0;
+  for (ChainStage& s : st) {
+    lane_max = std::max({lane_max, s.in_size(), s.out_size()});
+    zrow_max = std::max(zrow_max, lane_wp(s.W) * s.C * 16);
+    if (s.pool) continue;
+    s.TB = sparse_band_tiles(s.C + s.K, sizeof(float));
+    s.ld = sparse_ld(s.TB);
+    s.nnz = rows_of(s.fptr, s.fidx, 15, s.K, s.C).last();
+    s.voff = nnz;
+    nnz += s.nnz;
+    for (int p = 0; p < 16; ++p) {
+      const Rows rp = rows_of(s.fptr, s.fidx, p, s.K, s.C);
+      s.live[p] = rp.last() > rp.first();
+    }
+    vt_max = std::max(vt_max, 16 * s.C * s.ld);
+    mt_max = std::max(mt_max, 16 * s.K * s.ld);
+    yb_max = std::max(yb_max, 4 * s.K * s.ld);
+  }
+  const ChainStage& s0 = st.front();
+  const i64 groups = N / 16;
+  std::atomic<i64> next{0};
+#pragma omp parallel num_threads(nt)
+  {
+    Prof prof(prof_out);
+    std::vector<float> vals(std::max<i64>(1, nnz));  // every layer's values, this thread's copy
+    for (const ChainStage& s : st)
+      if (!s.pool) gather(s.U, s.fflat, s.nnz, vals.data() + s.voff, false);
+    prof.lap(PH_PACK);
+    float* A = thread_scratch<float>(SLOT_LANE_A, lane_max);
+    float* B = thread_scratch<float>(SLOT_LANE_B, lane_max);
+    float* zrow = thread_scratch<float>(SLOT_ZROW, zrow_max);
+    std::fill(zrow, zrow + zrow_max, 0.f);
+    float* VT = thread_scratch<float>(SLOT_VT, vt_max);
+    float* MT = thread_scratch<float>(SLOT_MT, mt_max);
+    float* Yb = thread_scratch<float>(SLOT_YB, yb_max);
+    float* pix = thread_scratch<float>(SLOT_S, 16 * s0.C + 16 * std::max<i64>(1, st.back().K));
+    const LaneRing ring{std::max<i64>(1, s0.H), lane_wp(s0.W), s0.C};
+    for (i64 g = next.fetch_add(1); g < groups; g = next.fetch_add(1)) {
+      const i64 n0 = 16 * g;
+      for (i64 r = 0; r < s0.H; ++r) lane_row(x, n0, r, s0.H, s0.W, s0.C, ring, A);
+      lane_pad_columns(A, s0.H, s0.W, s0.C);
+      prof.lap(PH_TIN);
+      float *in = A, *out = B;
+      for (size_t i = 0; i < st.size(); ++i) {
+        const ChainStage& s = st[i];
+        float* yo = i + 1 == st.size() ? y : nullptr;
+        if (s.pool) {
+          lane_pool(s, in, out, yo, n0, pix);
+          prof.lap(PH_OUT);
+        } else if (s.relu) {
+          lane_layer<true>(s, vals.data() + s.voff, in, zrow, out, yo, n0, VT, MT, Yb, prof);
+        } else {
+          lane_layer<false>(s, vals.data() + s.voff, in, zrow, out, yo, n0, VT, MT, Yb, prof);
+        }
+        if (!yo) {
+          lane_pad_columns(out, s.Ho, s.Wo, s.K);
+          std::swap(in, out);
+        }
+      }
+    }
+    prof.flush();
+  }
+}
+
 }  // namespace
 
 // C entry points (ctypes): dtype 0 = float32, 1 = float64; relu 0 / 1.  Pointers are the tensors' data.
 extern "C" {
 
-int esdbs_wino_abi_version() { return 5; }
+int esdbs_wino_abi_version() { return 6; }
 
 // 1 where the GEMMs below were compiled (AVX-512); else the caller runs torch.bmm.
 int esdbs_wino_has_gemm() { return ESDBS_HAS_GEMM; }
@@ -1846,6 +2039,46 @@ void esdbs_wino_sparse_backward(int dtype, const void* x, const void* gy, const 
   else
     sparse_backward<double, false>((const double*)x, (const double*)gy, (const double*)U, (double*)dx, (double*)dU,
                                    N, H, W, C, K, bptr, bidx, bflat, nx, nu, nt, prof);
+}
+
+// A chain of stages in the lane layout (float32; see "chains in the lane layout"): x (N, H, W, C)
+// channels-last with N a multiple of 16, y the last stage's output channels-last.  Stage i: desc[8 i ..]
+// = kind (0: sparse layer, 1: max-pool), then for a layer K, relu, orelu and for a pool k, s, p; ptrs[5 i ..]
+// = a layer's U, fptr, fidx, fflat (its structure by output channel) and bias (or nullptr).
+void esdbs_wino_lane_chain(const float* x, float* y, i64 N, i64 H, i64 W, i64 C, int nstages, const i64* desc,
+                           const void* const* ptrs, int nt, double* prof) {
+  std::vector<ChainStage> st(nstages);
+  for (int i = 0; i < nstages; ++i) {
+    ChainStage& s = st[i];
+    const i64* d = desc + 8 * i;
+    s.C = C;
+    s.H = H;
+    s.W = W;
+    if (d[0] == 1) {
+      s.pool = true;
+      s.k = d[1];
+      s.s = d[2];
+      s.p = d[3];
+      s.K = C;
+      s.Ho = (H + 2 * s.p - s.k) / s.s + 1;
+      s.Wo = (W + 2 * s.p - s.k) / s.s + 1;
+    } else {
+      s.K = d[1];
+      s.relu = d[2] != 0;
+      s.orelu = d[3] != 0;
+      s.Ho = H;
+      s.Wo = W;
+      s.U = (const float*)ptrs[5 * i];
+      s.fptr = (const int32_t*)ptrs[5 * i + 1];
+      s.fidx = (const int32_t*)ptrs[5 * i + 2];
+      s.fflat = (const int32_t*)ptrs[5 * i + 3];
+      s.bias = (const float*)ptrs[5 * i + 4];
+    }
+    C = s.K;
+    H = s.Ho;
+    W = s.Wo;
+  }
+  lane_chain(x, y, N, st, nt, prof);
 }
 
 }  // extern "C"

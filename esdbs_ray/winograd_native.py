@@ -19,7 +19,9 @@ AVX-512 CPUs the 16 GEMMs -- called from a custom autograd Function.  Two costs 
 
 The same library holds the sparse layer's kernels (the products on a pruned U's nonzeros only, band
 by band; AVX-512 in float32, portable loops elsewhere): :mod:`esdbs_ray.winograd_sparse` builds the
-mask's index structure and calls them (``esdbs_wino_sparse_forward`` / ``_backward``).
+mask's index structure and calls them (``esdbs_wino_sparse_forward`` / ``_backward``), and
+:mod:`esdbs_ray.winograd_chain` runs consecutive sparse layers and max-pools of an inference network in
+their lane layout (``esdbs_wino_lane_chain``).
 
 Evidence: ``bench/winograd.py`` (training step per registry layer shape against F.conv2d and the
 compiled layer) and ``bench/throughput.py`` (models in the trainer).
@@ -62,7 +64,7 @@ __all__ = ["NativeUnavailable", "CACHE_ENV", "MODE_ENV", "MODES", "SOURCE", "lib
 
 SOURCE = Path(__file__).with_name("winograd_native.cpp")
 CACHE_ENV = "ESDBS_KERNEL_CACHE"
-_ABI = 5  # esdbs_wino_abi_version() of the source this module calls
+_ABI = 6  # esdbs_wino_abi_version() of the source this module calls
 # How the library runs a step: "auto" (its AVX-512 GEMMs where compiled, fused band by band where
 # measured faster), "fused" (fused wherever it can: C * K <= FUSED_MAX_CK), "unfused" (its GEMMs, the
 # passes one after another) or "bmm" (torch.bmm for the GEMMs, what runs without AVX-512 and in
@@ -232,7 +234,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                      ("esdbs_wino_sparse_forward", [ci, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci, ci, vp,
                                                     vp, ci, ci]),
                      ("esdbs_wino_sparse_backward", [ci, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, ci,
-                                                     ci, ci, ci, vp])):
+                                                     ci, ci, ci, vp]),
+                     # chains of sparse layers and max-pools in the lane layout (esdbs_ray/winograd_chain.py)
+                     ("esdbs_wino_lane_chain", [vp, vp, i64, i64, i64, i64, ci, vp, vp, ci, vp])):
         getattr(lib, fn).argtypes = args
         getattr(lib, fn).restype = None
     lib.esdbs_wino_sparse_phases.argtypes, lib.esdbs_wino_sparse_phases.restype = [], ci

@@ -1,0 +1,254 @@
+"""Consecutive sparse Winograd-ReLU layers and max-pools of an inference network, run as one chain in
+the native kernels' lane layout.
+
+What this gives the project: a pruned member's stages stop paying, between each other, for what does
+not shrink with the density.  The sparse forward (:mod:`esdbs_ray.winograd_sparse`) holds 16 images
+side by side in its vectors (the "lane layout"); run alone, every layer transposes its channels-last
+input into that layout and its output back out of it, and a max-pool between two layers reads and
+writes the channels-last activations through memory once more.  :class:`LaneChain` runs a run of
+stages -- sparse layers and the max-pools among them, as a network's ``nn.Sequential`` lists them --
+on one group of 16 images at a time in the lanes (``esdbs_wino_lane_chain`` in
+``winograd_native.cpp``): one transpose in, one out, and a pool that is a maximum of whole vectors.
+
+Same results: every stage's arithmetic is the one-stage path's in the same order, so a chain gives the
+same bits as its stages run one after another (the sparse forward, torch's ``max_pool2d``);
+``tests/test_winograd_chain.py`` compares them bit for bit on every registry model.
+
+When a chain runs (checked at every call, as the layers' own choice is): inference (nothing records
+gradients; an ONNX export or a trace runs the stages one by one), float32 on CPU, the vectorised
+kernels, and per layer the sparse kernels chosen for this pass (``winograd_sparse._chosen``: its
+mask's density under the crossover, ``$ESDBS_NATIVE_SPARSE``).  A layer that runs dense splits the run:
+the stages on either side of it run as chains where two or more remain with a layer among them, the
+rest one by one; so does a stage whose activations for 16 images take more than
+``LANE_IMAGE_MAX_BYTES``.  A batch's last N mod 16 images run the stages one by one.
+
+:func:`fuse_lane_chains` (called by :func:`esdbs_ray.inference.prepare_for_inference`) puts the
+chains into a network.  Switch: ``$ESDBS_NATIVE_CHAIN`` = "auto" (default) or "off" (the stages one by
+one: benchmarks, and a user who wants the per-layer profile).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+from . import winograd_native as native
+
+__all__ = ["CHAIN_ENV", "CHAIN_MODES", "LANE_IMAGE_MAX_BYTES", "chain_mode", "LaneChain", "fuse_lane_chains", "pool_supported"]
+
+CHAIN_ENV = "ESDBS_NATIVE_CHAIN"
+CHAIN_MODES = ("auto", "off")
+_PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Identity)  # identities in eval mode
+# A chain holds two lane images of a group (16 images of a stage's input or output) per thread; a
+# stage whose lane image is larger runs on its own: the chain's gain is the activations staying in
+# the caches between stages, and the memory is the threads' (16 of them on a large node).
+LANE_IMAGE_MAX_BYTES = 16 << 20
+
+
+def _lane_bytes(c: int, h: int, w: int) -> int:
+    """A group's lane image of C x H x W activations (float32): H rows of 2 ceil(W / 2) + 2 columns."""
+    return h * (2 * ((w + 1) // 2) + 2) * c * 16 * 4
+
+
+def chain_mode() -> str:
+    """``$ESDBS_NATIVE_CHAIN``: "auto" (default) or "off"."""
+    choice = os.environ.get(CHAIN_ENV, "").strip().lower() or "auto"
+    if choice not in CHAIN_MODES:
+        raise ValueError(f"${CHAIN_ENV} must be one of {', '.join(CHAIN_MODES)}; got {choice!r}")
+    return choice
+
+
+def _square(v) -> int | None:
+    """An int, or a pair of equal ints, as one int; None otherwise."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
+        return v[0]
+    return None
+
+
+def _pool_params(m: nn.Module) -> tuple[int, int, int] | None:
+    if type(m) is not nn.MaxPool2d or m.ceil_mode or m.return_indices or _square(m.dilation) != 1:
+        return None
+    k, s, p = _square(m.kernel_size), _square(m.stride if m.stride is not None else m.kernel_size), _square(m.padding)
+    if k is None or s is None or p is None or k < 1 or s < 1 or p < 0 or 2 * p > k:
+        return None
+    return k, s, p
+
+
+def pool_supported(m: nn.Module) -> bool:
+    """Whether a chain runs this module as a max-pool: an ``nn.MaxPool2d`` with square window, stride
+    and padding, no dilation, floor mode, no indices."""
+    return _pool_params(m) is not None
+
+
+def _is_layer(m: nn.Module) -> bool:
+    from .winograd import WinogradReLUConv2d
+
+    return isinstance(m, WinogradReLUConv2d)
+
+
+class LaneChain(nn.Module):
+    """Stages (``WinogradReLUConv2d`` layers and supported ``nn.MaxPool2d``) run one after another,
+    in the lane layout where they can be (see the module's docstring); an inference module of a
+    prepared network (eval mode, batch norm folded).  ``last_plan`` says how the last call ran:
+    one entry per segment, "chain" or "modules", with its stages' indices."""
+
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        for m in stages:
+            if not (_is_layer(m) or pool_supported(m)):
+                raise ValueError(f"a lane chain takes Winograd-ReLU layers and square max-pools, got {m}")
+        self.stages = nn.ModuleList(stages)
+        self.last_plan: list[tuple[str, tuple[int, ...]]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runnable = self._runnable(x)
+        plan = self._plan(x, runnable)
+        self.last_plan = [(kind, tuple(idx)) for kind, idx in plan]
+        for kind, idx in plan:
+            x = self._chain(x, idx) if kind == "chain" else self._modules_run(x, idx)
+        return x
+
+    # ------------------------------------------------------------------------------------------
+    def _runnable(self, x: torch.Tensor) -> bool:
+        if (chain_mode() == "off" or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] < 16 or 0 in x.shape:
+            return False
+        from .winograd_sparse import kernels_vectorised
+
+        return kernels_vectorised()
+
+    def _plan(self, x: torch.Tensor, runnable: bool) -> list[tuple[str, list[int]]]:
+        """Segments of stages: ("chain", [i, ...]) runs in the lanes, ("modules", [i, ...]) one by one."""
+        if not runnable:
+            return [("modules", list(range(len(self.stages))))]
+        from .winograd_dispatch import choose_impl
+        from .winograd_sparse import _chosen
+
+        n, c, h, w = x.shape
+        ok = []
+        for m in self.stages:
+            if _is_layer(m):
+                u = m.weight
+                probe = x.new_zeros(()).expand(n, c, h, w)  # the layer's input: its shape, no memory
+                good = (c == u.shape[1] and not (torch.is_grad_enabled() and u.requires_grad)
+                        and choose_impl(probe, u, m.impl, torch.float32) == "native"
+                        and u.dtype == torch.float32 and _chosen(probe, u, getattr(m, "weight_mask", None), False)
+                        is not None)
+                fits = max(_lane_bytes(c, h, w), _lane_bytes(u.shape[2], h, w)) <= LANE_IMAGE_MAX_BYTES
+                ok.append(good and fits)
+                c = u.shape[2]
+            else:
+                k, s, p = _pool_params(m)
+                h0, w0 = h, w
+                h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+                if h < 1 or w < 1:  # torch raises on this: let it
+                    return [("modules", list(range(len(self.stages))))]
+                ok.append(_lane_bytes(c, h0, w0) <= LANE_IMAGE_MAX_BYTES)
+        plan: list[tuple[str, list[int]]] = []
+        run: list[int] = []
+
+        def close():
+            if len(run) >= 2 and any(_is_layer(self.stages[i]) for i in run):
+                plan.append(("chain", list(run)))
+            elif run:
+                plan.append(("modules", list(run)))
+            run.clear()
+
+        for i, good in enumerate(ok):
+            if good:
+                run.append(i)
+            else:
+                close()
+                plan.append(("modules", [i]))
+        close()
+        merged: list[tuple[str, list[int]]] = []  # neighbouring "modules" segments as one
+        for kind, idx in plan:
+            if merged and kind == "modules" and merged[-1][0] == "modules":
+                merged[-1][1].extend(idx)
+            else:
+                merged.append((kind, idx))
+        return merged
+
+    def _modules_run(self, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        for i in idx:
+            x = self.stages[i](x)
+        return x
+
+    def _chain(self, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        from .winograd_sparse import _chosen, _nhwc
+
+        n, c, h, w = x.shape
+        whole = n // 16 * 16
+        desc = (ctypes.c_int64 * (8 * len(idx)))()
+        ptrs = (ctypes.c_void_p * (5 * len(idx)))()
+        keep = []  # the tensors whose pointers the call reads
+        for j, i in enumerate(idx):
+            m = self.stages[i]
+            if _is_layer(m):
+                u = m.weight.detach().contiguous()
+                s = _chosen(x.new_zeros(()).expand(n, c, h, w), u, m.weight_mask, False)
+                o = s.by_k()
+                b = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
+                desc[8 * j:8 * j + 4] = [0, s.k, int(m.relu), int(getattr(m, "out_relu", False))]
+                for q, t in enumerate((u, o.ptr, o.idx, o.flat, b)):
+                    ptrs[5 * j + q] = None if t is None else t.data_ptr()
+                keep += [u, o, b]
+                c = s.k
+                m.ran["inference"] = "native-sparse"
+            else:
+                k, st, p = _pool_params(m)
+                desc[8 * j:8 * j + 4] = [1, k, st, p]
+                h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
+        y = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+        xh = _nhwc(x)
+        native.library().esdbs_wino_lane_chain(xh.data_ptr(), y.data_ptr(), whole, x.shape[2], x.shape[3],
+                                               x.shape[1], len(idx), desc, ptrs, torch.get_num_threads(),
+                                               _prof_ptr())
+        if whole < n:  # the last images, fewer than a group: the stages one by one
+            y[whole:] = self._modules_run(x[whole:], idx)
+        return y
+
+
+def _prof_ptr():
+    from .winograd_sparse import _prof_ptr as ptr
+
+    return ptr()
+
+
+def fuse_lane_chains(model: nn.Module) -> int:
+    """Replace, in place, every run of two or more stages -- ``WinogradReLUConv2d`` layers and supported
+    ``nn.MaxPool2d`` (:func:`pool_supported`), eval mode's identities between them skipped -- with at
+    least one layer among them, in an ``nn.Sequential``, by one :class:`LaneChain` at the first
+    stage's place (the others become ``nn.Identity``).  For a prepared (eval-mode) network only.
+    Returns how many chains."""
+    count = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        run: list[str] = []
+
+        def close():
+            nonlocal count
+            stages = [parent._modules[nm] for nm in run]
+            if len(stages) >= 2 and any(_is_layer(m) for m in stages):
+                parent._modules[run[0]] = LaneChain(stages)
+                for nm in run[1:]:
+                    parent._modules[nm] = nn.Identity()
+                count += 1
+            run.clear()
+
+        for nm in names:
+            m = parent._modules[nm]
+            if _is_layer(m) or pool_supported(m):
+                run.append(nm)
+            elif not isinstance(m, _PASS_THROUGH):
+                close()
+        close()
+    return count

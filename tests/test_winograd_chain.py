@@ -1,0 +1,212 @@
+"""Lane chains (esdbs_ray/winograd_chain.py): consecutive sparse Winograd-ReLU layers and max-pools run
+in the kernels' lane layout give the bits of their stages run one after another, on every registry
+model, odd sizes, every pool the chain takes (NaN included), batches that are not whole groups, any
+thread count; a layer that runs dense splits the chain; what is not inference runs the stages."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from esdbs_ray import winograd_native as native
+from esdbs_ray.inference import prepare_for_inference
+from esdbs_ray.models import list_models
+from esdbs_ray.networks import build_network
+from esdbs_ray.winograd import WinogradReLUConv2d, winograd_layers
+from esdbs_ray.winograd_chain import CHAIN_ENV, LaneChain, chain_mode, fuse_lane_chains, pool_supported
+from esdbs_ray.winograd_sparse import kernels_vectorised
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    try:
+        native.library()
+    except native.NativeUnavailable as e:
+        pytest.skip(f"native kernels unavailable: {e}")
+    if not kernels_vectorised():
+        pytest.skip("the chains run on the vectorised (AVX-512) kernels only")
+
+
+def _statistics(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def _prune(model: nn.Module, density: float, seed: int) -> nn.Module:
+    """Every Winograd-ReLU layer's U pruned at random to ``density`` (the masks from the zeros, as an
+    export leaves them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in winograd_layers(model):
+            layer.weight.mul_((torch.rand(layer.weight.shape, generator=g) < density).float())
+    return model
+
+
+def _run(model, x, mode: str, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv(CHAIN_ENV, mode)
+    with torch.inference_mode():
+        return model(x)
+
+
+def _chains(model) -> list[LaneChain]:
+    return [m for m in model.modules() if isinstance(m, LaneChain)]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_chains_give_the_stages_bits_on_every_registry_model(name, monkeypatch):
+    size = 32 if name in ("vgg16", "resnet32", "resnet50") else 28
+    width = 1.0 if name == "resnet50" else 0.125
+    torch.manual_seed(0)
+    model = build_network(name, num_classes=10, in_channels=1, image_size=size, width=width, conv="winograd_relu")
+    model = prepare_for_inference(_prune(_statistics(model, 1), 0.2, 2))
+    x = torch.randn(37, 1, size, size)  # two whole groups and 5 images
+    want = _run(model, x, "off", monkeypatch)
+    got = _run(model, x, "auto", monkeypatch)
+    assert torch.equal(got, want)
+    if name in ("alexnet", "all_cnn_c", "convpool_cnn_c", "vgg16"):  # layers in a row in an nn.Sequential
+        assert _chains(model)
+    for chain in _chains(model):  # every chain of this network ran in the lanes, as one piece
+        assert chain.last_plan == [("chain", tuple(range(len(chain.stages))))]
+
+
+def _layer(c: int, k: int, density: float, seed: int, bias: bool = True, out_relu: bool = False,
+           relu: bool = True) -> WinogradReLUConv2d:
+    g = torch.Generator().manual_seed(seed)
+    layer = WinogradReLUConv2d(c, k, bias=bias, relu=relu)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
+        if density < 1:
+            mask = (torch.rand(layer.weight.shape, generator=g) < density).float()
+            layer.weight.mul_(mask)
+            layer.register_buffer("weight_mask", mask)
+        if bias:
+            layer.bias.copy_(torch.randn(k, generator=g))
+    layer.out_relu = out_relu
+    return layer.eval().requires_grad_(False)
+
+
+def _net(*mods) -> nn.Sequential:
+    net = nn.Sequential(*mods).eval()
+    assert fuse_lane_chains(net) == 1
+    return net
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0), (3, 3, 0), (1, 1, 0), (3, 2, 0)])
+@pytest.mark.parametrize("hw", [(9, 7), (12, 12), (5, 11)])
+def test_pools_in_the_lanes(k, s, p, hw, monkeypatch):
+    """A pool between layers, at the chain's start and at its end, on odd sizes: torch's max_pool2d's
+    bits, a NaN in a window included (it wins, as in torch)."""
+    h, w = hw
+    torch.manual_seed(3)
+    pool = nn.MaxPool2d(k, s, p)
+    nets = [_net(_layer(5, 20, 0.3, 4), nn.Dropout(0.5), copy.deepcopy(pool), _layer(20, 17, 0.2, 5, out_relu=True)),
+            _net(copy.deepcopy(pool), _layer(5, 18, 0.3, 6)),
+            _net(_layer(5, 18, 0.3, 7, out_relu=True), _layer(18, 33, 0.2, 8), copy.deepcopy(pool))]
+    x = torch.randn(35, 5, h, w)
+    x[3, 2, 1, 1] = float("nan")
+    x[20, 4, h - 1, w - 1] = float("nan")
+    for net in nets:
+        want = _run(net, x, "off", monkeypatch)
+        got = _run(net, x, "auto", monkeypatch)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert _chains(net)[0].last_plan[0][0] == "chain"
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_chain_computes_the_network_to_float64_precision(monkeypatch):
+    """The chain against the stages in float64 (torch's and the portable kernels' arithmetic)."""
+    net = _net(_layer(3, 24, 0.25, 9), _layer(24, 24, 0.2, 10, out_relu=True), nn.MaxPool2d(3, 2, 1),
+               _layer(24, 40, 0.2, 11, bias=False), _layer(40, 16, 0.3, 12, relu=False))
+    x = torch.randn(48, 3, 15, 13)
+    got = _run(net, x, "auto", monkeypatch)
+    ref = _run(copy.deepcopy(net).double(), x.double(), "off", monkeypatch)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_dense_layer_splits_the_chain_and_small_batches_run_the_stages(monkeypatch):
+    torch.manual_seed(13)
+    stages = [_layer(8, 24, 0.2, 14), nn.MaxPool2d(2), _layer(24, 24, 1.0, 15), _layer(24, 24, 0.2, 16),
+              _layer(24, 32, 0.2, 17), nn.MaxPool2d(3, 2, 1)]
+    net = _net(*stages)
+    chain = _chains(net)[0]
+    x = torch.randn(40, 8, 14, 14)
+    want = _run(net, x, "off", monkeypatch)
+    assert chain.last_plan == [("modules", (0, 1, 2, 3, 4, 5))]
+    assert torch.equal(_run(net, x, "auto", monkeypatch), want)
+    # the dense layer (no mask) runs alone; the pool before it with it, one stage each side
+    assert chain.last_plan == [("chain", (0, 1)), ("modules", (2,)), ("chain", (3, 4, 5))]
+    for n in (0, 1, 15, 16, 17):
+        xs = x[:n].clone()
+        assert torch.equal(_run(net, xs, "auto", monkeypatch), _run(net, xs, "off", monkeypatch))
+    with torch.inference_mode():
+        net(x[:15])
+    assert chain.last_plan == [("modules", (0, 1, 2, 3, 4, 5))]  # fewer than a group: no chain
+
+
+def test_the_same_bits_at_any_thread_count(monkeypatch):
+    net = _net(_layer(16, 32, 0.2, 18), _layer(32, 32, 0.2, 19), nn.MaxPool2d(2))
+    x = torch.randn(80, 16, 10, 10)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(_run(net, x, "auto", monkeypatch))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_what_is_not_inference_runs_the_stages(monkeypatch):
+    net = _net(_layer(8, 16, 0.2, 20), _layer(16, 16, 0.2, 21))
+    chain = _chains(net)[0]
+    x = torch.randn(32, 8, 6, 6, requires_grad=True)
+    monkeypatch.setenv(CHAIN_ENV, "auto")
+    y = net(x)  # autograd records: the layers' own paths
+    assert chain.last_plan == [("modules", (0, 1))] and y.requires_grad
+    net64 = copy.deepcopy(net).double()
+    with torch.inference_mode():
+        net64(x.detach().double())  # float64: the stages
+    assert _chains(net64)[0].last_plan == [("modules", (0, 1))]
+    monkeypatch.setenv("ESDBS_NATIVE_SPARSE", "off")  # no sparse layer: nothing to chain
+    with torch.inference_mode():
+        net(x.detach())
+    assert chain.last_plan == [("modules", (0, 1))]
+
+
+def test_fusing_finds_the_runs_and_the_switch_is_checked(monkeypatch):
+    net = nn.Sequential(_layer(4, 8, 0.2, 22), nn.MaxPool2d(2, ceil_mode=True), _layer(8, 8, 0.2, 23), nn.Dropout(),
+                        nn.MaxPool2d(2), nn.ReLU(), _layer(8, 8, 0.2, 24), nn.MaxPool2d(2)).eval()
+    assert not pool_supported(net[1]) and pool_supported(net[4])
+    assert fuse_lane_chains(net) == 2  # (2, 4) and (6, 7); layer 0 alone is no chain
+    assert isinstance(net[0], WinogradReLUConv2d) and isinstance(net[2], LaneChain) and isinstance(net[6], LaneChain)
+    assert isinstance(net[4], nn.Identity) and isinstance(net[7], nn.Identity) and isinstance(net[3], nn.Dropout)
+    x = torch.randn(20, 4, 16, 16)
+    assert torch.equal(_run(net, x, "auto", monkeypatch), _run(net, x, "off", monkeypatch))
+    with pytest.raises(ValueError, match="lane chain takes"):
+        LaneChain([nn.ReLU()])
+    monkeypatch.setenv(CHAIN_ENV, "sometimes")
+    with pytest.raises(ValueError, match=CHAIN_ENV):
+        chain_mode()
+
+
+def test_stages_too_large_for_the_lanes_run_on_their_own(monkeypatch):
+    """A stage whose 16 images' activations exceed LANE_IMAGE_MAX_BYTES (here lowered) leaves the chain."""
+    import esdbs_ray.winograd_chain as wc
+
+    net = _net(_layer(8, 16, 0.2, 25), nn.MaxPool2d(2), _layer(16, 16, 0.2, 26), _layer(16, 16, 0.2, 27))
+    chain = _chains(net)[0]
+    x = torch.randn(20, 8, 10, 10)
+    want = _run(net, x, "off", monkeypatch)
+    monkeypatch.setattr(wc, "LANE_IMAGE_MAX_BYTES", 100_000)  # 16 x 16 channels at 10 x 10: 122,880 bytes
+    assert torch.equal(_run(net, x, "auto", monkeypatch), want)
+    assert chain.last_plan == [("modules", (0, 1)), ("chain", (2, 3))]
