@@ -14,10 +14,11 @@ Same results: every stage's arithmetic is the one-stage path's in the same order
 same bits as its stages run one after another (the sparse forward, torch's ``max_pool2d``);
 ``tests/test_winograd_chain.py`` compares them bit for bit on every registry model.
 
-When a chain runs (checked at every call, as the layers' own choice is): inference (nothing records
-gradients; an ONNX export or a trace runs the stages one by one), float32 on CPU, the vectorised
-kernels, and per layer the sparse kernels chosen for this pass (``winograd_sparse._chosen``: its
-mask's density under the crossover, ``$ESDBS_NATIVE_SPARSE``).  A layer that runs dense splits the run:
+When a chain runs (checked at every call, as the layers' own choice is): inference (eval mode, no
+autocast, nothing records gradients; an ONNX export or a trace runs the stages one by one), float32
+on CPU, the vectorised kernels, and per layer the sparse kernels chosen for this pass
+(``winograd_sparse._chosen``: its mask's density under the crossover, ``$ESDBS_NATIVE_SPARSE``).  A
+layer that runs dense splits the run:
 the stages on either side of it run as chains where two or more remain with a layer among them, the
 rest one by one; so does a stage whose activations for 16 images take more than
 ``LANE_IMAGE_MAX_BYTES``.  A batch's last N mod 16 images run the stages one by one.
@@ -99,9 +100,12 @@ class LaneChain(nn.Module):
     def __init__(self, stages: list[nn.Module]):
         super().__init__()
         for m in stages:
-            if not (_is_layer(m) or pool_supported(m)):
-                raise ValueError(f"a lane chain takes Winograd-ReLU layers and square max-pools, got {m}")
+            if not (_is_layer(m) or pool_supported(m) or isinstance(m, _PASS_THROUGH)):
+                raise ValueError(f"a lane chain takes Winograd-ReLU layers, square max-pools and eval mode's "
+                                 f"identities (dropout, nn.Identity), got {m}")
         self.stages = nn.ModuleList(stages)
+        # the stages' mode (a new module's is training; an nn.Identity's, as a folded batch norm leaves, says nothing)
+        self.training = any(m.training for m in stages if not isinstance(m, nn.Identity))
         self.last_plan: list[tuple[str, tuple[int, ...]]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,9 +118,11 @@ class LaneChain(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _runnable(self, x: torch.Tensor) -> bool:
-        if (chain_mode() == "off" or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled() and x.requires_grad):
+        if (chain_mode() == "off" or self.training or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export() or torch.is_autocast_enabled("cpu")):
             return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False  # autograd records the stages: the layers' own paths
         if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] < 16 or 0 in x.shape:
             return False
         from .winograd_sparse import kernels_vectorised
@@ -143,8 +149,13 @@ class LaneChain(nn.Module):
                 fits = max(_lane_bytes(c, h, w), _lane_bytes(u.shape[2], h, w)) <= LANE_IMAGE_MAX_BYTES
                 ok.append(good and fits)
                 c = u.shape[2]
+            elif isinstance(m, _PASS_THROUGH):
+                ok.append(True)
             else:
-                k, s, p = _pool_params(m)
+                params = _pool_params(m)
+                if params is None:  # changed since the chain was made: the stages one by one
+                    return [("modules", list(range(len(self.stages))))]
+                k, s, p = params
                 h0, w0 = h, w
                 h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
                 if h < 1 or w < 1:  # torch raises on this: let it
@@ -154,7 +165,8 @@ class LaneChain(nn.Module):
         run: list[int] = []
 
         def close():
-            if len(run) >= 2 and any(_is_layer(self.stages[i]) for i in run):
+            real = [i for i in run if not isinstance(self.stages[i], _PASS_THROUGH)]
+            if len(real) >= 2 and any(_is_layer(self.stages[i]) for i in real):
                 plan.append(("chain", list(run)))
             elif run:
                 plan.append(("modules", list(run)))
@@ -185,10 +197,11 @@ class LaneChain(nn.Module):
 
         n, c, h, w = x.shape
         whole = n // 16 * 16
-        desc = (ctypes.c_int64 * (8 * len(idx)))()
-        ptrs = (ctypes.c_void_p * (5 * len(idx)))()
+        real = [i for i in idx if not isinstance(self.stages[i], _PASS_THROUGH)]  # (eval mode: identities)
+        desc = (ctypes.c_int64 * (8 * len(real)))()
+        ptrs = (ctypes.c_void_p * (5 * len(real)))()
         keep = []  # the tensors whose pointers the call reads
-        for j, i in enumerate(idx):
+        for j, i in enumerate(real):
             m = self.stages[i]
             if _is_layer(m):
                 u = m.weight.detach().contiguous()
@@ -208,7 +221,7 @@ class LaneChain(nn.Module):
         y = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last)
         xh = _nhwc(x)
         native.library().esdbs_wino_lane_chain(xh.data_ptr(), y.data_ptr(), whole, x.shape[2], x.shape[3],
-                                               x.shape[1], len(idx), desc, ptrs, torch.get_num_threads(),
+                                               x.shape[1], len(real), desc, ptrs, torch.get_num_threads(),
                                                _prof_ptr())
         if whole < n:  # the last images, fewer than a group: the stages one by one
             y[whole:] = self._modules_run(x[whole:], idx)
@@ -223,10 +236,12 @@ def _prof_ptr():
 
 def fuse_lane_chains(model: nn.Module) -> int:
     """Replace, in place, every run of two or more stages -- ``WinogradReLUConv2d`` layers and supported
-    ``nn.MaxPool2d`` (:func:`pool_supported`), eval mode's identities between them skipped -- with at
-    least one layer among them, in an ``nn.Sequential``, by one :class:`LaneChain` at the first
-    stage's place (the others become ``nn.Identity``).  For a prepared (eval-mode) network only.
-    Returns how many chains."""
+    ``nn.MaxPool2d`` (:func:`pool_supported`), with eval mode's identities between them (dropout,
+    ``nn.Identity``: kept in the chain, in order, so that the stages one by one are the network's
+    modules in its order) -- with at least one layer among them, in an ``nn.Sequential``, by one
+    :class:`LaneChain` at the first stage's place (the others become ``nn.Identity``).  For a prepared
+    network: its state dict's keys change (``features.3.weight`` -> ``features.2.stages.1.weight``),
+    and hooks on a stage do not fire while a chain runs it.  Returns how many chains."""
     count = 0
     for parent in list(model.modules()):
         if not isinstance(parent, nn.Sequential):
@@ -236,8 +251,11 @@ def fuse_lane_chains(model: nn.Module) -> int:
 
         def close():
             nonlocal count
+            while run and isinstance(parent._modules[run[-1]], _PASS_THROUGH):  # trailing identities stay out
+                run.pop()
             stages = [parent._modules[nm] for nm in run]
-            if len(stages) >= 2 and any(_is_layer(m) for m in stages):
+            real = [m for m in stages if not isinstance(m, _PASS_THROUGH)]
+            if len(real) >= 2 and any(_is_layer(m) for m in real):
                 parent._modules[run[0]] = LaneChain(stages)
                 for nm in run[1:]:
                     parent._modules[nm] = nn.Identity()
@@ -246,7 +264,7 @@ def fuse_lane_chains(model: nn.Module) -> int:
 
         for nm in names:
             m = parent._modules[nm]
-            if _is_layer(m) or pool_supported(m):
+            if _is_layer(m) or pool_supported(m) or (run and isinstance(m, _PASS_THROUGH)):
                 run.append(nm)
             elif not isinstance(m, _PASS_THROUGH):
                 close()

@@ -1878,12 +1878,15 @@ void lane_chain(const float* x, float* y, i64 N, std::vector<ChainStage>& st, in
   const ChainStage& s0 = st.front();
   const i64 groups = N / 16;
   std::atomic<i64> next{0};
+  Aligned<float> shared(nnz > PRIVATE_GATHER ? nnz : 0);
 #pragma omp parallel num_threads(nt)
   {
     Prof prof(prof_out);
-    std::vector<float> vals(std::max<i64>(1, nnz));  // every layer's values, this thread's copy
+    // every layer's values: this thread's copy, or the team's where they are many (as team_values)
+    const bool team = nnz > PRIVATE_GATHER;
+    float* vals = team ? shared.data() : thread_scratch<float>(SLOT_VALS, std::max<i64>(1, nnz));
     for (const ChainStage& s : st)
-      if (!s.pool) gather(s.U, s.fflat, s.nnz, vals.data() + s.voff, false);
+      if (!s.pool) gather(s.U, s.fflat, s.nnz, vals + s.voff, team);  // (team: an omp for, every thread)
     prof.lap(PH_PACK);
     float* A = thread_scratch<float>(SLOT_LANE_A, lane_max);
     float* B = thread_scratch<float>(SLOT_LANE_B, lane_max);
@@ -1907,9 +1910,9 @@ void lane_chain(const float* x, float* y, i64 N, std::vector<ChainStage>& st, in
           lane_pool(s, in, out, yo, n0, pix);
           prof.lap(PH_OUT);
         } else if (s.relu) {
-          lane_layer<true>(s, vals.data() + s.voff, in, zrow, out, yo, n0, VT, MT, Yb, prof);
+          lane_layer<true>(s, vals + s.voff, in, zrow, out, yo, n0, VT, MT, Yb, prof);
         } else {
-          lane_layer<false>(s, vals.data() + s.voff, in, zrow, out, yo, n0, VT, MT, Yb, prof);
+          lane_layer<false>(s, vals + s.voff, in, zrow, out, yo, n0, VT, MT, Yb, prof);
         }
         if (!yo) {
           lane_pad_columns(out, s.Ho, s.Wo, s.K);

@@ -164,6 +164,8 @@ def test_the_same_bits_at_any_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert _chains(net)[0].last_plan == [("chain", (0, 1, 2))]
+    assert torch.equal(outs[0], _run(net, x, "off", monkeypatch))
 
 
 def test_what_is_not_inference_runs_the_stages(monkeypatch):
@@ -187,9 +189,13 @@ def test_fusing_finds_the_runs_and_the_switch_is_checked(monkeypatch):
     net = nn.Sequential(_layer(4, 8, 0.2, 22), nn.MaxPool2d(2, ceil_mode=True), _layer(8, 8, 0.2, 23), nn.Dropout(),
                         nn.MaxPool2d(2), nn.ReLU(), _layer(8, 8, 0.2, 24), nn.MaxPool2d(2)).eval()
     assert not pool_supported(net[1]) and pool_supported(net[4])
-    assert fuse_lane_chains(net) == 2  # (2, 4) and (6, 7); layer 0 alone is no chain
+    assert fuse_lane_chains(net) == 2  # (2, 3, 4) and (6, 7); layer 0 alone is no chain
     assert isinstance(net[0], WinogradReLUConv2d) and isinstance(net[2], LaneChain) and isinstance(net[6], LaneChain)
-    assert isinstance(net[4], nn.Identity) and isinstance(net[7], nn.Identity) and isinstance(net[3], nn.Dropout)
+    assert all(isinstance(net[i], nn.Identity) for i in (3, 4, 7))
+    assert [type(m) for m in net[2].stages] == [WinogradReLUConv2d, nn.Dropout, nn.MaxPool2d]  # in order
+    # a trailing identity stays out of the chain
+    tail = nn.Sequential(_layer(4, 8, 0.2, 28), _layer(8, 8, 0.2, 29), nn.Dropout(), nn.ReLU()).eval()
+    assert fuse_lane_chains(tail) == 1 and isinstance(tail[2], nn.Dropout) and len(tail[0].stages) == 2
     x = torch.randn(20, 4, 16, 16)
     assert torch.equal(_run(net, x, "auto", monkeypatch), _run(net, x, "off", monkeypatch))
     with pytest.raises(ValueError, match="lane chain takes"):
@@ -210,3 +216,35 @@ def test_stages_too_large_for_the_lanes_run_on_their_own(monkeypatch):
     monkeypatch.setattr(wc, "LANE_IMAGE_MAX_BYTES", 100_000)  # 16 x 16 channels at 10 x 10: 122,880 bytes
     assert torch.equal(_run(net, x, "auto", monkeypatch), want)
     assert chain.last_plan == [("modules", (0, 1)), ("chain", (2, 3))]
+
+
+def test_what_the_layers_would_record_or_cast_runs_the_stages(monkeypatch):
+    """A bias that asks for its gradient, CPU autocast, training mode (dropout in its place: the
+    chain keeps the network's order) and a pool changed after fusing: the stages one by one, the
+    results theirs."""
+    torch.manual_seed(30)
+    net = _net(_layer(8, 16, 0.2, 31), nn.Dropout(0.5), _layer(16, 16, 0.2, 32), nn.MaxPool2d(2))
+    chain = _chains(net)[0]
+    x = torch.randn(32, 8, 8, 8)
+    monkeypatch.setenv(CHAIN_ENV, "auto")
+    net[0].stages[0].bias.requires_grad_(True)
+    y = net(x)
+    assert y.requires_grad and chain.last_plan == [("modules", (0, 1, 2, 3))]
+    y.sum().backward()
+    assert net[0].stages[0].bias.grad is not None
+    net[0].stages[0].bias.requires_grad_(False)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    assert chain.last_plan == [("modules", (0, 1, 2, 3))]
+    net.train()
+    torch.manual_seed(33)
+    a = net(x.clone())
+    torch.manual_seed(33)
+    monkeypatch.setenv(CHAIN_ENV, "off")
+    b = net(x.clone())
+    assert torch.equal(a, b) and chain.last_plan == [("modules", (0, 1, 2, 3))]
+    net.eval()
+    net[0].stages[3].ceil_mode = True  # no longer a pool the chain takes
+    want = _run(net, x, "off", monkeypatch)
+    assert torch.equal(_run(net, x, "auto", monkeypatch), want)
+    assert chain.last_plan == [("modules", (0, 1, 2, 3))]
