@@ -17,6 +17,7 @@ from esdbs_ray.networks import build_network
 from esdbs_ray.winograd import WinogradReLUConv2d, winograd_layers
 from esdbs_ray.winograd_chain import CHAIN_ENV, LaneChain, chain_mode, fuse_lane_chains, pool_supported
 from esdbs_ray.winograd_sparse import kernels_vectorised
+from test_inference import _with_statistics
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +28,6 @@ def _kernels():
         pytest.skip(f"native kernels unavailable: {e}")
     if not kernels_vectorised():
         pytest.skip("the chains run on the vectorised (AVX-512) kernels only")
-
-
-def _statistics(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 def _prune(model: nn.Module, density: float, seed: int) -> nn.Module:
@@ -67,7 +56,7 @@ def test_chains_give_the_stages_bits_on_every_registry_model(name, monkeypatch):
     width = 1.0 if name == "resnet50" else 0.125
     torch.manual_seed(0)
     model = build_network(name, num_classes=10, in_channels=1, image_size=size, width=width, conv="winograd_relu")
-    model = prepare_for_inference(_prune(_statistics(model, 1), 0.2, 2))
+    model = prepare_for_inference(_prune(_with_statistics(model, 1), 0.2, 2))
     x = torch.randn(37, 1, size, size)  # two whole groups and 5 images
     want = _run(model, x, "off", monkeypatch)
     got = _run(model, x, "auto", monkeypatch)
