@@ -109,11 +109,11 @@ class LaneChain(nn.Module):
         self.last_plan: list[tuple[str, tuple[int, ...]]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        runnable = self._runnable(x)
-        plan = self._plan(x, runnable)
+        structures: dict = {}  # stage index -> its mask's structure, for the layers that run sparse
+        plan = self._plan(x, structures) if self._runnable(x) else [("modules", list(range(len(self.stages))))]
         self.last_plan = [(kind, tuple(idx)) for kind, idx in plan]
         for kind, idx in plan:
-            x = self._chain(x, idx) if kind == "chain" else self._modules_run(x, idx)
+            x = self._chain(x, idx, structures) if kind == "chain" else self._modules_run(x, idx)
         return x
 
     # ------------------------------------------------------------------------------------------
@@ -129,25 +129,25 @@ class LaneChain(nn.Module):
 
         return kernels_vectorised()
 
-    def _plan(self, x: torch.Tensor, runnable: bool) -> list[tuple[str, list[int]]]:
-        """Segments of stages: ("chain", [i, ...]) runs in the lanes, ("modules", [i, ...]) one by one."""
-        if not runnable:
-            return [("modules", list(range(len(self.stages))))]
+    def _plan(self, x: torch.Tensor, structures: dict) -> list[tuple[str, list[int]]]:
+        """Segments of stages: ("chain", [i, ...]) runs in the lanes, ("modules", [i, ...]) one by one;
+        ``structures`` gets the structure of every layer that runs sparse."""
         from .winograd_dispatch import choose_impl
         from .winograd_sparse import _chosen
 
         n, c, h, w = x.shape
         ok = []
-        for m in self.stages:
+        for i, m in enumerate(self.stages):
             if _is_layer(m):
                 u = m.weight
                 probe = x.new_zeros(()).expand(n, c, h, w)  # the layer's input: its shape, no memory
-                good = (c == u.shape[1] and not (torch.is_grad_enabled() and u.requires_grad)
-                        and choose_impl(probe, u, m.impl, torch.float32) == "native"
-                        and u.dtype == torch.float32 and _chosen(probe, u, getattr(m, "weight_mask", None), False)
-                        is not None)
+                chosen = (_chosen(probe, u, getattr(m, "weight_mask", None), False)
+                          if c == u.shape[1] and u.dtype == torch.float32
+                          and choose_impl(probe, u, m.impl, torch.float32) == "native" else None)
                 fits = max(_lane_bytes(c, h, w), _lane_bytes(u.shape[2], h, w)) <= LANE_IMAGE_MAX_BYTES
-                ok.append(good and fits)
+                ok.append(chosen is not None and fits)
+                if ok[-1]:
+                    structures[i] = chosen
                 c = u.shape[2]
             elif isinstance(m, _PASS_THROUGH):
                 ok.append(True)
@@ -192,8 +192,8 @@ class LaneChain(nn.Module):
             x = self.stages[i](x)
         return x
 
-    def _chain(self, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        from .winograd_sparse import _chosen, _nhwc
+    def _chain(self, x: torch.Tensor, idx: list[int], structures: dict) -> torch.Tensor:
+        from .winograd_sparse import _nhwc
 
         n, c, h, w = x.shape
         whole = n // 16 * 16
@@ -205,7 +205,7 @@ class LaneChain(nn.Module):
             m = self.stages[i]
             if _is_layer(m):
                 u = m.weight.detach().contiguous()
-                s = _chosen(x.new_zeros(()).expand(n, c, h, w), u, m.weight_mask, False)
+                s = structures[i]
                 o = s.by_k()
                 b = None if m.bias is None else m.bias.detach().to(torch.float32).contiguous()
                 desc[8 * j:8 * j + 4] = [0, s.k, int(m.relu), int(getattr(m, "out_relu", False))]
