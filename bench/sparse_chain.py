@@ -8,8 +8,10 @@ Networks: AlexNet, ConvPool-CNN-C and All-CNN-C at the quick preset's width (1/4
 1x28x28 images, VGG-16 at 1/4 width on 3x32x32 (the chains ``prepare_for_inference`` forms); batch
 1,000 at 1/4 width and 256 at full width; random weights, batch-norm statistics and masks (each layer
 keeps round(density x entries)).  Each chain is timed on its own input (captured in a forward of the
-network), the two modes interleaved round by round, min of the rounds.  Per density: the median over
-the chains of chain / stages, and how many chains the chain ran faster on.  The crossover
+network), the two modes interleaved round by round, min of the rounds -- those on maps of fewer than
+``winograd_chain.CHAIN_MIN_TILES`` tiles too, which the rule keeps out of chains (the evidence for it).
+Per density, over the chains the rule forms: the median of chain / stages, and how many chains the
+chain ran faster on.  The crossover
 (``crossover``): the largest density at which the chains took 0.95x their stages' time or less in
 median and no more than their stages' time on at least three quarters of them -- the rule of
 ``bench/sparse_winograd.py``'s per-layer crossover -- which is ``winograd_chain.CHAIN_CROSSOVER``.
@@ -74,7 +76,8 @@ def chains_of(name: str, width: float, cin: int, size: int, batch: int, density:
         shape = "-".join(f"{s.in_channels}x{s.out_channels}" if isinstance(s, WinogradReLUConv2d) else "pool"
                          for s in m.stages if isinstance(s, (WinogradReLUConv2d, nn.MaxPool2d)))
         label = f"{name}@{width:g}.{path} [{shape}] {tuple(inputs[path].shape[2:])}"
-        out.append((label, m, inputs[path], len(layers)))
+        h, w = inputs[path].shape[2:]
+        out.append((label, m, inputs[path], len(layers), ((h + 1) // 2) * ((w + 1) // 2)))
     return out
 
 
@@ -109,7 +112,12 @@ def main(argv=None) -> int:
 
     from esdbs_ray.winograd_dispatch import tune_cpu_allocator
 
+    from esdbs_ray import winograd_chain
+
     tune_cpu_allocator()
+    # every chain timed in the lanes, also those on maps the rule keeps out (CHAIN_MIN_TILES): the
+    # evidence for that rule; the summary and the crossover count the chains the rule forms
+    min_tiles, winograd_chain.CHAIN_MIN_TILES = winograd_chain.CHAIN_MIN_TILES, 0
     if a.quick:
         a.rounds = 3
     densities = [float(d) for d in a.densities.split(",")]
@@ -118,10 +126,11 @@ def main(argv=None) -> int:
     rows = []
     for d in densities:
         for i, (name, width, cin, size, batch) in enumerate(nets):
-            for label, chain, x, nlayers in chains_of(name, width, cin, size, batch, d, seed=100 + i):
+            for label, chain, x, nlayers, tiles in chains_of(name, width, cin, size, batch, d, seed=100 + i):
                 stages, chained, plan = time_chain(chain, x, a.rounds)
                 ran = all(kind == "chain" for kind, _ in plan)
                 rows.append({"density": d, "chain": label, "layers": nlayers, "batch": int(x.shape[0]),
+                             "tiles_per_image": tiles, "rule_chains_it": tiles >= min_tiles,
                              "stages_ms": 1e3 * stages, "chain_ms": 1e3 * chained, "ratio": chained / stages,
                              "ran_as_one_chain": ran})
                 print(f"  d {d:g} {label}: {rows[-1]['ratio']:.3f}x ({1e3 * stages:.1f} -> {1e3 * chained:.1f} ms)",
@@ -130,7 +139,7 @@ def main(argv=None) -> int:
     os.environ.pop("ESDBS_NATIVE_CHAIN", None)
     summary = []
     for d in densities:
-        r = [row["ratio"] for row in rows if row["density"] == d]
+        r = [row["ratio"] for row in rows if row["density"] == d and row["rule_chains_it"]]
         summary.append({"density": d, "median_ratio": median(r), "faster": sum(v <= 1.0 for v in r), "chains": len(r)})
     print(format_table(summary, [("density", "density", "g"), ("chain / stages (median)", "median_ratio", ".3f"),
                                  ("chains faster", "faster", "d"), ("of", "chains", "d")]))

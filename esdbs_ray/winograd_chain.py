@@ -11,17 +11,20 @@ on one group of 16 images at a time in the lanes (``esdbs_wino_lane_chain`` in
 ``winograd_native.cpp``): one transpose in, one out, and a pool that is a maximum of whole vectors.
 
 Same results: every stage's arithmetic is the one-stage path's in the same order, so a chain gives the
-same bits as its stages run one after another (the sparse forward, torch's ``max_pool2d``);
-``tests/test_winograd_chain.py`` compares them bit for bit on every registry model.
+same bits as its stages run one after another on the sparse kernels (the sparse forward, torch's
+``max_pool2d``); ``tests/test_winograd_chain.py`` compares them bit for bit on every registry model.
+A layer that runs sparse only inside a chain (``CHAIN_CROSSOVER``) gives the dense layer's results to
+float rounding, as the sparse kernels do.
 
 When a chain runs (checked at every call, as the layers' own choice is): inference (eval mode, no
 autocast, nothing records gradients; an ONNX export or a trace runs the stages one by one), float32
 on CPU, the vectorised kernels, and per layer the sparse kernels chosen for this pass
-(``winograd_sparse._chosen``: its mask's density under the crossover, ``$ESDBS_NATIVE_SPARSE``).  A
-layer that runs dense splits the run:
+(``winograd_sparse._chosen``: its mask's density under the crossover, ``$ESDBS_NATIVE_SPARSE``), or in a chain up to
+``CHAIN_CROSSOVER`` (:func:`chain_structure`).  A layer that runs dense splits the run:
 the stages on either side of it run as chains where two or more remain with a layer among them, the
 rest one by one; so does a stage whose activations for 16 images take more than
-``LANE_IMAGE_MAX_BYTES``.  A batch's last N mod 16 images run the stages one by one.
+``LANE_IMAGE_MAX_BYTES``.  A batch's last N mod 16 images (all of a batch of fewer than 16) run a
+chain's stages one by one, its layers on the sparse kernels as in the chain.
 
 :func:`fuse_lane_chains` (called by :func:`esdbs_ray.inference.prepare_for_inference`) puts the
 chains into a network.  Switch: ``$ESDBS_NATIVE_CHAIN`` = "auto" (default) or "off" (the stages one by
@@ -37,7 +40,8 @@ from torch import nn
 
 from . import winograd_native as native
 
-__all__ = ["CHAIN_ENV", "CHAIN_MODES", "LANE_IMAGE_MAX_BYTES", "chain_mode", "LaneChain", "fuse_lane_chains", "pool_supported"]
+__all__ = ["CHAIN_ENV", "CHAIN_MODES", "LANE_IMAGE_MAX_BYTES", "CHAIN_CROSSOVER", "CHAIN_MIN_TILES", "chain_mode",
+           "chain_structure", "LaneChain", "fuse_lane_chains", "pool_supported"]
 
 CHAIN_ENV = "ESDBS_NATIVE_CHAIN"
 CHAIN_MODES = ("auto", "off")
@@ -46,6 +50,17 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Identity)  # identities in eval mo
 # stage whose lane image is larger runs on its own: the chain's gain is the activations staying in
 # the caches between stages, and the memory is the threads' (16 of them on a large node).
 LANE_IMAGE_MAX_BYTES = 16 << 20
+# Inside a chain a layer runs sparse at a density up to CHAIN_CROSSOVER even where, alone, it would run
+# dense (winograd_sparse.CROSSOVER): in the lanes it saves the transposes in and out, and the pools
+# beside it their passes, which the per-layer crossover counts against the sparse layer.  Derived by
+# bench/sparse_chain.py (bench/results/sparse_chain.json, "crossover": the largest tested density at
+# which the registry's chains, all sparse, took <= 0.95x their stages' time on auto's per-layer paths
+# in median and no more on 3 of 4 of them; the chains of few channels gain far more than that, the
+# wide ones less).  A layer whose image has fewer than CHAIN_MIN_TILES 2x2 tiles stays out of chains:
+# there the lanes' fixed costs per group and stage outweigh what they save (the same benchmark:
+# VGG-16's 2x2 maps took longer as a chain at every density, its 4x4 ones about as long).
+CHAIN_CROSSOVER = 0.5
+CHAIN_MIN_TILES = 4
 
 
 def _lane_bytes(c: int, h: int, w: int) -> int:
@@ -83,6 +98,26 @@ def pool_supported(m: nn.Module) -> bool:
     """Whether a chain runs this module as a max-pool: an ``nn.MaxPool2d`` with square window, stride
     and padding, no dilation, floor mode, no indices."""
     return _pool_params(m) is not None
+
+
+def chain_structure(x: torch.Tensor, layer: nn.Module):
+    """The mask's structure where ``layer`` runs sparse inside a chain on input ``x`` (its shape, dtype
+    and device), else None: where the layer alone would (``winograd_sparse._chosen``), and with
+    ``$ESDBS_NATIVE_SPARSE`` "auto" also at densities up to ``CHAIN_CROSSOVER`` (C * K at least the
+    per-layer rule's ``min_ck``); never on images of fewer than ``CHAIN_MIN_TILES`` tiles."""
+    from .winograd_dispatch import choose_impl
+    from .winograd_sparse import CROSSOVER, DENSITY_SLACK, _chosen, sparse_mode, structure_for
+
+    n, c, h, w = x.shape
+    u, mask = layer.weight, getattr(layer, "weight_mask", None)
+    if (c != u.shape[1] or u.dtype != torch.float32 or ((h + 1) // 2) * ((w + 1) // 2) < CHAIN_MIN_TILES
+            or choose_impl(x, u, layer.impl, torch.float32) != "native"):
+        return None
+    chosen = _chosen(x, u, mask, False)
+    if chosen is not None or sparse_mode() != "auto" or mask is None or tuple(mask.shape) != tuple(u.shape):
+        return chosen
+    s = structure_for(mask)
+    return s if s.density <= CHAIN_CROSSOVER + DENSITY_SLACK and s.c * s.k >= CROSSOVER["min_ck"] else None
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -123,7 +158,7 @@ class LaneChain(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False  # autograd records the stages: the layers' own paths
-        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] < 16 or 0 in x.shape:
+        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or 0 in x.shape:
             return False
         from .winograd_sparse import kernels_vectorised
 
@@ -132,18 +167,12 @@ class LaneChain(nn.Module):
     def _plan(self, x: torch.Tensor, structures: dict) -> list[tuple[str, list[int]]]:
         """Segments of stages: ("chain", [i, ...]) runs in the lanes, ("modules", [i, ...]) one by one;
         ``structures`` gets the structure of every layer that runs sparse."""
-        from .winograd_dispatch import choose_impl
-        from .winograd_sparse import _chosen
-
         n, c, h, w = x.shape
         ok = []
         for i, m in enumerate(self.stages):
             if _is_layer(m):
                 u = m.weight
-                probe = x.new_zeros(()).expand(n, c, h, w)  # the layer's input: its shape, no memory
-                chosen = (_chosen(probe, u, getattr(m, "weight_mask", None), False)
-                          if c == u.shape[1] and u.dtype == torch.float32
-                          and choose_impl(probe, u, m.impl, torch.float32) == "native" else None)
+                chosen = chain_structure(x.new_zeros(()).expand(n, c, h, w), m)  # (a probe: the shape, no memory)
                 fits = max(_lane_bytes(c, h, w), _lane_bytes(u.shape[2], h, w)) <= LANE_IMAGE_MAX_BYTES
                 ok.append(chosen is not None and fits)
                 if ok[-1]:
@@ -219,13 +248,29 @@ class LaneChain(nn.Module):
                 desc[8 * j:8 * j + 4] = [1, k, st, p]
                 h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
         y = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last)
-        xh = _nhwc(x)
-        native.library().esdbs_wino_lane_chain(xh.data_ptr(), y.data_ptr(), whole, x.shape[2], x.shape[3],
-                                               x.shape[1], len(real), desc, ptrs, torch.get_num_threads(),
-                                               _prof_ptr())
-        if whole < n:  # the last images, fewer than a group: the stages one by one
-            y[whole:] = self._modules_run(x[whole:], idx)
+        if whole:
+            xh = _nhwc(x)
+            native.library().esdbs_wino_lane_chain(xh.data_ptr(), y.data_ptr(), whole, x.shape[2], x.shape[3],
+                                                   x.shape[1], len(real), desc, ptrs, torch.get_num_threads(),
+                                                   _prof_ptr())
+        if whole < n:  # the last images, fewer than a group: the stages one by one, the layers sparse
+            y[whole:] = self._sparse_stages(x[whole:], real, structures)
         return y
+
+    def _sparse_stages(self, x: torch.Tensor, real: list[int], structures: dict) -> torch.Tensor:
+        """The stages one by one, each layer on the sparse kernels with the chain's structure (the
+        band layout: the lanes' bits), so that every image of a batch gets the same arithmetic -- also
+        a layer that runs sparse only inside the chain."""
+        from .winograd_sparse import sparse_forward
+
+        for i in real:
+            m = self.stages[i]
+            if _is_layer(m):
+                x = sparse_forward(x, m.weight.detach(), structures[i], m.relu, m.bias,
+                                   getattr(m, "out_relu", False))
+            else:
+                x = m(x)
+        return x
 
 
 def _prof_ptr():

@@ -15,7 +15,7 @@ from esdbs_ray.inference import prepare_for_inference
 from esdbs_ray.models import list_models
 from esdbs_ray.networks import build_network
 from esdbs_ray.winograd import WinogradReLUConv2d, winograd_layers
-from esdbs_ray.winograd_chain import CHAIN_ENV, LaneChain, chain_mode, fuse_lane_chains, pool_supported
+from esdbs_ray.winograd_chain import CHAIN_ENV, CHAIN_MIN_TILES, LaneChain, chain_mode, fuse_lane_chains, pool_supported
 from esdbs_ray.winograd_sparse import kernels_vectorised
 from test_inference import _with_statistics
 
@@ -59,12 +59,17 @@ def test_chains_give_the_stages_bits_on_every_registry_model(name, monkeypatch):
     model = prepare_for_inference(_prune(_with_statistics(model, 1), 0.2, 2))
     x = torch.randn(37, 1, size, size)  # two whole groups and 5 images
     want = _run(model, x, "off", monkeypatch)
+    sizes = {}
+    for chain in _chains(model):
+        chain.register_forward_pre_hook(lambda m, inp: sizes.__setitem__(id(m), inp[0].shape[2:]))
     got = _run(model, x, "auto", monkeypatch)
     assert torch.equal(got, want)
     if name in ("alexnet", "all_cnn_c", "convpool_cnn_c", "vgg16"):  # layers in a row in an nn.Sequential
-        assert _chains(model)
-    for chain in _chains(model):  # every chain of this network ran in the lanes, as one piece
-        assert chain.last_plan == [("chain", tuple(range(len(chain.stages))))]
+        assert any(c.last_plan[0][0] == "chain" for c in _chains(model))
+    for chain in _chains(model):  # every chain ran in the lanes as one piece, but on maps of few tiles
+        h, w = sizes[id(chain)]
+        kind = "chain" if ((h + 1) // 2) * ((w + 1) // 2) >= CHAIN_MIN_TILES else "modules"
+        assert chain.last_plan == [(kind, tuple(range(len(chain.stages))))]
 
 
 def _layer(c: int, k: int, density: float, seed: int, bias: bool = True, out_relu: bool = False,
@@ -107,7 +112,9 @@ def test_pools_in_the_lanes(k, s, p, hw, monkeypatch):
         want = _run(net, x, "off", monkeypatch)
         got = _run(net, x, "auto", monkeypatch)
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-        assert _chains(net)[0].last_plan[0][0] == "chain"
+        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if ((ho + 1) // 2) * ((wo + 1) // 2) >= CHAIN_MIN_TILES:  # (else the layer after the pool stays out)
+            assert all(kind == "chain" for kind, _ in _chains(net)[0].last_plan)
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -121,7 +128,7 @@ def test_the_chain_computes_the_network_to_float64_precision(monkeypatch):
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-def test_a_dense_layer_splits_the_chain_and_small_batches_run_the_stages(monkeypatch):
+def test_a_dense_layer_splits_the_chain_and_batches_of_any_size_run(monkeypatch):
     torch.manual_seed(13)
     stages = [_layer(8, 24, 0.2, 14), nn.MaxPool2d(2), _layer(24, 24, 1.0, 15), _layer(24, 24, 0.2, 16),
               _layer(24, 32, 0.2, 17), nn.MaxPool2d(3, 2, 1)]
@@ -136,9 +143,8 @@ def test_a_dense_layer_splits_the_chain_and_small_batches_run_the_stages(monkeyp
     for n in (0, 1, 15, 16, 17):
         xs = x[:n].clone()
         assert torch.equal(_run(net, xs, "auto", monkeypatch), _run(net, xs, "off", monkeypatch))
-    with torch.inference_mode():
-        net(x[:15])
-    assert chain.last_plan == [("modules", (0, 1, 2, 3, 4, 5))]  # fewer than a group: no chain
+    _run(net, x[:15], "auto", monkeypatch)  # fewer than a group: the chains' stages one by one, same kernels
+    assert chain.last_plan == [("chain", (0, 1)), ("modules", (2,)), ("chain", (3, 4, 5))]
 
 
 def test_the_same_bits_at_any_thread_count(monkeypatch):
@@ -237,3 +243,33 @@ def test_what_the_layers_would_record_or_cast_runs_the_stages(monkeypatch):
     want = _run(net, x, "off", monkeypatch)
     assert torch.equal(_run(net, x, "auto", monkeypatch), want)
     assert chain.last_plan == [("modules", (0, 1, 2, 3))]
+
+
+def test_inside_a_chain_layers_run_sparse_up_to_the_chain_crossover(monkeypatch):
+    """A layer that alone runs dense (density 0.45 on the fused path: per-layer threshold 0.3) runs
+    sparse inside a chain, up to CHAIN_CROSSOVER: the bits of the stages forced onto the sparse
+    kernels, for every image of the batch (the last N mod 16 too), and the dense result to float
+    rounding; above it, and on maps of fewer than CHAIN_MIN_TILES tiles, the stages one by one."""
+    from esdbs_ray.winograd_chain import CHAIN_CROSSOVER, CHAIN_MIN_TILES
+    from esdbs_ray.winograd_sparse import should_run_sparse
+
+    assert 0.45 <= CHAIN_CROSSOVER < 0.6 and CHAIN_MIN_TILES == 4
+    x = torch.randn(37, 24, 28, 28)
+    assert not should_run_sparse(0.45, 24, 24, 37 * 14 * 14, training=False)  # alone: dense
+    net = _net(_layer(24, 24, 0.45, 34), _layer(24, 24, 0.45, 35, out_relu=True), nn.MaxPool2d(3, 2, 1))
+    chain = _chains(net)[0]
+    dense = _run(net, x, "off", monkeypatch)
+    got = _run(net, x, "auto", monkeypatch)
+    assert chain.last_plan == [("chain", (0, 1, 2))]
+    monkeypatch.setenv("ESDBS_NATIVE_SPARSE", "on")
+    assert torch.equal(got, _run(net, x, "off", monkeypatch))  # the stages on the sparse kernels
+    monkeypatch.delenv("ESDBS_NATIVE_SPARSE")
+    assert not torch.equal(got, dense)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
+    above = _net(_layer(24, 24, 0.6, 36), _layer(24, 24, 0.6, 37))
+    _run(above, x, "auto", monkeypatch)
+    assert _chains(above)[0].last_plan == [("modules", (0, 1))]
+    tiny = _net(_layer(24, 24, 0.2, 38), _layer(24, 24, 0.2, 39))  # 2 x 2 images: one tile each
+    xt = torch.randn(40, 24, 2, 2)
+    assert torch.equal(_run(tiny, xt, "auto", monkeypatch), _run(tiny, xt, "off", monkeypatch))
+    assert _chains(tiny)[0].last_plan == [("modules", (0, 1))]
