@@ -36,7 +36,8 @@ NETWORKS = [("alexnet", 0.25, 1, 28, 1000), ("convpool_cnn_c", 0.25, 1, 28, 1000
 
 
 def chains_of(name: str, width: float, cin: int, size: int, batch: int, density: float, seed: int):
-    """The prepared network's chains, each with its input: [(label, chain, x)]."""
+    """The prepared network's chains, each with its input: [(label, chain, x, layers, tiles)], tiles the
+    fewest 2x2 tiles a map of the chain's layers has (what winograd_chain.CHAIN_MIN_TILES is about)."""
     import torch
     from torch import nn
 
@@ -62,14 +63,16 @@ def chains_of(name: str, width: float, cin: int, size: int, batch: int, density:
     for _, layer in winograd_layers(model):  # density 1: a mask too (all ones), so that "on" runs it sparse
         if getattr(layer, "weight_mask", None) is None:
             layer.register_buffer("weight_mask", torch.ones_like(layer.weight))
-    found, inputs = [], {}
+    found, inputs, hooks = [], {}, []
     for path, m in model.named_modules():
         if isinstance(m, LaneChain):
             found.append((path, m))
-            m.register_forward_pre_hook(lambda mod, inp, p=path: inputs.__setitem__(p, inp[0].clone()))
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, p=path: inputs.__setitem__(p, inp[0].clone())))
     os.environ["ESDBS_NATIVE_CHAIN"] = "off"
     with torch.inference_mode():
         model(torch.randn(batch, cin, size, size, generator=g))
+    for h in hooks:  # (not while timing: a copy of the input per call)
+        h.remove()
     out = []
     for path, m in found:
         layers = [s for s in m.stages if isinstance(s, WinogradReLUConv2d)]
@@ -77,7 +80,14 @@ def chains_of(name: str, width: float, cin: int, size: int, batch: int, density:
                          for s in m.stages if isinstance(s, (WinogradReLUConv2d, nn.MaxPool2d)))
         label = f"{name}@{width:g}.{path} [{shape}] {tuple(inputs[path].shape[2:])}"
         h, w = inputs[path].shape[2:]
-        out.append((label, m, inputs[path], len(layers), ((h + 1) // 2) * ((w + 1) // 2)))
+        tiles = []
+        for s in m.stages:  # each layer's map, the pools shrinking them
+            if isinstance(s, WinogradReLUConv2d):
+                tiles.append(((h + 1) // 2) * ((w + 1) // 2))
+            elif isinstance(s, nn.MaxPool2d):
+                k, st, p = s.kernel_size, s.stride, s.padding
+                h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
+        out.append((label, m, inputs[path], len(layers), min(tiles)))
     return out
 
 

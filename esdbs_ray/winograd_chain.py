@@ -23,8 +23,9 @@ on CPU, the vectorised kernels, and per layer the sparse kernels chosen for this
 ``CHAIN_CROSSOVER`` (:func:`chain_structure`).  A layer that runs dense splits the run:
 the stages on either side of it run as chains where two or more remain with a layer among them, the
 rest one by one; so does a stage whose activations for 16 images take more than
-``LANE_IMAGE_MAX_BYTES``.  A batch's last N mod 16 images (all of a batch of fewer than 16) run a
-chain's stages one by one, its layers on the sparse kernels as in the chain.
+``LANE_IMAGE_MAX_BYTES``.  A batch's last N mod 16 images run the chain's stages one by one, its
+layers on the sparse kernels as in the chain (every image of a batch gets the same arithmetic); a
+batch of fewer than 16 images runs the stages on their own paths.
 
 :func:`fuse_lane_chains` (called by :func:`esdbs_ray.inference.prepare_for_inference`) puts the
 chains into a network.  Switch: ``$ESDBS_NATIVE_CHAIN`` = "auto" (default) or "off" (the stages one by
@@ -158,7 +159,7 @@ class LaneChain(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False  # autograd records the stages: the layers' own paths
-        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or 0 in x.shape:
+        if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] < 16 or 0 in x.shape:
             return False
         from .winograd_sparse import kernels_vectorised
 
@@ -248,11 +249,10 @@ class LaneChain(nn.Module):
                 desc[8 * j:8 * j + 4] = [1, k, st, p]
                 h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
         y = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last)
-        if whole:
-            xh = _nhwc(x)
-            native.library().esdbs_wino_lane_chain(xh.data_ptr(), y.data_ptr(), whole, x.shape[2], x.shape[3],
-                                                   x.shape[1], len(real), desc, ptrs, torch.get_num_threads(),
-                                                   _prof_ptr())
+        xh = _nhwc(x)
+        native.library().esdbs_wino_lane_chain(xh.data_ptr(), y.data_ptr(), whole, x.shape[2], x.shape[3],
+                                               x.shape[1], len(real), desc, ptrs, torch.get_num_threads(),
+                                               _prof_ptr())
         if whole < n:  # the last images, fewer than a group: the stages one by one, the layers sparse
             y[whole:] = self._sparse_stages(x[whole:], real, structures)
         return y

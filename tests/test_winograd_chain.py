@@ -143,8 +143,8 @@ def test_a_dense_layer_splits_the_chain_and_batches_of_any_size_run(monkeypatch)
     for n in (0, 1, 15, 16, 17):
         xs = x[:n].clone()
         assert torch.equal(_run(net, xs, "auto", monkeypatch), _run(net, xs, "off", monkeypatch))
-    _run(net, x[:15], "auto", monkeypatch)  # fewer than a group: the chains' stages one by one, same kernels
-    assert chain.last_plan == [("chain", (0, 1)), ("modules", (2,)), ("chain", (3, 4, 5))]
+    _run(net, x[:15], "auto", monkeypatch)  # fewer than a group: the stages on their own paths
+    assert chain.last_plan == [("modules", (0, 1, 2, 3, 4, 5))]
 
 
 def test_the_same_bits_at_any_thread_count(monkeypatch):
@@ -254,9 +254,11 @@ def test_inside_a_chain_layers_run_sparse_up_to_the_chain_crossover(monkeypatch)
     from esdbs_ray.winograd_sparse import should_run_sparse
 
     assert 0.45 <= CHAIN_CROSSOVER < 0.6 and CHAIN_MIN_TILES == 4
-    x = torch.randn(37, 24, 28, 28)
-    assert not should_run_sparse(0.45, 24, 24, 37 * 14 * 14, training=False)  # alone: dense
-    net = _net(_layer(24, 24, 0.45, 34), _layer(24, 24, 0.45, 35, out_relu=True), nn.MaxPool2d(3, 2, 1))
+    x = torch.randn(40, 24, 28, 28)  # the last 8 images, alone, would run dense too
+    for n in (40, 8):
+        assert not should_run_sparse(0.45, 24, 24, n * 14 * 14, training=False)  # alone: dense
+    net = _net(_layer(24, 24, 0.45, 34), _layer(24, 24, 0.45, 35, out_relu=True, relu=False),
+               nn.MaxPool2d(3, 2, 1))
     chain = _chains(net)[0]
     dense = _run(net, x, "off", monkeypatch)
     got = _run(net, x, "auto", monkeypatch)
