@@ -246,18 +246,20 @@ def test_what_the_layers_would_record_or_cast_runs_the_stages(monkeypatch):
 
 
 def test_inside_a_chain_layers_run_sparse_up_to_the_chain_crossover(monkeypatch):
-    """A layer that alone runs dense (density 0.45 on the fused path: per-layer threshold 0.3) runs
-    sparse inside a chain, up to CHAIN_CROSSOVER: the bits of the stages forced onto the sparse
+    """A layer that alone runs dense (a density under CHAIN_CROSSOVER on the fused path, whose per-layer
+    threshold is 0.3) runs sparse inside a chain: the bits of the stages forced onto the sparse
     kernels, for every image of the batch (the last N mod 16 too), and the dense result to float
-    rounding; above it, and on maps of fewer than CHAIN_MIN_TILES tiles, the stages one by one."""
+    rounding; above CHAIN_CROSSOVER, and on maps of fewer than CHAIN_MIN_TILES tiles, the stages one
+    by one."""
     from esdbs_ray.winograd_chain import CHAIN_CROSSOVER, CHAIN_MIN_TILES
     from esdbs_ray.winograd_sparse import should_run_sparse
 
-    assert 0.45 <= CHAIN_CROSSOVER < 0.6 and CHAIN_MIN_TILES == 4
+    assert 0.3 < CHAIN_CROSSOVER < 0.8 and CHAIN_MIN_TILES == 4
+    inside, above = CHAIN_CROSSOVER - 0.05, CHAIN_CROSSOVER + 0.1
     x = torch.randn(40, 24, 28, 28)  # the last 8 images, alone, would run dense too
     for n in (40, 8):
-        assert not should_run_sparse(0.45, 24, 24, n * 14 * 14, training=False)  # alone: dense
-    net = _net(_layer(24, 24, 0.45, 34), _layer(24, 24, 0.45, 35, out_relu=True, relu=False),
+        assert not should_run_sparse(inside, 24, 24, n * 14 * 14, training=False)  # alone: dense
+    net = _net(_layer(24, 24, inside, 34), _layer(24, 24, inside, 35, out_relu=True, relu=False),
                nn.MaxPool2d(3, 2, 1))
     chain = _chains(net)[0]
     dense = _run(net, x, "off", monkeypatch)
@@ -268,7 +270,7 @@ def test_inside_a_chain_layers_run_sparse_up_to_the_chain_crossover(monkeypatch)
     monkeypatch.delenv("ESDBS_NATIVE_SPARSE")
     assert not torch.equal(got, dense)
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
-    above = _net(_layer(24, 24, 0.6, 36), _layer(24, 24, 0.6, 37))
+    above = _net(_layer(24, 24, above, 36), _layer(24, 24, above, 37))
     _run(above, x, "auto", monkeypatch)
     assert _chains(above)[0].last_plan == [("modules", (0, 1))]
     tiny = _net(_layer(24, 24, 0.2, 38), _layer(24, 24, 0.2, 39))  # 2 x 2 images: one tile each
