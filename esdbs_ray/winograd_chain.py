@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from . import winograd_native as native
+from .winograd_sparse import (CROSSOVER, DENSITY_SLACK, _chosen, _nhwc, _prof_ptr, kernels_vectorised, sparse_forward,
+                              sparse_mode, structure_for)
 
 __all__ = ["CHAIN_ENV", "CHAIN_MODES", "LANE_IMAGE_MAX_BYTES", "CHAIN_CROSSOVER", "CHAIN_MIN_TILES", "chain_mode",
            "chain_structure", "LaneChain", "fuse_lane_chains", "pool_supported"]
@@ -107,7 +109,6 @@ def chain_structure(x: torch.Tensor, layer: nn.Module):
     ``$ESDBS_NATIVE_SPARSE`` "auto" also at densities up to ``CHAIN_CROSSOVER`` (C * K at least the
     per-layer rule's ``min_ck``); never on images of fewer than ``CHAIN_MIN_TILES`` tiles."""
     from .winograd_dispatch import choose_impl
-    from .winograd_sparse import CROSSOVER, DENSITY_SLACK, _chosen, sparse_mode, structure_for
 
     n, c, h, w = x.shape
     u, mask = layer.weight, getattr(layer, "weight_mask", None)
@@ -161,8 +162,6 @@ class LaneChain(nn.Module):
             return False  # autograd records the stages: the layers' own paths
         if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] < 16 or 0 in x.shape:
             return False
-        from .winograd_sparse import kernels_vectorised
-
         return kernels_vectorised()
 
     def _plan(self, x: torch.Tensor, structures: dict) -> list[tuple[str, list[int]]]:
@@ -223,8 +222,6 @@ class LaneChain(nn.Module):
         return x
 
     def _chain(self, x: torch.Tensor, idx: list[int], structures: dict) -> torch.Tensor:
-        from .winograd_sparse import _nhwc
-
         n, c, h, w = x.shape
         whole = n // 16 * 16
         real = [i for i in idx if not isinstance(self.stages[i], _PASS_THROUGH)]  # (eval mode: identities)
@@ -261,8 +258,6 @@ class LaneChain(nn.Module):
         """The stages one by one, each layer on the sparse kernels with the chain's structure (the
         band layout: the lanes' bits), so that every image of a batch gets the same arithmetic -- also
         a layer that runs sparse only inside the chain."""
-        from .winograd_sparse import sparse_forward
-
         for i in real:
             m = self.stages[i]
             if _is_layer(m):
@@ -271,12 +266,6 @@ class LaneChain(nn.Module):
             else:
                 x = m(x)
         return x
-
-
-def _prof_ptr():
-    from .winograd_sparse import _prof_ptr as ptr
-
-    return ptr()
 
 
 def fuse_lane_chains(model: nn.Module) -> int:
